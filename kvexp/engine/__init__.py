@@ -1,0 +1,95 @@
+"""The engine: a compressed KV cache (cache.py) and the attention implementation that serves it (attention.py)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from transformers import PreTrainedModel
+
+from kvexp.engine import attention  # noqa: F401  (registers the "kvexp" attention implementation)
+from kvexp.engine.attention import ATTN_IMPLEMENTATION
+from kvexp.engine.cache import POSITION_OPTIONS, WHEN_OPTIONS, CacheOptions, CompressedLayer, KVCache, Rotary
+from kvexp.methods import Method, build_method
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ATTN_IMPLEMENTATION", "CompressedLayer", "KVCache", "make_cache", "use_kvexp_attention"]
+
+
+def use_kvexp_attention(model: PreTrainedModel) -> None:
+    """Switch the model to kvexp's attention: stock implementations mis-mask a compressed cache."""
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        log.info("switching %s to the kvexp attention implementation", type(model).__name__)
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def _rotary(model: PreTrainedModel) -> Rotary:
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if inv_freq is not None:
+            return Rotary(inv_freq=inv_freq.detach().clone())
+    raise ValueError(f"positions=rerotate needs a RoPE model; {type(model).__name__} has no rotary embedding")
+
+
+def _check_model(model: PreTrainedModel) -> None:
+    layer_types = getattr(model.config, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        raise ValueError(
+            f"{type(model).__name__} has {other} layers; kvexp compresses full-attention models only"
+        )
+
+
+def make_cache(
+    model: PreTrainedModel,
+    method: str | Method = "full",
+    budget: int | list[int] | None = None,
+    *,
+    head_budgets: list[list[int]] | None = None,
+    slack: int = 0,
+    when: str = "always",
+    positions: str = "original",
+    recorder: Callable | None = None,
+    **method_params,
+) -> KVCache:
+    """A fresh compressed cache for `model` (which is switched to kvexp attention).
+
+    `budget`: kept entries per KV head, one int for every layer or a list with one per layer (None: no budget).
+    `head_budgets`: per layer, one budget per KV head (real memory saving: the layer is as long as its longest
+    head). `slack`: compress only once a layer exceeds budget + slack. `when`: "always" or "prefill" (only
+    multi-token steps compress). `positions`: "original" or "rerotate".
+    """
+    _check_model(model)
+    if when not in WHEN_OPTIONS:
+        raise ValueError(f"when must be one of {WHEN_OPTIONS}, got {when!r}")
+    if positions not in POSITION_OPTIONS:
+        raise ValueError(f"positions must be one of {POSITION_OPTIONS}, got {positions!r}")
+    if slack < 0:
+        raise ValueError(f"slack must be >= 0, got {slack}")
+    method = build_method(method, **method_params) if isinstance(method, str) else method
+    n_layers = model.config.num_hidden_layers
+    if head_budgets is not None:
+        if len(head_budgets) != n_layers:
+            raise ValueError(f"head_budgets needs one list per layer ({n_layers}), got {len(head_budgets)}")
+        budget = [max(h) for h in head_budgets]
+    budgets = budget if isinstance(budget, list) else [budget] * n_layers
+    if len(budgets) != n_layers:
+        raise ValueError(f"a per-layer budget needs {n_layers} entries, got {len(budgets)}")
+    for b in budgets:
+        if b is not None and b < 1:
+            raise ValueError(f"budget must be a positive number of tokens, got {b}")
+        method.validate(b)
+    options = CacheOptions(
+        slack=slack,
+        when=when,
+        positions=positions,
+        rotary=_rotary(model) if positions == "rerotate" else None,
+    )
+    layers = []
+    for i in range(n_layers):
+        layer_budget = method.layer_budget(i, budgets[i])
+        heads = head_budgets[i] if head_budgets is not None and layer_budget is not None else None
+        layers.append(CompressedLayer(i, layer_budget, method, options, head_budgets=heads))
+    use_kvexp_attention(model)
+    return KVCache(layers, recorder=recorder)

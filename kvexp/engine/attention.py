@@ -1,0 +1,133 @@
+"""kvexp's attention implementation ("kvexp"), registered with transformers' AttentionInterface.
+
+Position and mask contracts:
+
+* Queries and the step's new keys arrive already rotated by the model with their true logical positions
+  (the cache reports the logical length, so transformers' `arange + get_seq_length()` is right). Cached keys
+  keep the rotation of their original position (or a re-rotated one with `positions="rerotate"`).
+* The mask is built here, per layer, from the layer's state, never by transformers: cached keys get their
+  `bias` (0 / -inf / +ln n); the step's new tokens, which are the layer's last `new_tokens` slots, get a causal
+  triangle among themselves; padding comes from the per-forward token mask that `kvexp_mask` passes through.
+  transformers' own mask builders mix the logical offset with the physical length and must not be used.
+* Queries are grouped by KV head (`[B, Hkv, G*q, D]`, rows g*q + i), so per-KV-head biases apply to the G
+  query heads of a group without repeating K/V.
+* -inf biases are clamped to the dtype's minimum: a fully masked row (a padding query) gives a uniform
+  softmax instead of NaN.
+* After attention the layer is compressed if it is over budget, so eviction never affects the step that
+  triggered it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from kvexp.engine.cache import ACTIVE_LAYER, CompressedLayer
+
+ATTN_IMPLEMENTATION = "kvexp"
+
+
+def kvexp_mask(
+    batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs
+) -> torch.Tensor | None:
+    """Per-forward facts only: which of this step's tokens are real ([B, q] bool), or None when all are.
+
+    transformers calls this once per forward, sized for one layer and without the cache, so it cannot build
+    per-layer masks; the attention function does that.
+    """
+    if attention_mask is None:
+        return None
+    new = attention_mask[:, -q_length:].bool()
+    return None if bool(new.all()) else new
+
+
+def _take_layer(module: torch.nn.Module) -> CompressedLayer | None:
+    layer = ACTIVE_LAYER.get()
+    ACTIVE_LAYER.set(None)  # consumed: a later forward without a kvexp cache must not find a stale layer
+    if layer is not None and layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
+        raise RuntimeError(
+            f"kvexp attention of layer {module.layer_idx} got the cache layer {layer.layer_idx}: "
+            "the model called attention in an unexpected order"
+        )
+    return layer
+
+
+def _future(q: int, n: int, device: torch.device) -> torch.Tensor:
+    """[q, n] bool, True where key j is one of this step's tokens later than query i (the last q slots are new)."""
+    i = torch.arange(q, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :] - (n - q)
+    return j > i
+
+
+def _uncached_attention(query, key, value, token_mask, scaling, dropout):
+    """A forward without a kvexp cache (use_cache=False): plain causal self-attention with padding."""
+    if key.shape[2] != query.shape[2]:
+        raise RuntimeError(
+            "the kvexp attention implementation needs a kvexp KVCache as past_key_values (kvexp.make_cache)"
+        )
+    if token_mask is None:
+        return F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=True
+        )
+    q = query.shape[2]
+    allowed = ~_future(q, q, query.device)[None, None] & token_mask[:, None, None, :]
+    allowed |= torch.eye(q, dtype=torch.bool, device=query.device)  # padding rows: no NaN
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed, scale=scaling, dropout_p=dropout, enable_gqa=True
+    )
+
+
+def kvexp_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, H, q, D], rotated
+    key: torch.Tensor,  # [B, Hkv, n, D]: the layer's physical cache including this step's tokens
+    value: torch.Tensor,  # [B, Hkv, n, Dv]
+    attention_mask: torch.Tensor | None,  # from kvexp_mask: [B, q] bool token mask, or None
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    dropout = dropout if module.training else 0.0
+    batch, heads, q, dim = query.shape
+    layer = _take_layer(module)
+    if layer is None:
+        out = _uncached_attention(query, key, value, attention_mask, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), None
+
+    layer.record_new_tokens(kwargs.get("position_ids"), attention_mask)
+    if layer.cache.recorder is not None:
+        layer.cache.recorder(layer, q)
+    kv_heads, n = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+
+    if not layer.has_bias and n == q:
+        # First prefill, nothing cached, no padding: the stock causal kernel.
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=True
+        )
+        out = out.transpose(1, 2)
+    else:
+        grouped = query.reshape(batch, kv_heads, groups * q, dim)  # rows g*q + i
+        if not layer.has_bias:
+            # Every cached key visible: no mask for one token, a causal tail for a chunk.
+            mask = None if q == 1 else ~_future(q, n, query.device).repeat(groups, 1)
+        else:
+            minimum = torch.finfo(query.dtype).min
+            mask = layer.bias.to(query.dtype).clamp_min(minimum)[:, :, None, :]  # [B, Hkv, 1, n]
+            if q > 1:
+                mask = torch.where(_future(q, n, query.device).repeat(groups, 1), minimum, mask)
+        out = F.scaled_dot_product_attention(
+            grouped, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout
+        )
+        out = out.reshape(batch, heads, q, -1).transpose(1, 2)
+
+    if layer.method.observes:
+        layer.method.observe(layer, query, scaling if scaling is not None else dim**-0.5)
+    layer.compress()
+    return out.contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, kvexp_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, kvexp_mask)

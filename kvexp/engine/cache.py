@@ -1,0 +1,381 @@
+"""The compressed KV cache: a transformers `Cache` whose layers physically hold fewer entries than tokens seen.
+
+Contracts (proved by the masking-oracle tests in tests/test_engine.py):
+
+* Storage, per layer: keys/values `[B, Hkv, L_phys, D]` in the model's native GQA layout, inside preallocated
+  buffers of `capacity` slots of which the first `length` are in use (`layer.keys` / `layer.values` are views
+  of those). A decode step writes its entry in place: no concatenation, no copy of the cache.
+* `bias [B, Hkv, L_phys]` (fp32) is added to the attention logit of that key for every query of its group:
+  0 for a normal key, -inf for a dead slot (a padding token, or per-head budget padding), +ln n for a key that
+  stands for n merged tokens.
+* `positions [B, Hkv, L_phys]` is the original logical position of each slot (-1 for padding). Physical order
+  is NOT temporal order: eviction moves the newest kept entries into the holes instead of shifting the cache,
+  so a step costs O(evicted) copies. Methods that need temporal order sort by `positions`.
+* `get_seq_length()` is the LOGICAL number of tokens seen, so transformers gives new tokens their true RoPE
+  position (`arange + get_seq_length()`), inside `model.generate` too. `physical_length()` is what is stored.
+* Compression runs after a step's attention (the attention function triggers it), so the step's own queries
+  saw the whole pre-eviction cache. After each step a layer holds at most `budget + slack` entries per KV head
+  (the step's new tokens included); a step with q new tokens attends to at most `budget + slack + q` keys.
+* Per-head budgets: each KV head keeps its own number of live entries; the layer is as long as its longest
+  head and the shorter heads are padded with dead (-inf) slots, recompacted at every compression.
+* Method side state (`state[name]`, `[B, Hkv, L_phys]`) moves with the same indices as K/V.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+if TYPE_CHECKING:
+    from kvexp.methods.base import Method
+
+# The one documented side channel: transformers does not hand the cache to the attention function, and
+# `generate()` rejects unknown kwargs, so `update()` publishes its layer here and the attention function of the
+# same module takes it (checking `module.layer_idx`).
+ACTIVE_LAYER: ContextVar[CompressedLayer | None] = ContextVar("kvexp_active_layer", default=None)
+
+WHEN_OPTIONS = ("always", "prefill")
+POSITION_OPTIONS = ("original", "rerotate")
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """What re-rotation needs from the model: RoPE inverse frequencies and how many leading dims are rotated."""
+
+    inv_freq: torch.Tensor  # [D_rot / 2]
+
+    @property
+    def rotary_dims(self) -> int:
+        return 2 * self.inv_freq.numel()
+
+
+@dataclass
+class CacheOptions:
+    """Engine settings shared by every layer of a cache."""
+
+    slack: int = (
+        0  # compress only once a layer exceeds budget + slack (amortized compression), down to budget
+    )
+    when: str = (
+        "always"  # "always": any step that leaves a layer over budget; "prefill": only multi-token steps
+    )
+    positions: str = (
+        "original"  # "rerotate": kept keys are re-rotated to contiguous positions after compression
+    )
+    rotary: Rotary | None = None  # required for positions="rerotate"
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's compressed KV storage; see the module docstring for the contracts."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        budget: int | None,
+        method: Method,
+        options: CacheOptions,
+        head_budgets: list[int] | None = None,
+    ):
+        super().__init__()
+        if head_budgets is not None and (budget is None or max(head_budgets) != budget):
+            raise ValueError(f"layer {layer_idx}: the layer budget must equal its longest head budget")
+        self.layer_idx = layer_idx
+        self.budget = budget
+        self.head_budgets = head_budgets
+        self.method = method
+        self.options = options
+        self.seen = 0  # logical tokens seen
+        self.length = 0  # physical slots in use
+        self.new_tokens = 0  # tokens written by the current step (the last `new_tokens` slots)
+        self.has_bias = False  # False while every bias is 0: lets attention use the stock fast paths
+        self.compress_seconds = 0.0
+        self.compressions = 0
+        self.peak_length = 0
+
+    # -- storage --------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch, self.kv_heads, _, self.head_dim = key_states.shape
+        self.value_dim = value_states.shape[-1]
+        self.capacity = 0
+        self._k = key_states.new_empty(self.batch, self.kv_heads, 0, self.head_dim)
+        self._v = value_states.new_empty(self.batch, self.kv_heads, 0, self.value_dim)
+        self._bias = torch.zeros(self.batch, self.kv_heads, 0, dtype=torch.float32, device=self.device)
+        self._pos = torch.zeros(self.batch, self.kv_heads, 0, dtype=torch.long, device=self.device)
+        self._state: dict[str, torch.Tensor] = {}
+        for name in self.state_names():
+            self._state[name] = torch.zeros_like(self._bias)
+        self.is_initialized = True
+        self._refresh_views()
+
+    def state_names(self) -> tuple[str, ...]:
+        names = tuple(self.method.state_names)
+        return (*names, "rope_pos") if self.options.positions == "rerotate" else names
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [self._k, self._v, self._bias, self._pos, *self._state.values()]
+
+    def _set_buffers(self, tensors: list[torch.Tensor]) -> None:
+        self._k, self._v, self._bias, self._pos = tensors[:4]
+        self._state = dict(zip(self._state, tensors[4:], strict=True))
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        self.keys = self._k[:, :, : self.length]
+        self.values = self._v[:, :, : self.length]
+
+    def _resize(self, capacity: int) -> None:
+        """Reallocate every buffer to `capacity` slots, keeping the `length` slots in use."""
+        resized = []
+        for t in self._buffers():
+            new = t.new_zeros(*t.shape[:2], capacity, *t.shape[3:])
+            new[:, :, : self.length] = t[:, :, : self.length]
+            resized.append(new)
+        self.capacity = capacity
+        self._set_buffers(resized)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        needed = self.length + q
+        if needed > self.capacity:
+            # With a budget the steady state is budget + one step; without one, grow geometrically.
+            floor = needed if self.budget is not None else 2 * self.capacity
+            self._resize(max(needed, floor, 16))
+        end = self.length + q
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self._bias[:, :, self.length : end] = 0.0
+        self._pos[:, :, self.length : end] = torch.arange(self.seen, self.seen + q, device=self.device)
+        for name, t in self._state.items():
+            t[:, :, self.length : end] = self.method.initial_state(name)
+        if "rope_pos" in self._state:
+            self._state["rope_pos"][:, :, self.length : end] = self._pos[:, :, self.length : end].float()
+        self.length, self.seen, self.new_tokens = end, self.seen + q, q
+        self.peak_length = max(self.peak_length, end)
+        self._refresh_views()
+        ACTIVE_LAYER.set(self)
+        return self.keys, self.values
+
+    def record_new_tokens(self, position_ids: torch.Tensor | None, token_mask: torch.Tensor | None) -> None:
+        """Store the true positions of this step's tokens and kill padding slots (called by the attention fn)."""
+        start, end = self.length - self.new_tokens, self.length
+        if position_ids is not None:
+            self._pos[:, :, start:end] = position_ids.to(self.device)[:, None, -self.new_tokens :]
+        if token_mask is not None:
+            pad = ~token_mask.to(self.device)[:, None, :].expand(-1, self.kv_heads, -1)
+            self._bias[:, :, start:end].masked_fill_(pad, float("-inf"))
+            self._pos[:, :, start:end].masked_fill_(pad, -1)
+            self.has_bias = True
+        if "rope_pos" in self._state:
+            self._state["rope_pos"][:, :, start:end] = self._pos[:, :, start:end].float()
+
+    # -- views methods read -----------------------------------------------------------------------------------
+    @property
+    def bias(self) -> torch.Tensor:
+        return self._bias[:, :, : self.length]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._pos[:, :, : self.length]
+
+    def state(self, name: str) -> torch.Tensor:
+        return self._state[name][:, :, : self.length]
+
+    def live(self) -> torch.Tensor:
+        """[B, Hkv, L_phys] bool: slots that hold a real key (not padding, not per-head padding)."""
+        return self.bias > float("-inf")
+
+    def physical_length(self) -> int:
+        return self.length
+
+    # -- compression --------------------------------------------------------------------------------------------
+    def over_budget(self) -> bool:
+        if self.budget is None or self.length <= self.budget + self.options.slack:
+            return False
+        return self.options.when == "always" or self.new_tokens > 1
+
+    def compress(self) -> None:
+        """Evict down to the method's target: score, select (per head), compact in place, re-rotate if asked."""
+        if not self.over_budget():
+            return
+        start = time.perf_counter()
+        target = self.method.target_size(self)
+        scores = self.method.score(self).float()
+        scores = scores.masked_fill(~self.live(), float("-inf"))
+        keep = scores.topk(target, dim=-1).indices  # [B, Hkv, target], best first
+        dead = None
+        if self.head_budgets is not None:
+            rank = torch.arange(target, device=self.device)
+            per_head = torch.tensor(self.head_budgets, device=self.device)
+            dead = (rank[None, :] >= per_head[:, None]).expand(self.batch, -1, -1)
+        self._compact(keep, dead)
+        if self.options.positions == "rerotate":
+            self._rerotate()
+        self.compressions += 1
+        self.compress_seconds += time.perf_counter() - start
+
+    def _compact(self, keep: torch.Tensor, dead: torch.Tensor | None) -> None:
+        """Keep the slots `keep` [B, Hkv, K] (any order); mark `dead` ones -inf; move survivors into [0, K)."""
+        n, k = self.length, keep.shape[-1]
+        kept = torch.zeros(self.batch, self.kv_heads, n, dtype=torch.bool, device=self.device)
+        kept.scatter_(2, keep, True)
+        if dead is not None:
+            kill = torch.zeros_like(kept).scatter_(2, keep, dead)
+            self._bias[:, :, :n].masked_fill_(kill, float("-inf"))
+            self.has_bias = True
+        pairs = min(k, n - k)
+        if pairs > 0:
+            # Holes: evicted slots below K. Movers: kept slots at K or above. Each row has as many of one as the
+            # other; topk lists the real ones first, and the leftover pairs copy a slot onto itself.
+            hole_flag, hole = (~kept[:, :, :k]).float().topk(pairs, dim=-1)
+            _, mover = kept[:, :, k:].float().topk(pairs, dim=-1)
+            src = torch.where(hole_flag > 0, mover + k, hole)
+            for t in self._buffers():
+                if t.dim() == 4:
+                    dst_idx = hole[..., None].expand(-1, -1, -1, t.shape[-1])
+                    t.scatter_(2, dst_idx, t.gather(2, src[..., None].expand(-1, -1, -1, t.shape[-1])))
+                else:
+                    t.scatter_(2, hole, t.gather(2, src))
+        self.length = k
+        self._shrink_if_oversized()
+        self._refresh_views()
+
+    def _shrink_if_oversized(self) -> None:
+        # After a long prefill was compressed, give the memory back: keep room for one more step at this size.
+        if self.capacity > 2 * (self.length + self.new_tokens) + 64:
+            self._resize(self.length + self.new_tokens)
+
+    def _rerotate(self) -> None:
+        """Re-rotate kept keys to contiguous positions ending at the last token seen (StreamingLLM pos-shift).
+
+        RoPE is relative, so keys at seen-n .. seen-1 with the next token at `seen` give the same logits as the
+        paper's in-cache positions 0 .. n-1 with the next token at n. Dead slots sort first and take no place
+        among the live keys' distances.
+        """
+        rotary = self.options.rotary
+        order_key = self.positions.masked_fill(~self.live(), -1)
+        rank = order_key.argsort(dim=-1).argsort(dim=-1)
+        target = (self.seen - self.length + rank).float()
+        rope_pos = self.state("rope_pos")
+        delta = target - rope_pos  # [B, Hkv, L]
+        self.keys[..., : rotary.rotary_dims] = rotate_keys(
+            self.keys[..., : rotary.rotary_dims], delta, rotary.inv_freq
+        )
+        rope_pos.copy_(target)
+
+    # -- batch and beam operations: every buffer follows -----------------------------------------------------------
+    def _index_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.is_initialized:
+            self._set_buffers([fn(t) for t in self._buffers()])
+            self.batch = self._k.shape[0]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_batch(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = self.length = self.new_tokens = self.peak_length = 0
+        self.has_bias = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "a compressed cache cannot be rolled back (evicted entries are gone); assisted decoding is unsupported"
+        )
+
+    def offload(self):
+        raise NotImplementedError("offloading a compressed cache is not supported")
+
+    # -- what transformers asks ----------------------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Only kvexp's own mask function sees these; it ignores the size and builds masks from layer state.
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate post-RoPE keys [.., L, D_rot] by `delta` [.., L] positions (R(a)R(b) = R(a+b), rotate_half layout)."""
+    angle = delta[..., None].double() * inv_freq.double()  # fp64: positions can be large
+    cos = torch.cat([angle.cos(), angle.cos()], dim=-1).float()
+    sin = torch.cat([angle.sin(), angle.sin()], dim=-1).float()
+    k = keys.float()
+    half = k.shape[-1] // 2
+    rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    return (k * cos + rotated_half * sin).to(keys.dtype)
+
+
+class KVCache(Cache):
+    """A transformers Cache of `CompressedLayer`s; pass it as `past_key_values` to a model or to `generate()`."""
+
+    def __init__(self, layers: list[CompressedLayer], recorder: Callable[..., Any] | None = None):
+        super().__init__(layers=layers)
+        # Optional observer called by the attention function before each layer's attention with
+        # (layer, query_length): for the masking-oracle test, plots and debugging.
+        self.recorder = recorder
+        for layer in layers:
+            layer.cache = self
+
+    def physical_lengths(self) -> list[int]:
+        return [layer.length for layer in self.layers]
+
+    def stats(self) -> dict[str, Any]:
+        """Kept tokens per layer (and per head), bytes kept vs the full cache, the compression ratio, method time."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if not layers:
+            return {"tokens_seen": 0, "tokens_kept": 0, "compression_ratio": 0.0}
+        seen = layers[0].seen
+        live_per_head = [layer.live().sum(-1).float().mean(0).tolist() for layer in layers]  # batch mean
+        kept_layer = [sum(h) / len(h) for h in live_per_head]
+        bytes_kept = sum(
+            layer.length
+            * layer.batch
+            * layer.kv_heads
+            * (layer.head_dim + layer.value_dim)
+            * layer._k.element_size()
+            for layer in layers
+        )
+        bytes_full = sum(
+            seen * layer.batch * layer.kv_heads * (layer.head_dim + layer.value_dim) * layer._k.element_size()
+            for layer in layers
+        )
+        bytes_allocated = sum(
+            layer.capacity
+            * layer.batch
+            * layer.kv_heads
+            * (layer.head_dim + layer.value_dim)
+            * layer._k.element_size()
+            for layer in layers
+        )
+        tokens_kept = sum(kept_layer) / len(kept_layer)
+        return {
+            "tokens_seen": seen,
+            "tokens_kept": tokens_kept,
+            "tokens_kept_per_layer": kept_layer,
+            "tokens_kept_per_head": live_per_head,
+            "physical_length_per_layer": [layer.length for layer in layers],
+            "compression_ratio": 1.0 - tokens_kept / seen if seen else 0.0,
+            "bytes_full": bytes_full,
+            "bytes_kept": bytes_kept,
+            "bytes_allocated": bytes_allocated,
+            "compress_seconds": sum(layer.compress_seconds for layer in layers),
+            "compressions": sum(layer.compressions for layer in layers),
+        }

@@ -1,0 +1,73 @@
+"""The method protocol and the registry.
+
+A method is a small dataclass: hyperparameters as typed fields with the reference defaults, and `score` giving
+`[B, Hkv, L_phys]` (higher = keep). The engine owns everything shared: when compression runs, top-k per KV head
+(per-head budgets included), the in-place compaction of K/V/bias/positions/state, dead-slot handling and
+re-rotation. Scores are over physical slots, whose order is not temporal; use `layer.positions` for time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from kvexp.engine.cache import CompressedLayer
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its `name`."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Method:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # one line, shown by list_methods() and the README
+    compresses: ClassVar[bool] = True  # False for `full`: no layer gets a budget
+    observes: ClassVar[bool] = False  # True: `observe` runs after every attention step (statistics)
+    state_names: ClassVar[tuple[str, ...]] = ()  # per-slot side state the engine moves with K/V
+
+    def validate(self, budget: int | None) -> None:
+        """Raise ValueError for hyperparameters that cannot work with this budget (before any model runs)."""
+
+    def layer_budget(self, layer_idx: int, budget: int | None) -> int | None:
+        """The budget this layer gets from the cache's budget (None = never compress the layer)."""
+        return budget if self.compresses else None
+
+    def target_size(self, layer: CompressedLayer) -> int:
+        """How many entries a compression keeps; the budget unless the method says otherwise."""
+        return layer.budget
+
+    def initial_state(self, name: str) -> float:
+        return 0.0
+
+    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
+        """Record statistics from this step's rotated queries [B, H, q, D] (methods with `observes`)."""
+
+    def score(self, layer: CompressedLayer) -> torch.Tensor:
+        raise NotImplementedError(f"method {self.name!r} does not score entries")
+
+
+def list_methods() -> dict[str, str]:
+    """Every registered method with its one-line description."""
+    return {name: cls.description for name, cls in sorted(METHODS.items())}
+
+
+def build_method(name: str, **params) -> Method:
+    """Instantiate a method by name; unknown names and parameters fail with what is allowed."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; method must be one of: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    allowed = {f.name for f in fields(cls) if f.init}
+    unknown = set(params) - allowed
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no parameter(s) {sorted(unknown)}; its parameters are: {sorted(allowed) or 'none'}"
+        )
+    return cls(**params)

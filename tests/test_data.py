@@ -1,0 +1,151 @@
+"""Perplexity documents from the real local evaluation data ($KVEXP_DATA_DIR), never from the hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvexp.tasks.data import DATASETS, Document, check_dataset, data_dir, load_documents, resolve_local_file
+
+CONF = Path(__file__).parents[1] / "conf" / "dataset"
+DATA = Path(os.environ.get("KVEXP_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data")
+KEYS = {
+    "name",
+    "task",
+    "path",
+    "local_file",
+    "hub_id",
+    "hub_config",
+    "split",
+    "text_field",
+    "split_documents",
+}
+
+
+@pytest.fixture(autouse=True)
+def _local_data(monkeypatch):
+    monkeypatch.setenv("KVEXP_DATA_DIR", str(DATA))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def cfg(config: str, **overrides) -> dict:
+    with (CONF / f"{config}.yaml").open() as f:
+        return {**yaml.safe_load(f), **overrides}
+
+
+def wikitext_rows() -> list[str]:
+    data = json.loads((DATA / "wikitext2" / "test_rows.json").read_text(encoding="utf-8"))
+    return data["text"] if isinstance(data, dict) else data
+
+
+def test_every_config_has_all_keys():
+    names = sorted(p.stem for p in CONF.glob("*.yaml"))
+    assert set(DATASETS) <= set(names)
+    for name in names:
+        c = cfg(name)
+        assert set(c) == KEYS, name
+        assert c["task"] == "perplexity"
+
+
+def test_data_dir_from_env(monkeypatch):
+    assert data_dir() == DATA
+    monkeypatch.delenv("KVEXP_DATA_DIR")
+    assert data_dir() is None
+    assert resolve_local_file(cfg("wikitext2")) is None  # => hub
+
+
+def test_resolve_local_file():
+    assert resolve_local_file(cfg("wikitext2")) == DATA / "wikitext2" / "test_rows.json"
+    assert resolve_local_file(cfg("pg19", local_file="pg19/missing.jsonl")) is None
+
+
+def test_wikitext2_single_document_is_the_joined_rows():
+    rows = wikitext_rows()
+    assert len(rows) == 4358
+    docs = load_documents(cfg("wikitext2"), max_samples=None)
+    assert docs == [Document(id="wikitext2", text="\n\n".join(rows))]
+
+
+def test_wikitext2_articles():
+    full = "\n\n".join(wikitext_rows())
+    docs = load_documents(cfg("wikitext2", split_documents=True), max_samples=None)
+    assert 55 <= len(docs) <= 65
+    assert len(docs) == 60  # the README's article count
+    assert docs[0].id == "Robert Boulter"
+    assert docs[1].id == "Du Fu"
+    assert docs[-1].id == "The Hustler ( film )"
+    assert docs[0].text.lstrip("\n").startswith(" = Robert Boulter = \n")
+    assert all(" = = " not in d.id for d in docs)
+    assert "\n\n".join(d.text for d in docs) == full  # no text lost or duplicated
+
+
+def test_wikitext2_split_slice_and_max_samples():
+    rows = wikitext_rows()
+    (doc,) = load_documents(cfg("wikitext2", split="test[:100]"), max_samples=None)
+    assert doc.text == "\n\n".join(rows[:100])
+    docs = load_documents(cfg("wikitext2", split_documents=True), max_samples=3)
+    assert [d.id for d in docs] == ["Robert Boulter", "Du Fu", "Kiss You ( One Direction song )"]
+
+
+def test_pg19_books():
+    docs = load_documents(cfg("pg19"), max_samples=None)
+    assert [d.id for d in docs] == ["10146", "10321", "10356", "10762"]
+    assert all(len(d.text) > 200_000 for d in docs)
+    assert "Dragon" in docs[1].text[:5000] or "DRAGON" in docs[1].text[:5000]
+    assert [d.id for d in load_documents(cfg("pg19"), max_samples=2)] == ["10146", "10321"]
+    assert load_documents(cfg("pg19"), max_samples=0) == []
+
+
+def test_pg19_user_path_overrides_local_file(tmp_path):
+    books = tmp_path / "books.jsonl"
+    rows = [{"url": "http://www.gutenberg.org/ebooks/42", "text": "a"}, {"book_id": 7, "text": "b"}]
+    books.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    docs = load_documents(cfg("pg19", path=str(books)), max_samples=None)
+    assert docs == [Document("42", "a"), Document("7", "b")]  # hub rows have only the url
+
+
+def test_text_file(tmp_path):
+    f = tmp_path / "essay.txt"
+    f.write_text("Grüße\n\nline two\n", encoding="utf-8")
+    assert load_documents(cfg("text_file", path=str(f)), max_samples=None) == [
+        Document(id="essay.txt", text="Grüße\n\nline two\n")
+    ]
+
+
+def test_check_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset\.name.*wikitext2"):
+        check_dataset(cfg("wikitext2", name="wikitext103"))
+    with pytest.raises(ValueError, match=r"dataset\.path"):
+        check_dataset(cfg("text_file"))
+    with pytest.raises(ValueError, match=r"dataset\.path"):
+        check_dataset(cfg("text_file", path=str(tmp_path / "nope.txt")))
+    with pytest.raises(ValueError, match=r"dataset\.path"):
+        check_dataset(cfg("pg19", path=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(ValueError, match=r"dataset\.split"):
+        check_dataset(cfg("wikitext2", split="train"))
+    with pytest.raises(ValueError, match=r"dataset\.hub_id"):
+        check_dataset(cfg("pg19", local_file=None, hub_id=None))
+    with pytest.raises(ValueError, match="max_samples"):
+        load_documents(cfg("pg19"), max_samples=-1)
+    for name in DATASETS:
+        if name != "text_file":
+            check_dataset(cfg(name))
+
+
+def test_omegaconf_config(tmp_path):
+    """Hydra hands over DictConfig, not dict."""
+    from omegaconf import OmegaConf
+
+    docs = load_documents(OmegaConf.create(cfg("pg19")), max_samples=1)
+    assert [d.id for d in docs] == ["10146"]
+
+
+def test_wikitext2_slice_starting_mid_article():
+    rows = wikitext_rows()
+    docs = load_documents(cfg("wikitext2", split="test[10:40]", split_documents=True), max_samples=None)
+    assert [d.id for d in docs] == ["(untitled)", "Du Fu"]
+    assert "\n\n".join(d.text for d in docs) == "\n\n".join(rows[10:40])

@@ -1,0 +1,287 @@
+"""The engine's proof: masking-oracle equivalence, budget invariants and the exact bias cases."""
+
+import math
+
+import pytest
+import torch
+
+from kvexp.engine import make_cache
+from kvexp.engine.cache import rotate_keys
+from tests.conftest import load
+from tests.oracle import Visibility, max_logprob_error, oracle_logits, streamed_logits
+
+TOL = 1e-4
+METHODS = ["streaming_llm", "knorm", "random"]
+
+
+def _ids(model, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (1, length), generator=g)
+
+
+def _kv_heads(model):
+    return getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+
+
+def _check_oracle(model, ids, chunk, **cache_kwargs):
+    logits, vis, cache = streamed_logits(model, ids, chunk, **cache_kwargs)
+    ref = oracle_logits(model, ids, vis)
+    targets = ids[:, 1:]
+    assert max_logprob_error(logits[:, :-1], ref[:, :-1], targets) < TOL
+    return cache
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["token", "chunk", "per_layer", "per_head"])
+def test_masking_oracle(tiny, method, mode):
+    model, _ = tiny
+    ids = _ids(model, 40)
+    n_layers, heads = model.config.num_hidden_layers, _kv_heads(model)
+    if mode == "token":
+        cache = _check_oracle(model, ids, 1, method=method, budget=12)
+        assert cache.physical_lengths() == [12] * n_layers
+    elif mode == "chunk":
+        cache = _check_oracle(model, ids, 7, method=method, budget=12)
+        assert all(layer.peak_length <= 12 + 7 for layer in cache.layers)
+        assert cache.physical_lengths() == [12] * n_layers
+    elif mode == "per_layer":
+        budgets = [9 + 5 * i for i in range(n_layers)]
+        cache = _check_oracle(model, ids, 3, method=method, budget=budgets)
+        assert cache.physical_lengths() == budgets
+    else:
+        head_budgets = [[6 + (3 * h + 5 * i) % 9 for h in range(heads)] for i in range(n_layers)]
+        cache = _check_oracle(model, ids, 2, method=method, head_budgets=head_budgets)
+        # Real saving: each layer is as long as its longest head; shorter heads hold dead padding.
+        assert cache.physical_lengths() == [max(h) for h in head_budgets]
+        kept = cache.stats()["tokens_kept_per_head"]
+        assert kept == [[float(b) for b in hb] for hb in head_budgets]
+
+
+def test_knorm_prune_after_mode_matches_oracle():
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 60)
+    cache = _check_oracle(model, ids, 1, method="knorm", keep_ratio=0.5, prune_after=20, skip_layers=[0])
+    assert cache.layers[0].budget is None and cache.layers[0].length == 60  # skipped layer keeps everything
+    assert 10 <= cache.layers[1].length <= 20  # sawtooth between keep_ratio * prune_after and prune_after
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_matches_oracle(tiny, method):
+    model, _ = tiny
+    prompt = _ids(model, 20, seed=1)
+    vis = Visibility(1, _kv_heads(model), 20 + 12)
+    cache = make_cache(model, method, budget=10, recorder=vis)
+    out = model.generate(
+        prompt,
+        past_key_values=cache,
+        max_new_tokens=12,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    seq = out.sequences
+    assert seq.shape[1] == 32
+    generated = torch.stack(out.logits, dim=1).float()  # logits for positions 19 .. 30
+    ref = oracle_logits(model, seq, vis)[:, 19:31]
+    assert max_logprob_error(generated, ref, seq[:, 20:32]) < TOL
+
+
+def test_generate_left_padded_batch_matches_oracle():
+    model, tok = load("tiny_llama")
+    batch = tok(
+        ["a short prompt", "a noticeably longer prompt than the other one"], return_tensors="pt", padding=True
+    )
+    pads = (batch.attention_mask == 0).sum(1)
+    assert pads[0] > 0 and tok.padding_side == "left"
+    length = batch.input_ids.shape[1] + 8
+    vis = Visibility(2, _kv_heads(model), length, offsets=pads)
+    cache = make_cache(model, "streaming_llm", budget=12, sink_tokens=2, recorder=vis)
+    out = model.generate(
+        **batch,
+        past_key_values=cache,
+        max_new_tokens=8,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=tok.pad_token_id,
+    )
+    mask = torch.cat([batch.attention_mask, torch.ones(2, 8, dtype=torch.long)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    ref = oracle_logits(model, out.sequences, vis, position_ids=positions)
+    start = batch.input_ids.shape[1] - 1
+    generated = torch.stack(out.logits, dim=1).float()
+    err = max_logprob_error(generated, ref[:, start : start + 8], out.sequences[:, start + 1 :])
+    assert err < TOL
+    # The sinks are the first real tokens of each row, not the padding.
+    for b in range(2):
+        kept = set(cache.layers[0].positions[b, 0].tolist())
+        assert {0, 1} <= kept and -1 not in kept
+
+
+def test_budget_at_least_sequence_reproduces_plain_model(tiny):
+    model, _ = tiny
+    ids = _ids(model, 30)
+    model.set_attn_implementation("sdpa")
+    plain = model(ids).logits
+    for method in ["full", *METHODS]:
+        logits, _, cache = streamed_logits(model, ids, 4, method=method, budget=30)
+        assert torch.allclose(logits, plain, atol=1e-5), method
+        assert cache.stats()["tokens_kept"] == 30
+
+
+def test_knorm_keeps_exactly_the_lowest_norm_keys():
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 32)
+    full = make_cache(model, "full")
+    model(ids, past_key_values=full)
+    cache = make_cache(model, "knorm", budget=10)
+    model(ids, past_key_values=cache)  # one prefill step, one compression
+    for full_layer, layer in zip(full.layers, cache.layers, strict=True):
+        norms = full_layer.keys.norm(dim=-1)  # [1, Hkv, 32] hand computation from the uncompressed keys
+        expected = norms.argsort(dim=-1)[..., :10].sort(dim=-1).values
+        assert torch.equal(layer.positions.sort(dim=-1).values, expected)
+
+
+def test_streaming_llm_keeps_sinks_and_recent_window():
+    model, _ = load("tiny_qwen3")
+    ids = _ids(model, 50)
+    cache = make_cache(model, "streaming_llm", budget=16, sink_tokens=4)
+    for t in range(50):
+        model(ids[:, t : t + 1], past_key_values=cache)
+        for layer in cache.layers:
+            assert layer.length <= 16
+    expected = list(range(4)) + list(range(50 - 12, 50))
+    for layer in cache.layers:
+        for h in range(layer.kv_heads):
+            assert sorted(layer.positions[0, h].tolist()) == expected
+
+
+def _prefilled(model, ids, method="full"):
+    cache = make_cache(model, method)
+    model(ids, past_key_values=cache)
+    return cache
+
+
+def test_minus_inf_bias_equals_removing_the_entry():
+    model, _ = load("tiny_llama")
+    ids, nxt = _ids(model, 20), _ids(model, 1, seed=5)
+    masked, removed = _prefilled(model, ids), _prefilled(model, ids)
+    for a, b in zip(masked.layers, removed.layers, strict=True):
+        a._bias[:, :, 7] = float("-inf")
+        a.has_bias = True
+        keep = torch.tensor([i for i in range(20) if i != 7]).expand(1, b.kv_heads, -1)
+        b._compact(keep, None)
+    la = model(nxt, past_key_values=masked).logits
+    lb = model(nxt, past_key_values=removed).logits
+    assert torch.allclose(la, lb, atol=1e-5)
+
+
+def test_ln2_bias_equals_the_key_stored_twice():
+    model, _ = load("tiny_llama")
+    ids, nxt = _ids(model, 20), _ids(model, 1, seed=5)
+    biased, doubled = _prefilled(model, ids), _prefilled(model, ids)
+    for a, b in zip(biased.layers, doubled.layers, strict=True):
+        a._bias[:, :, 7] = math.log(2.0)
+        a.has_bias = True
+        b._resize(b.length + 2)
+        for buf in b._buffers():
+            buf[:, :, b.length] = buf[:, :, 7]
+        b.length += 1
+        b._refresh_views()
+    la = model(nxt, past_key_values=biased).logits
+    lb = model(nxt, past_key_values=doubled).logits
+    assert not torch.allclose(la, model(nxt, past_key_values=_prefilled(model, ids)).logits, atol=1e-4)
+    assert torch.allclose(la, lb, atol=1e-5)
+
+
+def test_rerotation_equals_rotating_at_the_new_position():
+    model, _ = load("tiny_llama")
+    rotary = model.model.rotary_emb
+    raw = torch.randn(1, 2, 5, 16)
+    pos = torch.tensor([[3, 9, 40, 41, 100]])
+    new = torch.tensor([[0, 1, 2, 3, 4]])
+
+    def rope(x, p):
+        cos, sin = rotary(x, p)
+        half = torch.cat([-x[..., 8:], x[..., :8]], dim=-1)
+        return x * cos[:, None] + half * sin[:, None]
+
+    moved = rotate_keys(rope(raw, pos), (new - pos).float()[:, None].expand(1, 2, 5), rotary.inv_freq)
+    assert torch.allclose(moved, rope(raw, new), atol=1e-5)
+
+
+def test_rerotate_positions_keep_the_window_contiguous():
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 40)
+    plain, _, _ = streamed_logits(model, ids, 1, method="streaming_llm", budget=40, positions="rerotate")
+    model.set_attn_implementation("sdpa")
+    assert torch.allclose(plain, model(ids).logits, atol=1e-5)  # no eviction: nothing re-rotated
+    cache = make_cache(model, "streaming_llm", budget=12, positions="rerotate")
+    for t in range(40):
+        model(ids[:, t : t + 1], past_key_values=cache)
+    layer = cache.layers[0]
+    assert sorted(layer.state("rope_pos")[0, 0].tolist()) == list(range(40 - 12, 40))
+    assert sorted(layer.positions[0, 0].tolist()) == [0, 1, 2, 3, *range(32, 40)]
+
+
+def test_rerotate_needs_rope():
+    model, _ = load("tiny_gpt2")
+    with pytest.raises(ValueError, match="rerotate"):
+        make_cache(model, "streaming_llm", budget=8, positions="rerotate")
+
+
+def test_cache_follows_beam_search_and_batch_operations():
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 16).repeat(2, 1)
+    cache = make_cache(model, "knorm", budget=8)
+    model(ids, past_key_values=cache)
+    layer = cache.layers[0]
+    layer._pos[1] += 1000  # make rows distinguishable
+    before = layer.positions.clone()
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.positions, before.flip(0))
+    cache.batch_repeat_interleave(2)
+    assert layer.positions.shape[0] == 4 and layer._bias.shape[0] == 4
+    beams = model.generate(
+        _ids(model, 16),
+        past_key_values=make_cache(model, "streaming_llm", budget=8),
+        num_beams=3,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    assert beams.shape == (1, 22)
+
+
+def test_slack_amortizes_compression():
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 40)
+    cache = _check_oracle(model, ids, 1, method="streaming_llm", budget=10, slack=5)
+    lengths = []
+    cache2 = make_cache(model, "streaming_llm", budget=10, slack=5)
+    for t in range(40):
+        model(ids[:, t : t + 1], past_key_values=cache2)
+        lengths.append(cache2.layers[0].length)
+    assert max(lengths) == 15 and min(lengths[15:]) == 10
+    assert cache2.layers[0].compressions == 5  # every 6th step instead of every step
+    assert cache.layers[0].compressions == cache2.layers[0].compressions
+
+
+def test_prefill_only_compression_lets_decode_grow():
+    model, _ = load("tiny_llama")
+    cache = make_cache(model, "knorm", budget=8, when="prefill")
+    model(_ids(model, 20), past_key_values=cache)
+    assert cache.layers[0].length == 8
+    for t in range(5):
+        model(_ids(model, 1, seed=t), past_key_values=cache)
+    assert cache.layers[0].length == 13 and cache.get_seq_length() == 25
+
+
+def test_smollm2_masking_oracle(smollm2):
+    model, tok = smollm2
+    text = "The quick brown fox jumps over the lazy dog. " * 4 + "Paris is the capital of France, and it is "
+    ids = tok(text * 3, return_tensors="pt").input_ids[:, :160]
+    cache = _check_oracle(model, ids, 1, method="streaming_llm", budget=48)
+    assert cache.physical_lengths() == [48] * 30
+    _check_oracle(model, ids, 16, method="knorm", budget=64)
