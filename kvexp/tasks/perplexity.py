@@ -1,0 +1,188 @@
+"""Streaming perplexity (DESIGN.md §4): the document is fed `chunk_size` tokens per step through a compressed
+cache, compression runs between steps, and every token after the first is scored.
+
+Tokens are `tokenizer(text).input_ids[:max_tokens]` (the tokenizer's default special tokens); the first token
+is context only. The last token is never fed: it has nothing to predict.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+
+from kvexp.engine import make_cache
+from kvexp.methods import Method
+
+
+@dataclass
+class DocumentResult:
+    id: str
+    tokens: int  # scored tokens (document tokens - 1)
+    nll: float  # summed negative log-likelihood (nats)
+    correct: int  # greedy next-token hits
+    first_step_s: float  # first step (prefill of the first chunk + its compression)
+    step_s: list[float] = field(default_factory=list)  # every later step
+    kv: dict[str, Any] = field(default_factory=dict)  # cache.stats() at the end
+    kv_peak_bytes: int = 0  # largest physical KV footprint during the run (tensors, not allocator)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens
+
+
+def resolve_budget(budget: Any, document_tokens: int) -> int | list[int] | None:
+    """A budget config (tokens | keep_ratio | per_layer | per_head) as make_cache's budget for one document."""
+    if budget is None:
+        return None
+    if budget.get("per_layer") is not None:
+        return list(budget["per_layer"])
+    if budget.get("keep_ratio") is not None:
+        return max(1, int(budget["keep_ratio"] * document_tokens))
+    return budget.get("tokens")
+
+
+@torch.no_grad()
+def score_document(
+    model,
+    input_ids: torch.Tensor,  # [1, T]
+    method: str | Method,
+    budget: int | list[int] | None,
+    chunk_size: int = 1,
+    doc_id: str = "doc",
+    progress: bool = False,
+    **cache_kwargs,
+) -> DocumentResult:
+    """Feed one document through a fresh compressed cache; sum NLL and hits over tokens 1..T-1."""
+    cache = make_cache(model, method, budget, **cache_kwargs)
+    ids = input_ids.to(model.device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    n = inputs.shape[1]
+    nll = torch.zeros((), dtype=torch.float64, device=ids.device)
+    correct = torch.zeros((), dtype=torch.long, device=ids.device)
+    steps, peak = [], 0
+    bar = tqdm(
+        range(0, n, chunk_size), desc=f"{doc_id} [{getattr(method, 'name', method)}]", disable=not progress
+    )
+    for start in bar:
+        t0 = time.perf_counter()
+        logits = model(inputs[:, start : start + chunk_size], past_key_values=cache).logits.float()
+        target = targets[:, start : start + chunk_size]
+        nll += torch.nn.functional.cross_entropy(logits[0], target[0], reduction="sum").double()
+        correct += (logits.argmax(-1) == target).sum()
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        steps.append(time.perf_counter() - t0)
+        peak = max(peak, _kv_bytes(cache))
+    return DocumentResult(
+        id=doc_id,
+        tokens=n,
+        nll=nll.item(),
+        correct=int(correct.item()),
+        first_step_s=steps[0],
+        step_s=steps[1:],
+        kv=cache.stats(),
+        kv_peak_bytes=peak,
+    )
+
+
+def _kv_bytes(cache) -> int:
+    return sum(
+        layer.length
+        * layer.batch
+        * layer.kv_heads
+        * (layer.head_dim + layer.value_dim)
+        * layer._k.element_size()
+        for layer in cache.layers
+        if layer.is_initialized
+    )
+
+
+def aggregate(results: list[DocumentResult]) -> dict[str, Any]:
+    """Corpus-level metrics (token-weighted perplexity) and cost figures over documents."""
+    tokens = sum(r.tokens for r in results)
+    nll = sum(r.nll for r in results)
+    total_s = sum(r.first_step_s + sum(r.step_s) for r in results)
+    later = [s for r in results for s in r.step_s]
+    compress_s = sum(r.kv.get("compress_seconds", 0.0) for r in results)
+    seen = sum(r.kv["tokens_seen"] for r in results)
+    kept = sum(r.kv["tokens_kept"] for r in results)
+    return {
+        "metrics": {
+            "perplexity": math.exp(nll / tokens),
+            "accuracy": sum(r.correct for r in results) / tokens,
+            "nll": nll / tokens,
+            "tokens": tokens,
+            "documents": len(results),
+        },
+        "kv_cache": {
+            "tokens_seen": seen,
+            "tokens_kept": kept,
+            "compression_ratio": 1.0 - kept / seen if seen else 0.0,
+            "bytes_full": sum(r.kv.get("bytes_full", 0) for r in results),
+            "bytes_kept": sum(r.kv.get("bytes_kept", 0) for r in results),
+            "bytes_peak": max(r.kv_peak_bytes for r in results),
+        },
+        "timing": {
+            "ttft_s": sum(r.first_step_s for r in results) / len(results),
+            "tpot_ms": 1000 * sum(later) / len(later) if later else None,
+            "throughput_tok_s": tokens / total_s,
+            "total_s": total_s,
+            "compress_s": compress_s,
+            "compress_share": compress_s / total_s if total_s else 0.0,
+        },
+    }
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory: the CUDA allocator's peak on GPU; the process's peak RSS on CPU (process-wide, monotonic)."""
+    if device.type == "cuda":
+        return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+    info = psutil.Process().memory_info()
+    peak = getattr(info, "peak_wset", None) or _ru_maxrss()
+    return {"rss_bytes": info.rss, "peak_rss_bytes": peak}
+
+
+def _ru_maxrss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def evaluate_perplexity(
+    model,
+    tokenizer,
+    text: str | list[str],
+    method: str | Method = "full",
+    budget: int | list[int] | None = None,
+    *,
+    chunk_size: int = 1,
+    max_tokens: int | None = None,
+    progress: bool = False,
+    on_document: Callable[[DocumentResult], None] | None = None,
+    **cache_kwargs,
+) -> dict[str, Any]:
+    """Python API: streaming perplexity of `text` (one document or several) under `method` at `budget`."""
+    texts = [text] if isinstance(text, str) else text
+    results = []
+    for i, t in enumerate(texts):
+        ids = tokenizer(t, return_tensors="pt").input_ids[:, :max_tokens]
+        if ids.shape[1] < 2:
+            raise ValueError(f"document {i} has {ids.shape[1]} token(s); perplexity needs at least 2")
+        result = score_document(model, ids, method, budget, chunk_size, f"doc{i}", progress, **cache_kwargs)
+        results.append(result)
+        if on_document is not None:
+            on_document(result)
+    summary = aggregate(results)
+    summary["documents"] = results
+    return summary

@@ -1,0 +1,123 @@
+"""Every config option composes; bad values fail before any model loads, naming the option."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+import kvexp.config  # noqa: F401  (schemas)
+from kvexp.config import method_from_config, normalize_overrides, validate
+from kvexp.methods import METHODS
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _compose(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=normalize_overrides(list(overrides)))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ["model", "method", "dataset", "budget", "hardware", "logger"] for o in _options(g)],
+)
+def test_every_group_option_composes(group, option):
+    extra = [f"dataset.path={CONF.parent / 'pyproject.toml'}"] if option == "text_file" else []
+    extra += ["method=full"] if option == "full" else []
+    cfg = _compose(f"{group}={option}", *extra)
+    if group in ("model", "method", "dataset", "hardware"):
+        assert cfg[group].name == option
+    if group == "logger":
+        assert option.startswith(cfg.logger.name)
+    if group != "hardware" and not (group == "logger" and option == "wandb"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("option", _options("experiment"))
+def test_every_experiment_preset_composes_and_validates(option):
+    cfg = _compose(f"experiment={option}")
+    assert option.split("_")[0] in " ".join(cfg.tags) or cfg.tags
+    validate(cfg)
+
+
+def test_every_method_has_a_config_whose_fields_match_its_dataclass():
+    from dataclasses import fields
+
+    assert set(_options("method")) == set(METHODS)
+    for name, cls in METHODS.items():
+        node = OmegaConf.load(CONF / "method" / f"{name}.yaml")
+        assert set(node) - {"name"} == {f.name for f in fields(cls) if f.init}, name
+        method = method_from_config(node)
+        assert type(method) is cls
+
+
+def test_default_config_is_the_embedded_experiment():
+    cfg = _compose()
+    assert (cfg.model.name, cfg.method.name, cfg.budget.tokens, cfg.dataset.name) == (
+        "smollm2_135m",
+        "streaming_llm",
+        256,
+        "wikitext2",
+    )
+    validate(cfg)
+
+
+def test_numeric_budget_choices_are_quoted_for_hydra():
+    assert normalize_overrides(["budget=256", "budget=64,128", "method=knorm", "budget.tokens=5"]) == [
+        "budget='256'",
+        "budget='64','128'",
+        "method=knorm",
+        "budget.tokens=5",
+    ]
+    assert _compose("budget=512").budget.tokens == 512
+    assert _compose("budget=keep_0.5").budget.keep_ratio == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["budget.tokens=0"], "budget.tokens"),
+        (["budget.tokens=-3"], "budget.tokens"),
+        (["budget=keep_0.5", "budget.keep_ratio=1.5"], r"budget.keep_ratio"),
+        (["budget=keep_0.5", "budget.keep_ratio=0"], r"budget.keep_ratio"),
+        (["budget.keep_ratio=0.5"], "either budget.tokens or budget.keep_ratio"),
+        (["method.name=nope"], "method must be one of: full, knorm"),
+        (["+method.bogus=1"], "has no parameter"),
+        (["method.sink_tokens=300"], "sink_tokens"),
+        (["method=knorm", "method.keep_ratio=2.0"], "method.keep_ratio"),
+        (["dataset=text_file"], "dataset.path"),
+        (["dataset=text_file", "dataset.path=/no/such/file.txt"], "dataset.path"),
+        (["engine.positions=shifted"], "engine.positions"),
+        (["engine.when=sometimes"], "engine.when"),
+        (["eval.chunk_size=0"], "eval.chunk_size"),
+        (["budget=full"], "needs a budget"),
+        (["logger=wandb", "logger.mode=sometimes"], "logger.mode"),
+        (["model.source=ftp"], "model.source"),
+    ],
+)
+def test_bad_values_fail_early_naming_the_option(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        validate(_compose(*overrides))
+
+
+@pytest.mark.parametrize("override", ["model=no_such_model", "method=no_such_method", "budget=17"])
+def test_unknown_group_options_fail_at_compose_with_the_choices(override):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="Available options"):
+        _compose(override)
+
+
+def test_schema_rejects_wrong_types():
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ValidationError
+
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        _compose("budget.tokens=many")
