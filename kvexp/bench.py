@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--short-context", type=int, default=512)
     parser.add_argument("--budget", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=64)
     args = parser.parse_args()
 
     model, tokenizer = load_model_by_name(args.model, args.hardware)
@@ -103,8 +103,8 @@ def main() -> None:
         f"kvexp full @{args.context}": kvexp("full"),
         f"streaming_llm @{args.context}, budget {args.budget}": kvexp("streaming_llm", budget=args.budget),
         f"knorm @{args.context}, budget {args.budget}": kvexp("knorm", budget=args.budget),
-        f"knorm @{args.context}, budget {args.budget}, slack 64": kvexp(
-            "knorm", budget=args.budget, slack=64
+        f"knorm @{args.context}, budget {args.budget}, slack 16": kvexp(
+            "knorm", budget=args.budget, slack=16
         ),
     }
     short, long_ = rows[f"plain @{args.short_context}"], rows[f"plain @{args.context}"]

@@ -170,8 +170,9 @@ def test_minus_inf_bias_equals_removing_the_entry():
     for a, b in zip(masked.layers, removed.layers, strict=True):
         a._bias[:, :, 7] = float("-inf")
         a.has_bias = True
-        keep = torch.tensor([i for i in range(20) if i != 7]).expand(1, b.kv_heads, -1)
-        b._compact(keep, None)
+        kept = torch.ones(1, b.kv_heads, 20, dtype=torch.bool)
+        kept[:, :, 7] = False
+        b._compact(kept, 19)
     la = model(nxt, past_key_values=masked).logits
     lb = model(nxt, past_key_values=removed).logits
     assert torch.allclose(la, lb, atol=1e-5)

@@ -150,9 +150,7 @@ def test_bad_hardware() -> None:
     assert setup_hardware({"device": "auto", "dtype": "float32"})[1] == torch.float32
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model(model_cfg("smollm2_135m"), CPU)
+# `smollm2` is the session fixture of conftest.py: the model loads once for the whole suite.
 
 
 def test_smollm2_embedded_gguf(smollm2) -> None:

@@ -97,6 +97,8 @@ class CompressedLayer(DynamicLayer):
         self.compress_seconds = 0.0
         self.compressions = 0
         self.peak_length = 0
+        # The last queries this layer saw ([B, H, w, D], positions [B, w]), kept by window-scoring methods.
+        self.query_window: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- storage --------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -196,6 +198,11 @@ class CompressedLayer(DynamicLayer):
     def physical_length(self) -> int:
         return self.length
 
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one slot of K and V takes across the batch and the KV heads."""
+        return self.batch * self.kv_heads * (self.head_dim + self.value_dim) * self._k.element_size()
+
     # -- compression --------------------------------------------------------------------------------------------
     def over_budget(self) -> bool:
         if self.budget is None or self.length <= self.budget + self.options.slack:
@@ -207,30 +214,31 @@ class CompressedLayer(DynamicLayer):
         if not self.over_budget():
             return
         start = time.perf_counter()
-        target = self.method.target_size(self)
+        n, target = self.length, self.method.target_size(self)
         scores = self.method.score(self).float()
-        scores = scores.masked_fill(~self.live(), float("-inf"))
-        keep = scores.topk(target, dim=-1).indices  # [B, Hkv, target], best first
-        dead = None
-        if self.head_budgets is not None:
+        if self.has_bias:
+            scores = scores.masked_fill(~self.live(), float("-inf"))
+        if self.head_budgets is None:
+            # Usually a step evicts a handful of entries: select those (topk with a small k), not the kept set.
+            evict = scores.topk(n - target, dim=-1, largest=False).indices
+            kept = torch.ones_like(scores, dtype=torch.bool).scatter_(2, evict, False)
+        else:
+            keep = scores.topk(target, dim=-1).indices  # best first: each head's first k_h stay live
+            kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, keep, True)
             rank = torch.arange(target, device=self.device)
-            per_head = torch.tensor(self.head_budgets, device=self.device)
-            dead = (rank[None, :] >= per_head[:, None]).expand(self.batch, -1, -1)
-        self._compact(keep, dead)
+            dead = rank[None, :] >= torch.tensor(self.head_budgets, device=self.device)[:, None]
+            kill = torch.zeros_like(kept).scatter_(2, keep, dead.expand(self.batch, -1, -1))
+            self._bias[:, :, :n].masked_fill_(kill, float("-inf"))
+            self.has_bias = True
+        self._compact(kept, target)
         if self.options.positions == "rerotate":
             self._rerotate()
         self.compressions += 1
         self.compress_seconds += time.perf_counter() - start
 
-    def _compact(self, keep: torch.Tensor, dead: torch.Tensor | None) -> None:
-        """Keep the slots `keep` [B, Hkv, K] (any order); mark `dead` ones -inf; move survivors into [0, K)."""
-        n, k = self.length, keep.shape[-1]
-        kept = torch.zeros(self.batch, self.kv_heads, n, dtype=torch.bool, device=self.device)
-        kept.scatter_(2, keep, True)
-        if dead is not None:
-            kill = torch.zeros_like(kept).scatter_(2, keep, dead)
-            self._bias[:, :, :n].masked_fill_(kill, float("-inf"))
-            self.has_bias = True
+    def _compact(self, kept: torch.Tensor, k: int) -> None:
+        """Keep the `k` slots flagged per row in `kept` [B, Hkv, L_phys]; move them into [0, k)."""
+        n = self.length
         pairs = min(k, n - k)
         if pairs > 0:
             # Holes: evicted slots below K. Movers: kept slots at K or above. Each row has as many of one as the
@@ -276,6 +284,8 @@ class CompressedLayer(DynamicLayer):
         if self.is_initialized:
             self._set_buffers([fn(t) for t in self._buffers()])
             self.batch = self._k.shape[0]
+        if self.query_window is not None:
+            self.query_window = tuple(fn(t) for t in self.query_window)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -291,6 +301,7 @@ class CompressedLayer(DynamicLayer):
         self.is_initialized = False
         self.seen = self.length = self.new_tokens = self.peak_length = 0
         self.has_bias = False
+        self.query_window = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -337,6 +348,10 @@ class KVCache(Cache):
     def physical_lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]
 
+    def kept_bytes(self) -> int:
+        """Bytes of K and V physically held now (dead per-head padding slots included: they are memory)."""
+        return sum(layer.length * layer.slot_bytes for layer in self.layers if layer.is_initialized)
+
     def stats(self) -> dict[str, Any]:
         """Kept tokens per layer (and per head), bytes kept vs the full cache, the compression ratio, method time."""
         layers = [layer for layer in self.layers if layer.is_initialized]
@@ -345,26 +360,8 @@ class KVCache(Cache):
         seen = layers[0].seen
         live_per_head = [layer.live().sum(-1).float().mean(0).tolist() for layer in layers]  # batch mean
         kept_layer = [sum(h) / len(h) for h in live_per_head]
-        bytes_kept = sum(
-            layer.length
-            * layer.batch
-            * layer.kv_heads
-            * (layer.head_dim + layer.value_dim)
-            * layer._k.element_size()
-            for layer in layers
-        )
-        bytes_full = sum(
-            seen * layer.batch * layer.kv_heads * (layer.head_dim + layer.value_dim) * layer._k.element_size()
-            for layer in layers
-        )
-        bytes_allocated = sum(
-            layer.capacity
-            * layer.batch
-            * layer.kv_heads
-            * (layer.head_dim + layer.value_dim)
-            * layer._k.element_size()
-            for layer in layers
-        )
+        bytes_full = sum(seen * layer.slot_bytes for layer in layers)
+        bytes_allocated = sum(layer.capacity * layer.slot_bytes for layer in layers)
         tokens_kept = sum(kept_layer) / len(kept_layer)
         return {
             "tokens_seen": seen,
@@ -374,7 +371,7 @@ class KVCache(Cache):
             "physical_length_per_layer": [layer.length for layer in layers],
             "compression_ratio": 1.0 - tokens_kept / seen if seen else 0.0,
             "bytes_full": bytes_full,
-            "bytes_kept": bytes_kept,
+            "bytes_kept": self.kept_bytes(),
             "bytes_allocated": bytes_allocated,
             "compress_seconds": sum(layer.compress_seconds for layer in layers),
             "compressions": sum(layer.compressions for layer in layers),

@@ -83,7 +83,7 @@ def score_document(
         if ids.is_cuda:
             torch.cuda.synchronize()
         steps.append(time.perf_counter() - t0)
-        peak = max(peak, _kv_bytes(cache))
+        peak = max(peak, cache.kept_bytes())
     return DocumentResult(
         id=doc_id,
         tokens=n,
@@ -93,18 +93,6 @@ def score_document(
         step_s=steps[1:],
         kv=cache.stats(),
         kv_peak_bytes=peak,
-    )
-
-
-def _kv_bytes(cache) -> int:
-    return sum(
-        layer.length
-        * layer.batch
-        * layer.kv_heads
-        * (layer.head_dim + layer.value_dim)
-        * layer._k.element_size()
-        for layer in cache.layers
-        if layer.is_initialized
     )
 
 
