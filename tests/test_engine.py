@@ -7,11 +7,16 @@ import torch
 
 from kvexp.engine import make_cache
 from kvexp.engine.cache import rotate_keys
+from kvexp.methods import METHODS as REGISTRY
 from tests.conftest import load
 from tests.oracle import Visibility, max_logprob_error, oracle_logits, streamed_logits
 
 TOL = 1e-4
-METHODS = ["streaming_llm", "knorm", "random"]
+# Every registered method that compresses is proven here; small-model hyperparameters where defaults exceed
+# the test budgets.
+COMPRESSING = sorted(name for name, cls in REGISTRY.items() if cls.compresses)
+SMALL_PARAMS = {"snapkv": {"window_size": 4, "kernel_size": 3}}
+GQA_MODELS = ["tiny_llama", "tiny_qwen3"]
 
 
 def _ids(model, length, seed=0):
@@ -31,26 +36,37 @@ def _check_oracle(model, ids, chunk, **cache_kwargs):
     return cache
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", COMPRESSING)
 @pytest.mark.parametrize("mode", ["token", "chunk", "per_layer", "per_head"])
-def test_masking_oracle(tiny, method, mode):
-    model, _ = tiny
+@pytest.mark.parametrize("model_name", GQA_MODELS)
+def test_masking_oracle(model_name, method, mode):
+    _masking_oracle(load(model_name)[0], method, mode)
+
+
+@pytest.mark.parametrize("method", COMPRESSING)
+@pytest.mark.parametrize("mode", ["token", "chunk"])
+def test_masking_oracle_every_architecture(tiny, method, mode):
+    _masking_oracle(tiny[0], method, mode)
+
+
+def _masking_oracle(model, method, mode):
+    kw = SMALL_PARAMS.get(method, {})
     ids = _ids(model, 40)
     n_layers, heads = model.config.num_hidden_layers, _kv_heads(model)
     if mode == "token":
-        cache = _check_oracle(model, ids, 1, method=method, budget=12)
+        cache = _check_oracle(model, ids, 1, method=method, budget=12, **kw)
         assert cache.physical_lengths() == [12] * n_layers
     elif mode == "chunk":
-        cache = _check_oracle(model, ids, 7, method=method, budget=12)
+        cache = _check_oracle(model, ids, 7, method=method, budget=12, **kw)
         assert all(layer.peak_length <= 12 + 7 for layer in cache.layers)
         assert cache.physical_lengths() == [12] * n_layers
     elif mode == "per_layer":
         budgets = [9 + 5 * i for i in range(n_layers)]
-        cache = _check_oracle(model, ids, 3, method=method, budget=budgets)
+        cache = _check_oracle(model, ids, 3, method=method, budget=budgets, **kw)
         assert cache.physical_lengths() == budgets
     else:
         head_budgets = [[6 + (3 * h + 5 * i) % 9 for h in range(heads)] for i in range(n_layers)]
-        cache = _check_oracle(model, ids, 2, method=method, head_budgets=head_budgets)
+        cache = _check_oracle(model, ids, 2, method=method, head_budgets=head_budgets, **kw)
         # Real saving: each layer is as long as its longest head; shorter heads hold dead padding.
         assert cache.physical_lengths() == [max(h) for h in head_budgets]
         kept = cache.stats()["tokens_kept_per_head"]
@@ -65,12 +81,12 @@ def test_knorm_prune_after_mode_matches_oracle():
     assert 10 <= cache.layers[1].length <= 20  # sawtooth between keep_ratio * prune_after and prune_after
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", COMPRESSING)
 def test_generate_matches_oracle(tiny, method):
     model, _ = tiny
     prompt = _ids(model, 20, seed=1)
     vis = Visibility(1, _kv_heads(model), 20 + 12)
-    cache = make_cache(model, method, budget=10, recorder=vis)
+    cache = make_cache(model, method, budget=10, recorder=vis, **SMALL_PARAMS.get(method, {}))
     out = model.generate(
         prompt,
         past_key_values=cache,
@@ -124,8 +140,10 @@ def test_budget_at_least_sequence_reproduces_plain_model(tiny):
     ids = _ids(model, 30)
     model.set_attn_implementation("sdpa")
     plain = model(ids).logits
-    for method in ["full", *METHODS]:
-        logits, _, cache = streamed_logits(model, ids, 4, method=method, budget=30)
+    for method in ["full", *COMPRESSING]:
+        logits, _, cache = streamed_logits(
+            model, ids, 4, method=method, budget=30, **SMALL_PARAMS.get(method, {})
+        )
         assert torch.allclose(logits, plain, atol=1e-5), method
         assert cache.stats()["tokens_kept"] == 30
 

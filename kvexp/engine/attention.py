@@ -123,8 +123,9 @@ def kvexp_attention(
         )
         out = out.reshape(batch, heads, q, -1).transpose(1, 2)
 
-    if layer.method.observes:
-        layer.method.observe(layer, query, scaling if scaling is not None else dim**-0.5)
+    if layer.method.observes and layer.budget is not None:
+        layer.scaling = scaling if scaling is not None else dim**-0.5
+        layer.method.observe(layer, query)
     layer.compress()
     return out.contiguous(), None
 

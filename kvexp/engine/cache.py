@@ -99,6 +99,7 @@ class CompressedLayer(DynamicLayer):
         self.peak_length = 0
         # The last queries this layer saw ([B, H, w, D], positions [B, w]), kept by window-scoring methods.
         self.query_window: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.scaling: float | None = None  # the attention's logit scale, set when a method observes
 
     # -- storage --------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -47,8 +47,9 @@ class Method:
     def initial_state(self, name: str) -> float:
         return 0.0
 
-    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
-        """Record statistics from this step's rotated queries [B, H, q, D] (methods with `observes`)."""
+    def observe(self, layer: CompressedLayer, query: torch.Tensor) -> None:
+        """Record statistics from this step's rotated queries [B, H, q, D] after its attention, before any
+        compression (methods with `observes`; `layer.scaling` holds the attention's logit scale)."""
 
     def score(self, layer: CompressedLayer) -> torch.Tensor:
         raise NotImplementedError(f"method {self.name!r} does not score entries")

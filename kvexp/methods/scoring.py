@@ -1,0 +1,124 @@
+"""Shared scoring machinery for attention-informed methods (one place, not in each method).
+
+Attention statistics are recomputed from the rotated queries the attention function was given, over the
+layer's physical slots, with exactly the mask the engine's attention used (bias, causal among the step's new
+tokens), softmax in fp32. Nothing materializes the full L x L matrix: window rows are few, and column sums
+are accumulated over blocks of query rows.
+
+Shapes: queries [B, H, q, D]; keys [B, Hkv, n, D]; per-query-head statistics [B, Hkv, G, ..., n] with
+G = H / Hkv (query head h = g_kv * G + r, transformers' repeat_kv layout).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kvexp.engine.cache import CompressedLayer
+
+GQA_REDUCTIONS = ("mean", "max", "sum")
+POOLINGS = ("avgpool", "maxpool")
+
+
+def step_queries(layer: CompressedLayer, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's rotated queries [B, H, q, D] with their token positions [B, q] (-1 for padding)."""
+    q = query.shape[2]
+    return query, layer.positions[:, 0, layer.length - q :]
+
+
+def attention_probs(
+    layer: CompressedLayer, queries: torch.Tensor, query_positions: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Softmax attention [B, Hkv, G, r, n] of queries [B, H, r, D] over the layer's slots (fp32).
+
+    A query at position p sees a slot iff the slot is live and holds a position <= p: the engine's mask
+    (bias, causality inside a chunk, padding) for this step's queries, and the right causal view for queries
+    remembered from earlier steps.
+    """
+    batch, heads, rows, dim = queries.shape
+    kv_heads, groups = layer.kv_heads, heads // layer.kv_heads
+    grouped = queries.float().reshape(batch, kv_heads, groups, rows, dim)
+    logits = torch.einsum("bhgrd,bhnd->bhgrn", grouped, layer.keys.float()) * scaling
+    if layer.has_bias:
+        logits = logits + layer.bias[:, :, None, None, :]
+    future = (
+        layer.positions[:, :, None, None, :] > query_positions[:, None, None, :, None]
+    )  # [B, Hkv, 1, r, n]
+    logits = logits.masked_fill(future, float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that sees nothing contributes 0
+
+
+def column_sums(layer: CompressedLayer, query: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Attention each slot received from this step's queries, summed over them: [B, Hkv, G, n].
+
+    Accumulated over blocks of `block` query rows, so a long prefill never holds the L x L matrix.
+    """
+    query, positions = step_queries(layer, query)
+    total = None
+    for first in range(0, query.shape[2], block):
+        rows = slice(first, first + block)
+        part = attention_probs(layer, query[:, :, rows], positions[:, rows], layer.scaling).sum(dim=3)
+        total = part if total is None else total + part
+    return total
+
+
+def remember_queries(layer: CompressedLayer, query: torch.Tensor, window: int) -> None:
+    """Keep the last `window` queries seen by this layer (across steps) for window scoring at any step."""
+    query, positions = step_queries(layer, query)
+    if layer.query_window is not None:
+        query = torch.cat([layer.query_window[0], query], dim=2)
+        positions = torch.cat([layer.query_window[1], positions], dim=1)
+    layer.query_window = (query[:, :, -window:], positions[:, -window:])
+
+
+def window_attention(layer: CompressedLayer) -> torch.Tensor:
+    """Attention of the remembered window queries over the layer: [B, Hkv, G, w, n]."""
+    queries, positions = layer.query_window
+    return attention_probs(layer, queries, positions, layer.scaling)
+
+
+def accumulate_attention(layer: CompressedLayer, query: torch.Tensor, state: str, gqa: str) -> None:
+    """Add the attention each slot received from this step's queries (reduced over the group) to `state`."""
+    layer.state(state).add_(reduce_group(column_sums(layer, query), gqa))
+
+
+def reduce_group(scores: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Per-query-head scores [B, Hkv, G, ...] to one score per KV head [B, Hkv, ...]."""
+    if how == "mean":
+        return scores.mean(dim=2)
+    if how == "max":
+        return scores.amax(dim=2)
+    if how == "sum":
+        return scores.sum(dim=2)
+    raise ValueError(f"gqa reduction must be one of {GQA_REDUCTIONS}, got {how!r}")
+
+
+def temporal_pool(
+    scores: torch.Tensor, positions: torch.Tensor, kernel: int, how: str = "avgpool"
+) -> torch.Tensor:
+    """Pool [B, Hkv, n] scores over temporal neighbours (kernel k, padding k//2, stride 1, length kept).
+
+    Physical slot order is not temporal, so scores are sorted by position, pooled and put back.
+    """
+    if kernel <= 1:
+        return scores
+    if kernel % 2 == 0:
+        raise ValueError(f"method.kernel_size must be odd (so pooling keeps the length), got {kernel}")
+    order = positions.argsort(dim=-1)
+    ordered = scores.gather(-1, order)
+    flat = ordered.reshape(-1, 1, ordered.shape[-1])
+    if how == "avgpool":
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    elif how == "maxpool":
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        raise ValueError(f"method.pooling must be one of {POOLINGS}, got {how!r}")
+    return torch.empty_like(scores).scatter_(-1, order, pooled.reshape(ordered.shape))
+
+
+def protect_recent(scores: torch.Tensor, positions: torch.Tensor, seen: int, recent: int) -> torch.Tensor:
+    """Force-keep the `recent` most recent tokens (positions seen-recent .. seen-1)."""
+    return scores.masked_fill(positions >= seen - recent, float("inf"))

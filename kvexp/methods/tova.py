@@ -1,0 +1,34 @@
+from dataclasses import dataclass
+
+import torch
+
+from kvexp.methods.base import Method, register
+from kvexp.methods.scoring import attention_probs, protect_recent, step_queries
+
+
+@register
+@dataclass
+class TOVA(Method):
+    """TOVA (Oren et al., EMNLP 2024, arXiv 2401.06104): drop the key the current query attends to least.
+
+    Score = attention of the step's last query, averaged over all query heads of the layer, so every KV
+    head keeps the same set (the reference's rule; GQA-compatible). No accumulation. The newest token is
+    always kept (as kvpress's TOVAPress does).
+    """
+
+    name = "tova"
+    description = "keep what the current query attends to, head-averaged (Oren et al. 2024)"
+    observes = True
+    state_names = ("last_attention",)
+
+    def observe(self, layer, query: torch.Tensor) -> None:
+        query, positions = step_queries(layer, query)
+        probs = attention_probs(
+            layer, query[:, :, -1:], positions[:, -1:], layer.scaling
+        )  # [B, Hkv, G, 1, n]
+        layer.state("last_attention").copy_(
+            probs.mean(dim=(1, 2, 3))[:, None, :].expand(-1, layer.kv_heads, -1)
+        )
+
+    def score(self, layer) -> torch.Tensor:
+        return protect_recent(layer.state("last_attention"), layer.positions, layer.seen, 1)

@@ -1,0 +1,115 @@
+"""Each method against a hand computation from the plain model's own eager attention weights.
+
+After one prefill step nothing has been evicted yet, so the compressed run's attention equals the plain
+model's: the kept sets must be exactly what the method's rule gives on those weights. tiny_llama has GQA
+(4 query heads, 2 KV heads), so per-KV-head reductions are exercised.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvexp.engine import make_cache
+from tests.conftest import load
+
+T, BUDGET = 24, 10
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, _ = load("tiny_llama")
+    ids = torch.randint(3, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(3))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions  # per layer [1, H, T, T]
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    grouped = [a.reshape(1, -1, groups, T, T) for a in attentions]  # [1, Hkv, G, T, T]
+    return model, ids, grouped
+
+
+def _kept(model, ids, method, **params):
+    cache = make_cache(model, method, budget=BUDGET, **params)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    return [layer.positions.sort(dim=-1).values for layer in cache.layers]
+
+
+def _top(scores, k=BUDGET):
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def _is_top(kept, scores, k=BUDGET):
+    """`kept` [1, Hkv, k] positions are a top-k of `scores` [1, Hkv, T]: ties may break either way."""
+    assert kept.shape[-1] == k
+    inside = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, kept, True)
+    lowest_kept = scores.masked_fill(~inside, float("inf")).amin(-1)
+    highest_evicted = scores.masked_fill(inside, float("-inf")).amax(-1)
+    return bool((lowest_kept >= highest_evicted).all())
+
+
+def test_h2o_keeps_recent_window_and_heaviest_column_sums(setup):
+    model, ids, attn = setup
+    recent = 4
+    for layer_attn, kept in zip(attn, _kept(model, ids, "h2o", recent_size=recent), strict=True):
+        acc = layer_attn.sum(dim=3).mean(dim=2)  # column sums, mean over the group: [1, Hkv, T]
+        acc[..., T - recent :] = float("inf")
+        assert torch.equal(kept, _top(acc))
+
+
+def test_h2o_recent_ratio_splits_the_budget_and_accumulates_across_steps(setup):
+    model, ids, attn = setup
+    cache = make_cache(model, "h2o", budget=T + 1)  # no eviction: the state is observable
+    with torch.no_grad():
+        model(ids[:, :-1], past_key_values=cache)
+        model(ids[:, -1:], past_key_values=cache)
+    for layer_attn, layer in zip(attn, cache.layers, strict=True):
+        expected = layer_attn.sum(dim=3).mean(dim=2)  # prefill column sums + the decode row = all T rows
+        assert torch.allclose(layer.state("acc"), expected, atol=1e-5)
+    kept = _kept(model, ids, "h2o", recent_ratio=0.2)  # seed 002's 80/20: 2 recent, 8 heavy
+    assert all(set(range(T - 2, T)) <= set(k[0, 0].tolist()) for k in kept)
+
+
+def test_observed_attention_normalizes_by_observers(setup):
+    model, ids, attn = setup
+    observers = torch.arange(T, 0, -1).float()  # key j is seen by queries j .. T-1
+    for layer_attn, kept in zip(attn, _kept(model, ids, "observed_attention"), strict=True):
+        assert torch.equal(kept, _top(layer_attn.sum(dim=3).mean(dim=2) / observers))
+
+
+def test_tova_uses_the_last_query_averaged_over_all_heads(setup):
+    model, ids, attn = setup
+    for layer_attn, kept in zip(attn, _kept(model, ids, "tova"), strict=True):
+        last = layer_attn[:, :, :, -1, :].mean(dim=(1, 2))  # [1, T]
+        last[..., -1] = float("inf")  # the newest token always stays
+        expected = _top(last)
+        assert all(torch.equal(kept[:, h], expected) for h in range(kept.shape[1]))  # one set for every head
+
+
+@pytest.mark.parametrize("pooling", ["maxpool", "avgpool"])
+def test_snapkv_window_votes_pooled_with_the_window_kept(setup, pooling):
+    model, ids, attn = setup
+    w, k = 4, 3
+    kept_all = _kept(model, ids, "snapkv", window_size=w, kernel_size=k, pooling=pooling)
+    for layer_attn, kept in zip(attn, kept_all, strict=True):
+        votes = layer_attn[:, :, :, T - w :, :].sum(dim=3).mean(dim=2)  # [1, Hkv, T]
+        flat = votes.reshape(-1, 1, T)
+        if pooling == "maxpool":
+            pooled = F.max_pool1d(flat, k, stride=1, padding=k // 2)
+        else:
+            pooled = F.avg_pool1d(flat, k, stride=1, padding=k // 2, count_include_pad=False)
+        pooled = pooled.reshape(votes.shape)
+        pooled[..., T - w :] = float("inf")
+        assert _is_top(kept, pooled)  # max pooling makes exact ties between neighbours
+
+
+@pytest.mark.parametrize("method,params", [("knorm", {}), ("snapkv", {"window_size": 4, "kernel_size": 3})])
+def test_scorers_select_per_kv_head(setup, method, params):
+    model, ids, _ = setup
+    kept = _kept(model, ids, method, **params)
+    assert any(not torch.equal(k[:, 0], k[:, 1]) for k in kept)  # the two KV heads choose differently
+
+
+def test_snapkv_window_must_fit_the_budget():
+    model, _ = load("tiny_llama")
+    with pytest.raises(ValueError, match="window_size"):
+        make_cache(model, "snapkv", budget=16)  # default window 32
