@@ -24,12 +24,12 @@ def use_kvexp_attention(model: PreTrainedModel) -> None:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
-def _rotary(model: PreTrainedModel) -> Rotary:
+def _rotary(model: PreTrainedModel) -> Rotary | None:
     for module in model.modules():
         inv_freq = getattr(module, "inv_freq", None)
         if inv_freq is not None:
             return Rotary(inv_freq=inv_freq.detach().clone())
-    raise ValueError(f"positions=rerotate needs a RoPE model; {type(model).__name__} has no rotary embedding")
+    return None
 
 
 def _check_model(model: PreTrainedModel) -> None:
@@ -80,12 +80,12 @@ def make_cache(
         if b is not None and b < 1:
             raise ValueError(f"budget must be a positive number of tokens, got {b}")
         method.validate(b)
-    options = CacheOptions(
-        slack=slack,
-        when=when,
-        positions=positions,
-        rotary=_rotary(model) if positions == "rerotate" else None,
-    )
+    rotary = _rotary(model)
+    if positions == "rerotate" and rotary is None:
+        raise ValueError(
+            f"positions=rerotate needs a RoPE model; {type(model).__name__} has no rotary embedding"
+        )
+    options = CacheOptions(slack=slack, when=when, positions=positions, rotary=rotary)
     layers = []
     for i in range(n_layers):
         layer_budget = method.layer_budget(i, budgets[i])

@@ -68,7 +68,7 @@ class CacheOptions:
     positions: str = (
         "original"  # "rerotate": kept keys are re-rotated to contiguous positions after compression
     )
-    rotary: Rotary | None = None  # required for positions="rerotate"
+    rotary: Rotary | None = None  # the model's RoPE (None without RoPE); required for positions="rerotate"
 
 
 class CompressedLayer(DynamicLayer):
@@ -219,16 +219,20 @@ class CompressedLayer(DynamicLayer):
         scores = self.method.score(self).float()
         if self.has_bias:
             scores = scores.masked_fill(~self.live(), float("-inf"))
-        if self.head_budgets is None:
+        counts = self.method.head_counts(self, scores, target)  # dynamic per-head budgets (AdaKV) or None
+        if counts is None and self.head_budgets is not None:
+            counts = torch.tensor(self.head_budgets, device=self.device).expand(self.batch, -1)
+        if counts is None:
             # Usually a step evicts a handful of entries: select those (topk with a small k), not the kept set.
             evict = scores.topk(n - target, dim=-1, largest=False).indices
             kept = torch.ones_like(scores, dtype=torch.bool).scatter_(2, evict, False)
         else:
-            keep = scores.topk(target, dim=-1).indices  # best first: each head's first k_h stay live
+            # Each head keeps its own count of live entries; the layer is as long as the longest head.
+            target = int(counts.max())
+            keep = scores.topk(target, dim=-1).indices  # best first: each head's first count_h stay live
             kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, keep, True)
-            rank = torch.arange(target, device=self.device)
-            dead = rank[None, :] >= torch.tensor(self.head_budgets, device=self.device)[:, None]
-            kill = torch.zeros_like(kept).scatter_(2, keep, dead.expand(self.batch, -1, -1))
+            dead = torch.arange(target, device=self.device)[None, None, :] >= counts[:, :, None]
+            kill = torch.zeros_like(kept).scatter_(2, keep, dead)
             self._bias[:, :, :n].masked_fill_(kill, float("-inf"))
             self.has_bias = True
         self._compact(kept, target)

@@ -1,16 +1,13 @@
-"""Compression methods, one per file; importing this package registers them all."""
+"""Compression methods, one per file; importing this package imports (and so registers) every one of them."""
 
-from kvexp.methods import (  # noqa: F401  (registration)
-    full,
-    h2o,
-    knorm,
-    observed_attention,
-    random,
-    recent_only,
-    snapkv,
-    streaming_llm,
-    tova,
-)
+import importlib
+import pkgutil
+
 from kvexp.methods.base import METHODS, Method, build_method, list_methods, register
+
+_SUPPORT = {"base", "scoring"}  # shared machinery, not methods
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _SUPPORT:
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "Method", "build_method", "list_methods", "register"]

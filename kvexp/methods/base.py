@@ -44,6 +44,11 @@ class Method:
         """How many entries a compression keeps; the budget unless the method says otherwise."""
         return layer.budget
 
+    def head_counts(self, layer: CompressedLayer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
+        """Live entries each KV head keeps at this compression, [B, Hkv] long (None: `target` for every head,
+        or the cache's static per-head budgets). The layer becomes as long as the largest count."""
+        return None
+
     def initial_state(self, name: str) -> float:
         return 0.0
 
