@@ -15,7 +15,10 @@ TOL = 1e-4
 # Every registered method that compresses is proven here; small-model hyperparameters where defaults exceed
 # the test budgets.
 COMPRESSING = sorted(name for name, cls in REGISTRY.items() if cls.compresses)
-SMALL_PARAMS = {"snapkv": {"window_size": 4, "kernel_size": 3}}
+SMALL_PARAMS = {
+    "snapkv": {"window_size": 4, "kernel_size": 3},
+    "prefill_decoding": {"prefill": {"name": "snapkv", "window_size": 4, "kernel_size": 3}},
+}
 GQA_MODELS = ["tiny_llama", "tiny_qwen3"]
 
 

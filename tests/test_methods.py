@@ -113,3 +113,33 @@ def test_snapkv_window_must_fit_the_budget():
     model, _ = load("tiny_llama")
     with pytest.raises(ValueError, match="window_size"):
         make_cache(model, "snapkv", budget=16)  # default window 32
+
+
+def test_prefill_decoding_uses_each_method_in_its_phase(setup):
+    model, ids, _ = setup
+    keys = make_cache(model, "full")
+    with torch.no_grad():
+        model(ids, past_key_values=keys)
+    cache = make_cache(
+        model, "prefill_decoding", budget=BUDGET, prefill={"name": "knorm"}, decoding={"name": "recent_only"}
+    )
+    extra = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)  # prefill: the lowest-norm keys
+        after_prefill = [layer.positions.clone() for layer in cache.layers]
+        for t in range(5):
+            model(extra[:, t : t + 1], past_key_values=cache)  # decode: evict the oldest kept
+    for full_layer, layer, prefilled in zip(keys.layers, cache.layers, after_prefill, strict=True):
+        assert torch.equal(
+            prefilled.sort(-1).values, full_layer.keys.norm(dim=-1).argsort(-1)[..., :BUDGET].sort(-1).values
+        )
+        candidates = torch.cat([prefilled, torch.arange(T, T + 5).expand(1, layer.kv_heads, -1)], dim=-1)
+        expected = candidates.sort(-1).values[..., -BUDGET:]
+        assert torch.equal(layer.positions.sort(-1).values, expected)
+
+
+def test_prefill_decoding_rejects_non_compressing_parts():
+    with pytest.raises(ValueError, match="must both compress"):
+        from kvexp.methods import build_method
+
+        build_method("prefill_decoding", decoding={"name": "full"})
