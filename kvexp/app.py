@@ -59,7 +59,7 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
             model,
             ids,
             method,
-            resolve_budget(cfg.budget, ids.shape[1]),
+            resolve_budget(cfg.budget, ids.shape[1], model.config.num_hidden_layers),
             cfg.eval.chunk_size,
             doc_id,
             True,
@@ -113,7 +113,12 @@ def _summary(cfg: DictConfig, method, before, after, device) -> dict[str, Any]:
         "dataset": cfg.dataset.name,
         "metrics_before": agg_before["metrics"] if agg_before else None,
         "metrics_after": agg_after["metrics"],
-        "kv_cache": agg_after["kv_cache"],
+        "kv_cache": {
+            **agg_after["kv_cache"],
+            # The last document's kept tokens per layer and per KV head (batch means): allocations made visible.
+            "tokens_kept_per_layer": after[-1].kv.get("tokens_kept_per_layer"),
+            "tokens_kept_per_head": after[-1].kv.get("tokens_kept_per_head"),
+        },
         "timing": agg_after["timing"],
         "timing_full": agg_before["timing"] if agg_before else None,
         "memory": {**peak_memory(device), "kv_bytes_peak": agg_after["kv_cache"]["bytes_peak"]},

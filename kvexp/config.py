@@ -52,6 +52,8 @@ class BudgetConfig:
     keep_ratio: float | None = None  # or: kept fraction of each document / prompt
     per_layer: list[int] | None = None  # explicit per-layer budgets (override tokens)
     per_head: list[list[int]] | None = None  # explicit per-layer, per-KV-head budgets
+    allocation: str = "uniform"  # split of tokens / keep_ratio over layers (kvexp.budgets.ALLOCATIONS)
+    allocation_params: dict[str, Any] = field(default_factory=dict)  # the schedule's parameters
 
 
 @dataclass
@@ -167,6 +169,7 @@ def validate(cfg: DictConfig) -> None:
         flat = [b for row in flat for b in (row if isinstance(row, list) else [row])]
         if any(b <= 0 for b in flat):
             raise ValueError(f"budget.{name} entries must be positive token counts, got {flat}")
+    _check_allocation(budget)
     method = method_from_config(cfg.method)
     has_budget = any(budget[k] is not None for k in ("tokens", "keep_ratio", "per_layer", "per_head"))
     if method.compresses and not has_budget and not getattr(method, "keep_ratio", None):
@@ -175,6 +178,29 @@ def validate(cfg: DictConfig) -> None:
             "budget.keep_ratio=R"
         )
     method.validate(budget.tokens)
+
+
+def _check_allocation(budget: DictConfig) -> None:
+    """budget.allocation names a schedule, has a budget to split, and its parameters work."""
+    from kvexp.budgets import ALLOCATIONS, allocate
+
+    _check_choice("budget.allocation", budget.allocation, ALLOCATIONS)
+    if budget.allocation != "uniform":
+        if budget.per_layer is not None or budget.per_head is not None:
+            raise ValueError(
+                f"budget.allocation={budget.allocation} splits budget.tokens or budget.keep_ratio over the layers; "
+                "explicit budget.per_layer / budget.per_head need budget.allocation=uniform"
+            )
+        if budget.tokens is None and budget.keep_ratio is None:
+            raise ValueError(
+                f"budget.allocation={budget.allocation} needs budget.tokens or budget.keep_ratio"
+            )
+    # A dry run checks the schedule's parameters now; a keep_ratio budget is only known per document.
+    probe = budget.tokens if budget.tokens is not None else 4096
+    try:
+        allocate(budget.allocation, probe, 2, **OmegaConf.to_container(budget.allocation_params))
+    except ValueError as err:
+        raise ValueError(f"budget.allocation={budget.allocation}, budget.allocation_params: {err}") from err
 
 
 def method_from_config(method_cfg: DictConfig):

@@ -16,8 +16,13 @@ TOL = 1e-4
 # the test budgets.
 COMPRESSING = sorted(name for name, cls in REGISTRY.items() if cls.compresses)
 SMALL_PARAMS = {
+    "adakv": {"floor_alpha": 1.0, "scorer_params": {"window_size": 4, "kernel_size": 3}},  # uniform heads
+    "pyramidkv": {"window_size": 4, "kernel_size": 3, "beta": 1},  # flat pyramid: lengths = the budgets
     "snapkv": {"window_size": 4, "kernel_size": 3},
     "prefill_decoding": {"prefill": {"name": "snapkv", "window_size": 4, "kernel_size": 3}},
+    "fix_size_l2": {"recent_ratio": 0.25, "skip_layers": []},
+    "snapkv_lite": {"window_size": 4, "kernel_size": 3},
+    "pyramid_kv_decay": {"layer_decay": 1.0, "min_size": 1},
 }
 GQA_MODELS = ["tiny_llama", "tiny_qwen3"]
 

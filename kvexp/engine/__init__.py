@@ -87,8 +87,7 @@ def make_cache(
         )
     options = CacheOptions(slack=slack, when=when, positions=positions, rotary=rotary)
     layers = []
-    for i in range(n_layers):
-        layer_budget = method.layer_budget(i, budgets[i])
+    for i, layer_budget in enumerate(method.layer_budgets(budgets)):
         heads = head_budgets[i] if head_budgets is not None and layer_budget is not None else None
         layers.append(CompressedLayer(i, layer_budget, method, options, head_budgets=heads))
     use_kvexp_attention(model)

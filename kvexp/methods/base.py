@@ -40,6 +40,11 @@ class Method:
         """The budget this layer gets from the cache's budget (None = never compress the layer)."""
         return budget if self.compresses else None
 
+    def layer_budgets(self, budgets: list[int | None]) -> list[int | None]:
+        """Every layer's budget from the cache's per-layer budgets: `layer_budget` layer by layer, unless a
+        method allocates across layers (PyramidKV needs the number of layers)."""
+        return [self.layer_budget(i, budget) for i, budget in enumerate(budgets)]
+
     def target_size(self, layer: CompressedLayer) -> int:
         """How many entries a compression keeps; the budget unless the method says otherwise."""
         return layer.budget

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from kvexp.engine.cache import rotate_keys
+
 if TYPE_CHECKING:
-    from kvexp.engine.cache import CompressedLayer
+    from kvexp.engine.cache import CompressedLayer, Rotary
 
 GQA_REDUCTIONS = ("mean", "max", "sum")
 POOLINGS = ("avgpool", "maxpool")
@@ -122,3 +124,27 @@ def temporal_pool(
 def protect_recent(scores: torch.Tensor, positions: torch.Tensor, seen: int, recent: int) -> torch.Tensor:
     """Force-keep the `recent` most recent tokens (positions seen-recent .. seen-1)."""
     return scores.masked_fill(positions >= seen - recent, float("inf"))
+
+
+def prerope_queries(query: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+    """Rotated queries [B, H, q, D] at `positions` [B, q] turned back to pre-RoPE (fp32): the first
+    `rotary.rotary_dims` dims are rotated by -position, the others were never rotated. This is the query as the
+    model computed it before RoPE (after q_norm for Qwen3-like models); without RoPE the query itself."""
+    query = query.float()
+    if rotary is None:
+        return query
+    dims = rotary.rotary_dims
+    back = -positions[:, None, :].expand(-1, query.shape[1], -1).float()
+    return torch.cat([rotate_keys(query[..., :dims], back, rotary.inv_freq), query[..., dims:]], dim=-1)
+
+
+def protect_sinks(scores: torch.Tensor, positions: torch.Tensor, sinks: int) -> torch.Tensor:
+    """Force-keep the first `sinks` tokens of the sequence (positions 0 .. sinks-1; padding is -1)."""
+    return scores.masked_fill((positions >= 0) & (positions < sinks), float("inf"))
+
+
+def lowest_key_norm(layer: CompressedLayer, sinks: int = 0, recent: int = 0) -> torch.Tensor:
+    """Seed 001's L2 family: `-||k||` per KV head (low-norm keys draw attention, Devoto et al. 2024), with the
+    first `sinks` and the `recent` newest tokens forced in; the rest of the budget goes to the lowest norms."""
+    scores = protect_sinks(-layer.keys.float().norm(dim=-1), layer.positions, sinks)
+    return protect_recent(scores, layer.positions, layer.seen, recent)

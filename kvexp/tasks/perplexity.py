@@ -17,6 +17,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from kvexp.budgets import allocate
 from kvexp.engine import make_cache
 from kvexp.methods import Method
 
@@ -41,15 +42,23 @@ class DocumentResult:
         return self.correct / self.tokens
 
 
-def resolve_budget(budget: Any, document_tokens: int) -> int | list[int] | None:
-    """A budget config (tokens | keep_ratio | per_layer | per_head) as make_cache's budget for one document."""
+def resolve_budget(budget: Any, document_tokens: int, num_layers: int) -> int | list[int] | None:
+    """A budget config (tokens | keep_ratio | per_layer | per_head) as make_cache's budget for one document.
+
+    A non-uniform `allocation` splits the mean budget over the `num_layers` layers (kvexp.budgets).
+    """
     if budget is None:
         return None
     if budget.get("per_layer") is not None:
         return list(budget["per_layer"])
     if budget.get("keep_ratio") is not None:
-        return max(1, int(budget["keep_ratio"] * document_tokens))
-    return budget.get("tokens")
+        mean = max(1, int(budget["keep_ratio"] * document_tokens))
+    else:
+        mean = budget.get("tokens")
+    allocation = budget.get("allocation", "uniform")
+    if mean is None or allocation == "uniform":
+        return mean
+    return allocate(allocation, mean, num_layers, **dict(budget.get("allocation_params") or {}))
 
 
 @torch.no_grad()

@@ -1,0 +1,73 @@
+from dataclasses import dataclass
+
+import torch
+
+from kvexp.methods.base import Method, register
+from kvexp.methods.scoring import lowest_key_norm
+
+LONG_SINKS = 4  # the seed's fixed start_size past the hard limit
+PROGRESSIVE_RECENT = 0.2  # the seed protects the newest 20% of what it keeps below the hard limit
+
+
+@register
+@dataclass
+class AdaptiveL2(Method):
+    """Seed 001's `adaptive_l2_compress`: the kept size depends on the sequence length, lowest key L2 norms kept.
+
+    The seed compresses a cache of length L: not at all up to `soft_limit`; for soft < L <= hard to
+    `max(int(L * r), soft)` with r falling linearly from `keep_ratio_max` (at soft) to `keep_ratio_min` (at
+    hard), protecting the newest 20% and keeping the lowest key norms for the rest; past `hard_limit` to
+    `target_size`: 4 sinks + the newest half + the lowest norms in the middle. Mapping onto the engine: the
+    budget is the seed's `target_size`, the most a layer holds after any step (with the seed's defaults its
+    progressive sizes stay below it; they are capped at it anyway); `soft_limit = int(soft_ratio * budget)`,
+    `hard_limit = int(hard_ratio * budget)` (0.5 and 2.0: the seed's 256 and 1024 for 512), and L is the
+    logical sequence length seen (the seed's cache length, equal to it when the seed compresses a prompt once).
+    Whenever a layer exceeds its budget (the engine's trigger) it keeps the seed's size for L: a sawtooth
+    below the budget while soft < L <= hard, the full budget past hard. Per KV head from its keys
+    (GQA-native). Deviations: the budget cannot be the seed's hard limit, since then nothing would be
+    compressed before L > hard and the progressive regime could never run; the seed compresses at every step
+    above soft (so its streaming cache sits at soft, its "~256" for target 512), kvexp only over budget.
+    """
+
+    name = "adaptive_l2"
+    description = "kept size shrinks progressively with sequence length, lowest key norms kept (seed 001)"
+    soft_ratio: float = 0.5
+    hard_ratio: float = 2.0
+    keep_ratio_min: float = 0.3
+    keep_ratio_max: float = 0.9
+
+    def validate(self, budget: int | None) -> None:
+        # A sequence that fits the budget is never compressed, so the soft limit must lie below the budget.
+        if not 0.0 <= self.soft_ratio < 1.0:
+            raise ValueError(f"method.soft_ratio must be in [0, 1), got {self.soft_ratio}")
+        if self.hard_ratio <= self.soft_ratio:
+            raise ValueError(
+                f"method.hard_ratio ({self.hard_ratio}) must be larger than method.soft_ratio ({self.soft_ratio})"
+            )
+        if not 0.0 < self.keep_ratio_min <= self.keep_ratio_max <= 1.0:
+            raise ValueError(
+                "method.keep_ratio_min and method.keep_ratio_max must satisfy 0 < min <= max <= 1, got "
+                f"{self.keep_ratio_min} and {self.keep_ratio_max}"
+            )
+
+    def plan(self, layer) -> tuple[int, int, int]:
+        """(entries kept, sinks, recent tokens protected) at a compression, from the sequence length seen."""
+        budget, seen = layer.budget, layer.seen
+        soft, hard = int(self.soft_ratio * budget), int(self.hard_ratio * budget)
+        if seen > hard:
+            recent = budget // 2
+            if budget - recent > LONG_SINKS:
+                return budget, LONG_SINKS, recent
+            return budget, 0, budget  # the seed's fallback when no middle part fits: the newest tokens only
+        # seen > budget > soft here: the engine compresses only over budget
+        progress = (seen - soft) / (hard - soft)
+        ratio = self.keep_ratio_max - progress * (self.keep_ratio_max - self.keep_ratio_min)
+        keep = min(max(int(seen * ratio), soft, 1), budget)
+        return keep, 0, int(keep * PROGRESSIVE_RECENT)
+
+    def target_size(self, layer) -> int:
+        return self.plan(layer)[0]
+
+    def score(self, layer) -> torch.Tensor:
+        _, sinks, recent = self.plan(layer)
+        return lowest_key_norm(layer, sinks=sinks, recent=recent)
