@@ -23,6 +23,11 @@ SMALL_PARAMS = {
     "fix_size_l2": {"recent_ratio": 0.25, "skip_layers": []},
     "snapkv_lite": {"window_size": 4, "kernel_size": 3},
     "pyramid_kv_decay": {"layer_decay": 1.0, "min_size": 1},
+    # No retrieval head (one would keep its layer whole) and eviction, not the merge (masking does not apply to
+    # a merge: tests/test_head_methods.py checks the compensation token exactly).
+    "razor_attention": {"induction_ratio": 0.0, "echo_ratio": 0.0, "compensation": False},
+    "dynamickv": {"window_size": 4, "kernel_size": 3, "ratio_max": 1},  # ratio_max 1: lengths = the budgets
+    "uncomp": {"window_size": 4, "kernel_size": 3, "group_weights": [1.0]},  # one group: uniform heads
 }
 GQA_MODELS = ["tiny_llama", "tiny_qwen3"]
 

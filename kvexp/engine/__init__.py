@@ -90,5 +90,7 @@ def make_cache(
     for i, layer_budget in enumerate(method.layer_budgets(budgets)):
         heads = head_budgets[i] if head_budgets is not None and layer_budget is not None else None
         layers.append(CompressedLayer(i, layer_budget, method, options, head_budgets=heads))
+    if any(layer.budget is not None for layer in layers):
+        method.prepare(model)
     use_kvexp_attention(model)
     return KVCache(layers, recorder=recorder)

@@ -19,6 +19,8 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
 * Per-head budgets: each KV head keeps its own number of live entries; the layer is as long as its longest
   head and the shorter heads are padded with dead (-inf) slots, recompacted at every compression.
 * Method side state (`state[name]`, `[B, Hkv, L_phys]`) moves with the same indices as K/V.
+* A layer's budget is set when the cache is made; a method may reassign it once at its first compression
+  (DynamicKV's prefill-time layer allocation), keeping the cache's total.
 """
 
 from __future__ import annotations

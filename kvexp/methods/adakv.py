@@ -92,6 +92,9 @@ class AdaKV(Method):
             raise ValueError(f"method.floor_alpha must be in [0, 1], got {self.floor_alpha}")
         self._scorer.validate(budget)
 
+    def prepare(self, model) -> None:
+        self._scorer.prepare(model)
+
     def layer_budgets(self, budgets: list[int | None]) -> list[int | None]:
         return self._scorer.layer_budgets(budgets)
 

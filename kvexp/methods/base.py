@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from kvexp.engine.cache import CompressedLayer
 
 METHODS: dict[str, type[Method]] = {}
@@ -35,6 +37,10 @@ class Method:
 
     def validate(self, budget: int | None) -> None:
         """Raise ValueError for hyperparameters that cannot work with this budget (before any model runs)."""
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        """Learn what the method needs from the model itself (RazorAttention's retrieval-head probe).
+        `make_cache` calls it once, after `validate` and before the cache is used, if a layer has a budget."""
 
     def layer_budget(self, layer_idx: int, budget: int | None) -> int | None:
         """The budget this layer gets from the cache's budget (None = never compress the layer)."""

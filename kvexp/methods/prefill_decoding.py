@@ -42,6 +42,10 @@ class PrefillDecoding(Method):
         for method in self._methods.values():
             method.validate(budget)
 
+    def prepare(self, model) -> None:
+        for method in self._methods.values():
+            method.prepare(model)
+
     def initial_state(self, name: str) -> float:
         owner = next(m for m in self._methods.values() if name in m.state_names)
         return owner.initial_state(name)

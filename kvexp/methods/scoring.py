@@ -148,3 +148,26 @@ def lowest_key_norm(layer: CompressedLayer, sinks: int = 0, recent: int = 0) -> 
     first `sinks` and the `recent` newest tokens forced in; the rest of the budget goes to the lowest norms."""
     scores = protect_sinks(-layer.keys.float().norm(dim=-1), layer.positions, sinks)
     return protect_recent(scores, layer.positions, layer.seen, recent)
+
+
+def write_slots(
+    layer: CompressedLayer,
+    slot: torch.Tensor,  # [B, Hkv] physical index, one slot per KV head
+    rows: torch.Tensor,  # [B, Hkv] bool: the heads whose slot is written (others are left as they are)
+    keys: torch.Tensor,  # [B, Hkv, D]
+    values: torch.Tensor,  # [B, Hkv, Dv]
+    bias: torch.Tensor,  # [B, Hkv] the slot's logit bias (ln n for a key standing for n tokens)
+    positions: torch.Tensor,  # [B, Hkv] the slot's logical position
+) -> None:
+    """Overwrite one slot per KV head in place: the one way a method writes K/V (a merge such as RazorAttention's
+    compensation token). It writes through the layer's views, so the slot then moves with its state like any
+    other at later compactions; `has_bias` is set so the attention applies the new bias."""
+    index, unchanged = slot[..., None], ~rows[..., None]  # [B, Hkv, 1]
+    for buffer, new in ((layer.bias, bias), (layer.positions, positions)):  # [B, Hkv, L]
+        old = buffer.gather(2, index)
+        buffer.scatter_(2, index, torch.where(unchanged, old, new[..., None].to(buffer.dtype)))
+    for buffer, new in ((layer.keys, keys), (layer.values, values)):  # [B, Hkv, L, D]
+        wide = index[..., None].expand(-1, -1, -1, buffer.shape[-1])
+        old = buffer.gather(2, wide)
+        buffer.scatter_(2, wide, torch.where(unchanged[..., None], old, new[:, :, None].to(buffer.dtype)))
+    layer.has_bias = True
