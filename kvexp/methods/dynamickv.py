@@ -29,9 +29,8 @@ def share_with_caps(total: int, weights: list[float], caps: list[int]) -> list[i
         for i in open_:
             sizes[i] = math.floor(left * weights[i] / mass)
         remainder = left - sum(sizes[i] for i in open_)
-        for i in reversed(
-            open_[len(open_) - remainder :]
-        ):  # each of these has room: its share was below its cap
+        # Each of these has room: its share was below its cap.
+        for i in reversed(open_[len(open_) - remainder :]):
             sizes[i] += 1
     return sizes
 
