@@ -30,3 +30,28 @@ def test_tables_from_run_dirs(tmp_path):
     assert "| h2o | 0.5000 | 0.0100 | 100.00 | 11.00 | 45.00% | 256 |" in text
     assert "| h2o | +100.0% | -50.0% | +10.0% | -10.0% |" in text  # throughput, TPOT, PPL, accuracy
     assert "| knorm | +100.0% | -50.0% | +50.0% | -20.0% |" in text
+
+
+def test_analysis_notebook_runs_on_finished_runs(tmp_path, monkeypatch):
+    """notebooks/budget_vs_perplexity.ipynb executes top to bottom on run dirs (headless backend)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    for i, (method, budget, ppl) in enumerate([("h2o", 256, 11.0), ("h2o", 512, 10.5), ("knorm", 256, 15.0)]):
+        summary = _summary(method, ppl, 0.4, budget)
+        summary["budget"]["tokens"] = budget
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "summary.json").write_text(json.dumps(summary))
+    notebook = json.loads(
+        (Path(__file__).parents[1] / "notebooks" / "budget_vs_perplexity.ipynb").read_text()
+    )
+    code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    code[0] = code[0].replace('Path("../outputs")', f"Path({str(tmp_path)!r})")
+    scope: dict = {}
+    for source in code:
+        exec(compile(source, "notebook", "exec"), scope)
+    assert len(scope["summaries"]) == 3
+    assert sorted(scope["curves"][("wikitext2", "h2o")]) == [(256, 11.0), (512, 10.5)]
+    assert scope["full"] == {"wikitext2": 10.0}
