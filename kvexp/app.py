@@ -118,6 +118,7 @@ def _summary(cfg: DictConfig, method, before, after, device) -> dict[str, Any]:
             # The last document's kept tokens per layer and per KV head (batch means): allocations made visible.
             "tokens_kept_per_layer": after[-1].kv.get("tokens_kept_per_layer"),
             "tokens_kept_per_head": after[-1].kv.get("tokens_kept_per_head"),
+            "method_stats": after[-1].kv.get("method_stats"),  # e.g. cluster quality of a clustering method
         },
         "timing": agg_after["timing"],
         "timing_full": agg_before["timing"] if agg_before else None,

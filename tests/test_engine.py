@@ -14,7 +14,10 @@ from tests.oracle import Visibility, max_logprob_error, oracle_logits, streamed_
 TOL = 1e-4
 # Every registered method that compresses is proven here; small-model hyperparameters where defaults exceed
 # the test budgets.
-COMPRESSING = sorted(name for name, cls in REGISTRY.items() if cls.compresses)
+# Merging methods change kept entries, so masking cannot reproduce them: their own tests check the merge math,
+# and the invariants below (budget, budget >= length) cover them too.
+COMPRESSING = sorted(name for name, cls in REGISTRY.items() if cls.compresses and not cls.merges)
+MERGING = sorted(name for name, cls in REGISTRY.items() if cls.merges)
 SMALL_PARAMS = {
     "adakv": {"floor_alpha": 1.0, "scorer_params": {"window_size": 4, "kernel_size": 3}},  # uniform heads
     "pyramidkv": {"window_size": 4, "kernel_size": 3, "beta": 1},  # flat pyramid: lengths = the budgets
@@ -153,12 +156,26 @@ def test_budget_at_least_sequence_reproduces_plain_model(tiny):
     ids = _ids(model, 30)
     model.set_attn_implementation("sdpa")
     plain = model(ids).logits
-    for method in ["full", *COMPRESSING]:
+    for method in ["full", *COMPRESSING, *MERGING]:
         logits, _, cache = streamed_logits(
             model, ids, 4, method=method, budget=30, **SMALL_PARAMS.get(method, {})
         )
         assert torch.allclose(logits, plain, atol=1e-5), method
         assert cache.stats()["tokens_kept"] == 30
+
+
+@pytest.mark.parametrize("method", MERGING)
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_merging_methods_stay_within_budget(method, chunk):
+    """A merge rewrites kept entries but never keeps more of them: budget + the step's tokens at most."""
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 40)
+    logits, _, cache = streamed_logits(
+        model, ids, chunk, method=method, budget=12, **SMALL_PARAMS.get(method, {})
+    )
+    assert torch.isfinite(logits).all()
+    assert cache.physical_lengths() == [12] * model.config.num_hidden_layers
+    assert all(layer.peak_length <= 12 + chunk for layer in cache.layers)
 
 
 def test_knorm_keeps_exactly_the_lowest_norm_keys():

@@ -19,6 +19,8 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
 * Per-head budgets: each KV head keeps its own number of live entries; the layer is as long as its longest
   head and the shorter heads are padded with dead (-inf) slots, recompacted at every compression.
 * Method side state (`state[name]`, `[B, Hkv, L_phys]`) moves with the same indices as K/V.
+* Merging methods (`method.merges`) see each compression's decision before compaction: `method.merge(layer,
+  kept, evicted)` may rewrite the kept slots' K/V/bias/state (never their number), then the kept slots stay.
 * A layer's budget is set when the cache is made; a method may reassign it once at its first compression
   (DynamicKV's prefill-time layer allocation), keeping the cache's total.
 """
@@ -221,6 +223,7 @@ class CompressedLayer(DynamicLayer):
         scores = self.method.score(self).float()
         if self.has_bias:
             scores = scores.masked_fill(~self.live(), float("-inf"))
+        was_live = self.live() if self.method.merges else None
         counts = self.method.head_counts(self, scores, target)  # dynamic per-head budgets (AdaKV) or None
         if counts is None and self.head_budgets is not None:
             counts = torch.tensor(self.head_budgets, device=self.device).expand(self.batch, -1)
@@ -237,6 +240,9 @@ class CompressedLayer(DynamicLayer):
             kill = torch.zeros_like(kept).scatter_(2, keep, dead)
             self._bias[:, :, :n].masked_fill_(kill, float("-inf"))
             self.has_bias = True
+        if was_live is not None:
+            survivors = kept & self.live()
+            self.method.merge(self, survivors, was_live & ~survivors)
         self._compact(kept, target)
         if self.options.positions == "rerotate":
             self._rerotate()
@@ -382,4 +388,5 @@ class KVCache(Cache):
             "bytes_allocated": bytes_allocated,
             "compress_seconds": sum(layer.compress_seconds for layer in layers),
             "compressions": sum(layer.compressions for layer in layers),
+            "method_stats": layers[0].method.statistics(layers),
         }

@@ -9,7 +9,7 @@ re-rotation. Scores are over physical slots, whose order is not temporal; use `l
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -34,6 +34,7 @@ class Method:
     compresses: ClassVar[bool] = True  # False for `full`: no layer gets a budget
     observes: ClassVar[bool] = False  # True: `observe` runs after every attention step (statistics)
     state_names: ClassVar[tuple[str, ...]] = ()  # per-slot side state the engine moves with K/V
+    merges: ClassVar[bool] = False  # True: `merge` folds the entries a compression drops into kept ones
 
     def validate(self, budget: int | None) -> None:
         """Raise ValueError for hyperparameters that cannot work with this budget (before any model runs)."""
@@ -69,6 +70,15 @@ class Method:
 
     def score(self, layer: CompressedLayer) -> torch.Tensor:
         raise NotImplementedError(f"method {self.name!r} does not score entries")
+
+    def merge(self, layer: CompressedLayer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
+        """Fold the `evicted` entries into `kept` ones ([B, Hkv, L_phys] bool masks over live slots), in place
+        on `layer.keys` / `values` / `bias` / `state(...)`, before the engine compacts the kept slots (methods
+        with `merges`). A kept slot that comes to stand for n tokens carries bias ln n (DESIGN §2.1)."""
+
+    def statistics(self, layers: list[CompressedLayer]) -> dict[str, Any]:
+        """Method-specific figures for the run's summary (cluster quality, merge counts); empty by default."""
+        return {}
 
 
 def list_methods() -> dict[str, str]:
