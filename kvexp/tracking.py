@@ -190,6 +190,14 @@ class WandbLogger:
         data = [[_cell(row.get(c)) for c in columns] for row in rows]
         self.run.log({name: self._wandb.Table(columns=columns, data=data)})
 
+    def log_images(self, images: Mapping[str, Path]) -> None:
+        """Image files (report plots) as wandb.Image entries, keyed by name."""
+        if self.run is None:
+            log.warning("W&B run already finished; images not logged")
+            return
+        if images:
+            self.run.log({name: self._wandb.Image(str(path)) for name, path in images.items()})
+
     def finish(self, exit_code: int | None = None) -> None:
         """End the run (uploads or closes the offline files); safe to call more than once."""
         if self.run is None:

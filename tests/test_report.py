@@ -1,8 +1,15 @@
-"""The report reads finished runs and computes the % changes against the full cache."""
+"""The report reads finished runs, computes the % changes against the full cache and writes its files."""
 
+import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from kvexp.report import collect, tables
+from kvexp.report import collect, pareto_front, rows, tables, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _summary(method, ppl, acc, kept, tpot_ms=10.0):
@@ -55,3 +62,78 @@ def test_analysis_notebook_runs_on_finished_runs(tmp_path, monkeypatch):
     assert len(scope["summaries"]) == 3
     assert sorted(scope["curves"][("wikitext2", "h2o")]) == [(256, 11.0), (512, 10.5)]
     assert scope["full"] == {"wikitext2": 10.0}
+
+
+def test_generation_metrics_get_columns_and_changes(tmp_path):
+    """Nested metric dicts (ROUGE) become columns; fractions print as %, changes are relative."""
+    summary = _summary("snapkv", 0.0, 0.0, 100)
+    summary["dataset"] = "xsum"
+    summary["metrics_before"] = {"rouge": {"rouge1": 0.40, "rougeL": 0.30}, "samples": 10}
+    summary["metrics_after"] = {"rouge": {"rouge1": 0.30, "rougeL": 0.27}, "samples": 10}
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "summary.json").write_text(json.dumps(summary))
+    text = tables(collect(tmp_path))
+    assert "### xsum, budget 256 (m, 10 samples)" in text
+    assert "| full (baseline) | 1.0000 | 0.0200 | 50.00 | 40.00% | 30.00% | 1999 |" in text
+    assert "| snapkv | +100.0% | -50.0% | -25.0% | -10.0% |" in text
+    row = rows(collect(tmp_path))[0]
+    assert row["rouge.rouge1_before"] == 0.40 and row["rouge.rougeL_after"] == 0.27
+    assert "samples_after" not in row
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(0.5, 12.0), (0.5, 11.0), (0.75, 13.0), (0.75, 20.0), (0.9, 12.5), (0.25, 11.5)]
+    # Perplexity: lower is better. (0.9, 12.5) beats (0.75, 13.0); (0.5, 11.0) beats (0.25, 11.5).
+    assert pareto_front(points, lower_is_better=True) == [(0.5, 11.0), (0.9, 12.5)]
+    accuracy = [(0.5, 0.4), (0.75, 0.45), (0.9, 0.3)]
+    assert pareto_front(accuracy, lower_is_better=False) == [(0.75, 0.45), (0.9, 0.3)]
+
+
+def test_write_report_files(tmp_path):
+    for i, (method, budget, ppl) in enumerate([("h2o", 256, 11.0), ("h2o", 512, 10.5), ("knorm", 256, 15.0)]):
+        summary = _summary(method, ppl, 0.4, budget)
+        summary["budget"]["tokens"] = budget
+        summary["kv_cache"].update({"compression_ratio": 1 - budget / 1999, "bytes_kept": budget * 1000})
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "summary.json").write_text(json.dumps(summary))
+    out = write_report([tmp_path])
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["method"], r["budget"], float(r["perplexity_after"])) for r in table] == [
+        ("h2o", "256", 11.0), ("h2o", "512", 10.5), ("knorm", "256", 15.0)
+    ]  # fmt: skip
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    assert {
+        "wikitext2_perplexity_by_method.png", "wikitext2_accuracy_by_method.png", "wikitext2_tradeoff.png",
+        "wikitext2_heatmap_256.png", "wikitext2_heatmap_512.png", "wikitext2_cache_efficiency.png",
+        "wikitext2_pareto.png",
+    } <= plots  # fmt: skip
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(plots)  # self-contained: every plot inline
+    assert "<th>PPL</th>" in page and "<td>h2o</td>" in page
+    assert (out / "report.md").read_text() == tables(collect(tmp_path))
+
+
+def test_multirun_ends_with_its_report(tmp_path):
+    """A real 2 methods x 2 budgets sweep on a tiny model: the Hydra callback writes the report."""
+    text = tmp_path / "doc.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 12)
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "kvexp", "-m", "model=tiny_llama", "method=knorm,streaming_llm",
+            "budget=32,64", "dataset=text_file", f"dataset.path={text}", "eval.max_tokens=100",
+            "eval.chunk_size=10", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(sweep / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert sorted((r["method"], r["budget"]) for r in table) == [
+        ("knorm", "32"), ("knorm", "64"), ("streaming_llm", "32"), ("streaming_llm", "64")
+    ]  # fmt: skip
+    report = (sweep / "report.md").read_text()
+    assert "### text_file, budget 32" in report and "### text_file, budget 64" in report
+    assert (sweep / "plots" / "text_file_pareto.png").exists()
+    assert "data:image/png;base64," in (sweep / "report.html").read_text()

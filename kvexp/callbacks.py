@@ -1,0 +1,54 @@
+"""Hydra callbacks: what runs around a sweep (registered under `hydra.callbacks` in conf/config.yaml)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class ReportCallback(Callback):
+    """At the end of a multirun, write the sweep's report (kvexp.report) into the sweep dir, and log the
+    aggregated table and plots to one W&B summary run of the sweep's group when a W&B logger is configured.
+
+    A failing report never fails the sweep: the jobs' results are already on disk and the report can be
+    rebuilt with `python -m kvexp.report <sweep dir>`.
+    """
+
+    def __init__(self, enabled: bool = True, plots: bool = True) -> None:
+        self.enabled = enabled
+        self.plots = plots
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        from kvexp.report import collect, rows, write_report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            out = write_report([sweep_dir], with_plots=self.plots)
+        except Exception:  # the sweep itself succeeded; say why the report did not
+            log.exception("the report of %s could not be written", sweep_dir)
+            return
+        log.info("sweep report: %s", out / "report.html")
+        self._log_summary_run(config, sweep_dir, rows(collect(sweep_dir)))
+
+    def _log_summary_run(self, config: DictConfig, sweep_dir: Path, table: list[dict]) -> None:
+        from kvexp.tracking import make_logger
+
+        logger_cfg = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else None
+        logger = make_logger(
+            logger_cfg, {"sweep_dir": str(sweep_dir)}, sweep_dir, "summary", sweep_dir.name, ["summary"]
+        )
+        if logger is None:
+            return
+        try:
+            logger.log_table("results", table)
+            logger.log_images({p.stem: p for p in sorted((sweep_dir / "plots").glob("*.png"))})
+        finally:
+            logger.finish()
