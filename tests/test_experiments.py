@@ -1,0 +1,62 @@
+"""Every experiment preset composes, and so does every job of its sweep (a preset without a test fails CI)."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from kvexp.config import normalize_overrides, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _compose(*overrides: str, hydra_config: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            "config", overrides=normalize_overrides(list(overrides)), return_hydra_config=hydra_config
+        )
+
+
+def _choices(key: str, value: str) -> list[str]:
+    """The values of one sweeper parameter: a comma list, or glob(*) over a config group's options."""
+    value = str(value)
+    if value.startswith("glob("):
+        pattern = value[len("glob(") : -1].split(",")[0].strip()
+        group = key.lstrip("+~")
+        return sorted(p.stem for p in (CONF / group).glob(f"{pattern}.yaml"))
+    return [v.strip() for v in value.split(",")]
+
+
+def sweep_jobs(preset: str) -> list[list[str]]:
+    """The override list of every job of a preset's sweep (the basic sweeper's cartesian product)."""
+    cfg = _compose(f"experiment={preset}", hydra_config=True)
+    params = cfg.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params) if params is not None else {}  # a single-run preset: one job
+    axes = [[f"{key}={v}" for v in _choices(key, value)] for key, value in params.items()]
+    return [list(job) for job in itertools.product(*axes)]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_job_of_every_preset_composes_and_validates(preset):
+    jobs = sweep_jobs(preset)
+    assert jobs, f"experiment={preset} has no job"
+    for job in jobs:
+        cfg = _compose(f"experiment={preset}", *job)
+        validate(cfg)  # the same checks a run makes before loading a model
+
+
+def test_h2o_grid_is_seed002s_grid():
+    jobs = sweep_jobs("h2o_grid")
+    assert len(jobs) == 7 * 4  # 5 heavy/recent splits + LRU + sliding window, x 4 budgets
+    ratios = set()
+    for job in jobs:
+        cfg = _compose("experiment=h2o_grid", *job)
+        if cfg.method.name == "h2o":
+            ratios.add(cfg.method.recent_ratio)
+    assert ratios == {0.5, 0.3, 0.7, 0.2, 0.8}
+    assert {int(j[1].split("=")[1]) for j in jobs} == {256, 512, 1024, 2048}
