@@ -29,16 +29,17 @@ class Visibility:
         self.shape = (batch, kv_heads, length, length)
 
     def __call__(self, layer, q: int) -> None:
+        # The step's queries are the layer's last q slots (this step wrote them); their positions are read from
+        # the layer, so a layer that received only some of the step's tokens (PyramidInfer) records exactly those.
         mask = self.masks.setdefault(layer.layer_idx, torch.zeros(self.shape, dtype=torch.bool))
-        live = layer.live().cpu()  # [B, Hkv, n]
-        key_index = layer.positions.cpu() + self.offsets[:, None, None]  # logical position -> sequence index
-        first = layer.seen - q
+        live, positions = layer.live().cpu(), layer.positions.cpu()  # [B, Hkv, n]
+        index = positions + self.offsets[:, None, None]  # logical position -> sequence index
         for b in range(self.shape[0]):
             for h in range(self.shape[1]):
-                keys = key_index[b, h][live[b, h]]
-                for i in range(first, layer.seen):
-                    visible = keys[keys <= i]
-                    mask[b, h, i, visible] = True
+                keys = index[b, h][live[b, h]]
+                for p, i in zip(positions[b, h, -q:].tolist(), index[b, h, -q:].tolist(), strict=True):
+                    if p >= 0:  # not padding
+                        mask[b, h, i, keys[keys <= i]] = True
 
 
 def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
