@@ -13,7 +13,7 @@ from kvexp.config import normalize_overrides
 def main(cfg: DictConfig) -> float:
     summary = train_or_eval(cfg)
     print(format_table(summary))
-    return summary["metrics_after"]["perplexity"]  # the objective a sweeper (e.g. Optuna) minimizes
+    return summary["objective"]  # what a sweeper (e.g. Optuna) optimizes: the task's main metric
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 from kvexp.config import method_from_config, validate
 from kvexp.models import load_model
 from kvexp.tasks.data import load_documents
+from kvexp.tasks.generation import (
+    Decoding,
+    GenerationDataset,
+    GenerationResult,
+    PromptEncoder,
+    aggregate_generation,
+    run_generation,
+    score_results,
+)
+from kvexp.tasks.longbench import check_longbench, load_longbench, prompt_limit
 from kvexp.tasks.perplexity import DocumentResult, aggregate, peak_memory, resolve_budget, score_document
+from kvexp.tasks.qa import check_qa_jsonl, qa_jsonl_samples
+from kvexp.tasks.retrieval import check_retrieval, retrieval_samples
+from kvexp.tasks.summarization import check_summarization, summarization_samples
 from kvexp.tracking import atomic_write_csv, atomic_write_json, make_logger
 
 log = logging.getLogger(__name__)
@@ -28,23 +42,24 @@ log = logging.getLogger(__name__)
 def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Validate, build model and method, evaluate (compressed and full), write the run dir, log to W&B.
 
-    Returns the summary that `summary.json` holds.
+    The task (`dataset.task`: perplexity | generation) decides how samples are evaluated; returns the summary
+    that `summary.json` holds.
     """
     validate(cfg)  # every user error surfaces here, before any model loads
     out = Path(output_dir) if output_dir is not None else Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    documents = load_documents(cfg.dataset, cfg.eval.max_samples)
-    model, tokenizer = load_model(cfg.model, cfg.hardware)  # sets threads, dtype, flush-denormal
-    device = model.device
-    method = method_from_config(cfg.method)
-    samples = [
-        (d.id, tokenizer(d.text, return_tensors="pt").input_ids[:, : cfg.eval.max_tokens]) for d in documents
-    ]
-    samples = [(i, ids) for i, ids in samples if ids.shape[1] >= 2]
-    if not samples:
-        raise ValueError(f"dataset={cfg.dataset.name}: no document has the 2 tokens perplexity needs")
-    engine = {
+    summary, rows = TASKS[cfg.dataset.task](cfg)
+    atomic_write_csv(out / "samples.csv", rows)
+    atomic_write_json(out / "summary.json", summary)
+    _log_to_wandb(cfg, out, summary, rows)
+    log.info("results written to %s", out)
+    return summary
+
+
+def _engine(cfg: DictConfig) -> dict[str, Any]:
+    """make_cache's engine settings from the config."""
+    return {
         "slack": cfg.engine.slack,
         "when": cfg.engine.when,
         "positions": cfg.engine.positions,
@@ -52,6 +67,19 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
         if cfg.budget.per_head is not None
         else None,
     }
+
+
+def _evaluate_perplexity(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Streaming perplexity of each document, compressed and (by default) with the full cache."""
+    documents = load_documents(cfg.dataset, cfg.eval.max_samples)
+    model, tokenizer = load_model(cfg.model, cfg.hardware)  # sets threads, dtype, flush-denormal
+    method = method_from_config(cfg.method)
+    samples = [
+        (d.id, tokenizer(d.text, return_tensors="pt").input_ids[:, : cfg.eval.max_tokens]) for d in documents
+    ]
+    samples = [(i, ids) for i, ids in samples if ids.shape[1] >= 2]
+    if not samples:
+        raise ValueError(f"dataset={cfg.dataset.name}: no document has the 2 tokens perplexity needs")
 
     before = _full_cache_results(cfg, model, samples) if cfg.eval.compare_to_full else None
     after = [
@@ -63,33 +91,189 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
             cfg.eval.chunk_size,
             doc_id,
             True,
-            **engine,
+            **_engine(cfg),
         )
         for doc_id, ids in samples
     ]
-    summary = _summary(cfg, method, before, after, device)
-    atomic_write_csv(out / "samples.csv", _sample_rows(before, after))
-    atomic_write_json(out / "summary.json", summary)
-    _log_to_wandb(cfg, out, summary, _sample_rows(before, after))
-    log.info("results written to %s", out)
-    return summary
+    agg_before = aggregate(before) if before is not None else None
+    agg_after = aggregate(after)
+    resolved = [r.kv.get("tokens_kept") for r in after]
+    summary = _summary(cfg, method, agg_before, agg_after, after[-1].kv, resolved, model.device)
+    summary["objective"] = agg_after["metrics"]["perplexity"]
+    return summary, _sample_rows(before, after)
 
 
-def _full_cache_results(cfg: DictConfig, model, samples) -> list[DocumentResult]:
-    """The full-cache run of the same samples, reused across a sweep (keyed by model, data and settings)."""
+def _evaluate_generation(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Answer every sample with the compressed cache and (by default) the full one; score both."""
+    model, tokenizer = load_model(cfg.model, cfg.hardware)
+    encoder = PromptEncoder(tokenizer, _use_chat_template(cfg, tokenizer), cfg.model.max_context)
+    samples = GENERATION_DATASETS[cfg.dataset.name].load(cfg.dataset, encoder, cfg.eval.max_samples, cfg.seed)
+    if not samples:
+        raise ValueError(f"dataset={cfg.dataset.name}: no samples (check dataset.split and eval.max_samples)")
+    prompts = [encoder.encode(s, cfg.eval.max_new_tokens) for s in samples]
+    method = method_from_config(cfg.method)
+    settings = {
+        "protocol": cfg.eval.protocol,
+        "decoding": Decoding(cfg.eval.do_sample, cfg.eval.temperature, cfg.eval.top_p, cfg.seed),
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "prefill_chunk_size": cfg.eval.prefill_chunk_size,
+    }
+    layers = model.config.num_hidden_layers
+
+    before = (
+        _full_cache_generation(cfg, model, tokenizer, samples, prompts, settings)
+        if cfg.eval.compare_to_full
+        else None
+    )
+    after = run_generation(
+        model,
+        tokenizer,
+        samples,
+        prompts,
+        method,
+        lambda tokens: resolve_budget(cfg.budget, tokens, layers),  # keep_ratio: of the compressed prompt
+        progress=True,
+        **settings,
+        **_engine(cfg),
+    )
+    report_by = list(cfg.dataset.report_by)
+    agg_before = aggregate_generation(samples, before, report_by) if before is not None else None
+    agg_after = aggregate_generation(samples, after, report_by)
+    summary = _summary(
+        cfg, method, agg_before, agg_after, after[-1].kv, [r.budget for r in after], model.device
+    )
+    summary["generation"] = {
+        "protocol": cfg.eval.protocol,
+        "chat_template": encoder.chat_template,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "prefill_chunk_size": cfg.eval.prefill_chunk_size,
+        "decoding": dataclasses.asdict(settings["decoding"]),
+    }
+    summary.update(_seed000_cost(before, after, agg_before, agg_after))
+    summary["objective"] = agg_after["objective"]
+    return summary, _generation_rows(samples, before, after)
+
+
+def _use_chat_template(cfg: DictConfig, tokenizer) -> bool:
+    """eval.chat_template when set; else the dataset's preference, if the tokenizer has a template (never for
+    a dataset that templates its own prompts)."""
+    if GENERATION_DATASETS[cfg.dataset.name].own_template:
+        return False
+    if cfg.eval.chat_template is not None:
+        return cfg.eval.chat_template
+    return bool(cfg.dataset.chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def _evaluate_lm_eval(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """lm-eval-harness tasks through the compressed cache and (by default) the full one."""
+    from kvexp.tasks.lm_eval_harness import evaluate_lm_eval
+
+    model, tokenizer = load_model(cfg.model, cfg.hardware)
+    method = method_from_config(cfg.method)
+    chunks = {"chunk_size": cfg.eval.chunk_size, "prefill_chunk_size": cfg.eval.prefill_chunk_size}
+    before = (
+        evaluate_lm_eval(cfg.dataset, model, tokenizer, "full", None, {}, cfg.seed, **chunks)[0]
+        if cfg.eval.compare_to_full
+        else None
+    )
+    after, rows = evaluate_lm_eval(
+        cfg.dataset, model, tokenizer, method, cfg.budget, _engine(cfg), cfg.seed, **chunks
+    )
+    summary = _summary(
+        cfg,
+        method,
+        _lm_eval_aggregate(before),
+        _lm_eval_aggregate(after),
+        {},
+        [after.get("kv_tokens_kept")],
+        model.device,
+    )
+    summary["objective"] = next((v for k, v in after.items() if "/" in k and "stderr" not in k), None)
+    return summary, rows
+
+
+_LM_EVAL_COST = (
+    "requests", "cache_runs", "kv_tokens_seen", "kv_tokens_kept", "kv_bytes_full", "kv_bytes_kept", "compression_ratio",
+    "total_s", "compress_s", "compress_share", "ttft_s", "tpot_ms",
+)  # fmt: skip
+
+
+def _lm_eval_aggregate(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """evaluate_lm_eval's flat dict in the metrics / kv_cache / timing shape the summary uses."""
+    if result is None:
+        return None
+    total = result.get("total_s") or 0.0
+    return {
+        "metrics": {k: v for k, v in result.items() if k not in _LM_EVAL_COST},
+        "kv_cache": {
+            "tokens_seen": result.get("kv_tokens_seen"),
+            "tokens_kept": result.get("kv_tokens_kept"),
+            "compression_ratio": result.get("compression_ratio"),
+            "bytes_full": result.get("kv_bytes_full"),
+            "bytes_kept": result.get("kv_bytes_kept"),
+            "bytes_peak": result.get("kv_bytes_kept"),
+        },
+        "timing": {
+            "ttft_s": result.get("ttft_s"),
+            "tpot_ms": result.get("tpot_ms"),
+            "throughput_tok_s": result.get("requests", 0) / total if total else None,
+            "total_s": total,
+            "compress_s": result.get("compress_s"),
+            "compress_share": result.get("compress_share"),
+        },
+    }
+
+
+TASKS: dict[str, Callable[[DictConfig], tuple[dict[str, Any], list[dict[str, Any]]]]] = {
+    "perplexity": _evaluate_perplexity,
+    "generation": _evaluate_generation,
+    "lm_eval": _evaluate_lm_eval,
+}
+
+# Generation datasets by `dataset.name`: how to check the config and load the samples (one entry per dataset).
+GENERATION_DATASETS: dict[str, GenerationDataset] = {
+    "passkey": GenerationDataset(retrieval_samples, check_retrieval),
+    "needle": GenerationDataset(retrieval_samples, check_retrieval),
+    "qa_jsonl": GenerationDataset(qa_jsonl_samples, check_qa_jsonl),
+    "cnn_dailymail": GenerationDataset(summarization_samples, check_summarization),
+    "xsum": GenerationDataset(summarization_samples, check_summarization),
+    "longbench": GenerationDataset(
+        lambda dataset, encoder, max_samples, seed: load_longbench(
+            dataset, encoder.tokenizer, prompt_limit(dataset, encoder.max_context), max_samples
+        ),
+        check_longbench,
+        own_template=True,  # LongBench applies dataset.chat_template itself (never for its few-shot/code tasks)
+    ),
+}
+
+
+def _full_cache_path(cfg: DictConfig, content: dict[str, Any]) -> Path | None:
+    """Where the full-cache results of this model, hardware and `content` (settings, sample hashes) live."""
+    if not cfg.cache_dir:
+        return None
     key = hashlib.sha256(
         json.dumps(
             {
                 "model": OmegaConf.to_container(cfg.model, resolve=True),
                 "dtype": cfg.hardware.dtype,
                 "device": cfg.hardware.device,
-                "chunk_size": cfg.eval.chunk_size,
-                "samples": [(i, hashlib.sha256(ids.numpy().tobytes()).hexdigest()) for i, ids in samples],
+                **content,
             },
             sort_keys=True,
         ).encode()
     ).hexdigest()[:24]
-    path = Path(cfg.cache_dir) / "full" / f"{key}.json" if cfg.cache_dir else None
+    return Path(cfg.cache_dir) / "full" / f"{key}.json"
+
+
+def _ids_hash(*ids: torch.Tensor) -> str:
+    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in ids)).hexdigest()
+
+
+def _full_cache_results(cfg: DictConfig, model, samples) -> list[DocumentResult]:
+    """The full-cache run of the same samples, reused across a sweep (keyed by model, data and settings)."""
+    path = _full_cache_path(
+        cfg, {"chunk_size": cfg.eval.chunk_size, "samples": [(i, _ids_hash(ids)) for i, ids in samples]}
+    )
     if path is not None and path.exists():
         log.info("full-cache results reused from %s", path)
         return [DocumentResult(**r) for r in json.loads(path.read_text())]
@@ -100,25 +284,52 @@ def _full_cache_results(cfg: DictConfig, model, samples) -> list[DocumentResult]
     return results
 
 
-def _summary(cfg: DictConfig, method, before, after, device) -> dict[str, Any]:
-    agg_after = aggregate(after)
-    agg_before = aggregate(before) if before is not None else None
+def _full_cache_generation(
+    cfg: DictConfig, model, tokenizer, samples, prompts, settings
+) -> list[GenerationResult]:
+    """The full-cache answers of the same prompts, reused across a sweep; re-scored on every use."""
+    content = {
+        "task": "generation",
+        **settings,
+        "decoding": dataclasses.asdict(settings["decoding"]),
+        "samples": [
+            (s.id, _ids_hash(p.context, p.question), s.max_new_tokens, s.stop)
+            for s, p in zip(samples, prompts, strict=True)
+        ],
+    }
+    path = _full_cache_path(cfg, content)
+    if path is not None and path.exists():
+        log.info("full-cache answers reused from %s", path)
+        results = [GenerationResult(**r) for r in json.loads(path.read_text())]
+        score_results(samples, results)
+        return results
+    results = run_generation(
+        model, tokenizer, samples, prompts, "full", lambda tokens: None, progress=True, **settings
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, [dataclasses.asdict(r) for r in results])
+    return results
+
+
+def _summary(
+    cfg: DictConfig, method, agg_before, agg_after, last_kv: dict, resolved: list, device
+) -> dict[str, Any]:
+    """The summary keys every task writes (DESIGN §5); `last_kv` is the last sample's cache.stats()."""
     return {
         "model": cfg.model.name,
         "method": {"name": method.name, **{f.name: getattr(method, f.name) for f in _init_fields(method)}},
-        "budget": {
-            **OmegaConf.to_container(cfg.budget, resolve=True),
-            "resolved_tokens": [r.kv.get("tokens_kept") for r in after],
-        },
+        "budget": {**OmegaConf.to_container(cfg.budget, resolve=True), "resolved_tokens": resolved},
         "dataset": cfg.dataset.name,
+        "task": cfg.dataset.task,
         "metrics_before": agg_before["metrics"] if agg_before else None,
         "metrics_after": agg_after["metrics"],
         "kv_cache": {
             **agg_after["kv_cache"],
-            # The last document's kept tokens per layer and per KV head (batch means): allocations made visible.
-            "tokens_kept_per_layer": after[-1].kv.get("tokens_kept_per_layer"),
-            "tokens_kept_per_head": after[-1].kv.get("tokens_kept_per_head"),
-            "method_stats": after[-1].kv.get("method_stats"),  # e.g. cluster quality of a clustering method
+            # The last sample's kept tokens per layer and per KV head (batch means): allocations made visible.
+            "tokens_kept_per_layer": last_kv.get("tokens_kept_per_layer"),
+            "tokens_kept_per_head": last_kv.get("tokens_kept_per_head"),
+            "method_stats": last_kv.get("method_stats"),  # e.g. cluster quality of a clustering method
         },
         "timing": agg_after["timing"],
         "timing_full": agg_before["timing"] if agg_before else None,
@@ -132,6 +343,23 @@ def _summary(cfg: DictConfig, method, before, after, device) -> dict[str, Any]:
             "python": platform.python_version(),
         },
         "seed": cfg.seed,
+    }
+
+
+def _seed000_cost(before, after, agg_before, agg_after) -> dict[str, float | None]:
+    """Seed 000's summary fields: KV memory saved per sample, seconds and tokens/s per sample before/after."""
+    saving = sum(r.kv.get("bytes_full", 0) - r.kv.get("bytes_kept", 0) for r in after) / len(after) / 2**20
+    time_after, tput_after = agg_after["timing"]["sample_s"], agg_after["timing"]["throughput_tok_s"]
+    time_before = agg_before["timing"]["sample_s"] if before is not None else None
+    tput_before = agg_before["timing"]["throughput_tok_s"] if before is not None else None
+    return {
+        "avg_memory_saving_MB": saving,
+        "time_before": time_before,
+        "time_after": time_after,
+        "avg_time_saving_s": time_before - time_after if time_before is not None else None,
+        "throughput_before": tput_before,
+        "throughput_after": tput_after,
+        "avg_throughput_improvement_tokens_s": tput_after - tput_before if tput_before is not None else None,
     }
 
 
@@ -167,6 +395,46 @@ def _sample_rows(before, after) -> list[dict[str, Any]]:
     return rows
 
 
+def _generation_rows(samples, before, after) -> list[dict[str, Any]]:
+    """One row per sample: its meta (length, depth, ...), answers, predictions and scores before/after, cost."""
+    rows = []
+    for i, (sample, a) in enumerate(zip(samples, after, strict=True)):
+        b = before[i] if before is not None else None
+        row = {
+            "id": a.id,
+            **sample.meta,
+            "context_tokens": a.context_tokens,
+            "question_tokens": a.question_tokens,
+        }
+        row["answers"] = " | ".join(sample.answers)
+        row["prediction_before"] = b.prediction if b else None
+        row["prediction_after"] = a.prediction
+        for key in a.scores:
+            row[f"{key}_before"] = b.scores[key] if b else None
+            row[f"{key}_after"] = a.scores[key]
+        row.update(
+            {
+                "new_tokens_before": b.new_tokens if b else None,
+                "new_tokens_after": a.new_tokens,
+                "kept_tokens": a.kv["tokens_kept"],
+                "compression_ratio": a.kv["compression_ratio"],
+                "kv_bytes_kept": a.kv.get("bytes_kept"),
+                "kv_bytes_full": a.kv.get("bytes_full"),
+                "ttft_s_before": b.ttft_s if b else None,
+                "ttft_s_after": a.ttft_s,
+                "tpot_ms_before": _tpot_ms(b) if b else None,
+                "tpot_ms_after": _tpot_ms(a),
+                "compress_s": a.kv.get("compress_seconds", 0.0),
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def _tpot_ms(result: GenerationResult) -> float | None:
+    return 1000 * sum(result.step_s) / len(result.step_s) if result.step_s else None
+
+
 def _log_to_wandb(cfg: DictConfig, out: Path, summary: dict, rows: list[dict]) -> None:
     job_name, group = None, None
     if HydraConfig.initialized():
@@ -187,30 +455,58 @@ def _log_to_wandb(cfg: DictConfig, out: Path, summary: dict, rows: list[dict]) -
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """A readable before/after table of quality and cost."""
+    """A readable before/after table of quality and cost (and, for generation, scores per reported group)."""
     before, after = summary["metrics_before"] or {}, summary["metrics_after"]
     timing, full_timing = summary["timing"], summary.get("timing_full") or {}
     kv = summary["kv_cache"]
     label = f"{summary['method']['name']}"
-    rows = [
-        ("perplexity", before.get("perplexity"), after["perplexity"]),
-        ("next-token accuracy", before.get("accuracy"), after["accuracy"]),
-        ("tokens evaluated", before.get("tokens"), after["tokens"]),
-        ("KV tokens kept (mean)", kv["tokens_seen"] / max(after["documents"], 1), kv["tokens_kept"]),
+    if summary.get("task", "perplexity") == "perplexity":
+        rows = [
+            ("perplexity", before.get("perplexity"), after["perplexity"]),
+            ("next-token accuracy", before.get("accuracy"), after["accuracy"]),
+            ("tokens evaluated", before.get("tokens"), after["tokens"]),
+            ("KV tokens kept (mean)", kv["tokens_seen"] / max(after["documents"], 1), kv["tokens_kept"]),
+        ]
+    elif summary["task"] == "lm_eval":  # lm-eval's metrics, flattened to task/metric
+        rows = [(k, before.get(k), v) for k, v in after.items() if isinstance(v, float | int)]
+        rows.append(("KV tokens kept (mean)", kv["tokens_seen"], kv["tokens_kept"]))
+    else:
+        rows = [
+            (f"{f} {k}", before.get(f, {}).get(k), v)
+            for f, scores in _families(after)
+            for k, v in scores.items()
+        ]
+        rows += [
+            ("samples", before.get("samples"), after["samples"]),
+            ("answer tokens (mean)", before.get("new_tokens"), after["new_tokens"]),
+            ("KV tokens kept (mean)", kv["tokens_seen"] / max(after["samples"], 1), kv["tokens_kept_mean"]),
+        ]
+    rows += [
         ("TTFT s", full_timing.get("ttft_s"), timing["ttft_s"]),
         ("TPOT ms", full_timing.get("tpot_ms"), timing["tpot_ms"]),
         ("throughput tok/s", full_timing.get("throughput_tok_s"), timing["throughput_tok_s"]),
     ]
-    width = max(len(label), 12)
-    lines = [f"{'':24}{'full':>14}{label:>{width + 2}}{'change':>10}"]
+    for grouping, groups in after.get("by", {}).items():  # the first score of each family, per group
+        for value, scores in groups.items():
+            for family, values in _families(scores):
+                key = next(iter(values))
+                b = before.get("by", {}).get(grouping, {}).get(value, {}).get(family, {}).get(key)
+                rows.append((f"{key} {grouping}={value}", b, values[key]))
+    width, name_width = max(len(label), 12), max(24, *(len(name) + 2 for name, _, _ in rows))
+    lines = [f"{'':{name_width}}{'full':>14}{label:>{width + 2}}{'change':>10}"]
     for name, b, a in rows:
         change = f"{100 * (a - b) / b:+.1f}%" if isinstance(a, float | int) and b not in (None, 0) else ""
-        lines.append(f"{name:24}{_fmt(b):>14}{_fmt(a):>{width + 2}}{change:>10}")
+        lines.append(f"{name:{name_width}}{_fmt(b):>14}{_fmt(a):>{width + 2}}{change:>10}")
     lines.append(
         f"compression ratio {kv['compression_ratio']:.3f}; KV bytes {kv['bytes_kept']:,} kept of {kv['bytes_full']:,}; "
         f"{100 * timing['compress_share']:.1f}% of the time inside the method"
     )
     return "\n".join(lines)
+
+
+def _families(metrics: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """The (metric family, {score: mean}) entries of a generation metrics dict."""
+    return [(k, v) for k, v in metrics.items() if isinstance(v, dict) and k != "by"]
 
 
 def _fmt(value: Any) -> str:

@@ -1,8 +1,10 @@
 """Config schemas (Hydra ConfigStore) and the early validation every run goes through before a model loads.
 
 The dataclasses type every group except `method`, whose parameters differ per method and are checked against
-the method's own dataclass by `build_method`. `validate(cfg)` turns every bad value a user can give into a
-ValueError naming the option, the value and what is allowed.
+the method's own dataclass by `build_method`. Datasets with options of their own extend `DatasetConfig`
+(`GenerationDatasetConfig` and its retrieval / summarization kinds), stored as `base_<kind>` in the dataset
+group: their yaml starts with `defaults: [base_<kind>, _self_]`. `validate(cfg)` turns every bad value a
+user can give into a ValueError naming the option, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -44,6 +46,79 @@ class DatasetConfig:
     split: str | None = "test"
     text_field: str | None = "text"
     split_documents: bool = False
+    max_samples: int | None = 1  # the default of eval.max_samples (documents for perplexity)
+
+
+@dataclass
+class GenerationDatasetConfig(DatasetConfig):
+    """Common options of generation datasets (kvexp.tasks.generation)."""
+
+    task: str = "generation"
+    max_samples: int | None = None  # all samples by default
+    max_new_tokens: int = 32  # the answer's length limit (eval.max_new_tokens overrides it)
+    answer_prefix: str = ""  # text the answer continues (after the question)
+    stop: list[str] = field(default_factory=list)  # the answer ends at the first of these
+    report_by: list[str] = field(default_factory=list)  # sample meta keys the scores are also grouped by
+    chat_template: bool = (
+        False  # the prompt goes in the tokenizer's chat template, if it has one (eval.chat_template: null)
+    )
+
+
+@dataclass
+class RetrievalDatasetConfig(GenerationDatasetConfig):
+    """passkey / needle (kvexp.tasks.retrieval)."""
+
+    haystack: str | None = None  # null: the local_file / path text; "repeat": noise; or a text dataset name
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])  # prompt + answer tokens
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depth
+    repeats: int = 1  # samples per (length, depth)
+    phrasing: str = "plain"  # plain | ruler
+    variant: str = "single"  # single | multi_key | multi_value | multi_query
+    num_keys: int = 4  # multi_key: keys in the haystack (one is asked)
+    num_values: int = 4  # multi_value: values of the asked key
+    num_queries: int = 4  # multi_query: keys asked at once
+
+
+@dataclass
+class SummarizationDatasetConfig(GenerationDatasetConfig):
+    """cnn_dailymail / xsum (kvexp.tasks.summarization)."""
+
+    summary_field: str = "summary"  # the reference summary's field (text_field is the article's)
+    context_prefix: str = "Article: "
+    instruction: str = "Summarize the article above."
+
+
+@dataclass
+class LongBenchDatasetConfig(GenerationDatasetConfig):
+    """longbench (kvexp.tasks.longbench): one English task per run."""
+
+    subset: str = "narrativeqa"  # the LongBench task
+    hub_file: str | None = "data.zip"  # the hub archive to read (null: datasets.load_dataset(hub_id, subset))
+    max_length: int | None = (
+        None  # prompt tokens kept, cut in the middle (null: model context - answer length)
+    )
+
+
+@dataclass
+class PythonCodeDatasetConfig(DatasetConfig):
+    """python_code (kvexp.tasks.data): standard-library source files as perplexity documents."""
+
+    files: list[str] | None = None  # explicit files (relative to the folder), in order
+    glob: str = "*.py"  # else every match, sorted by path ...
+    min_bytes: int = 20000  # ... of at least this size
+
+
+@dataclass
+class LmEvalDatasetConfig(DatasetConfig):
+    """lm_eval (kvexp.tasks.lm_eval_harness): lm-eval-harness tasks through the compressed cache."""
+
+    task: str = "lm_eval"
+    tasks: list[str] = field(default_factory=lambda: ["kvexp_recall"])
+    include_path: Any = None  # a folder or a list of folders of task YAMLs
+    limit: Any = None  # documents per task: an int >= 1 or a fraction < 1 (null: all)
+    num_fewshot: int | None = None
+    batch_size: int = 1
+    bootstrap_iters: int = 1000
 
 
 @dataclass
@@ -89,6 +164,16 @@ class EvalConfig:
     max_tokens: int | None = 2048  # tokens per document (null: all)
     chunk_size: int = 1  # tokens fed per step; 1 = exact token-by-token streaming
     compare_to_full: bool = True  # also evaluate the full cache on the same samples (metrics_before)
+    # Generation tasks (kvexp.tasks.generation):
+    protocol: str = "query_agnostic"  # query_agnostic | query_aware
+    chat_template: bool | None = (
+        None  # null: dataset.chat_template when the tokenizer has one; true/false: force
+    )
+    max_new_tokens: int | None = None  # null: the dataset's
+    do_sample: bool = False  # greedy by default; sampling is seeded (seed + sample index)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    prefill_chunk_size: int | None = None  # null: the context in one forward; N: chunks, compressed between
 
 
 @dataclass
@@ -108,15 +193,25 @@ class KVExpConfig:
 
 
 ConfigStore.instance().store(name="base_config", node=KVExpConfig)
+# Generation dataset schemas: a conf/dataset yaml picks one with `defaults: [base_<kind>, _self_]`.
+ConfigStore.instance().store(group="dataset", name="base_generation", node=GenerationDatasetConfig)
+ConfigStore.instance().store(group="dataset", name="base_retrieval", node=RetrievalDatasetConfig)
+ConfigStore.instance().store(group="dataset", name="base_summarization", node=SummarizationDatasetConfig)
+ConfigStore.instance().store(group="dataset", name="base_longbench", node=LongBenchDatasetConfig)
+ConfigStore.instance().store(group="dataset", name="base_python_code", node=PythonCodeDatasetConfig)
+ConfigStore.instance().store(group="dataset", name="base_lm_eval", node=LmEvalDatasetConfig)
 
 _NUMERIC_GROUP_CHOICE = re.compile(r"([+~]?budget)=(\d+(?:,\d+)*)")
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
-    """Quote numeric choices of the `budget` group (`budget=256`, `budget=256,512`).
+    """Quote numeric choices of the `budget` group (`budget=256`, `budget=256,512`), and let a lone
+    `budget.keep_ratio=R` replace the default preset's token budget.
 
     Hydra's override parser reads `256` as an int, and a config group only takes option names (strings);
-    quoting keeps `python -m kvexp budget=256` working as the README promises.
+    quoting keeps `python -m kvexp budget=256` working as the README promises. `budget.keep_ratio=0.5` with no
+    `budget=` / `budget.tokens=` override means a keep-ratio budget, so `budget.tokens=null` is added; given
+    together with either, both stay and validation asks for one.
     """
     normalized = []
     for override in overrides:
@@ -124,6 +219,9 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
         if match:
             override = f"{match[1]}=" + ",".join(f"'{v}'" for v in match[2].split(","))
         normalized.append(override)
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in normalized]
+    if "budget.keep_ratio" in keys and "budget" not in keys and "budget.tokens" not in keys:
+        normalized.append("budget.tokens=null")
     return normalized
 
 
@@ -135,11 +233,10 @@ def _check_choice(option: str, value: Any, allowed: tuple) -> None:
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model: run it before loading anything."""
     from kvexp.models import MODEL_SOURCES
-    from kvexp.tasks.data import check_dataset
     from kvexp.tracking import LOGGERS, WANDB_MODES
 
     _check_choice("model.source", cfg.model.source, MODEL_SOURCES)
-    check_dataset(cfg.dataset)
+    _check_dataset(cfg)
     _check_choice("engine.positions", cfg.engine.positions, POSITION_OPTIONS)
     _check_choice("engine.when", cfg.engine.when, WHEN_OPTIONS)
     if cfg.engine.slack < 0:
@@ -149,6 +246,7 @@ def validate(cfg: DictConfig) -> None:
         _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     if cfg.eval.chunk_size < 1:
         raise ValueError(f"eval.chunk_size must be >= 1, got {cfg.eval.chunk_size}")
+    _check_generation_options(cfg.eval)
     for key in ("max_samples", "max_tokens"):
         value = cfg.eval[key]
         if value is not None and value < (2 if key == "max_tokens" else 1):
@@ -178,6 +276,49 @@ def validate(cfg: DictConfig) -> None:
             "budget.keep_ratio=R"
         )
     method.validate(budget.tokens)
+
+
+def _check_dataset(cfg: DictConfig) -> None:
+    """The task exists and its dataset config works (perplexity: kvexp.tasks.data; generation: the registry)."""
+    from kvexp.app import GENERATION_DATASETS, TASKS
+    from kvexp.tasks.data import check_dataset
+
+    dataset = cfg.dataset
+    _check_choice("dataset.task", dataset.task, tuple(TASKS))
+    if dataset.task == "perplexity":
+        check_dataset(dataset)
+        return
+    if dataset.task == "lm_eval":
+        from kvexp.tasks.lm_eval_harness import check_lm_eval_dataset
+
+        check_lm_eval_dataset(dataset)
+        return
+    if dataset.name not in GENERATION_DATASETS:
+        raise ValueError(
+            f"dataset.name={dataset.name!r} is not a {dataset.task} dataset; allowed values: {list(GENERATION_DATASETS)}"
+        )
+    GENERATION_DATASETS[dataset.name].check(dataset)
+    if dataset.max_new_tokens < 1:
+        raise ValueError(f"dataset.max_new_tokens must be >= 1, got {dataset.max_new_tokens}")
+    lengths = dataset.get("lengths")
+    if lengths and cfg.model.max_context is not None and max(lengths) > cfg.model.max_context:
+        raise ValueError(
+            f"dataset.lengths={list(lengths)} exceeds model.max_context={cfg.model.max_context} of {cfg.model.name}"
+        )
+
+
+def _check_generation_options(ev: DictConfig) -> None:
+    from kvexp.tasks.generation import PROTOCOLS
+
+    _check_choice("eval.protocol", ev.protocol, PROTOCOLS)
+    if ev.max_new_tokens is not None and ev.max_new_tokens < 1:
+        raise ValueError(f"eval.max_new_tokens must be null or >= 1, got {ev.max_new_tokens}")
+    if ev.prefill_chunk_size is not None and ev.prefill_chunk_size < 1:
+        raise ValueError(f"eval.prefill_chunk_size must be null or >= 1, got {ev.prefill_chunk_size}")
+    if ev.temperature <= 0:
+        raise ValueError(f"eval.temperature must be > 0, got {ev.temperature}")
+    if not 0.0 < ev.top_p <= 1.0:
+        raise ValueError(f"eval.top_p must be in (0, 1], got {ev.top_p}")
 
 
 def _check_allocation(budget: DictConfig) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvexp.app import train_or_eval
+from kvexp.app import format_table, train_or_eval
 from kvexp.tasks.data import data_dir
 from kvexp.tasks.perplexity import evaluate_perplexity
 from tests.conftest import load
@@ -134,3 +134,141 @@ def test_smollm2_streaming_perplexity_equals_the_masked_plain_model(smollm2):
     oracle_ppl = math.exp(torch.nn.functional.cross_entropy(ref, ids[0, 1:]).item())
     assert result["metrics"]["perplexity"] == pytest.approx(oracle_ppl, rel=1e-4)
     assert result["kv_cache"]["tokens_kept"] == 48
+
+
+# ---- generation tasks ----
+
+GENERATION_SUMMARY_KEYS = SUMMARY_KEYS | {
+    "task", "generation", "objective", "avg_memory_saving_MB", "time_before", "time_after", "avg_time_saving_s",
+    "throughput_before", "throughput_after", "avg_throughput_improvement_tokens_s",
+}  # fmt: skip
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    rows = [
+        {
+            "context": f"Note {i}: the code word is {w}. " * 8,
+            "question": "What is the code word?",
+            "answer": w,
+        }
+        for i, w in enumerate(["apple", "river", "candle"])
+    ]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_cli_passkey_run_reports_accuracy_by_length_and_depth(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _cli(
+        "model=tiny_llama", "dataset=passkey", "dataset.lengths=[512,640]", "dataset.depths=[0.0,1.0]",
+        "method=snapkv", "budget=64", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "qa accuracy" in proc.stdout and "accuracy length/depth=640/1.0" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) >= GENERATION_SUMMARY_KEYS and summary["task"] == "generation"
+    after = summary["metrics_after"]
+    assert after["samples"] == 4 and set(after["qa"]) == {"accuracy", "exact_match", "f1"}
+    assert set(after["by"]) == {"length", "depth", "length/depth"}
+    assert set(after["by"]["length/depth"]) == {"512/0.0", "512/1.0", "640/0.0", "640/1.0"}
+    assert summary["budget"]["resolved_tokens"] == [64] * 4
+    assert summary["generation"]["protocol"] == "query_agnostic"
+    rows = list(csv.DictReader((run_dir / "samples.csv").open()))
+    assert [(r["length"], r["depth"]) for r in rows] == [
+        ("512", "0.0"),
+        ("512", "1.0"),
+        ("640", "0.0"),
+        ("640", "1.0"),
+    ]
+    assert {"answers", "prediction_before", "prediction_after", "accuracy_after", "ttft_s_after"} <= set(
+        rows[0]
+    )
+    for row in rows:  # the question is on top of the budget: 64 context entries + question + answer tokens
+        assert float(row["kept_tokens"]) <= 64 + int(row["question_tokens"]) + int(row["new_tokens_after"])
+
+
+def test_qa_jsonl_keep_ratio_run_writes_seed000_fields(qa_file, tmp_path):
+    cfg = _compose(
+        "model=tiny_llama", "dataset=qa_jsonl", f"dataset.path={qa_file}", "method=h2o", "budget=keep_0.5",
+        "eval.max_new_tokens=4", "cache_dir=null", "engine.when=prefill",
+    )  # fmt: skip
+    summary = train_or_eval(cfg, tmp_path / "out")
+    assert set(summary) >= GENERATION_SUMMARY_KEYS
+    rows = list(csv.DictReader((tmp_path / "out" / "samples.csv").open()))
+    assert [r["id"] for r in rows] == ["0", "1", "2"] and [r["answers"] for r in rows] == [
+        "apple",
+        "river",
+        "candle",
+    ]
+    for row, budget in zip(rows, summary["budget"]["resolved_tokens"], strict=True):
+        assert budget == int(row["context_tokens"]) // 2  # keep_ratio of the context (query-agnostic)
+    assert summary["metrics_after"]["new_tokens"] == 4 == summary["metrics_before"]["new_tokens"]
+    assert summary["avg_memory_saving_MB"] > 0
+    assert summary["avg_time_saving_s"] == pytest.approx(summary["time_before"] - summary["time_after"])
+    assert summary["objective"] == summary["metrics_after"]["qa"]["accuracy"]
+    assert "qa exact_match" in format_table(summary)
+
+
+def test_summarization_run_reports_a_rouge_dict(tmp_path):
+    path = tmp_path / "cnn.jsonl"
+    row = {
+        "article": "The mayor opened a new bridge on Monday. " * 10,
+        "highlights": "Mayor opens bridge .\nIt is new .",
+    }
+    path.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    cfg = _compose(
+        "model=tiny_gpt2", "dataset=cnn_dailymail", f"dataset.path={path}", "method=streaming_llm", "budget=64",
+        "eval.max_new_tokens=6", "cache_dir=null",
+    )  # fmt: skip
+    summary = train_or_eval(cfg, tmp_path / "out")
+    for metrics in (summary["metrics_before"], summary["metrics_after"]):
+        assert set(metrics["rouge"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert summary["objective"] == summary["metrics_after"]["rouge"]["rougeL"]
+
+
+@pytest.mark.parametrize(
+    "overrides,template,expected",
+    [
+        (["dataset=cnn_dailymail"], "{{ x }}", True),  # summarization prefers the template ...
+        (["dataset=cnn_dailymail"], None, False),  # ... when the tokenizer has one
+        (["dataset=passkey"], "{{ x }}", False),  # retrieval prefers the plain prompt
+        (["dataset=passkey", "eval.chat_template=true"], "{{ x }}", True),  # eval.chat_template forces
+        (["dataset=cnn_dailymail", "eval.chat_template=false"], "{{ x }}", False),
+    ],
+)
+def test_chat_template_follows_eval_then_the_dataset(overrides, template, expected):
+    from types import SimpleNamespace
+
+    from kvexp.app import _use_chat_template
+
+    assert _use_chat_template(_compose(*overrides), SimpleNamespace(chat_template=template)) is expected
+
+
+def test_a_dataset_that_templates_itself_is_never_wrapped_again(monkeypatch):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from kvexp import app
+
+    entry = dataclasses.replace(app.GENERATION_DATASETS["qa_jsonl"], own_template=True)
+    monkeypatch.setitem(app.GENERATION_DATASETS, "qa_jsonl", entry)
+    cfg = _compose("dataset=qa_jsonl", "eval.chat_template=true")
+    assert app._use_chat_template(cfg, SimpleNamespace(chat_template="{{ x }}")) is False
+
+
+def test_generation_full_cache_answers_are_shared_across_a_sweep(qa_file, tmp_path):
+    summaries = []
+    for method in ("knorm", "random"):
+        cfg = _compose(
+            "model=tiny_qwen2", "dataset=qa_jsonl", f"dataset.path={qa_file}", f"method={method}", "budget=32",
+            "eval.max_new_tokens=3", f"cache_dir={tmp_path / 'cache'}",
+        )  # fmt: skip
+        summaries.append(train_or_eval(cfg, tmp_path / method))
+    assert summaries[0]["metrics_before"] == summaries[1]["metrics_before"]
+    assert len(list((tmp_path / "cache" / "full").glob("*.json"))) == 1
+    before = [r["prediction_before"] for r in csv.DictReader((tmp_path / "random" / "samples.csv").open())]
+    assert before == [
+        r["prediction_before"] for r in csv.DictReader((tmp_path / "knorm" / "samples.csv").open())
+    ]

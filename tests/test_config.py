@@ -28,8 +28,11 @@ def _options(group: str) -> list[str]:
     "group,option",
     [(g, o) for g in ["model", "method", "dataset", "budget", "hardware", "logger"] for o in _options(g)],
 )
-def test_every_group_option_composes(group, option):
+def test_every_group_option_composes(group, option, tmp_path):
     extra = [f"dataset.path={CONF.parent / 'pyproject.toml'}"] if option == "text_file" else []
+    if option == "qa_jsonl":
+        (tmp_path / "qa.jsonl").write_text('{"context": "c", "question": "q", "answer": "a"}\n')
+        extra = [f"dataset.path={tmp_path / 'qa.jsonl'}"]
     extra += ["method=full"] if option == "full" else []
     cfg = _compose(f"{group}={option}", *extra)
     if group in ("model", "method", "dataset", "hardware"):
@@ -80,6 +83,13 @@ def test_numeric_budget_choices_are_quoted_for_hydra():
     assert _compose("budget=keep_0.5").budget.keep_ratio == 0.5
 
 
+def test_a_lone_keep_ratio_replaces_the_default_token_budget():
+    assert normalize_overrides(["budget.keep_ratio=0.5"]) == ["budget.keep_ratio=0.5", "budget.tokens=null"]
+    assert normalize_overrides(["budget.keep_ratio=0.5", "budget.tokens=8"])[-1] == "budget.tokens=8"
+    budget = _compose("budget.keep_ratio=0.5").budget
+    assert (budget.tokens, budget.keep_ratio) == (None, 0.5)
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
@@ -87,7 +97,8 @@ def test_numeric_budget_choices_are_quoted_for_hydra():
         (["budget.tokens=-3"], "budget.tokens"),
         (["budget=keep_0.5", "budget.keep_ratio=1.5"], r"budget.keep_ratio"),
         (["budget=keep_0.5", "budget.keep_ratio=0"], r"budget.keep_ratio"),
-        (["budget.keep_ratio=0.5"], "either budget.tokens or budget.keep_ratio"),
+        (["budget.tokens=64", "budget.keep_ratio=0.5"], "either budget.tokens or budget.keep_ratio"),
+        (["budget=256", "budget.keep_ratio=0.5"], "either budget.tokens or budget.keep_ratio"),
         (["method.name=nope"], r"method must be one of: .*full, .*streaming_llm"),
         (["+method.bogus=1"], "has no parameter"),
         (["method.sink_tokens=300"], "sink_tokens"),
@@ -100,11 +111,54 @@ def test_numeric_budget_choices_are_quoted_for_hydra():
         (["budget=full"], "needs a budget"),
         (["logger=wandb", "logger.mode=sometimes"], "logger.mode"),
         (["model.source=ftp"], "model.source"),
+        (["dataset.task=translation"], "dataset.task"),
+        (["dataset.task=generation"], "not a generation dataset"),
+        (["dataset=passkey", "dataset.task=perplexity"], "not a perplexity dataset"),
+        (
+            ["dataset=passkey", "model=tiny_llama"],
+            r"dataset.lengths=\[1024, 2048, 4096, 8192\] exceeds model.max_context=2048",
+        ),
+        (["dataset=passkey", "dataset.depths=[0.5,2.0]"], "dataset.depths"),
+        (["dataset=needle", "dataset.variant=multi"], "dataset.variant"),
+        (["dataset=needle", "dataset.phrasing=rhyme"], "dataset.phrasing"),
+        (["dataset=passkey", "dataset.max_new_tokens=0"], "dataset.max_new_tokens"),
+        (["dataset=qa_jsonl"], "dataset.path"),
+        (["dataset=xsum", "dataset.local_file=null", "dataset.hub_id=null"], "no local file"),
+        (["eval.protocol=query_sometimes"], "eval.protocol"),
+        (["eval.max_new_tokens=0"], "eval.max_new_tokens"),
+        (["eval.temperature=0"], "eval.temperature"),
+        (["eval.top_p=1.5"], "eval.top_p"),
+        (["eval.prefill_chunk_size=0"], "eval.prefill_chunk_size"),
     ],
 )
 def test_bad_values_fail_early_naming_the_option(overrides, match):
     with pytest.raises(ValueError, match=match):
         validate(_compose(*overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides,samples",
+    [
+        ([], 1),  # perplexity datasets: one document unless asked
+        (["dataset=passkey"], None),  # every generated sample
+        (["dataset=cnn_dailymail"], 100),  # seed 000's "test[:100]"
+        (["dataset=cnn_dailymail", "eval.max_samples=3"], 3),
+    ],
+)
+def test_eval_max_samples_defaults_to_the_datasets(overrides, samples):
+    assert _compose(*overrides).eval.max_samples == samples
+
+
+def test_generation_datasets_get_their_schema_and_eval_options():
+    cfg = _compose("dataset=needle", "dataset.lengths=[1024]", "eval.protocol=query_aware")
+    assert (cfg.dataset.task, cfg.dataset.variant, cfg.dataset.lengths, cfg.dataset.report_by) == (
+        "generation",
+        "single",
+        [1024],
+        ["length", "depth"],
+    )
+    assert (cfg.eval.protocol, cfg.eval.chat_template, cfg.eval.do_sample) == ("query_aware", None, False)
+    validate(cfg)
 
 
 @pytest.mark.parametrize("override", ["model=no_such_model", "method=no_such_method", "budget=17"])
@@ -121,3 +175,5 @@ def test_schema_rejects_wrong_types():
 
     with pytest.raises((ValidationError, ConfigCompositionException)):
         _compose("budget.tokens=many")
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        _compose("dataset=passkey", "dataset.lengths=[long]")

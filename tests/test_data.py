@@ -1,15 +1,26 @@
-"""Perplexity documents from the real local evaluation data ($KVEXP_DATA_DIR), never from the hub."""
+"""Perplexity documents from the real local evaluation data ($KVEXP_DATA_DIR), never from the hub, and
+from the running interpreter's standard library (python_code)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sysconfig
+import tokenize
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kvexp.tasks.data import DATASETS, Document, check_dataset, data_dir, load_documents, resolve_local_file
+from kvexp.tasks.data import (
+    DATASETS,
+    Document,
+    check_dataset,
+    data_dir,
+    load_documents,
+    resolve_local_file,
+    stdlib_dir,
+)
 
 CONF = Path(__file__).parents[1] / "conf" / "dataset"
 DATA = Path(os.environ.get("KVEXP_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data")
@@ -24,6 +35,7 @@ KEYS = {
     "text_field",
     "split_documents",
 }
+CODE_KEYS = {"files", "glob", "min_bytes"}  # python_code's selection options
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +58,10 @@ def test_every_config_has_all_keys():
     names = sorted(p.stem for p in CONF.glob("*.yaml"))
     assert set(DATASETS) <= set(names)
     for name in names:
+        assert cfg(name)["name"] == name
+    for name in DATASETS:  # the perplexity datasets (generation datasets are tested with their tasks)
         c = cfg(name)
-        assert set(c) == KEYS, name
+        assert set(c) == KEYS | (CODE_KEYS if name == "python_code" else set()), name
         assert c["task"] == "perplexity"
 
 
@@ -149,3 +163,56 @@ def test_wikitext2_slice_starting_mid_article():
     docs = load_documents(cfg("wikitext2", split="test[10:40]", split_documents=True), max_samples=None)
     assert [d.id for d in docs] == ["(untitled)", "Du Fu"]
     assert "\n\n".join(d.text for d in docs) == "\n\n".join(rows[10:40])
+
+
+def _source(path: Path) -> str:
+    with tokenize.open(path) as f:
+        return f.read()
+
+
+def test_python_code_is_the_interpreters_stdlib():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert stdlib_dir() == root
+    docs = load_documents(cfg("python_code"), max_samples=None)
+    expected = sorted(p for p in root.glob("*.py") if p.stat().st_size >= 20000)
+    assert [d.id for d in docs] == [p.name for p in expected]  # top-level modules by name, >= 20 kB
+    assert len(docs) >= 20 and "argparse.py" in [d.id for d in docs]
+    by_id = {d.id: d.text for d in docs}
+    assert "class ArgumentParser" in by_id["argparse.py"]
+    assert by_id["argparse.py"] == _source(root / "argparse.py")
+    assert load_documents(cfg("python_code"), max_samples=3) == docs[:3]  # deterministic; count = max_samples
+    picked = load_documents(cfg("python_code", files=["json/decoder.py", "heapq.py"]), max_samples=None)
+    assert [d.id for d in picked] == ["json/decoder.py", "heapq.py"]  # in the order given, any size
+    assert picked[1].text == _source(root / "heapq.py")
+
+
+def test_python_code_selection_in_a_folder(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "b.py").write_text("x = 1\n" * 10, encoding="utf-8")  # 60 bytes
+    (tmp_path / "a.py").write_text("y = 2\n", encoding="utf-8")  # 6 bytes
+    (tmp_path / "pkg" / "c.py").write_text("z = 3\n" * 20, encoding="utf-8")  # 120 bytes
+    (tmp_path / "site-packages" / "d.py").write_text("w = 4\n" * 20, encoding="utf-8")  # never selected
+    (tmp_path / "latin.py").write_bytes("# -*- coding: latin-1 -*-\ns = 'é'\n".encode("latin-1"))
+    (tmp_path / "broken.py").write_bytes(b"s = '\xff\xfe'\n")  # not UTF-8, no coding cookie
+    (tmp_path / "notes.txt").write_text("not code", encoding="utf-8")
+    base = cfg("python_code", path=str(tmp_path), min_bytes=0)
+
+    docs = load_documents(base, max_samples=None)
+    assert [d.id for d in docs] == ["a.py", "b.py", "latin.py"]  # top level only; broken.py skipped
+    assert docs[2].text == "# -*- coding: latin-1 -*-\ns = 'é'\n"  # decoded with its coding cookie
+    deep = load_documents({**base, "glob": "**/*.py"}, max_samples=None)
+    assert [d.id for d in deep] == ["a.py", "b.py", "latin.py", "pkg/c.py"]
+    big = load_documents({**base, "glob": "**/*.py", "min_bytes": 60}, max_samples=None)
+    assert [d.id for d in big] == ["b.py", "pkg/c.py"]
+    listed = load_documents({**base, "files": ["pkg/c.py", "a.py"]}, max_samples=1)
+    assert listed == [Document("pkg/c.py", "z = 3\n" * 20)]
+
+    with pytest.raises(ValueError, match=r"dataset\.files.*missing\.py"):
+        check_dataset({**base, "files": ["a.py", "missing.py"]})
+    with pytest.raises(ValueError, match=r"dataset\.files.*broken\.py"):
+        load_documents({**base, "files": ["broken.py"]}, max_samples=None)
+    with pytest.raises(ValueError, match=r"dataset\.glob='\*\.pyx'"):
+        check_dataset({**base, "glob": "*.pyx"})
+    with pytest.raises(ValueError, match=r"dataset\.path"):
+        check_dataset({**base, "path": str(tmp_path / "a.py")})

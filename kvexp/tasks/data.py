@@ -1,4 +1,4 @@
-"""Documents for perplexity evaluation: WikiText-2, PG-19 and plain text files.
+"""Documents for perplexity evaluation: WikiText-2, PG-19, Python source code and plain text files.
 
 Local copies of the evaluation data are found through ``$KVEXP_DATA_DIR`` so that tests, benchmarks and
 offline machines never touch the Hugging Face hub; online users without that folder fall back to
@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import re
+import sysconfig
+import tokenize
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "KVEXP_DATA_DIR"
-DATASETS = ("wikitext2", "pg19", "text_file")
+DATASETS = ("wikitext2", "pg19", "text_file", "python_code")
 
 # The local files hold the test split only; `dataset.split` may still slice it ("test[:100]").
 LOCAL_SPLIT = "test"
@@ -76,6 +78,9 @@ def check_dataset(dataset: Mapping) -> None:
         raise ValueError(
             f"dataset.name={name!r} is not a perplexity dataset; allowed values: {list(DATASETS)}"
         )
+    if name == "python_code":
+        _python_files(dataset)  # raises for a bad folder, a missing file or an empty selection
+        return
     if name == "text_file" and not dataset.get("path"):
         raise ValueError("dataset.name='text_file' needs dataset.path=<a utf-8 text file>")
     local = resolve_local_file(dataset)  # raises for a missing dataset.path
@@ -87,7 +92,7 @@ def check_dataset(dataset: Mapping) -> None:
             f"${DATA_DIR_ENV}) and no dataset.hub_id to download it from"
         )
     if local is not None:
-        _split_bounds(dataset.get("split"), n_rows=1)  # validates the split spec early
+        split_bounds(dataset.get("split"), n_rows=1)  # validates the split spec early
 
 
 def load_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
@@ -96,6 +101,10 @@ def load_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
     if max_samples is not None and max_samples < 0:
         raise ValueError(f"max_samples={max_samples} must be >= 0 or null")
     name = dataset["name"]
+    if name == "python_code":
+        docs = _python_documents(dataset, max_samples)
+        log.info("dataset python_code: %d file(s) from %s", len(docs), dataset.get("path") or stdlib_dir())
+        return docs
     local = resolve_local_file(dataset)
     if name == "text_file":
         assert local is not None  # check_dataset guarantees dataset.path
@@ -125,7 +134,7 @@ def _wikitext_rows(dataset: Mapping, local: Path | None) -> list[str]:
     rows = data[field] if isinstance(data, Mapping) else data
     if not isinstance(rows, list) or not all(isinstance(r, str) for r in rows):
         raise ValueError(f"{local}: expected a JSON list of strings (or an object with a {field!r} list)")
-    start, stop = _split_bounds(dataset.get("split"), len(rows))
+    start, stop = split_bounds(dataset.get("split"), len(rows))
     return rows[start:stop]
 
 
@@ -160,7 +169,7 @@ def _pg19_books(dataset: Mapping, local: Path | None) -> list[Document]:
     else:
         with local.open(encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
-        start, stop = _split_bounds(dataset.get("split"), len(records))
+        start, stop = split_bounds(dataset.get("split"), len(records))
         records = records[start:stop]
     return [Document(id=_book_id(rec, i), text=rec[field]) for i, rec in enumerate(records)]
 
@@ -173,6 +182,63 @@ def _book_id(record: Mapping[str, Any], index: int) -> str:
     if url:
         return str(url).rstrip("/").rsplit("/", 1)[-1]
     return str(record.get("short_book_title") or index)
+
+
+def stdlib_dir() -> Path:
+    """The running interpreter's standard-library folder: Python source every install carries."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _python_files(dataset: Mapping) -> tuple[Path, list[Path]]:
+    """The folder and the selected .py files in it: `dataset.files` in the order given, else the
+    `dataset.glob` matches of at least `dataset.min_bytes` bytes sorted by path, under `dataset.path`
+    (default: the stdlib folder). Installed third-party packages (site-packages / dist-packages) are never
+    part of a glob selection.
+    """
+    root = Path(str(dataset["path"])).expanduser() if dataset.get("path") else stdlib_dir()
+    if not root.is_dir():
+        raise ValueError(f"dataset.path={str(root)!r} is not a folder of Python files")
+    files = dataset.get("files")
+    if files:
+        paths = [root / str(f) for f in files]
+        missing = [str(f) for f, p in zip(files, paths, strict=True) if not p.is_file()]
+        if missing:
+            raise ValueError(f"dataset.files: {missing} not found under {root}")
+        return root, paths
+    pattern, min_bytes = dataset.get("glob") or "*.py", int(dataset.get("min_bytes") or 0)
+    paths = sorted(
+        p
+        for p in root.glob(pattern)
+        if p.is_file()
+        and p.stat().st_size >= min_bytes
+        and not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
+    )
+    if not paths:
+        raise ValueError(
+            f"dataset.glob={pattern!r} with dataset.min_bytes={min_bytes} selects no file under {root}"
+        )
+    return root, paths
+
+
+def _python_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
+    """One document per selected file, id = its path relative to the folder, decoded as Python does
+    (PEP 263 coding cookie, else UTF-8). A globbed file that does not decode (the stdlib's tests of
+    bad encodings) is skipped; an explicitly listed one is an error."""
+    root, paths = _python_files(dataset)
+    docs: list[Document] = []
+    for path in paths:
+        if max_samples is not None and len(docs) == max_samples:
+            break  # read no more files than asked for
+        try:
+            with tokenize.open(path) as f:
+                text = f.read()
+        except (SyntaxError, UnicodeDecodeError) as err:
+            if dataset.get("files"):
+                raise ValueError(f"dataset.files: {path} is not decodable Python source ({err})") from err
+            log.info("skipping %s: not decodable Python source (%s)", path, err)
+            continue
+        docs.append(Document(id=path.relative_to(root).as_posix(), text=text))
+    return docs
 
 
 def _load_hub(dataset: Mapping):
@@ -190,7 +256,7 @@ def _load_hub(dataset: Mapping):
     )
 
 
-def _split_bounds(split: str | None, n_rows: int) -> tuple[int, int]:
+def split_bounds(split: str | None, n_rows: int) -> tuple[int, int]:
     """Row range of an HF split spec ("test", "test[:100]", "test[10%:50%]") applied to a local test file."""
     from datasets import ReadInstruction
 

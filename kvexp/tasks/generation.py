@@ -1,14 +1,56 @@
 """Generation tasks: a context that is compressed, a question, and reference answers to score the output against.
 
-Protocol (DESIGN.md §4, `eval.protocol`): `query_agnostic` (default, kvpress's) prefills and compresses the
-context alone, then appends the question and decodes; `query_aware` (SnapKV's setting) puts the question inside
-the prompt that is compressed.
+Protocol (DESIGN.md §4, `eval.protocol`):
+
+* `query_agnostic` (default; kvpress's benchmark protocol): the context is prefilled and compressed alone, then
+  the question (with the answer prefix) is appended in one step that never compresses: every layer's budget
+  grows by the question's length first, so each layer still holds every question token when the first answer
+  token is chosen, and the method still observes the question's queries. Decode steps then compress as
+  `engine.when` says (`always`: back down to budget + question length; `prefill`: not at all, kvpress's
+  prefill-only setting, under which the question stays in every layer until the end).
+* `query_aware` (SnapKV's setting): context and question are one prompt, prefilled and compressed together.
+
+Both protocols feed the same token ids (context and question are tokenized separately, as kvpress does), so the
+protocol is the only difference between them. The prompt follows kvpress's pipeline: without a chat template
+`context` then `question + "\\n" + answer_prefix` (the question alone when there is no prefix, so a task that
+builds its whole prompt, e.g. LongBench, is fed exactly that); with one (`eval.chat_template`, by default the
+dataset's `chat_template` when the tokenizer has a template) the context opens the user turn and the question
+closes it, followed by the template's assistant header and the answer prefix.
+
+The context is prefilled in one forward by default; `prefill_chunk_size` feeds it in chunks with compression
+between them (DESIGN §2.4, peak KV memory budget + chunk). Decoding is an explicit loop, so every step is
+timed: greedy by default, or seeded sampling (temperature, top-p). It stops at EOS, after `max_new_tokens`, or
+at a stop string (searched after the answer's leading whitespace; the prediction is cut there).
+
+Cost per sample: TTFT (prefill, compression and the question step, until the first answer token), TPOT (mean
+later decode step), KV bytes at the end (`cache.stats()`) and at the peak (before compressions: a one-forward
+prefill holds the whole context until the compression that follows it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kvexp.engine import KVCache, make_cache
+from kvexp.methods import Method
+from kvexp.tasks import metrics
+from kvexp.tasks.data import LOCAL_SPLIT, _load_hub, resolve_local_file, split_bounds
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("query_agnostic", "query_aware")
+# The score a family reports first, and the objective of a run (other families: their first key).
+PRIMARY_SCORE = {"qa": "accuracy", "qa_all": "accuracy", "rouge": "rougeL"}
 
 
 @dataclass
@@ -27,3 +69,426 @@ class GenerationSample:
     meta: dict[str, Any] = field(
         default_factory=dict
     )  # depth, length, task name, ... (copied to samples.csv)
+    stop: list[str] = field(default_factory=list)  # generation ends at the first of these (e.g. "\n")
+
+
+@dataclass
+class GenerationDataset:
+    """A registry entry: how to check a dataset config before any model loads, and how to load its samples.
+
+    `load(dataset, encoder, max_samples, seed)`: `encoder` tokenizes samples exactly as the runner will (tasks
+    that size their context in tokens use it); `seed` drives generated data. `own_template`: the loader applies
+    the chat template itself (LongBench's rule), so the runner never wraps its samples again.
+    """
+
+    load: Callable[[Mapping, PromptEncoder, int | None, int], list[GenerationSample]]
+    check: Callable[[Mapping], None]
+    own_template: bool = False
+
+
+@dataclass
+class Prompt:
+    """A sample's token ids: the context (compressed) and the question part (question, template, prefix)."""
+
+    context: torch.Tensor  # [1, C]
+    question: torch.Tensor  # [1, Q]
+
+    def compressed_tokens(self, protocol: str) -> int:
+        """Tokens the prefill compression sees: what `budget.keep_ratio` is a fraction of."""
+        return self.context.shape[1] + (self.question.shape[1] if protocol == "query_aware" else 0)
+
+
+class PromptEncoder:
+    """Sample -> token ids, the way kvpress's pipeline builds them (see the module docstring).
+
+    A prompt longer than `max_context - max_new_tokens` loses the middle of its context (LongBench's rule).
+    """
+
+    def __init__(self, tokenizer, chat_template: bool = False, max_context: int | None = None):
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("eval.chat_template=true, but the model's tokenizer has no chat template")
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.max_context = max_context
+
+    def texts(self, sample: GenerationSample) -> tuple[str, str]:
+        """(context text, question text) as they are tokenized."""
+        if not self.chat_template:
+            # kvpress: the answer prefix goes on the line after the question; without one the question is as given.
+            return sample.context, sample.question + (
+                f"\n{sample.answer_prefix}" if sample.answer_prefix else ""
+            )
+        # kvpress's trick: a separator longer than the context cannot occur in it.
+        separator = "#" * (len(sample.context) + 10)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": sample.context + separator}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        context, suffix = text.split(separator)
+        return context, sample.question + suffix + sample.answer_prefix
+
+    def encode(self, sample: GenerationSample, max_new_tokens: int | None = None) -> Prompt:
+        context_text, question_text = self.texts(sample)
+        # Plain prompts get the tokenizer's default special tokens (as perplexity does); a template has its own.
+        context = self.tokenizer(context_text, add_special_tokens=not self.chat_template).input_ids
+        question = self.tokenizer(question_text, add_special_tokens=False).input_ids
+        if self.max_context is not None:
+            room = self.max_context - len(question) - (max_new_tokens or sample.max_new_tokens)
+            if room < 2:
+                raise ValueError(
+                    f"sample {sample.id}: the question and answer ({len(question)} + "
+                    f"{max_new_tokens or sample.max_new_tokens} tokens) do not fit model.max_context={self.max_context}"
+                )
+            if len(context) > room:
+                log.warning(
+                    "sample %s: context truncated in the middle, %d -> %d tokens",
+                    sample.id,
+                    len(context),
+                    room,
+                )
+                context = context[: room // 2] + context[len(context) - (room - room // 2) :]
+        return Prompt(torch.tensor([context]), torch.tensor([question], dtype=torch.long))
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answer tokens are chosen: greedy by default; sampling is seeded."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    id: str
+    prediction: str  # the decoded answer, cut at the first stop string, stripped
+    context_tokens: int
+    question_tokens: int
+    new_tokens: int  # generated tokens (EOS included when it ended the answer)
+    ttft_s: float  # prefill + compression + question step, until the first answer token
+    step_s: list[float] = field(default_factory=list)  # every later decode step
+    kv: dict[str, Any] = field(default_factory=dict)  # cache.stats() at the end
+    kv_peak_bytes: int = 0  # largest physical KV footprint, before compressions included
+    budget: int | list[int] | None = None  # the budget the cache was made with (resolved per sample)
+    scores: dict[str, float] = field(default_factory=dict)  # filled by `score_results`
+
+    @property
+    def total_s(self) -> float:
+        return self.ttft_s + sum(self.step_s)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string after its leading whitespace, and whether one was found."""
+    lead = len(text) - len(text.lstrip())
+    hits = [i for i in (text.find(s, lead) for s in stop if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def _pick(logits: torch.Tensor, decoding: Decoding, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token [1] from the last position's logits [1, V] (fp32)."""
+    if not decoding.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / decoding.temperature, dim=-1)
+    if decoding.top_p < 1.0:
+        # Nucleus: keep the most probable tokens whose mass before them is below top_p (the first always stays).
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= decoding.top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _forward(model, ids: torch.Tensor, cache: KVCache, chunk_size: int | None) -> torch.Tensor:
+    """Feed `ids` [1, n] (in chunks if asked); the last position's logits [1, V] in fp32."""
+    step = chunk_size or ids.shape[1]
+    for start in range(0, ids.shape[1], step):
+        logits = model(ids[:, start : start + step], past_key_values=cache, logits_to_keep=1).logits
+    return logits[:, -1].float()
+
+
+def admit_uncompressed(cache: KVCache, tokens: int) -> None:
+    """Raise every compressed layer's budget (and per-head budgets) by `tokens` before a step of that many tokens,
+    so that step cannot trigger a compression: the layers stay observed (methods see its queries) but keep all of
+    it. Later steps compress to the raised budget."""
+    for layer in cache.layers:
+        if layer.budget is not None:
+            layer.budget += tokens
+            if layer.head_budgets is not None:
+                layer.head_budgets = [b + tokens for b in layer.head_budgets]
+
+
+@torch.no_grad()
+def generate_answer(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    method: str | Method,
+    budget: int | list[int] | None,
+    *,
+    max_new_tokens: int,
+    protocol: str = "query_agnostic",
+    decoding: Decoding = Decoding(),
+    stop: Sequence[str] = (),
+    prefill_chunk_size: int | None = None,
+    sample_id: str = "sample",
+    **cache_kwargs,
+) -> GenerationResult:
+    """Answer one prompt through a fresh compressed cache (see the module docstring for the protocol)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    cache = make_cache(model, method, budget, **cache_kwargs)
+    context, question = prompt.context.to(model.device), prompt.question.to(model.device)
+    generator = None
+    if decoding.do_sample:
+        generator = torch.Generator(model.device).manual_seed(decoding.seed)
+    eos = _eos_ids(model, tokenizer)
+
+    start = time.perf_counter()
+    if protocol == "query_aware":
+        logits = _forward(model, torch.cat([context, question], dim=1), cache, prefill_chunk_size)
+    else:
+        logits = _forward(model, context, cache, prefill_chunk_size)
+        if question.shape[1]:
+            admit_uncompressed(cache, question.shape[1])
+            logits = _forward(model, question, cache, None)
+    token = _pick(logits, decoding, generator)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    ttft = time.perf_counter() - start
+
+    tokens, steps, stopped = [int(token)], [], False
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos and not stopped:
+        t0 = time.perf_counter()
+        logits = model(token[:, None], past_key_values=cache).logits[:, -1].float()
+        token = _pick(logits, decoding, generator)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        steps.append(time.perf_counter() - t0)
+        tokens.append(int(token))
+        if stop:
+            _, stopped = _cut(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+    text, _ = _cut(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+    return GenerationResult(
+        id=sample_id,
+        prediction=text.strip(),
+        context_tokens=context.shape[1],
+        question_tokens=question.shape[1],
+        new_tokens=len(tokens),
+        ttft_s=ttft,
+        step_s=steps,
+        kv=cache.stats(),
+        # Each layer's largest physical length (a one-forward prefill holds the whole context until it is
+        # compressed; chunked prefill holds budget + chunk), summed over layers.
+        kv_peak_bytes=sum(
+            layer.peak_length * layer.slot_bytes for layer in cache.layers if layer.is_initialized
+        ),
+        budget=budget,
+    )
+
+
+def sentence_lines(text: str) -> str:
+    """One sentence per line, split after . ! ? before whitespace: what rougeLsum takes as sentences
+    (HF's summarization examples use nltk's punkt for this, which needs a download)."""
+    return "\n".join(s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s)
+
+
+def qa_all(prediction: str, answers: Sequence[str]) -> dict[str, float]:
+    """RULER's string_match_all: the fraction of the answers found in the prediction (multi-value needles)."""
+    found = [metrics.contains_answer(prediction, [a]) for a in answers]
+    return {"accuracy": sum(found) / len(found) if found else 0.0}
+
+
+def score_prediction(sample: GenerationSample, prediction: str) -> dict[str, float]:
+    """The sample's metric family on the prediction (kvexp.tasks.metrics, plus RULER's `qa_all`).
+
+    ROUGE predictions are split into sentence lines first, as the references are, so rougeLsum is the
+    summary-level score the CNN/DM literature reports.
+    """
+    if sample.metric == "qa_all":
+        return qa_all(prediction, sample.answers)
+    if sample.metric == "rouge":
+        prediction = sentence_lines(prediction)
+    return metrics.score(sample.metric, prediction, sample.answers, **sample.meta)
+
+
+def score_results(samples: Sequence[GenerationSample], results: Sequence[GenerationResult]) -> None:
+    """Fill every result's `scores` (after generation, so cached predictions are always re-scored)."""
+    for sample, result in zip(samples, results, strict=True):
+        result.scores = score_prediction(sample, result.prediction)
+
+
+def primary_score(sample: GenerationSample, scores: Mapping[str, float]) -> float:
+    return scores[PRIMARY_SCORE.get(sample.metric, next(iter(scores)))]
+
+
+def _mean_scores(samples: Sequence[GenerationSample], results: Sequence[GenerationResult]) -> dict[str, Any]:
+    """{family: {score: mean}} over the samples of each metric family."""
+    families: dict[str, dict[str, list[float]]] = {}
+    for sample, result in zip(samples, results, strict=True):
+        family = families.setdefault(sample.metric, {})
+        for key, value in result.scores.items():
+            family.setdefault(key, []).append(value)
+    return {f: {k: sum(v) / len(v) for k, v in scores.items()} for f, scores in families.items()}
+
+
+def aggregate_generation(
+    samples: Sequence[GenerationSample], results: Sequence[GenerationResult], report_by: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Mean scores per metric family (and per value of each `report_by` meta key, and their grid), cost figures.
+
+    `metrics`: {"samples": n, family: {score: mean}, "by": {key: {value: {family: {...}}}}}; with two or more
+    `report_by` keys "by" also holds their joint grid under "a/b" keys ("1024/0.5").
+    """
+    groupings = [[k] for k in report_by] + ([list(report_by)] if len(report_by) > 1 else [])
+    by: dict[str, dict[str, Any]] = {}
+    for keys in groupings:
+        groups: dict[str, list[int]] = {}
+        for i, sample in enumerate(samples):
+            groups.setdefault("/".join(str(sample.meta.get(k)) for k in keys), []).append(i)
+        by["/".join(keys)] = {
+            value: _mean_scores([samples[i] for i in idx], [results[i] for i in idx])
+            for value, idx in groups.items()
+        }
+    generated = sum(r.new_tokens for r in results)
+    total_s = sum(r.total_s for r in results)
+    later = [s for r in results for s in r.step_s]
+    compress_s = sum(r.kv.get("compress_seconds", 0.0) for r in results)
+    seen = sum(r.kv["tokens_seen"] for r in results)
+    kept = sum(r.kv["tokens_kept"] for r in results)
+    return {
+        "metrics": {
+            "samples": len(results),
+            **_mean_scores(samples, results),
+            **({"by": by} if by else {}),
+            "new_tokens": generated / len(results),
+        },
+        "kv_cache": {
+            "tokens_seen": seen,
+            "tokens_kept": kept,
+            "tokens_kept_mean": kept / len(results),
+            "compression_ratio": 1.0 - kept / seen if seen else 0.0,
+            "bytes_full": sum(r.kv.get("bytes_full", 0) for r in results),
+            "bytes_kept": sum(r.kv.get("bytes_kept", 0) for r in results),
+            "bytes_peak": max(r.kv_peak_bytes for r in results),
+        },
+        "timing": {
+            "ttft_s": sum(r.ttft_s for r in results) / len(results),
+            "tpot_ms": 1000 * sum(later) / len(later) if later else None,
+            "throughput_tok_s": generated / total_s,
+            "total_s": total_s,
+            "sample_s": total_s / len(results),
+            "compress_s": compress_s,
+            "compress_share": compress_s / total_s if total_s else 0.0,
+        },
+        "objective": sum(primary_score(s, r.scores) for s, r in zip(samples, results, strict=True))
+        / len(results),
+    }
+
+
+def run_generation(
+    model,
+    tokenizer,
+    samples: Sequence[GenerationSample],
+    prompts: Sequence[Prompt],
+    method: str | Method,
+    budget_for: Callable[[int], int | list[int] | None],
+    *,
+    protocol: str = "query_agnostic",
+    decoding: Decoding = Decoding(),
+    max_new_tokens: int | None = None,
+    prefill_chunk_size: int | None = None,
+    progress: bool = False,
+    **cache_kwargs,
+) -> list[GenerationResult]:
+    """Every sample through a fresh cache of `method`, with the budget `budget_for(compressed tokens)`.
+
+    Sample i samples with seed `decoding.seed + i`, so a full-cache and a compressed run draw alike.
+    """
+    name = getattr(method, "name", method)
+    results = []
+    for i, (sample, prompt) in enumerate(
+        tqdm(list(zip(samples, prompts, strict=True)), desc=f"generate [{name}]", disable=not progress)
+    ):
+        results.append(
+            generate_answer(
+                model,
+                tokenizer,
+                prompt,
+                method,
+                budget_for(prompt.compressed_tokens(protocol)),
+                max_new_tokens=max_new_tokens or sample.max_new_tokens,
+                protocol=protocol,
+                decoding=dataclasses.replace(decoding, seed=decoding.seed + i),
+                stop=sample.stop,
+                prefill_chunk_size=prefill_chunk_size,
+                sample_id=sample.id,
+                **cache_kwargs,
+            )
+        )
+    score_results(samples, results)
+    return results
+
+
+def evaluate_generation(
+    model,
+    tokenizer,
+    samples: Sequence[GenerationSample],
+    method: str | Method = "full",
+    budget: int | list[int] | None = None,
+    *,
+    keep_ratio: float | None = None,
+    chat_template: bool = False,
+    report_by: Sequence[str] = (),
+    **kwargs,
+) -> dict[str, Any]:
+    """Python API: answer `samples` under `method` at `budget` tokens (or `keep_ratio` of each compressed
+    prompt) and score them; kwargs go to `run_generation` (protocol, decoding, ...) and the cache."""
+    if budget is not None and keep_ratio is not None:
+        raise ValueError("give either budget or keep_ratio, not both")
+    encoder = PromptEncoder(tokenizer, chat_template, getattr(model.config, "max_position_embeddings", None))
+    prompts = [encoder.encode(s, kwargs.get("max_new_tokens")) for s in samples]
+    budget_for = (lambda n: max(1, int(keep_ratio * n))) if keep_ratio is not None else (lambda n: budget)
+    results = run_generation(model, tokenizer, samples, prompts, method, budget_for, **kwargs)
+    summary = aggregate_generation(samples, results, report_by)
+    summary["results"] = results
+    return summary
+
+
+def read_records(dataset: Mapping, max_samples: int | None) -> list[dict[str, Any]]:
+    """The rows of a record dataset: `dataset.path` or `$KVEXP_DATA_DIR/<local_file>` (JSONL, or a JSON list),
+    sliced by `dataset.split` ("test[:100]"), else the hub split (`hub_id`, `hub_config`). First `max_samples`."""
+    local = resolve_local_file(dataset)
+    if local is None:
+        if not dataset.get("hub_id"):
+            raise ValueError(f"dataset {dataset.get('name')!r} has no local file and no dataset.hub_id")
+        rows = _load_hub(dataset)
+        return [
+            dict(r)
+            for r in (rows if max_samples is None else rows.select(range(min(max_samples, len(rows)))))
+        ]
+    text = local.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{local}: expected JSONL (one object per line) or a JSON list of objects")
+    start, stop = split_bounds(dataset.get("split") or LOCAL_SPLIT, len(rows))
+    rows = rows[start:stop]
+    return rows if max_samples is None else rows[:max_samples]
+
+
+def require_fields(rows: Sequence[Mapping], fields: Sequence[str], where: str) -> None:
+    """Every row has every field (a ValueError naming the first row that does not)."""
+    for i, row in enumerate(rows):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise ValueError(f"{where}: row {i} has no field(s) {missing}; its fields are {sorted(row)}")

@@ -1,0 +1,540 @@
+"""lm-eval-harness tasks through the compressed cache (`dataset=lm_eval`; DESIGN.md §4, ECOSYSTEM.md §4).
+
+`CompressedLM` is an lm-eval model around an already loaded Hugging Face model in which every request runs
+through a fresh kvexp cache (`make_cache`, budget resolved per request as in `resolve_budget`). Stock lm-eval
+scores log-likelihoods with one uncached forward, so only generation would feel compression; here
+multiple-choice and perplexity tasks feel it too.
+
+One boundary rule for every request type: a scored or generated token is predicted by a step that attends to
+the compressed cache of everything before that step plus the step's own tokens.
+
+* `loglikelihood(context, continuation)`: the tokens are lm-eval's HF ones (`TemplateLM._encode_pair`, inputs
+  `(context + continuation)[:-1]` left-truncated to `max_length + 1`). `context[:-1]` is prefilled
+  (`prefill_chunk_size` tokens per step, one step by default) and compressed; then the last context token and
+  `continuation[:-1]` go through in ONE step. The engine compresses only after a step's attention, so within
+  that step the continuation sees the compressed context and all of itself: it is never compressed, and the
+  engine needs no switch (the compression after that step works on a cache that is thrown away). The last
+  context token rides with the continuation because its logits predict the first continuation token:
+  prefilling the whole context would score a one-token continuation, i.e. most multiple-choice tasks, against
+  the uncompressed context. All continuations of one context share one compressed prefill (the cache is
+  repeated over the batch), so every choice of a question is scored against the same compressed context.
+  `is_greedy` is lm-eval's: every continuation token is the argmax.
+* `loglikelihood_rolling(text)`: streaming perplexity (`score_document`) of `[prefix] + tokens`, every token
+  scored, `chunk_size` tokens per step (default 1, exact). One stream per document, not lm-eval's
+  `max_length` windows: the cache, not a window, bounds the context (same numbers for documents that fit).
+* `generate_until(context, gen_kwargs)`: `context[:-1]` is prefilled and compressed, then greedy decoding
+  starts from the last context token, one token per step with compression whenever a layer is over budget,
+  until a stop string, EOS or `max_gen_toks` (lm-eval's `until` / `max_gen_toks`; the context is
+  left-truncated to `max_length - max_gen_toks` like HFLM). Sampling requests are decoded greedily, with a
+  warning.
+
+Batch size 1: one context at a time (its continuations batched together). `CompressedLM.records` keeps one
+record per request (tokens, log-likelihood or generation, the cache's kept tokens and bytes, time), which
+`evaluate_lm_eval` returns as samples.csv rows.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+    resolve_max_length,
+)
+from tqdm.auto import tqdm
+
+from kvexp.engine import KVCache, make_cache
+from kvexp.methods import Method
+from kvexp.tasks.perplexity import resolve_budget, score_document
+
+log = logging.getLogger(__name__)
+
+LOCAL_TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HFLM default
+
+
+class CompressedLM(TemplateLM):
+    """lm-eval model: `model` + `tokenizer` with a fresh compressed cache per request (see the module docstring).
+
+    `budget`: a budget config (`tokens` / `keep_ratio` / `per_layer` / `allocation`, resolved per request
+    from its context length) or a fixed make_cache budget. `prefill_chunk_size`: tokens per step while a
+    context is prefilled (None: one step, as `eval.prefill_chunk_size`); `chunk_size`: tokens per step of a
+    rolling document (1: exact streaming, as `eval.chunk_size`). Compression runs between steps.
+    `max_length`: lm-eval's truncation length (default: the model's context length, as HFLM).
+    `cache_kwargs` go to make_cache (`slack`, `when`, `positions`, `head_budgets`, method parameters).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        method: str | Method = "full",
+        budget: Mapping | int | list[int] | None = None,
+        *,
+        chunk_size: int = 1,
+        prefill_chunk_size: int | None = None,
+        max_length: int | None = None,
+        progress: bool = True,
+        **cache_kwargs,
+    ):
+        super().__init__()
+        if chunk_size < 1 or (prefill_chunk_size is not None and prefill_chunk_size < 1):
+            raise ValueError(
+                f"chunk_size must be >= 1 and prefill_chunk_size null or >= 1, got {chunk_size}, {prefill_chunk_size}"
+            )
+        self.model, self.tokenizer = model, tokenizer
+        self.method, self.budget = method, budget
+        self.chunk_size, self.prefill_chunk_size = chunk_size, prefill_chunk_size
+        self._max_length = max_length or resolve_max_length(model.config, tokenizer)
+        self.progress = progress
+        self.cache_kwargs = cache_kwargs
+        self.records: list[dict[str, Any]] = []
+        self._runs = 0  # caches made so far: records of one shared cache carry the same `cache_run`
+        self._warned_sampling = False
+
+    # -- what lm-eval asks ----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # HFLM's choice: the context of an empty-context request and of a rolling document's first token.
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """HFLM's encoding: the tokenizer's default special tokens, unless the text already starts with BOS."""
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            add_special_tokens = False
+        special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        return self.tokenizer.encode(string, **special)
+
+    # -- log-likelihood -------------------------------------------------------------------------------------------
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        start = len(self.records)
+        results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        # _loglikelihood_tokens sees token lists only: name the requests its records belong to.
+        self.records[start:] = [
+            {**_request_fields(request), **record}
+            for request, record in zip(requests, self.records[start:], strict=True)
+        ]
+        return results
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        **kwargs,
+    ) -> list[tuple[float, bool]]:
+        fitted = [self._fit(context, continuation) for _, context, continuation in requests]
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, (context, _) in enumerate(fitted):
+            by_context.setdefault(tuple(context), []).append(i)
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        records: list[dict[str, Any]] = [{}] * len(requests)
+        for context, members in tqdm(
+            by_context.items(), desc="loglikelihood (contexts)", disable=disable_tqdm or not self.progress
+        ):
+            continuations = [fitted[i][1] for i in members]
+            scores, run = self._score_continuations(list(context), continuations)
+            for i, continuation, (logprob, greedy) in zip(members, continuations, scores, strict=True):
+                results[i] = (logprob, greedy)
+                records[i] = {
+                    "request_type": "loglikelihood",
+                    "context_tokens": len(context),
+                    "continuation_tokens": len(continuation),
+                    "loglikelihood": logprob,
+                    "is_greedy": greedy,
+                    **run,
+                }
+        self.records.extend(records)
+        return results
+
+    def _fit(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
+        """HFLM's left truncation: the model sees at most `max_length` of `(context + continuation)[:-1]`."""
+        if len(continuation) > self.max_length:
+            raise ValueError(
+                f"a continuation of {len(continuation)} tokens does not fit max_length={self.max_length}"
+            )
+        whole = (context + continuation)[-(self.max_length + 1) :]
+        return whole[: len(whole) - len(continuation)], continuation
+
+    @torch.no_grad()
+    def _score_continuations(
+        self, context: list[int], continuations: list[list[int]]
+    ) -> tuple[list[tuple[float, bool]], dict[str, Any]]:
+        """Compress `context[:-1]` once, then score every continuation in one batched step (module docstring)."""
+        start = time.perf_counter()
+        cache = self._cache(len(context))
+        self._prefill(cache, context[:-1])
+        kv = cache.stats()  # the compressed context the continuations are scored against
+        width = max(len(c) for c in continuations)
+        # Right padding sits after each row's real tokens, so causal attention keeps it out of their logits.
+        rows = [[context[-1], *c[:-1]] + [self.eot_token_id] * (width - len(c)) for c in continuations]
+        cache.batch_repeat_interleave(len(continuations))
+        logits = self.model(torch.tensor(rows, device=self.device), past_key_values=cache).logits
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # [n, width, V]
+        scores = []
+        for row, continuation in zip(logprobs, continuations, strict=True):
+            target = torch.tensor(continuation, device=self.device)
+            scored = row[: len(continuation)]
+            logprob = scored.gather(-1, target[:, None]).sum()
+            scores.append((float(logprob), bool((scored.argmax(-1) == target).all())))
+        return scores, self._run(kv, self._since(start))
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        results = []
+        for request in tqdm(
+            requests, desc="loglikelihood_rolling", disable=disable_tqdm or not self.progress
+        ):
+            (text,) = request.args
+            ids = [self.prefix_token_id, *self.tok_encode(text)]
+            if len(ids) > self.max_length:
+                log.warning(
+                    "a %d-token document streams past max_length=%d (one stream through the cache, no windows)",
+                    len(ids),
+                    self.max_length,
+                )
+            record = {**_request_fields(request), "request_type": "loglikelihood_rolling"}
+            if len(ids) < 2:  # nothing to predict: lm-eval's empty sum
+                results.append(0.0)
+                self.records.append({**record, "continuation_tokens": 0, "loglikelihood": 0.0})
+                continue
+            doc = score_document(
+                self.model,
+                torch.tensor([ids]),
+                self.method,
+                self._budget(len(ids)),
+                self.chunk_size,
+                f"{request.task_name}/{request.doc_id}",
+                **self.cache_kwargs,
+            )
+            results.append(-doc.nll)
+            self.records.append(
+                {
+                    **record,
+                    "context_tokens": 1,
+                    "continuation_tokens": doc.tokens,
+                    "loglikelihood": -doc.nll,
+                    "is_greedy": doc.correct == doc.tokens,
+                    **self._run(doc.kv, doc.first_step_s + sum(doc.step_s)),
+                }
+            )
+        return results
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+        results = []
+        for request in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
+            context, gen_kwargs = request.args
+            kwargs = normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            if kwargs.get("do_sample") and not self._warned_sampling:
+                log.warning(
+                    "a task asks for sampling (%s); kvexp's lm-eval model decodes greedily", gen_kwargs
+                )
+                self._warned_sampling = True
+            if max_gen_toks >= self.max_length:
+                raise ValueError(
+                    f"max_gen_toks={max_gen_toks} leaves no room in max_length={self.max_length}"
+                )
+            ids = self.tok_encode(context)[-(self.max_length - max_gen_toks) :] or [self.prefix_token_id]
+            text, record = self._generate(ids, until, max_gen_toks)
+            results.append(text)
+            self.records.append({**_request_fields(request), **record})
+        return results
+
+    @torch.no_grad()
+    def _generate(
+        self, context: list[int], until: list[str], max_gen_toks: int
+    ) -> tuple[str, dict[str, Any]]:
+        """Compress `context[:-1]`, then decode greedily from its last token through the compressed cache."""
+        start = time.perf_counter()
+        cache = self._cache(len(context))
+        self._prefill(cache, context[:-1])
+        prefill_s = self._since(start)
+        token, generated, steps = context[-1], [], []
+        for _ in range(max_gen_toks):
+            step_start = time.perf_counter()
+            logits = self.model(torch.tensor([[token]], device=self.device), past_key_values=cache).logits
+            token = int(logits[0, -1].argmax())
+            steps.append(self._since(step_start))
+            if token == self.eot_token_id:
+                break
+            generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if any(stop and stop in text for stop in until):
+                break
+        text = postprocess_generated_text(
+            self.tokenizer.decode(generated, skip_special_tokens=True), until, None
+        )
+        record = {
+            "request_type": "generate_until",
+            "context_tokens": len(context),
+            "continuation_tokens": len(generated),
+            "generation": text,
+            "ttft_s": prefill_s + steps[0] if steps else None,
+            "tpot_ms": 1000 * sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1 else None,
+            **self._run(cache.stats(), self._since(start)),
+        }
+        return text, record
+
+    # -- shared -------------------------------------------------------------------------------------------------
+    def _budget(self, tokens: int) -> int | list[int] | None:
+        if isinstance(self.budget, Mapping):
+            return resolve_budget(self.budget, tokens, self.model.config.num_hidden_layers)
+        return self.budget
+
+    def _cache(self, context_tokens: int) -> KVCache:
+        return make_cache(self.model, self.method, self._budget(context_tokens), **self.cache_kwargs)
+
+    def _prefill(self, cache: KVCache, ids: list[int]) -> None:
+        """Feed `ids` through `cache`, `prefill_chunk_size` tokens per step (None: one); compression follows each."""
+        if not ids:
+            return
+        inputs = torch.tensor([ids], device=self.device)
+        step = self.prefill_chunk_size or len(ids)
+        for start in range(0, len(ids), step):
+            # Only the cache matters here: skip the [T, vocab] logits of a long prompt.
+            self.model(inputs[:, start : start + step], past_key_values=cache, logits_to_keep=1)
+
+    def _since(self, start: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def _run(self, kv: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+        """The cost fields of one cache (shared by the records of the requests it served)."""
+        self._runs += 1
+        return {
+            "cache_run": self._runs - 1,
+            "kv_tokens_seen": kv["tokens_seen"],
+            "kv_tokens_kept": kv["tokens_kept"],
+            "compression_ratio": kv["compression_ratio"],
+            "kv_bytes_full": kv.get("bytes_full", 0),
+            "kv_bytes_kept": kv.get("bytes_kept", 0),
+            "compress_s": kv.get("compress_seconds", 0.0),
+            "seconds": seconds,
+        }
+
+
+def _request_fields(request: Instance) -> dict[str, Any]:
+    return {"task": request.task_name, "doc_id": request.doc_id, "request": request.idx}
+
+
+# -- tasks and config ------------------------------------------------------------------------------------------------
+@functools.cache
+def _task_manager(include_paths: tuple[str, ...], defaults: bool):
+    """lm-eval's task index over kvexp's local tasks + `include_paths` (+ lm-eval's ~15k stock YAMLs)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(LOCAL_TASKS_DIR), *include_paths], include_defaults=defaults)
+
+
+def _unknown(manager, names: Sequence[str]) -> list[str]:
+    return [name for name in names if not manager.match_tasks([name])]
+
+
+def _task_names(dataset: Mapping) -> list[str]:
+    tasks = dataset.get("tasks")
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks or [])
+    if not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(
+            f"dataset.tasks must be a non-empty list of lm-eval task names (e.g. [kvexp_recall]), got {tasks!r}"
+        )
+    return tasks
+
+
+def _check_int(option: str, value: Any, minimum: int, nullable: bool = True) -> None:
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"{'null or ' if nullable else ''}an integer >= {minimum}"
+        raise ValueError(f"dataset.{option}={value!r} is not allowed; use {allowed}")
+
+
+def check_lm_eval_dataset(dataset: Mapping):
+    """Validate a `dataset=lm_eval` config before any model loads; returns the lm-eval TaskManager that knows
+    its tasks (kvexp's local ones and `include_path` first; lm-eval's stock tasks only when a name needs them)."""
+    tasks = _task_names(dataset)
+    limit = dataset.get("limit")
+    number = isinstance(limit, int | float) and not isinstance(limit, bool)
+    if limit is not None and not (number and limit > 0 and (limit < 1 or float(limit).is_integer())):
+        raise ValueError(
+            f"dataset.limit={limit!r} is not allowed; use null, a number of documents per task (>= 1) or a "
+            "fraction in (0, 1)"
+        )
+    _check_int("num_fewshot", dataset.get("num_fewshot"), 0)
+    _check_int("bootstrap_iters", dataset.get("bootstrap_iters", 0), 0, nullable=False)
+    if dataset.get("batch_size", 1) != 1:
+        raise ValueError(
+            f"dataset.batch_size={dataset.get('batch_size')!r}: kvexp's lm-eval model runs one context at a "
+            "time (its continuations together); use 1"
+        )
+    include = dataset.get("include_path")
+    include = [] if include is None else [include] if isinstance(include, str) else list(include)
+    for path in include:
+        if not Path(str(path)).expanduser().is_dir():
+            raise ValueError(f"dataset.include_path={str(path)!r} is not a directory of lm-eval task YAMLs")
+    paths = tuple(str(Path(str(p)).expanduser().resolve()) for p in include)
+    manager = _task_manager(paths, False)
+    if _unknown(manager, tasks):
+        manager = _task_manager(paths, True)
+    unknown = _unknown(manager, tasks)
+    if unknown:
+        local = _task_manager(paths, False).all_tasks
+        close = sorted(
+            {m for name in unknown for m in difflib.get_close_matches(name, manager.all_tasks, n=5)}
+        )
+        raise ValueError(
+            f"dataset.tasks: unknown lm-eval task(s) {unknown}. kvexp's local and include_path tasks: {local}; "
+            f"close stock names: {close or 'none'} ({len(manager.all_tasks)} known; `lm-eval ls tasks` lists them)"
+        )
+    return manager
+
+
+def _expand(manager, tasks: Sequence[str]) -> list[str]:
+    """Names as lm-eval's CLI takes them: exact names, or glob patterns over the index."""
+    return [
+        m for name in tasks for m in ([name] if name in manager.all_tasks else manager.match_tasks([name]))
+    ]
+
+
+def task_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """lm-eval's per-task results as `{task/metric: value}`; the filter stays in the name unless it is "none"
+    (`kvexp_recall/acc`, `kvexp_recall_gen/exact_match,strip`). Non-numeric entries ("N/A" stderr) are dropped."""
+    flat = {}
+    for task, values in results.items():
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or "," not in key:
+                continue
+            flat[f"{task}/{_metric_name(key)}"] = value
+    return flat
+
+
+def _metric_name(key: str) -> str:
+    metric, _, filter_name = key.partition(",")
+    return metric if filter_name == "none" else key
+
+
+def cost_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Cost over the caches the requests used (a shared multiple-choice context counts once): mean tokens and
+    bytes per cache (seen vs kept), the compression ratio 1 - kept/seen over all of them, time."""
+    runs = list({r["cache_run"]: r for r in records if "cache_run" in r}.values())
+    seen = sum(r["kv_tokens_seen"] for r in runs)
+    kept = sum(r["kv_tokens_kept"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    compress_s = sum(r["compress_s"] for r in runs)
+    generated = [r for r in records if r.get("ttft_s") is not None]
+    decoded = [r for r in generated if r.get("tpot_ms") is not None]
+    n = max(len(runs), 1)
+    return {
+        "requests": len(records),
+        "cache_runs": len(runs),
+        "kv_tokens_seen": seen / n,
+        "kv_tokens_kept": kept / n,
+        "compression_ratio": 1.0 - kept / seen if seen else 0.0,
+        "kv_bytes_full": sum(r["kv_bytes_full"] for r in runs) / n,
+        "kv_bytes_kept": sum(r["kv_bytes_kept"] for r in runs) / n,
+        "total_s": seconds,
+        "compress_s": compress_s,
+        "compress_share": compress_s / seconds if seconds else 0.0,
+        "ttft_s": sum(r["ttft_s"] for r in generated) / len(generated) if generated else None,
+        "tpot_ms": sum(r["tpot_ms"] for r in decoded) / len(decoded) if decoded else None,
+    }
+
+
+def _sample_metrics(
+    samples: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """(task, doc_id) -> that document's metric values from lm-eval's logged samples, named like task_metrics."""
+    by_doc: dict[tuple[str, int], dict[str, Any]] = {}
+    for task, docs in samples.items():
+        for doc in docs:
+            names = {m: _metric_name(f"{m},{doc['filter']}") for m in doc["metrics"]}
+            by_doc.setdefault((task, doc["doc_id"]), {}).update({names[m]: doc[m] for m in doc["metrics"]})
+    return by_doc
+
+
+def evaluate_lm_eval(
+    dataset_cfg: Mapping,
+    model,
+    tokenizer,
+    method: str | Method,
+    budget_cfg: Mapping | None,
+    engine: dict[str, Any],
+    seed: int,
+    *,
+    chunk_size: int = 1,
+    prefill_chunk_size: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run `dataset.tasks` with lm-eval through the compressed cache.
+
+    Returns (metrics, rows): lm-eval's results as `{task/metric: value}` plus `cost_metrics` (kept vs seen
+    tokens and bytes per cache, compression ratio, time), and one row per request (task, doc_id, tokens,
+    log-likelihood or generation, kept tokens and bytes of its cache, seconds) carrying its document's metric
+    values. `engine`: make_cache options (slack, when, positions, head_budgets); `chunk_size` /
+    `prefill_chunk_size`: `eval.chunk_size` (rolling documents) and `eval.prefill_chunk_size` (contexts).
+    Seeds lm-eval's python, numpy, torch and few-shot generators with `seed`.
+    """
+    from lm_eval import simple_evaluate
+
+    manager = check_lm_eval_dataset(dataset_cfg)
+    tasks = _expand(manager, _task_names(dataset_cfg))
+    lm = CompressedLM(
+        model,
+        tokenizer,
+        method,
+        budget_cfg,
+        chunk_size=chunk_size,
+        prefill_chunk_size=prefill_chunk_size,
+        progress=progress,
+        **engine,
+    )
+    results = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=dataset_cfg.get("num_fewshot"),
+        batch_size=1,
+        limit=dataset_cfg.get("limit"),
+        bootstrap_iters=dataset_cfg.get("bootstrap_iters", 0),
+        task_manager=manager,
+        log_samples=True,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    metrics = {**task_metrics(results["results"]), **cost_metrics(lm.records)}
+    per_doc = _sample_metrics(results.get("samples") or {})
+    rows = [{**r, **per_doc.get((r.get("task"), r.get("doc_id")), {})} for r in lm.records]
+    return metrics, rows

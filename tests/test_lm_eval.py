@@ -1,0 +1,318 @@
+"""lm-eval through the compressed cache: HF parity at full cache, the scoring boundary against the masking oracle,
+budgets, generation, and offline lm-eval runs on kvexp's local tasks."""
+
+import json
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from omegaconf import OmegaConf
+
+from kvexp.tasks.lm_eval_harness import (
+    LOCAL_TASKS_DIR,
+    CompressedLM,
+    check_lm_eval_dataset,
+    evaluate_lm_eval,
+    task_metrics,
+)
+from tests.conftest import ROOT, load
+from tests.oracle import Visibility, oracle_logits
+
+CONTEXT = (
+    "Building log. The code of the red locker is 4821. The night shift reported nothing unusual. "
+    "The code of the blue locker is 7305. Question: What is the code of the red locker?\nAnswer:"
+)
+ENGINE = {"slack": 0, "when": "always", "positions": "original", "head_budgets": None}
+BUDGET = {"tokens": 32, "keep_ratio": None, "per_layer": None, "per_head": None, "allocation": "uniform"}
+
+
+def _requests(kind, args):
+    return [Instance(kind, {}, a, i, ("t", i, 1)) for i, a in enumerate(args)]
+
+
+def _dataset(**overrides):
+    cfg = OmegaConf.load(ROOT / "conf" / "dataset" / "lm_eval.yaml")
+    cfg.merge_with(overrides)
+    return cfg
+
+
+def _budget_bounded(budget):
+    """A make_cache recorder asserting every step attends to at most budget cached keys + its own tokens."""
+
+    def record(layer, q):
+        assert layer.physical_length() - q <= budget
+
+    return record
+
+
+def test_full_cache_matches_lm_evals_hf_model():
+    model, tok = load("tiny_llama")
+    args = [
+        (CONTEXT, " 4821"),
+        (CONTEXT, " 7305"),  # same context: scored in the same batched step
+        (CONTEXT, " 48"),  # shorter continuation in that batch: right padding must not leak
+        ("Question: ", "two words"),  # trailing space moves into the continuation (lm-eval's rule)
+        ("", "empty context"),  # the prefix token stands in for it
+    ]
+    text = "The corridor lights were replaced. A cat was seen near the loading bay. " * 3
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
+    want = hf.loglikelihood(_requests("loglikelihood", args), disable_tqdm=True)
+    want_rolling = hf.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
+
+    lm = CompressedLM(model, tok, "full", progress=False)
+    got = lm.loglikelihood(_requests("loglikelihood", args), disable_tqdm=True)
+    for (g, g_greedy), (w, w_greedy) in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-4)
+        assert g_greedy == w_greedy
+    rolling = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
+    assert rolling[0] == pytest.approx(want_rolling[0], abs=1e-3)
+    assert len(lm.records) == len(args) + 1
+    assert lm.records[0]["cache_run"] == lm.records[1]["cache_run"] == lm.records[2]["cache_run"]
+    assert [r["doc_id"] for r in lm.records[: len(args)]] == list(range(len(args)))
+
+
+def test_is_greedy_when_the_continuation_is_the_argmax():
+    model, tok = load("tiny_llama")
+    context = tok.encode(CONTEXT)
+    greedy = []
+    with torch.no_grad():
+        for _ in range(3):
+            logits = model(torch.tensor([context + greedy]), use_cache=False).logits
+            greedy.append(int(logits[0, -1].argmax()))
+    lm = CompressedLM(model, tok, "full", progress=False)
+    other = [(greedy[0] + 1) % model.config.vocab_size, *greedy[1:]]
+    (_, hit), (_, miss) = lm._loglikelihood_tokens([((), context, greedy), ((), context, other)], True)
+    assert hit and not miss
+
+
+@pytest.mark.parametrize(
+    "method, params, prefill_chunk_size",
+    [
+        ("h2o", {}, None),
+        ("h2o", {}, 8),  # chunked prefill: compression between chunks
+        ("snapkv", {"window_size": 4, "kernel_size": 3}, None),
+        ("streaming_llm", {}, None),
+    ],
+)
+def test_continuation_is_scored_against_the_compressed_context(method, params, prefill_chunk_size):
+    """The masking oracle: the plain model over (context + continuation)[:-1], hiding the context keys the cache
+    evicted, gives the wrapper's log-likelihood; every continuation query, the first included, saw the compressed
+    context (all of the continuation step's own tokens stay visible)."""
+    model, tok = load("tiny_llama")
+    context, continuation = tok.encode(CONTEXT), tok.encode(" 4821", add_special_tokens=False)
+    inputs = (context + continuation)[:-1]
+    vis = Visibility(1, model.config.num_key_value_heads, len(inputs))
+    lm = CompressedLM(
+        model, tok, method, 16, prefill_chunk_size=prefill_chunk_size, progress=False, recorder=vis, **params
+    )
+    ((logprob, _),) = lm._loglikelihood_tokens([((), context, continuation)], True)
+
+    logits = oracle_logits(model, torch.tensor([inputs]), vis)
+    logprobs = torch.log_softmax(logits[0, len(context) - 1 :], -1)
+    want = logprobs.gather(-1, torch.tensor(continuation)[:, None]).sum().item()
+    assert logprob == pytest.approx(want, abs=1e-4)
+    first = len(context) - 1  # the last context token's query predicts the first continuation token
+    seen = vis.masks[0][0, :, first:, : len(context) - 1].sum(-1)  # [Hkv, continuation queries]
+    assert (seen <= 16).all()
+    step = vis.masks[0][0, :, first:, first:]
+    assert torch.equal(step, torch.ones_like(step).tril())
+
+    full = CompressedLM(model, tok, "full", progress=False)._loglikelihood_tokens(
+        [((), context, continuation)], True
+    )
+    assert abs(full[0][0] - logprob) > 1e-3  # the budget really changed the score
+
+
+def test_budget_changes_a_one_token_continuation_and_bounds_the_cache():
+    model, tok = load("tiny_llama")
+    args = [(CONTEXT, " 4"), (CONTEXT, " 7")]
+    full = CompressedLM(model, tok, "full", progress=False).loglikelihood(
+        _requests("loglikelihood", args), True
+    )
+    lm = CompressedLM(model, tok, "h2o", BUDGET, progress=False, recorder=_budget_bounded(32), **ENGINE)
+    compressed = lm.loglikelihood(_requests("loglikelihood", args), True)
+    assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(full, compressed, strict=True))
+    context_tokens = len(tok.encode(CONTEXT))
+    for record in lm.records:
+        assert record["kv_tokens_seen"] == context_tokens - 1
+        assert record["kv_tokens_kept"] == 32
+        assert record["kv_bytes_kept"] < record["kv_bytes_full"]
+
+
+def test_shared_context_scores_equal_separate_scores():
+    model, tok = load("tiny_llama")
+    args = [(CONTEXT, " 4821"), (CONTEXT, " 7305 and more")]
+    together = CompressedLM(model, tok, "h2o", 24, progress=False).loglikelihood(
+        _requests("loglikelihood", args), True
+    )
+    for arg, (logprob, _) in zip(args, together, strict=True):
+        alone = CompressedLM(model, tok, "h2o", 24, progress=False).loglikelihood(
+            _requests("loglikelihood", [arg]), True
+        )
+        assert alone[0][0] == pytest.approx(logprob, abs=1e-4)
+
+
+def test_keep_ratio_budget_is_resolved_from_each_context():
+    model, tok = load("tiny_llama")
+    budget = {**BUDGET, "tokens": None, "keep_ratio": 0.25}
+    lm = CompressedLM(model, tok, "streaming_llm", budget, progress=False)
+    short = "Log: the code is 12."
+    lm.loglikelihood(_requests("loglikelihood", [(CONTEXT, " 4821"), (short * 4, " 12")]), True)
+    for record in lm.records:
+        assert record["kv_tokens_kept"] == max(1, int(0.25 * record["context_tokens"]))
+
+
+def _greedy_reference(model, ids, steps, eos):
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(torch.tensor([ids + out]), use_cache=False).logits[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+    return out
+
+
+def test_generate_until_decodes_greedily_and_stops_at_the_stop_string():
+    model, tok = load("tiny_llama")
+    reference = _greedy_reference(model, tok.encode(CONTEXT), 8, tok.eos_token_id)
+    full_text = tok.decode(reference, skip_special_tokens=True)
+    lm = CompressedLM(model, tok, "full", progress=False)
+    (text,) = lm.generate_until(
+        _requests("generate_until", [(CONTEXT, {"until": [], "max_gen_toks": 8})]), True
+    )
+    assert text == full_text
+
+    stop = full_text[len(full_text) // 2]
+    (text,) = lm.generate_until(
+        _requests("generate_until", [(CONTEXT, {"until": [stop], "max_gen_toks": 8})]), True
+    )
+    assert text == full_text.split(stop)[0]
+    stopped_after = next(
+        k for k in range(1, 9) if stop in tok.decode(reference[:k], skip_special_tokens=True)
+    )
+    assert lm.records[-1]["continuation_tokens"] == stopped_after
+
+
+def test_generation_decodes_through_the_budget():
+    model, tok = load("tiny_llama")
+    lm = CompressedLM(model, tok, "streaming_llm", 16, progress=False, recorder=_budget_bounded(16))
+    request = _requests("generate_until", [(CONTEXT, {"until": [], "max_gen_toks": 6})])
+    lm.generate_until(request, True)
+    record = lm.records[-1]
+    assert record["kv_tokens_kept"] == 16
+    assert record["kv_tokens_seen"] == len(tok.encode(CONTEXT)) - 1 + record["continuation_tokens"]
+    assert record["ttft_s"] > 0
+
+
+def test_lm_eval_run_on_the_local_tasks_offline_limit_2():
+    model, tok = load("tiny_llama")
+    dataset = _dataset(tasks=["kvexp_recall", "kvexp_recall_gen"], limit=2, bootstrap_iters=0)
+    metrics, rows = evaluate_lm_eval(
+        dataset, model, tok, "streaming_llm", OmegaConf.create(BUDGET), ENGINE, seed=0, progress=False
+    )
+    assert 0.0 <= metrics["kvexp_recall/acc"] <= 1.0
+    assert "kvexp_recall_gen/exact_match,strip" in metrics
+    assert metrics["requests"] == len(rows) == 2 * 4 + 2  # four choices per document, one generation each
+    assert metrics["cache_runs"] == 4  # the four choices of a document share one compressed context
+    assert metrics["kv_tokens_kept"] == 32 and metrics["compression_ratio"] > 0.9
+
+    docs = [json.loads(line) for line in (LOCAL_TASKS_DIR / "kv_recall.jsonl").read_text().splitlines()]
+    for doc_id in (0, 1):
+        choices = sorted(
+            (r for r in rows if r["task"] == "kvexp_recall" and r["doc_id"] == doc_id),
+            key=lambda r: r["request"],
+        )
+        best = max(range(4), key=lambda i: choices[i]["loglikelihood"])
+        assert choices[0]["acc"] == float(best == docs[doc_id]["answer"])
+    generated = [r for r in rows if r["task"] == "kvexp_recall_gen"]
+    assert all(isinstance(r["generation"], str) and "exact_match,strip" in r for r in generated)
+
+
+def test_own_task_yaml_through_include_path(tmp_path):
+    records = [
+        {
+            "context": "The code of the red safe is 1234.",
+            "question": "Code?",
+            "choices": ["1234", "9876"],
+            "answer": 0,
+        },
+        {
+            "context": "The code of the blue safe is 5555.",
+            "question": "Code?",
+            "choices": ["1111", "5555"],
+            "answer": 1,
+        },
+    ]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "my_recall.yaml").write_text(
+        (LOCAL_TASKS_DIR / "kvexp_recall.yaml")
+        .read_text()
+        .replace("task: kvexp_recall", "task: my_recall")
+        .replace("utils.load_jsonl", "kvexp.tasks.lm_eval_tasks.utils.load_jsonl")
+        .replace("data_file: kv_recall.jsonl", f"data_file: {data}")
+    )
+    model, tok = load("tiny_llama")
+    dataset = _dataset(tasks=["my_recall"], include_path=str(tmp_path / "tasks"), bootstrap_iters=0)
+    metrics, rows = evaluate_lm_eval(dataset, model, tok, "full", None, {}, seed=0, progress=False)
+    assert metrics["my_recall/acc"] in (0.0, 0.5, 1.0)
+    assert len(rows) == 4 and metrics["compression_ratio"] == 0.0
+
+
+def test_default_dataset_config_is_valid():
+    cfg = OmegaConf.load(ROOT / "conf" / "dataset" / "lm_eval.yaml")
+    assert cfg.name == cfg.task == "lm_eval"
+    assert list(cfg.tasks) == ["kvexp_recall"]
+    assert cfg.batch_size == 1 and cfg.limit is None and cfg.num_fewshot is None and cfg.include_path is None
+    check_lm_eval_dataset(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"tasks": []}, "dataset.tasks"),
+        ({"limit": 0}, "dataset.limit"),
+        ({"limit": 1.5}, "dataset.limit"),
+        ({"num_fewshot": -1}, "dataset.num_fewshot"),
+        ({"batch_size": 4}, "dataset.batch_size"),
+        ({"include_path": "/no/such/dir"}, "dataset.include_path"),
+    ],
+)
+def test_bad_config_values_fail_early(override, message):
+    with pytest.raises(ValueError, match=message):
+        check_lm_eval_dataset(_dataset(**override))
+
+
+@pytest.mark.slow  # an unknown name is looked up among lm-eval's ~15k stock task YAMLs: indexing them takes 10-30 s
+def test_unknown_task_names_the_available_ones():
+    with pytest.raises(ValueError) as err:
+        check_lm_eval_dataset(_dataset(tasks=["kvexp_recall", "hellaswg"]))
+    message = str(err.value)
+    assert "['hellaswg']" in message
+    assert "kvexp_recall_gen" in message  # the local tasks are listed
+    assert "hellaswag" in message  # and the close stock names
+
+
+def test_task_metrics_flatten_names_with_filters():
+    results = {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "exact_match,strip": 1}}
+    assert task_metrics(results) == {"t/acc": 0.5, "t/exact_match,strip": 1}
+
+
+def test_dataset_lm_eval_runs_through_train_or_eval(tmp_path):
+    """`python -m kvexp dataset=lm_eval` end to end: metrics before (full cache) and after, objective, rows."""
+    from kvexp.app import train_or_eval
+    from tests.test_config import _compose
+
+    config = _compose(
+        "model=tiny_llama", "dataset=lm_eval", "dataset.limit=2", "dataset.bootstrap_iters=0", "method=streaming_llm",
+        "budget.tokens=16", "cache_dir=null",
+    )  # fmt: skip
+    summary = train_or_eval(config, tmp_path / "out")
+    assert summary["task"] == "lm_eval"
+    assert "kvexp_recall/acc" in summary["metrics_after"] and "kvexp_recall/acc" in summary["metrics_before"]
+    assert summary["objective"] == summary["metrics_after"]["kvexp_recall/acc"]
+    assert summary["kv_cache"]["tokens_kept"] <= 16
+    assert (tmp_path / "out" / "samples.csv").read_text().count("\n") >= 2
