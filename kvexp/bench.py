@@ -1,25 +1,48 @@
-"""`make bench`: decode speed of the compressed cache against the plain model, measured in one run.
+"""`make bench`: speed and memory of the compressed cache against the plain model, every ratio from one run.
 
-Prints decode ms/token of the plain model (stock attention, DynamicCache) at 512 and 4096 context, of kvexp's
-cache without compression at 4096, and of compressed caches at 4096 logical context with a 512 budget, with
-their ratios and the share of time spent inside the compression method during prefill and decode.
-Target: a compressed step costs what the plain model costs at the compressed length (ratio ~1 to plain@512).
+Cases (issue 8), on the embedded model unless `--model` says otherwise:
+  P1  decode ms/token: the plain model (stock SDPA attention, DynamicCache) at `--short-context` and at
+      `--context`, and each method's compressed cache at `--context` logical tokens with a `--budget` budget.
+      Ratio to plain@short (ideal 1.0; target <= 1.10). Decode rounds are interleaved across the cases and
+      repeated `--repeats` times; medians reported. Caches are built by chunked prefill (`--chunk` tokens).
+  P2  compression overhead: share of a one-shot `--p2-context` prefill spent inside the method (scoring,
+      selection, compaction) for the prefill scorers (target <= 3 %), and share of a decode step spent
+      inside the method (observe + compress) for the per-step methods (target <= 5 %).
+  P3  peak memory of a chunked prefill of `--context` tokens with `--budget` / `--chunk` vs the full cache:
+      peak KV bytes (target <= 1.2 x (budget + chunk) tokens' worth) and the process's peak RSS, each case in
+      its own process (peak RSS is process-wide and never goes down).
+  P5  evaluation throughput: streaming perplexity (one token per step, budget `--budget`) in tokens/s vs plain
+      decode at `--short-context` (target >= 90 %).
+Writes `<out>/bench.json` and `<out>/bench.md` and prints the table with each target met or missed by how much.
 
-    python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 4096] [--budget 512] [--steps 32]
+    python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 8192] [--budget 512] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from kvexp.engine import make_cache
+from kvexp.engine import make_cache, use_kvexp_attention
 from kvexp.models import load_model_by_name
 from kvexp.tasks.data import load_documents
+from kvexp.tasks.perplexity import score_document
+from kvexp.tracking import atomic_write_json, atomic_write_text
+
+P1_METHODS = ("streaming_llm", "knorm", "snapkv", "h2o", "tova")
+PREFILL_SCORERS = ("knorm", "snapkv", "pyramidkv", "expected_attention")
+PER_STEP_METHODS = ("streaming_llm", "knorm", "h2o", "tova")
+TARGETS = {"P1": 1.10, "P2_prefill": 0.03, "P2_decode": 0.05, "P3": 1.2, "P5": 0.90}
 
 
 def _sync(device: torch.device) -> None:
@@ -27,36 +50,155 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _method_seconds(cache) -> float:
+    """Time spent inside the method so far (observe + compress), 0 for a plain DynamicCache."""
+    if isinstance(cache, DynamicCache):
+        return 0.0
+    return sum(layer.compress_seconds + layer.observe_seconds for layer in cache.layers)
+
+
 @torch.no_grad()
-def _measure(model, ids: torch.Tensor, context: int, steps: int, cache) -> dict[str, float]:
-    """Prefill `context` tokens, then decode `steps` tokens one by one (teacher-forced from `ids`)."""
-    device = model.device
-    _sync(device)
-    t0 = time.perf_counter()
-    model(ids[:, :context], past_key_values=cache)
-    _sync(device)
-    prefill = time.perf_counter() - t0
-    compress_prefill = _compress_seconds(cache)
+def _prefill(model, ids: torch.Tensor, cache, chunk: int | None) -> float:
+    """Feed ids [1, T] into the cache, in chunks of `chunk` tokens (None: one step); returns seconds."""
+    _sync(model.device)
+    start = time.perf_counter()
+    step = chunk or ids.shape[1]
+    for first in range(0, ids.shape[1], step):
+        model(ids[:, first : first + step], past_key_values=cache)
+    _sync(model.device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def _decode(model, ids: torch.Tensor, cache, steps: int) -> list[float]:
+    """Teacher-forced decode of `steps` tokens (one per step); per-step seconds."""
     times = []
     for i in range(steps):
-        t0 = time.perf_counter()
-        model(ids[:, context + i : context + i + 1], past_key_values=cache)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    decode_total = sum(times)
-    times = times[3:]  # warm-up steps
-    return {
-        "prefill_s": prefill,
-        "ms_per_token": 1000 * statistics.median(times),
-        "ms_mean": 1000 * statistics.mean(times),
-        "compress_share_prefill": compress_prefill / prefill,
-        "compress_share_decode": (_compress_seconds(cache) - compress_prefill) / decode_total,
-        "kept": cache.get_seq_length() if isinstance(cache, DynamicCache) else cache.physical_lengths()[0],
-    }
+        _sync(model.device)
+        start = time.perf_counter()
+        model(ids[:, i : i + 1], past_key_values=cache)
+        _sync(model.device)
+        times.append(time.perf_counter() - start)
+    return times
 
 
-def _compress_seconds(cache) -> float:
-    return 0.0 if isinstance(cache, DynamicCache) else sum(layer.compress_seconds for layer in cache.layers)
+def p1_decode(model, ids, args) -> dict[str, dict[str, Any]]:
+    """Decode ms/token of every case, rounds interleaved so drifts in machine load hit all cases alike."""
+    cases: dict[str, tuple[Any, int]] = {}
+    model.set_attn_implementation("sdpa")
+    for context in (args.short_context, args.context):
+        cache = DynamicCache(config=model.config)
+        _prefill(model, ids[:, :context], cache, args.chunk)
+        cases[f"plain@{context}"] = (cache, context)
+    for method in args.methods:
+        cache = make_cache(model, method, budget=args.budget)
+        _prefill(model, ids[:, : args.context], cache, args.chunk)
+        cases[f"{method}@{args.context}/{args.budget}"] = (cache, args.context)
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    method_time: dict[str, float] = dict.fromkeys(cases, 0.0)
+    decode_time: dict[str, float] = dict.fromkeys(cases, 0.0)
+    for _ in range(args.repeats):
+        for name, (cache, context) in cases.items():
+            if isinstance(cache, DynamicCache):
+                model.set_attn_implementation("sdpa")  # the stock path for the plain model
+                cache.crop(context - cache.get_seq_length())  # back to its nominal context every round
+            else:
+                use_kvexp_attention(model)
+            before = _method_seconds(cache)
+            times = _decode(model, ids[:, context:], cache, args.steps)
+            method_time[name] += _method_seconds(cache) - before
+            decode_time[name] += sum(times)
+            samples[name] += times[args.warmup :]
+    short = statistics.median(samples[f"plain@{args.short_context}"])
+    out = {}
+    for name, (cache, _) in cases.items():
+        median = statistics.median(samples[name])
+        out[name] = {
+            "ms_per_token": 1000 * median,
+            "ratio_to_plain_short": median / short,
+            "kept": cache.get_seq_length()
+            if isinstance(cache, DynamicCache)
+            else max(cache.physical_lengths()),
+            "method_share_decode": method_time[name] / decode_time[name],
+        }
+    return out
+
+
+def p2_overhead(model, ids, args) -> dict[str, dict[str, float]]:
+    """Method share of a one-shot prefill (prefill scorers) and of decode steps (per-step methods)."""
+    out: dict[str, dict[str, float]] = {}
+    for method in args.prefill_methods:
+        budget = max(args.budget, args.p2_context // 8)
+        cache = make_cache(model, method, budget=budget)
+        seconds = _prefill(model, ids[:, : args.p2_context], cache, None)
+        out[f"{method} prefill@{args.p2_context}"] = {
+            "share": _method_seconds(cache) / seconds,
+            "seconds": seconds,
+        }
+    for method in args.step_methods:
+        cache = make_cache(model, method, budget=args.budget)
+        _prefill(model, ids[:, : args.short_context], cache, args.chunk)
+        before = _method_seconds(cache)
+        times = _decode(model, ids[:, args.short_context :], cache, args.steps)
+        out[f"{method} decode@{args.short_context}/{args.budget}"] = {
+            "share": (_method_seconds(cache) - before) / sum(times),
+            "ms_per_token": 1000 * statistics.median(times),
+        }
+    return out
+
+
+def p3_memory(args) -> dict[str, dict[str, float]]:
+    """Each case in a fresh process: peak KV bytes and the process's peak RSS during a chunked prefill."""
+    out = {}
+    for name, method, budget in (
+        ("full cache", "full", None),
+        (f"streaming_llm/{args.budget}", "streaming_llm", args.budget),
+    ):
+        command = [sys.executable, "-m", "kvexp.bench", "--p3-case", method, "--model", args.model,
+                   "--hardware", args.hardware, "--context", str(args.context), "--chunk", str(args.chunk)]  # fmt: skip
+        if budget is not None:
+            command += ["--budget", str(budget)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        out[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+@torch.no_grad()
+def _p3_case(args) -> None:
+    """One P3 measurement (run in its own process by p3_memory); prints one JSON line."""
+    import psutil
+
+    from kvexp.tasks.perplexity import peak_memory
+
+    model, tokenizer = load_model_by_name(args.model, args.hardware)
+    ids = _tokens(tokenizer, args.context).to(model.device)
+    budget = args.budget if args.p3_case != "full" else None
+    cache = make_cache(model, args.p3_case, budget=budget)
+    rss_before = psutil.Process().memory_info().rss
+    _prefill(model, ids, cache, args.chunk)
+    slot_bytes = cache.layers[0].slot_bytes
+    peak_kv = sum(layer.peak_length * layer.slot_bytes for layer in cache.layers)
+    window = (args.budget + args.chunk) * slot_bytes * len(cache.layers)
+    print(json.dumps({
+        "peak_kv_bytes": peak_kv, "kv_bytes_budget_plus_chunk": window, "peak_kv_ratio": peak_kv / window,
+        "rss_before_prefill": rss_before, **peak_memory(model.device),
+    }))  # fmt: skip
+
+
+def p5_throughput(model, ids, args, plain_short_ms: float) -> dict[str, dict[str, float]]:
+    """Streaming perplexity tokens/s (chunk 1) vs plain decode tokens/s at the short context."""
+    out = {}
+    tokens = ids[:, : args.p5_tokens]
+    for method in args.p5_methods:
+        start = time.perf_counter()
+        result = score_document(model, tokens, method, args.budget, 1, "bench", False)
+        seconds = time.perf_counter() - start
+        rate = result.tokens / seconds
+        out[f"{method} streaming ppl/{args.budget}"] = {
+            "tokens_per_s": rate,
+            "ratio_to_plain_decode": rate * plain_short_ms / 1000,
+        }
+    return out
 
 
 def _tokens(tokenizer, count: int) -> torch.Tensor:
@@ -71,51 +213,122 @@ def _tokens(tokenizer, count: int) -> torch.Tensor:
     return ids
 
 
-def main() -> None:
+def _verdict(value: float, target: float, higher_is_better: bool = False) -> str:
+    met = value >= target if higher_is_better else value <= target
+    if met:
+        return "met"
+    return f"missed by {100 * abs(value - target) / target:.0f}%"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The benchmark's tables with each target's verdict."""
+    lines = [
+        f"`{results['machine']}`\n",
+        "**P1 decode** (median ms/token)\n",
+        "| case | ms/token | / plain short | kept | target |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results["P1"].items():
+        verdict = (
+            ""
+            if name.startswith("plain")
+            else f"<= {TARGETS['P1']:.2f}: {_verdict(r['ratio_to_plain_short'], TARGETS['P1'])}"
+        )
+        lines.append(
+            f"| {name} | {r['ms_per_token']:.1f} | {r['ratio_to_plain_short']:.2f} | {r['kept']} | {verdict} |"
+        )
+    lines += [
+        "\n**P2 method overhead** (share of time inside the method)\n",
+        "| case | share | target |",
+        "|---|---|---|",
+    ]
+    for name, r in results["P2"].items():
+        target = TARGETS["P2_prefill"] if "prefill@" in name else TARGETS["P2_decode"]
+        lines.append(
+            f"| {name} | {100 * r['share']:.1f}% | <= {100 * target:.0f}%: {_verdict(r['share'], target)} |"
+        )
+    if results.get("P3"):
+        lines += [
+            "\n**P3 peak memory** (chunked prefill)\n",
+            "| case | peak KV MiB | / (budget + chunk) | peak RSS MiB | target |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in results["P3"].items():
+            verdict = (
+                ""
+                if name == "full cache"
+                else f"<= {TARGETS['P3']}: {_verdict(r['peak_kv_ratio'], TARGETS['P3'])}"
+            )
+            rss = r.get("peak_rss_bytes") or r.get("cuda_max_allocated_bytes") or 0
+            lines.append(
+                f"| {name} | {r['peak_kv_bytes'] / 2**20:.1f} | {r['peak_kv_ratio']:.2f} | {rss / 2**20:.0f} | {verdict} |"
+            )
+    lines += [
+        "\n**P5 evaluation throughput**\n",
+        "| case | tokens/s | / plain decode | target |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results["P5"].items():
+        lines.append(
+            f"| {name} | {r['tokens_per_s']:.1f} | {r['ratio_to_plain_decode']:.2f} | >= {TARGETS['P5']}: {_verdict(r['ratio_to_plain_decode'], TARGETS['P5'], True)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--hardware", default="cpu")
-    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--short-context", type=int, default=512)
+    parser.add_argument("--p2-context", type=int, default=4096)
+    parser.add_argument("--p5-tokens", type=int, default=1024)
     parser.add_argument("--budget", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=64)
-    args = parser.parse_args()
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(P1_METHODS))
+    parser.add_argument("--prefill-methods", default=",".join(PREFILL_SCORERS))
+    parser.add_argument("--step-methods", default=",".join(PER_STEP_METHODS))
+    parser.add_argument("--p5-methods", default="streaming_llm,h2o")
+    parser.add_argument("--skip-p3", action="store_true", help="no subprocess memory cases")
+    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--p3-case", help=argparse.SUPPRESS)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
+    if args.p3_case:
+        _p3_case(args)
+        return {}
+    for name in ("methods", "prefill_methods", "step_methods", "p5_methods"):
+        setattr(args, name, [m for m in getattr(args, name).split(",") if m])
     model, tokenizer = load_model_by_name(args.model, args.hardware)
-    ids = _tokens(tokenizer, args.context + args.steps).to(model.device)
-    print(
-        f"kvexp bench: {args.model} on {model.device} ({model.dtype}), torch threads={torch.get_num_threads()}, "
-        f"{args.steps} decode steps (median after 3 warm-up)"
+    needed = max(args.context, args.p2_context, args.p5_tokens) + args.steps
+    ids = _tokens(tokenizer, needed).to(model.device)
+    machine = (
+        f"{args.model} on {model.device} ({model.dtype}), torch {torch.__version__}, threads={torch.get_num_threads()}, "
+        f"{platform.processor() or platform.machine()}, {args.repeats} interleaved rounds of {args.steps} steps "
+        f"(first {args.warmup} of each dropped)"
     )
-
-    def plain(context):
-        model.set_attn_implementation("sdpa")
-        return _measure(model, ids, context, args.steps, DynamicCache(config=model.config))
-
-    def kvexp(method, **kwargs):
-        return _measure(model, ids, args.context, args.steps, make_cache(model, method, **kwargs))
-
-    rows = {
-        f"plain @{args.short_context}": plain(args.short_context),
-        f"plain @{args.context}": plain(args.context),
-        f"kvexp full @{args.context}": kvexp("full"),
-        f"streaming_llm @{args.context}, budget {args.budget}": kvexp("streaming_llm", budget=args.budget),
-        f"knorm @{args.context}, budget {args.budget}": kvexp("knorm", budget=args.budget),
-        f"knorm @{args.context}, budget {args.budget}, slack 16": kvexp(
-            "knorm", budget=args.budget, slack=16
-        ),
-    }
-    short, long_ = rows[f"plain @{args.short_context}"], rows[f"plain @{args.context}"]
-    print(f"{'':44}{'ms/token':>9}{'/plain short':>13}{'/plain long':>12}{'kept':>6}{'prefill s':>10}"
-          f"{'method% pre':>12}{'method% dec':>12}")  # fmt: skip
-    for name, r in rows.items():
-        print(
-            f"{name:44}{r['ms_per_token']:9.1f}{r['ms_per_token'] / short['ms_per_token']:13.2f}"
-            f"{r['ms_per_token'] / long_['ms_per_token']:12.2f}{r['kept']:6d}{r['prefill_s']:10.2f}"
-            f"{100 * r['compress_share_prefill']:12.1f}{100 * r['compress_share_decode']:12.1f}"
-        )
+    print(f"kvexp bench: {machine}", flush=True)
+    results: dict[str, Any] = {"machine": machine, "args": vars(args), "targets": TARGETS}
+    results["P1"] = p1_decode(model, ids, args)
+    results["P2"] = p2_overhead(model, ids, args)
+    results["P3"] = {} if args.skip_p3 else p3_memory(args)
+    results["P5"] = p5_throughput(
+        model, ids, args, results["P1"][f"plain@{args.short_context}"]["ms_per_token"]
+    )
+    out = Path(args.out)
+    atomic_write_json(out / "bench.json", results)
+    text = markdown(results)
+    atomic_write_text(out / "bench.md", text)
+    print(text)
+    return results
 
 
 if __name__ == "__main__":

@@ -9,12 +9,29 @@ from transformers import PreTrainedModel
 
 from kvexp.engine import attention  # noqa: F401  (registers the "kvexp" attention implementation)
 from kvexp.engine.attention import ATTN_IMPLEMENTATION
-from kvexp.engine.cache import POSITION_OPTIONS, WHEN_OPTIONS, CacheOptions, CompressedLayer, KVCache, Rotary
+from kvexp.engine.cache import (
+    POSITION_OPTIONS,
+    WHEN_OPTIONS,
+    CacheOptions,
+    CompressedLayer,
+    KVCache,
+    Rotary,
+    Storage,
+    StoredEntries,
+)
 from kvexp.methods import Method, build_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ATTN_IMPLEMENTATION", "CompressedLayer", "KVCache", "make_cache", "use_kvexp_attention"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "CompressedLayer",
+    "KVCache",
+    "Storage",
+    "StoredEntries",
+    "make_cache",
+    "use_kvexp_attention",
+]
 
 
 def use_kvexp_attention(model: PreTrainedModel) -> None:
@@ -59,6 +76,8 @@ def make_cache(
     `head_budgets`: per layer, one budget per KV head (real memory saving: the layer is as long as its longest
     head). `slack`: compress only once a layer exceeds budget + slack. `when`: "always" or "prefill" (only
     multi-token steps compress). `positions`: "original" or "rerotate".
+    A storage method (`StoredEntries`: KIVI, ZACK, ThinK) stores every layer's entries encoded and hands token
+    eviction to its `evict` method, which the layers get as their method.
     """
     _check_model(model)
     if when not in WHEN_OPTIONS:
@@ -68,6 +87,12 @@ def make_cache(
     if slack < 0:
         raise ValueError(f"slack must be >= 0, got {slack}")
     method = build_method(method, **method_params) if isinstance(method, str) else method
+    stored = method if isinstance(method, StoredEntries) else None
+    evictor = stored.evictor if stored is not None else method
+    if stored is not None and positions == "rerotate":
+        raise ValueError(
+            f"positions=rerotate cannot run with method={method.name}: re-rotating would rewrite stored entries"
+        )
     n_layers = model.config.num_hidden_layers
     if head_budgets is not None:
         if len(head_budgets) != n_layers:
@@ -87,10 +112,12 @@ def make_cache(
         )
     options = CacheOptions(slack=slack, when=when, positions=positions, rotary=rotary)
     layers = []
-    for i, layer_budget in enumerate(method.layer_budgets(budgets)):
+    for i, layer_budget in enumerate(evictor.layer_budgets(budgets)):
         heads = head_budgets[i] if head_budgets is not None and layer_budget is not None else None
-        layers.append(CompressedLayer(i, layer_budget, method, options, head_budgets=heads))
+        layers.append(CompressedLayer(i, layer_budget, evictor, options, head_budgets=heads, stored=stored))
     if any(layer.budget is not None for layer in layers):
-        method.prepare(model)
+        evictor.prepare(model)
+    if stored is not None:
+        stored.prepare(model)  # e.g. ZACK's calibration: the storage works with or without a budget
     use_kvexp_attention(model)
     return KVCache(layers, recorder=recorder)

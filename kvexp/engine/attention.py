@@ -14,10 +14,14 @@ Position and mask contracts:
 * -inf biases are clamped to the dtype's minimum: a fully masked row (a padding query) gives a uniform
   softmax instead of NaN.
 * After attention the layer is compressed if it is over budget, so eviction never affects the step that
-  triggered it.
+  triggered it. A layer with a storage (KIVI, ZACK, ThinK) hands this function the step's dense decoding of its
+  entries as `key` / `value`, sees the step's queries (`storage.observe`) and encodes after the compression
+  (`layer.end_step`).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -123,10 +127,15 @@ def kvexp_attention(
         )
         out = out.reshape(batch, heads, q, -1).transpose(1, 2)
 
+    if layer.storage is not None:
+        layer.storage.observe(layer, query)
     if layer.method.observes and layer.budget is not None:
         layer.scaling = scaling if scaling is not None else dim**-0.5
+        start = time.perf_counter()
         layer.method.observe(layer, query)
+        layer.observe_seconds += time.perf_counter() - start
     layer.compress()
+    layer.end_step()
     return out.contiguous(), None
 
 

@@ -23,15 +23,29 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
   kept, evicted)` may rewrite the kept slots' K/V/bias/state (never their number), then the kept slots stay.
 * A layer's budget is set when the cache is made; a method may reassign it once at its first compression
   (DynamicKV's prefill-time layer allocation), keeping the cache's total.
+* Storage axis (KIVI, ZACK, ThinK): a `StoredEntries` method gives each layer a `Storage` and hands its `evict`
+  method to the layer as `layer.method` (token eviction is the evictor's, unchanged; without a budget nothing is
+  evicted and the storage alone compresses). Such a layer holds no dense K/V: the storage's per-slot encodings
+  (`storage.slots`, [B, Hkv, capacity, ...]) move with the slots like bias and state (resize, compaction, batch
+  operations); what it holds outside the slots (full-precision windows indexed by token, KIVI's per-group key
+  scales) it manages itself, by token index, never by physical slot. Each step decodes the layer once into a
+  transient dense copy, `layer.keys` / `layer.values`, which the attention and the evictor's scoring read; after
+  the compression `storage.commit` encodes what left the full-precision windows and the copy is dropped (between
+  steps `layer.keys` decodes on demand). Peak cost: one layer's dense K/V plus decode temporaries at a time.
+  Nothing is written back from the copy, so the evictor may not merge (`merges`, or a live bias other than 0 at
+  the end of a step: ValueError / RuntimeError) and `positions=rerotate` is rejected. `slot_bytes`,
+  `held_bytes()`, `KVCache.kept_bytes()` and `stats()` count the bytes the storage holds (per-slot encodings of
+  the slots in use plus its other tensors); `bytes_full` is what the same tokens take as dense K/V.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -75,6 +89,161 @@ class CacheOptions:
     rotary: Rotary | None = None  # the model's RoPE (None without RoPE); required for positions="rerotate"
 
 
+def _bytes_per_slot(t: torch.Tensor) -> int:
+    """Bytes one slot of a per-slot buffer [B, Hkv, capacity, ...] takes across the batch and the KV heads."""
+    return t.element_size() * t.shape[0] * t.shape[1] * math.prod(t.shape[3:])
+
+
+class Storage:
+    """One layer's encoded K/V (the storage axis; contracts in the module docstring).
+
+    A subclass allocates its per-slot encodings in `slots` with capacity 0 (the layer resizes, compacts and
+    batch-indexes them) and implements `write`, `decode_keys` and `decode_values`; one that holds more than the slots
+    (full-precision windows, group tables) lists it in `others` and keeps it in step in `commit` and `index_batch`.
+    Anything outside the slots is addressed by token index (`slots["index"]`, see `write_token_index`), never by
+    physical slot, because compaction moves slots.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[str, torch.Tensor] = {}
+
+    def slot(self, layer: CompressedLayer, name: str) -> torch.Tensor:
+        """The slots in use of one per-slot buffer: [B, Hkv, length, ...]."""
+        return self.slots[name][:, :, : layer.length]
+
+    def write(self, layer: CompressedLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store this step's new entries [B, Hkv, q, D]: slots [length - q, length), tokens [seen - q, seen)."""
+        raise NotImplementedError
+
+    def decode_keys(self, layer: CompressedLayer) -> torch.Tensor:
+        """Dense keys [B, Hkv, length, D] as the attention sees them (dead slots: anything finite)."""
+        raise NotImplementedError
+
+    def decode_values(self, layer: CompressedLayer) -> torch.Tensor:
+        """Dense values [B, Hkv, length, Dv] as the attention sees them (dead slots: anything finite)."""
+        raise NotImplementedError
+
+    def observe(self, layer: CompressedLayer, query: torch.Tensor) -> None:
+        """This step's rotated queries [B, H, q, D], after its attention and before any compression."""
+
+    def commit(self, layer: CompressedLayer) -> None:
+        """After the step's compression: encode what left the full-precision windows."""
+
+    def others(self) -> list[torch.Tensor]:
+        """Tensors held outside the slots (counted in the layer's held bytes)."""
+        return []
+
+    def index_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch operation (beam reorder, repeat, select) to what is held outside the slots."""
+
+    def write_token_index(self, layer: CompressedLayer) -> None:
+        """Record each new slot's token index (the count of tokens before it, the same in every batch row and head;
+        unlike `positions` it ignores left padding) in the int32 per-slot buffer `slots["index"]`."""
+        start, q = layer.length - layer.new_tokens, layer.new_tokens
+        index = torch.arange(layer.seen - q, layer.seen, dtype=torch.int32, device=layer.device)
+        self.slots["index"][:, :, start : layer.length] = index
+
+
+class TokenWindow:
+    """Full-precision rows [B, Hkv, n, D] of the tokens with index start .. start + n - 1 (KIVI's residual, ThinK's
+    recent keys). Every batch row and KV head holds every token of the window, so a token one head evicted keeps its
+    row until the window moves past it (held memory, counted)."""
+
+    def __init__(self, like: torch.Tensor):
+        self.rows = like.new_zeros(*like.shape[:2], 0, like.shape[-1])
+        self.start = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.rows.shape[2]
+
+    def append(self, rows: torch.Tensor) -> None:
+        self.rows = torch.cat([self.rows, rows], dim=2)
+
+    def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of token indices [B, Hkv, n]: ([B, Hkv, n, D], inside [B, Hkv, n]); rows outside are garbage."""
+        offset = index.long() - self.start
+        inside = (offset >= 0) & (offset < self.rows.shape[2])
+        if self.rows.shape[2] == 0:
+            return self.rows.new_zeros(*index.shape, self.rows.shape[-1]), inside
+        wide = offset.clamp(0, self.rows.shape[2] - 1)[..., None].expand(-1, -1, -1, self.rows.shape[-1])
+        return self.rows.gather(2, wide), inside
+
+    def fill(self, dense: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Write the window's rows into `dense` [B, Hkv, n, D] (in place) at the slots whose token index [B, Hkv, n]
+        is in the window: a decode overwrites its encoded slots' garbage with the full-precision rows."""
+        offset = index - self.start
+        b, h, slot = torch.nonzero((offset >= 0) & (offset < self.rows.shape[2]), as_tuple=True)
+        dense[b, h, slot] = self.rows[b, h, offset[b, h, slot].long()]
+        return dense
+
+    def advance(self, start: int) -> None:
+        """Drop the rows of tokens before `start` (a copy, so their memory is released)."""
+        self.rows = self.rows[:, :, start - self.start :].clone()
+        self.start = start
+
+    def index_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.rows = fn(self.rows)
+
+
+def token_slots(
+    index: torch.Tensor, live: torch.Tensor, first: int, end: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The live slots holding tokens first .. end - 1: slot indices [B, Hkv, m] and a validity mask (each row has at
+    most one slot per token; rows with fewer are padded with invalid entries). `index` [B, Hkv, n] token indices."""
+    member = (index >= first) & (index < end) & live
+    flag, slot = member.float().topk(min(end - first, index.shape[-1]), dim=-1)
+    return slot, flag > 0
+
+
+@dataclass
+class StoredEntries:
+    """The method side of the storage axis (KIVI, ZACK, ThinK), mixed into a `Method` (`class KIVI(StoredEntries,
+    Method)`): it keeps every entry in an encoded form (`make_storage`, one `Storage` per layer) and leaves which
+    entries to keep to `evict`, a method node built like any method (`{name: snapkv, window_size: 32}`;
+    `{name: full}` keeps everything). `make_cache` gives the layers the evictor as their method, its budgets and its
+    `prepare`; this object only stores. It needs no budget (`compresses` is False): without one the storage alone
+    compresses, with one the evictor evicts and the storage encodes what is kept.
+    """
+
+    compresses: ClassVar[bool] = False
+    evict: dict[str, Any] = field(default_factory=lambda: {"name": "snapkv"})
+
+    def __post_init__(self) -> None:
+        from kvexp.methods.base import build_method  # at call time: kvexp.methods imports the engine
+
+        node = dict(self.evict)
+        if "name" not in node:
+            raise ValueError(f"method.evict must name a method ({{name: snapkv, ...}}), got {self.evict}")
+        try:
+            evictor = build_method(**node)
+        except ValueError as err:
+            raise ValueError(f"method.evict: {err}") from err
+        if isinstance(evictor, StoredEntries):
+            raise ValueError(
+                f"method.evict={node['name']} is a storage method; it must be an eviction method"
+            )
+        if evictor.merges:
+            raise ValueError(
+                f"method.evict={node['name']} merges entries, which a storage method cannot hold (the merge would "
+                "rewrite the step's decoded copy, not the stored entries); use an eviction method"
+            )
+        self.evictor = evictor
+
+    def validate(self, budget: int | None) -> None:
+        try:
+            self.evictor.validate(budget)
+        except ValueError as err:
+            raise ValueError(f"method.evict: {err} (set it as method.evict.<parameter>)") from err
+
+    def make_storage(self, layer: CompressedLayer, keys: torch.Tensor, values: torch.Tensor) -> Storage:
+        """A fresh storage for `layer`, sized from its first K/V [B, Hkv, q, D] (the layer's dims are set)."""
+        raise NotImplementedError
+
+    def statistics(self, layers: list[CompressedLayer]) -> dict[str, Any]:
+        return self.evictor.statistics(layers)
+
+
 class CompressedLayer(DynamicLayer):
     """One layer's compressed KV storage; see the module docstring for the contracts."""
 
@@ -85,6 +254,7 @@ class CompressedLayer(DynamicLayer):
         method: Method,
         options: CacheOptions,
         head_budgets: list[int] | None = None,
+        stored: StoredEntries | None = None,
     ):
         super().__init__()
         if head_budgets is not None and (budget is None or max(head_budgets) != budget):
@@ -94,11 +264,15 @@ class CompressedLayer(DynamicLayer):
         self.head_budgets = head_budgets
         self.method = method
         self.options = options
+        # The storage method whose `make_storage` holds this layer's K/V (None: dense K/V buffers).
+        self.stored = stored
+        self.storage: Storage | None = None
         self.seen = 0  # logical tokens seen
         self.length = 0  # physical slots in use
         self.new_tokens = 0  # tokens written by the current step (the last `new_tokens` slots)
         self.has_bias = False  # False while every bias is 0: lets attention use the stock fast paths
         self.compress_seconds = 0.0
+        self.observe_seconds = 0.0  # inside method.observe (statistics of every step): method cost too
         self.compressions = 0
         self.peak_length = 0
         # The last queries this layer saw ([B, H, w, D], positions [B, w]), kept by window-scoring methods.
@@ -111,8 +285,11 @@ class CompressedLayer(DynamicLayer):
         self.batch, self.kv_heads, _, self.head_dim = key_states.shape
         self.value_dim = value_states.shape[-1]
         self.capacity = 0
-        self._k = key_states.new_empty(self.batch, self.kv_heads, 0, self.head_dim)
-        self._v = value_states.new_empty(self.batch, self.kv_heads, 0, self.value_dim)
+        if self.stored is None:
+            self._k = key_states.new_empty(self.batch, self.kv_heads, 0, self.head_dim)
+            self._v = value_states.new_empty(self.batch, self.kv_heads, 0, self.value_dim)
+        else:
+            self.storage = self.stored.make_storage(self, key_states, value_states)
         self._bias = torch.zeros(self.batch, self.kv_heads, 0, dtype=torch.float32, device=self.device)
         self._pos = torch.zeros(self.batch, self.kv_heads, 0, dtype=torch.long, device=self.device)
         self._state: dict[str, torch.Tensor] = {}
@@ -125,17 +302,50 @@ class CompressedLayer(DynamicLayer):
         names = tuple(self.method.state_names)
         return (*names, "rope_pos") if self.options.positions == "rerotate" else names
 
+    def _held(self) -> list[torch.Tensor]:
+        """The per-slot K/V buffers: dense keys and values, or the storage's encodings."""
+        return [self._k, self._v] if self.storage is None else list(self.storage.slots.values())
+
     def _buffers(self) -> list[torch.Tensor]:
-        return [self._k, self._v, self._bias, self._pos, *self._state.values()]
+        return [*self._held(), self._bias, self._pos, *self._state.values()]
 
     def _set_buffers(self, tensors: list[torch.Tensor]) -> None:
-        self._k, self._v, self._bias, self._pos = tensors[:4]
-        self._state = dict(zip(self._state, tensors[4:], strict=True))
+        held = len(self._held())
+        if self.storage is None:
+            self._k, self._v = tensors[:held]
+        else:
+            self.storage.slots = dict(zip(self.storage.slots, tensors[:held], strict=True))
+        self._bias, self._pos = tensors[held : held + 2]
+        self._state = dict(zip(self._state, tensors[held + 2 :], strict=True))
         self._refresh_views()
 
     def _refresh_views(self) -> None:
-        self.keys = self._k[:, :, : self.length]
-        self.values = self._v[:, :, : self.length]
+        if self.storage is None:
+            self.keys = self._k[:, :, : self.length]
+            self.values = self._v[:, :, : self.length]
+        else:
+            self.keys = self.values = None  # a step's decoded copy is stale once the slots change
+
+    # With a storage, `keys` / `values` are the step's dense copy, or a transient decoding between steps.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        if self._keys is None and self.storage is not None:
+            return self.storage.decode_keys(self)
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._keys = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        if self._values is None and self.storage is not None:
+            return self.storage.decode_values(self)
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._values = value
 
     def _resize(self, capacity: int) -> None:
         """Reallocate every buffer to `capacity` slots, keeping the `length` slots in use."""
@@ -157,8 +367,9 @@ class CompressedLayer(DynamicLayer):
             floor = needed if self.budget is not None else 2 * self.capacity
             self._resize(max(needed, floor, 16))
         end = self.length + q
-        self._k[:, :, self.length : end] = key_states
-        self._v[:, :, self.length : end] = value_states
+        if self.storage is None:
+            self._k[:, :, self.length : end] = key_states
+            self._v[:, :, self.length : end] = value_states
         self._bias[:, :, self.length : end] = 0.0
         self._pos[:, :, self.length : end] = torch.arange(self.seen, self.seen + q, device=self.device)
         for name, t in self._state.items():
@@ -168,6 +379,9 @@ class CompressedLayer(DynamicLayer):
         self.length, self.seen, self.new_tokens = end, self.seen + q, q
         self.peak_length = max(self.peak_length, end)
         self._refresh_views()
+        if self.storage is not None:
+            self.storage.write(self, key_states, value_states)
+            self.keys, self.values = self.storage.decode_keys(self), self.storage.decode_values(self)
         ACTIVE_LAYER.set(self)
         return self.keys, self.values
 
@@ -205,8 +419,21 @@ class CompressedLayer(DynamicLayer):
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes one slot of K and V takes across the batch and the KV heads."""
-        return self.batch * self.kv_heads * (self.head_dim + self.value_dim) * self._k.element_size()
+        """Bytes one slot holds across the batch and the KV heads: its K and V, or a storage's per-slot encodings."""
+        return sum(_bytes_per_slot(t) for t in self._held())
+
+    @property
+    def dense_slot_bytes(self) -> int:
+        """Bytes one slot's K and V take uncompressed (what the full cache holds per token)."""
+        return self.batch * self.kv_heads * (self.head_dim + self.value_dim) * self.dtype.itemsize
+
+    def other_bytes(self) -> int:
+        """Bytes a storage holds outside the slots (full-precision windows, group tables); 0 without one."""
+        return sum(t.nbytes for t in self.storage.others()) if self.storage is not None else 0
+
+    def held_bytes(self) -> int:
+        """K/V bytes held for the slots in use (dead per-head padding included: it is memory)."""
+        return self.length * self.slot_bytes + self.other_bytes()
 
     # -- compression --------------------------------------------------------------------------------------------
     def over_budget(self) -> bool:
@@ -248,6 +475,19 @@ class CompressedLayer(DynamicLayer):
             self._rerotate()
         self.compressions += 1
         self.compress_seconds += time.perf_counter() - start
+
+    def end_step(self) -> None:
+        """After the step's attention and compression (called by the attention function): a storage encodes what
+        left its full-precision windows, and the step's dense copy is dropped."""
+        if self.storage is None:
+            return
+        if self.has_bias and bool(((self.bias != 0) & self.live()).any()):
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the evictor {self.method.name!r} wrote merged entries (bias ln n), which a "
+                "storage method cannot hold; use an eviction method as method.evict"
+            )
+        self.storage.commit(self)
+        self.keys = self.values = None
 
     def _compact(self, kept: torch.Tensor, k: int) -> None:
         """Keep the `k` slots flagged per row in `kept` [B, Hkv, L_phys]; move them into [0, k)."""
@@ -296,7 +536,9 @@ class CompressedLayer(DynamicLayer):
     def _index_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.is_initialized:
             self._set_buffers([fn(t) for t in self._buffers()])
-            self.batch = self._k.shape[0]
+            self.batch = self._bias.shape[0]
+            if self.storage is not None:
+                self.storage.index_batch(fn)
         if self.query_window is not None:
             self.query_window = tuple(fn(t) for t in self.query_window)
 
@@ -311,6 +553,7 @@ class CompressedLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self.storage = None
         self.is_initialized = False
         self.seen = self.length = self.new_tokens = self.peak_length = 0
         self.has_bias = False
@@ -362,8 +605,9 @@ class KVCache(Cache):
         return [layer.length for layer in self.layers]
 
     def kept_bytes(self) -> int:
-        """Bytes of K and V physically held now (dead per-head padding slots included: they are memory)."""
-        return sum(layer.length * layer.slot_bytes for layer in self.layers if layer.is_initialized)
+        """Bytes of K and V physically held now (dead per-head padding slots included: they are memory; with a
+        storage, the bytes of its encodings and windows)."""
+        return sum(layer.held_bytes() for layer in self.layers if layer.is_initialized)
 
     def stats(self) -> dict[str, Any]:
         """Kept tokens per layer (and per head), bytes kept vs the full cache, the compression ratio, method time."""
@@ -373,8 +617,8 @@ class KVCache(Cache):
         seen = layers[0].seen
         live_per_head = [layer.live().sum(-1).float().mean(0).tolist() for layer in layers]  # batch mean
         kept_layer = [sum(h) / len(h) for h in live_per_head]
-        bytes_full = sum(seen * layer.slot_bytes for layer in layers)
-        bytes_allocated = sum(layer.capacity * layer.slot_bytes for layer in layers)
+        bytes_full = sum(seen * layer.dense_slot_bytes for layer in layers)
+        bytes_allocated = sum(layer.capacity * layer.slot_bytes + layer.other_bytes() for layer in layers)
         tokens_kept = sum(kept_layer) / len(kept_layer)
         return {
             "tokens_seen": seen,
@@ -388,5 +632,5 @@ class KVCache(Cache):
             "bytes_allocated": bytes_allocated,
             "compress_seconds": sum(layer.compress_seconds for layer in layers),
             "compressions": sum(layer.compressions for layer in layers),
-            "method_stats": layers[0].method.statistics(layers),
+            "method_stats": (layers[0].stored or layers[0].method).statistics(layers),
         }

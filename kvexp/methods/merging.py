@@ -33,6 +33,18 @@ def reject_rerotate(layer: CompressedLayer, name: str) -> None:
         )
 
 
+def skip_layers(budgets: list[int | None], skip: list[int], name: str) -> list[int | None]:
+    """Per-layer budgets with the `skip` layers left uncompressed (None); negative indices count from the end.
+
+    D2O and KVMerger leave layers 0, 1 and the last whole, where attention is nearly uniform (METHODS §7.12)."""
+    n = len(budgets)
+    outside = [i for i in skip if not -n <= i < n]
+    if outside:
+        raise ValueError(f"method={name}: skip_layers {outside} are not layers of this model ({n} layers)")
+    skipped = {i % n for i in skip}
+    return [None if i in skipped else budget for i, budget in enumerate(budgets)]
+
+
 def most_similar(
     keys: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,13 +52,29 @@ def most_similar(
 
     keys [B, Hkv, L, D]; sources/targets [B, Hkv, L] bool. Returns (similarity [B, Hkv, L], index [B, Hkv, L]);
     rows outside `sources`, or heads without a target, get similarity -inf and index -1.
+    Only source rows are compared with target columns ([B, Hkv, sources, targets]): a decode step has one
+    source, and a compressed prompt never builds its L x L matrix.
     """
+    similarity = torch.full(sources.shape, float("-inf"), device=keys.device)
+    index = torch.full(sources.shape, -1, dtype=torch.long, device=keys.device)
+    rows, cols = int(sources.sum(dim=-1).max()), int(targets.sum(dim=-1).max())
+    if rows == 0 or cols == 0:
+        return similarity, index
+    # Each head's real sources / targets first; heads with fewer are padded with other slots, flagged 0.
+    source_flag, source = sources.float().topk(rows, dim=-1)
+    target_flag, target = targets.float().topk(cols, dim=-1)
     unit = F.normalize(keys.float(), dim=-1)
-    cosine = unit @ unit.transpose(-1, -2)  # [B, Hkv, L, L]; L is a budget plus one step, never a prompt
-    cosine = cosine.masked_fill(~targets[:, :, None, :], float("-inf"))
-    similarity, index = cosine.max(dim=-1)
-    valid = sources & torch.isfinite(similarity)
-    return similarity.masked_fill(~valid, float("-inf")), index.masked_fill(~valid, -1)
+    dim = unit.shape[-1]
+    rows_unit = unit.gather(2, source[..., None].expand(-1, -1, -1, dim))
+    cols_unit = unit.gather(2, target[..., None].expand(-1, -1, -1, dim))
+    cosine = rows_unit @ cols_unit.transpose(-1, -2)  # [B, Hkv, rows, cols]
+    cosine = cosine.masked_fill(target_flag[:, :, None, :] == 0, float("-inf"))
+    best, column = cosine.max(dim=-1)
+    valid = (source_flag > 0) & torch.isfinite(best)
+    # Padding rows hold slots that are not sources (topk indices are distinct): they write -inf / -1 there.
+    similarity.scatter_(2, source, best.masked_fill(~valid, float("-inf")))
+    index.scatter_(2, source, target.gather(2, column).masked_fill(~valid, -1))
+    return similarity, index
 
 
 def fold(
@@ -68,8 +96,9 @@ def fold(
     members = target >= 0
     index = target.clamp_min(0)
     prior = torch.where(members, layer.bias.float().clamp_min(-80.0).exp(), 0.0)  # e^{b_i}; dead slots 0
-    key_weight = prior if key_weight is None else key_weight.float() * members
-    value_weight = prior if value_weight is None else value_weight.float() * members
+    # where, not a product: a weight that is inf or nan outside the members must not leak into a sum
+    key_weight = prior if key_weight is None else torch.where(members, key_weight.float(), 0.0)
+    value_weight = prior if value_weight is None else torch.where(members, value_weight.float(), 0.0)
     size = torch.zeros_like(prior).scatter_add_(2, index, members.float())
     merged = size > 1  # targets that absorbed at least one other slot
 
@@ -88,6 +117,6 @@ def fold(
         layer.has_bias = True
     if "tokens" in layer.state_names():
         tokens = layer.state("tokens")
-        total = torch.zeros_like(tokens).scatter_add_(2, index, tokens * members)
+        total = torch.zeros_like(tokens).scatter_add_(2, index, torch.where(members, tokens, 0.0))
         tokens.copy_(torch.where(merged, total, tokens))
     return size

@@ -1,0 +1,101 @@
+from dataclasses import dataclass, field
+
+import torch
+
+from kvexp.methods.base import register
+from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention
+from kvexp.methods.streaming_llm import StreamingLLM
+
+SAMPLINGS = ("bernoulli", "expectation")
+
+
+def successors(layer, present: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each present slot's window: the `count` present slots that follow it in temporal order (`layer.positions`).
+
+    Returns (order [B, Hkv, L]: the present slots in temporal order, then the others; start, end [B, Hkv, L]:
+    the window is order[start:end], shorter near the newest slot, empty for slots not present)."""
+    order = layer.positions.masked_fill(~present, layer.seen).argsort(dim=-1, stable=True)
+    places = torch.arange(layer.length, device=layer.device).expand_as(order)
+    start = torch.empty_like(order).scatter_(2, order, places) + 1  # just after the slot's own place
+    end = torch.maximum((start + count).clamp_max(present.sum(dim=-1, keepdim=True)), start)
+    return order, start, end
+
+
+@register
+@dataclass
+class CaM(StreamingLLM):
+    """CaM (Zhang et al., *CaM: Cache Merging for Memory-efficient LLMs Inference*, ICML 2024): before a token is
+    evicted, its value is merged into the tokens that follow it, with a probability from its attention.
+
+    The streaming variant (`generate_task/streaming_llm/kv_cache_cam.py`), which is kvexp's per-step
+    compression: eviction is StreamingLLM's (the first `sink_tokens` + the newest), and an evicted token e is
+    merged into the `merge_budget` tokens that follow it in temporal order (`layer.positions`) -- the next kept
+    tokens when one token is evicted per step, as in the streaming code and kvpress's `CAMPress` -- with
+    probability p = clamp(A(e) / mean A(window), 0, 1), A = attention accumulated over every query so far
+    (reduced over the GQA group, `gqa`, as kvpress): M ~ Bernoulli(p), v_w += M v_e / |window|. Keys are untouched
+    (so `engine.positions=rerotate`, the paper's pos-shift setting, works), no logit bias; the update is
+    additive, not a convex combination (values drift as merges accumulate, as in the paper).
+    A step that evicts several tokens (a prefill, a chunk) merges them in one pass, each into its own window
+    among the step's live tokens; shares landing on tokens evicted in the same step are dropped with them (the
+    per-token original would pass them on: no cascade here; kvpress's bulk rule, the next KEPT tokens, would
+    pile a whole prompt onto its first kept tokens). `eval.chunk_size=1` is the per-token original.
+    `sampling=bernoulli` draws M from a generator seeded with `seed` (reproducible run to run);
+    `sampling=expectation` uses M = p (deterministic, a different method). Defaults: the streaming code's 4 sinks
+    and 16 merge targets (kvpress: 32).
+    """
+
+    name = "cam"
+    description = (
+        "evicted values merged into the next kept tokens with attention-ratio probability (Zhang et al. 2024)"
+    )
+    observes = True
+    merges = True
+    state_names = ("acc",)
+    merge_budget: int = 16
+    sampling: str = "bernoulli"
+    seed: int = 0
+    gqa: str = "mean"
+    _generators: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> RNG
+
+    def validate(self, budget: int | None) -> None:
+        super().validate(budget)
+        if self.merge_budget < 1:
+            raise ValueError(f"method.merge_budget must be >= 1, got {self.merge_budget}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"method.sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.gqa not in GQA_REDUCTIONS:
+            raise ValueError(f"method.gqa must be one of {GQA_REDUCTIONS}, got {self.gqa!r}")
+
+    def observe(self, layer, query: torch.Tensor) -> None:
+        accumulate_attention(layer, query, "acc", self.gqa)
+
+    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
+        # The window of an evicted token: the `merge_budget` tokens after it among this step's live ones, i.e.
+        # the next kept tokens when it is evicted alone (a step of one token), as in the streaming code. In a
+        # step that evicts several, shares landing on tokens evicted in the same step go with them (no cascade),
+        # so a long prompt is not piled onto its first kept tokens. Windows are ranges of places in temporal
+        # order: sums over them and additions to them are prefix sums, O(L), never [L, merge_budget] copies.
+        present = kept | evicted
+        order, start, end = successors(layer, present, self.merge_budget)
+        size = (end - start).float()  # [B, Hkv, L]; 0 for the newest slot
+        acc = layer.state("acc")
+        in_order = acc.gather(2, order).masked_fill(~present.gather(2, order), 0.0)
+        prefix = torch.nn.functional.pad(in_order.cumsum(dim=-1), (1, 0))  # [B, Hkv, L + 1]
+        mean = (prefix.gather(2, end) - prefix.gather(2, start)) / size
+        ratio = (acc / mean).nan_to_num(nan=0.0, posinf=1.0).clamp(0.0, 1.0)
+        ratio = ratio.masked_fill(~evicted | (size == 0), 0.0)
+        if self.sampling == "bernoulli":
+            ratio = torch.bernoulli(ratio, generator=self._generator(ratio.device))
+        share = (ratio / size.clamp_min(1.0))[..., None] * layer.values.float()  # [B, Hkv, L, Dv]
+        dim = share.shape[-1]
+        steps = torch.zeros(*share.shape[:2], layer.length + 1, dim, device=share.device)
+        steps.scatter_add_(2, start[..., None].expand(-1, -1, -1, dim), share)
+        steps.scatter_add_(2, end[..., None].expand(-1, -1, -1, dim), -share)
+        added = steps.cumsum(dim=2)[:, :, :-1]  # per place in temporal order (evicted places: dropped anyway)
+        slots = order[..., None].expand(-1, -1, -1, dim)
+        layer.values.add_(torch.zeros_like(added).scatter_(2, slots, added).to(layer.values.dtype))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]

@@ -1,0 +1,175 @@
+from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
+
+import torch
+import torch.nn.functional as F
+
+from kvexp.methods.base import register
+from kvexp.methods.dynamickv import share_with_caps
+from kvexp.methods.h2o import H2O
+from kvexp.methods.merging import fold, most_similar, reject_rerotate, skip_layers
+from kvexp.methods.scoring import column_sums, protect_sinks, reduce_group
+
+
+def attention_variance(columns: torch.Tensor, live: torch.Tensor) -> float:
+    """D2O's layer score from the attention each key received from every query so far, per query head
+    (`columns` [B, Hkv, G, L], `live` [B, Hkv, L]): the variance over the live keys, averaged over the batch,
+    min-max normalised across the heads, then averaged over them."""
+    live = live[:, :, None, :].expand_as(columns)
+    columns = columns.masked_fill(~live, float("nan"))
+    count = live.sum(dim=-1).float()
+    deviation = columns - columns.nanmean(dim=-1, keepdim=True)
+    variance = deviation.square().nansum(dim=-1) / (count - 1).clamp_min(1)  # unbiased, as torch.var
+    heads = variance.mean(dim=0).flatten()  # [H]
+    normalised = (heads - heads.min()) / (heads.max() - heads.min() + 1e-6)
+    return float(normalised.mean())
+
+
+@dataclass
+class _Allocation:
+    """One cache's layer allocation, made in the first forward in which a compressing layer is over budget."""
+
+    step: int  # `layer.seen` during that forward
+    base: dict[int, int]  # every allocated layer's budget before the allocation
+    done: bool = False
+
+
+@register
+@dataclass
+class D2O(H2O):
+    """D2O (Wan et al., *D2O: Dynamic Discriminative Operations for Efficient Long-Context Inference of LLMs*,
+    ICLR 2025, arXiv 2406.13035; code AIoT-MLSys-Lab/D2O): H2O eviction with layer budgets from attention density,
+    and evicted tokens merged into their most similar kept token instead of being discarded.
+
+    Layer level (`layer_allocation`), once, in the first forward where a compressing layer is over budget (the
+    prefill, or step budget+1 when streaming): each layer's score sigma_l comes from the variance of the attention
+    its keys received from every query so far, per query head as in the reference (`attention_variance`), and the
+    layers' total budget is shared in proportion to softmax_l(-sigma_l): dense, low-variance layers keep more.
+    Layers compress at the end of that forward, once every layer has been scored (the reference: at the first
+    decode step).
+    Token level, at every compression: H2O's accumulated attention (reduced over the GQA group, `gqa`) with the
+    first `sink_tokens` forced in (the code's 4) and the `recent_ratio` newest (the paper's hh 0.1 + recent 0.1
+    = an even split); per KV head, each evicted token e finds its most similar kept key by cosine, u_e = that
+    similarity; an EMA threshold per layer and sequence, tau = mean(u) at the first compression, then
+    tau <- alpha tau + beta mean(u), decides: e is merged if u_e >= tau, else dropped. The merge is the released
+    code's u-weighted scatter mean, k_c <- (k_c + sum_e u_e k_e) / (1 + n_c), likewise v_c (it shrinks norms when
+    u < 1; the paper's normalised weights are not in the code); no logit bias. `skip_layers` (0, 1 and the last,
+    negative indices from the end) are never compressed, as in the paper.
+    Deviations: the reference is MHA, per query head; here tokens are scored, selected and merged per KV head
+    with group-reduced scores (the variance stays per query head). The reference filters with u averaged over
+    heads at the same rank of each head's evicted list (different tokens per head), one decision for all heads;
+    here each KV head decides for its own tokens (the paper's rule). The reference clamps layer ratios to
+    [0.01, 1] of the prompt without redistributing what the clamp cuts; here the total is kept exactly (at least
+    one token per layer) and not capped at the current length, because a streamed sequence outgrows it.
+    """
+
+    name = "d2o"
+    description = "H2O + variance-based layer budgets; evicted tokens merged by cosine above an EMA threshold (Wan et al. 2025)"
+    merges = True
+    sink_tokens: int = 4
+    alpha: float = 0.5
+    beta: float = 0.5
+    layer_allocation: bool = True
+    skip_layers: list[int] = field(default_factory=lambda: [0, 1, -1])
+    _allocations: WeakKeyDictionary = field(
+        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
+    )  # KVCache -> _Allocation
+    _thresholds: WeakKeyDictionary = field(
+        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
+    )  # CompressedLayer -> tau [B]
+    _columns: WeakKeyDictionary = field(
+        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
+    )  # CompressedLayer -> per-query-head attention received [B, Hkv, G, L], kept until the allocation
+
+    def validate(self, budget: int | None) -> None:
+        super().validate(budget)
+        if self.sink_tokens < 0:
+            raise ValueError(f"method.sink_tokens must be >= 0, got {self.sink_tokens}")
+        if budget is not None and self.sink_tokens + self.recent(budget) > budget:
+            raise ValueError(
+                f"method.sink_tokens ({self.sink_tokens}) plus the recent window ({self.recent(budget)}) must fit "
+                f"the budget ({budget})"
+            )
+
+    def layer_budgets(self, budgets: list[int | None]) -> list[int | None]:
+        return super().layer_budgets(skip_layers(budgets, self.skip_layers, self.name))
+
+    def observe(self, layer, query: torch.Tensor) -> None:
+        sums = column_sums(layer, query)  # [B, Hkv, G, L]
+        layer.state("acc").add_(reduce_group(sums, self.gqa))
+        if not self.layer_allocation:
+            return
+        allocation = self._allocations.get(layer.cache)
+        if allocation is not None and allocation.done:
+            return
+        # Until its first compression a layer only appends slots, so per-query-head sums line up by slot.
+        previous = self._columns.get(layer)
+        if previous is not None:
+            sums = sums + F.pad(previous, (0, sums.shape[-1] - previous.shape[-1]))
+        self._columns[layer] = sums
+        self._allocate(layer)
+
+    def score(self, layer) -> torch.Tensor:
+        reject_rerotate(layer, self.name)
+        return protect_sinks(super().score(layer), layer.positions, self.sink_tokens)
+
+    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
+        similarity, nearest = most_similar(layer.keys, evicted, kept)
+        found = evicted & (nearest >= 0)
+        if not bool(found.any()):
+            return
+        mean = torch.where(found, similarity, 0.0).sum(dim=(1, 2)) / found.sum(dim=(1, 2)).clamp_min(1)  # [B]
+        tau = self._thresholds.get(layer)
+        tau = mean if tau is None else self.alpha * tau + self.beta * mean
+        self._thresholds[layer] = tau
+        merged = found & (similarity >= tau[:, None, None])
+        # The reference's scatter mean of {k_c} and {u_e k_e}: scale the evicted rows (dropped after this merge)
+        # by u, then an unweighted mean over each kept token and its members; no bias (calibrate=False).
+        scale = torch.where(merged, similarity, 1.0)[..., None]
+        layer.keys.mul_(scale.to(layer.keys.dtype))
+        layer.values.mul_(scale.to(layer.values.dtype))
+        slots = torch.arange(layer.length, device=layer.device).expand_as(nearest)
+        target = torch.where(kept, slots, torch.where(merged, nearest, -1))
+        ones = torch.ones_like(layer.bias)
+        fold(layer, target, value_weight=ones, key_weight=ones, calibrate=False)
+
+    def statistics(self, layers) -> dict:
+        return {
+            "merge_threshold_per_layer": [
+                float(self._thresholds[layer].mean()) if layer in self._thresholds else None
+                for layer in layers
+            ]
+        }
+
+    def _allocate(self, layer) -> None:
+        """Defer this layer's compression in the allocating forward; at its last allocated layer, share the
+        total by softmax(-sigma_l) and compress the others (this one is compressed by the engine right after)."""
+        cache = layer.cache
+        allocation = self._allocations.get(cache)
+        if allocation is None:
+            if layer.head_budgets is not None or not layer.over_budget():
+                return
+            base = {
+                i: other.budget
+                for i, other in enumerate(cache.layers)
+                if other.budget is not None and other.head_budgets is None
+            }
+            allocation = self._allocations[cache] = _Allocation(step=layer.seen, base=base)
+        if allocation.done or allocation.step != layer.seen or layer.layer_idx not in allocation.base:
+            return
+        if layer.layer_idx != max(allocation.base):
+            layer.budget = None  # compressed at the last layer, once every layer's sigma is known
+            return
+        members = sorted(allocation.base)
+        sigma = torch.tensor(
+            [attention_variance(self._columns.pop(cache.layers[i]), cache.layers[i].live()) for i in members]
+        )
+        weights = torch.softmax(-sigma, dim=0).tolist()
+        total = sum(allocation.base.values())
+        # One token each, then the rest in proportion (share_with_caps floors; no cap: a streamed layer grows).
+        sizes = share_with_caps(total - len(members), weights, [total] * len(members))
+        for i, size in zip(members, sizes, strict=True):
+            cache.layers[i].budget = size + 1
+        for i in members[:-1]:
+            cache.layers[i].compress()
+        allocation.done = True

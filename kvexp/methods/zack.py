@@ -1,0 +1,260 @@
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoTokenizer
+from transformers.masking_utils import AttentionMaskInterface
+
+from kvexp.engine.cache import Storage, StoredEntries
+from kvexp.methods.base import Method, register
+from kvexp.methods.razor_attention import _fingerprint
+from kvexp.models import tiny_tokenizer
+from kvexp.tasks.data import DATA_DIR_ENV, data_dir
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_ATTENTION = "kvexp_zack_calibration"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per (layer, KV head) orthonormal bases, columns by decreasing singular value, and the singular values."""
+
+    key_basis: torch.Tensor  # [NL, Hkv, D, D] of the post-RoPE [group queries; keys] stack
+    key_singular: torch.Tensor  # [NL, Hkv, D]
+    value_basis: torch.Tensor  # [NL, Hkv, Dv, Dv] of the values
+    value_singular: torch.Tensor  # [NL, Hkv, Dv]
+
+
+def basis_from_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The right singular vectors (columns) and singular values, decreasing, of a row stack X given its Gram
+    matrix X^T X [..., D, D]: eigenvectors and the square roots of the eigenvalues (fp64)."""
+    eigenvalues, vectors = torch.linalg.eigh(gram.double())
+    return vectors.flip(-1), eigenvalues.flip(-1).clamp_min(0).sqrt()
+
+
+def energy_rank(singular: torch.Tensor, energy: float) -> torch.Tensor:
+    """The smallest r [...] whose top singular values [..., D] hold `energy` of the squared total (energy 1: D)."""
+    dim = singular.shape[-1]
+    if energy >= 1.0:
+        return torch.full(singular.shape[:-1], dim, dtype=torch.long)
+    squared = singular.double().pow(2)
+    held = squared.cumsum(-1) / squared.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return ((held < energy).sum(-1) + 1).clamp_max(dim)
+
+
+@torch.no_grad()
+def calibrate(model, input_ids: torch.Tensor) -> Calibration:
+    """One forward over `input_ids` [1, T] with an attention function that computes, per layer and KV head, the
+    Gram matrices of the post-RoPE rows [the G group queries; the keys] and of the values (then attends normally),
+    and their SVD bases (`basis_from_gram`). The queries of a group and its KV head's keys share one basis, so the
+    cached r-dim keys serve every query head (METHODS §4.5)."""
+    grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        queries = query.float().reshape(batch, kv_heads, heads // kv_heads * length, dim)  # rows g*T + t
+        rows = torch.cat([queries, key.float()], dim=2)
+        values = value.float()
+        # fp32 products (the costly part), fp64 sums over the batch and the decomposition.
+        grams[module.layer_idx] = (
+            (rows.transpose(-1, -2) @ rows).double().sum(0),
+            (values.transpose(-1, -2) @ values).double().sum(0),
+        )
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=True
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(CALIBRATION_ATTENTION, capture)
+    AttentionMaskInterface.register(
+        CALIBRATION_ATTENTION, lambda *args, **kwargs: None
+    )  # causal inside `capture`
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(CALIBRATION_ATTENTION)
+    try:
+        model(input_ids.to(model.device), use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    key_basis, key_singular = basis_from_gram(torch.stack([grams[i][0] for i in sorted(grams)]).cpu())
+    value_basis, value_singular = basis_from_gram(torch.stack([grams[i][1] for i in sorted(grams)]).cpu())
+    return Calibration(key_basis.float(), key_singular.float(), value_basis.float(), value_singular.float())
+
+
+def tokenizer_for(model):
+    """The model's tokenizer, found from the model alone (`prepare` gets no tokenizer): kvexp's byte-level one for
+    the tiny random models, the GGUF's for a directory holding one GGUF file (the embedded SmolLM2), else the hub
+    id / directory the model came from."""
+    source = model.config._name_or_path
+    if not source:
+        if model.config.vocab_size == len(tiny_tokenizer()):
+            return tiny_tokenizer()
+        raise ValueError("zack: cannot find the tokenizer of a model built from a config (no name_or_path)")
+    ggufs = sorted(Path(source).glob("*.gguf")) if Path(source).is_dir() else []
+    if len(ggufs) == 1:
+        return AutoTokenizer.from_pretrained(source, gguf_file=ggufs[0].name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def calibration_text(path: Path, characters: int) -> str:
+    """The first `characters` characters of a JSONL file's `text` fields, documents joined by blank lines."""
+    parts, total = [], 0
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            parts.append(json.loads(line)["text"])
+            total += len(parts[-1]) + 2
+            if total >= characters:
+                break
+    return "\n\n".join(parts)[:characters]
+
+
+class ZACKStorage(Storage):
+    """One layer's ZACK cache: per slot, the key's and the value's coefficients in the layer's truncated bases
+    ([r_k] and [r_v] per KV head); the bases are per-model constants like the projection weights they would be
+    folded into, not cache entries."""
+
+    def __init__(self, layer, key_basis: torch.Tensor, value_basis: torch.Tensor):
+        super().__init__()
+        self.key_basis = key_basis.to(layer.device, layer.dtype)  # [Hkv, D, r_k]
+        self.value_basis = value_basis.to(layer.device, layer.dtype)  # [Hkv, Dv, r_v]
+        shape = (layer.batch, layer.kv_heads, 0)
+        self.slots = {
+            "keys": torch.zeros(*shape, key_basis.shape[-1], dtype=layer.dtype, device=layer.device),
+            "values": torch.zeros(*shape, value_basis.shape[-1], dtype=layer.dtype, device=layer.device),
+        }
+
+    def write(self, layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+        new = slice(layer.length - layer.new_tokens, layer.length)
+        self.slots["keys"][:, :, new] = torch.einsum("bhnd,hdr->bhnr", keys, self.key_basis)
+        self.slots["values"][:, :, new] = torch.einsum("bhnd,hdr->bhnr", values, self.value_basis)
+
+    def decode_keys(self, layer) -> torch.Tensor:
+        """k R_r R_r^T: for any query q, q . (k R_r R_r^T) = (q R_r) . (k R_r), ZACK's projected dot product."""
+        return torch.einsum("bhnr,hdr->bhnd", self.slot(layer, "keys"), self.key_basis)
+
+    def decode_values(self, layer) -> torch.Tensor:
+        """v R_r R_r^T: the attention output is then sum_j p_j (v_j R_r) R_r^T."""
+        return torch.einsum("bhnr,hdr->bhnd", self.slot(layer, "values"), self.value_basis)
+
+
+@register
+@dataclass
+class ZACK(StoredEntries, Method):
+    """ZACK (Zhang & Shen, arXiv 2408.04107): KV dimensionality compression with offline SVD bases.
+
+    Calibration (once per model, cached in `calibration_cache`): one forward over the first `calibration_tokens`
+    tokens of `calibration_file` (a JSONL of `text`, relative to $KVEXP_DATA_DIR: local Gutenberg books) records,
+    per layer and KV head, the post-RoPE rows [the group's queries; its keys] and the values (`calibrate`); their SVD
+    gives orthonormal bases. Each head's rank is the smallest r whose singular values hold `energy` of the squared
+    total, separately for keys and values; a layer stores max-over-heads-r coefficients per head (rectangular
+    tensors: the padding would hold zeros, so every head uses that many basis vectors, which costs nothing and is
+    more accurate). Keys (post-RoPE) and values are stored as r-dim coefficients `k R_r`, `v R_r`; the attention
+    sees `k R_r R_r^T`, i.e. `q . k ~ (q R_r)(k R_r)^T`, the step's own keys and values included. At energy 1 the
+    bases are complete: exact.
+    Choices where the paper is open (METHODS §4.5, §8): the value basis is the values' own SVD, not the stack of
+    values with the W_o slices (a KV head's values serve G query heads with G different slices, and stacking
+    activations with weights needs an arbitrary relative scale; the values' SVD is the best rank-r reconstruction
+    and its discarded energy is exactly its reconstruction error); rank by an energy fraction of each head's
+    spectrum; nothing is folded into the weights (post-RoPE keys cannot be, and the decode is a transient copy).
+    Token eviction is `evict`'s (default SnapKV at w=32, k=7, maxpool; with a budget).
+    """
+
+    name = "zack"
+    description = "low-rank K/V from offline SVD bases, r-dim coefficients stored (Zhang & Shen 2024)"
+    energy: float = 0.95
+    calibration_file: str = "gutenberg/books.jsonl"
+    calibration_tokens: int = 2048
+    calibration_cache: str | None = "~/.cache/kvexp"
+    calibration: Calibration | None = field(default=None, init=False, repr=False, compare=False)
+    _model_key: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def validate(self, budget: int | None) -> None:
+        if not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"method.energy must be in (0, 1], got {self.energy}")
+        if self.calibration_tokens < 2:
+            raise ValueError(f"method.calibration_tokens must be >= 2, got {self.calibration_tokens}")
+        super().validate(budget)
+
+    def _calibration_path(self) -> Path:
+        path = Path(self.calibration_file).expanduser()
+        if not path.is_absolute():
+            root = data_dir()
+            if root is None:
+                raise ValueError(
+                    f"method.calibration_file={self.calibration_file!r} is relative to ${DATA_DIR_ENV}, which is "
+                    "not set; set it or give an absolute path"
+                )
+            path = root / path
+        if not path.is_file():
+            raise ValueError(f"method.calibration_file: {path} does not exist")
+        return path
+
+    def prepare(self, model) -> None:
+        """Calibrate on the model (or load its cached calibration), once per model."""
+        path = self._calibration_path()
+        tag = hashlib.sha256(
+            f"{path.name}:{path.stat().st_size}:{self.calibration_tokens}".encode()
+        ).hexdigest()
+        key = f"{_fingerprint(model)[:24]}-{tag[:12]}"
+        if key == self._model_key:
+            return
+        cached = (
+            Path(self.calibration_cache).expanduser() / "zack" / f"{key}.pt"
+            if self.calibration_cache
+            else None
+        )
+        if cached is not None and cached.is_file():
+            self.calibration = Calibration(**torch.load(cached))
+            log.info("zack: calibration loaded from %s", cached)
+        else:
+            self.calibration = calibrate(model, self.calibration_ids(model))
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(vars(self.calibration), cached)
+        self._model_key = key
+        key_rank, value_rank = self.ranks()
+        log.info("zack: key ranks per layer %s, value ranks %s", key_rank.tolist(), value_rank.tolist())
+
+    def calibration_ids(self, model) -> torch.Tensor:
+        """The tokens [1, T] the calibration runs on: the first `calibration_tokens` (at most the model's maximum
+        positions) of `calibration_file`."""
+        path = self._calibration_path()
+        tokenizer = tokenizer_for(model)
+        limit = getattr(model.config, "max_position_embeddings", None) or self.calibration_tokens
+        tokens = min(self.calibration_tokens, limit)
+        ids = tokenizer(calibration_text(path, 16 * tokens), return_tensors="pt").input_ids[:, :tokens]
+        if ids.shape[1] < tokens:
+            raise ValueError(
+                f"method.calibration_file {path} holds {ids.shape[1]} tokens, fewer than calibration_tokens={tokens}"
+            )
+        return ids
+
+    def ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored width per layer [NL] for keys and values: the largest of the layer's head ranks."""
+        cal = self.calibration
+        return (
+            energy_rank(cal.key_singular, self.energy).amax(dim=-1),
+            energy_rank(cal.value_singular, self.energy).amax(dim=-1),
+        )
+
+    def make_storage(self, layer, keys: torch.Tensor, values: torch.Tensor) -> ZACKStorage:
+        if self.calibration is None:
+            raise RuntimeError(
+                "zack has not calibrated: build the cache with make_cache, which calls prepare"
+            )
+        key_rank, value_rank = (int(r[layer.layer_idx]) for r in self.ranks())
+        cal, i = self.calibration, layer.layer_idx
+        return ZACKStorage(layer, cal.key_basis[i, :, :, :key_rank], cal.value_basis[i, :, :, :value_rank])
+
+    def statistics(self, layers) -> dict:
+        key_rank, value_rank = self.ranks() if self.calibration is not None else (None, None)
+        return {
+            **super().statistics(layers),
+            "zack_key_rank_per_layer": key_rank.tolist() if key_rank is not None else None,
+            "zack_value_rank_per_layer": value_rank.tolist() if value_rank is not None else None,
+        }
