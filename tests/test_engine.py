@@ -31,6 +31,7 @@ SMALL_PARAMS = {
     "razor_attention": {"induction_ratio": 0.0, "echo_ratio": 0.0, "compensation": False},
     "dynamickv": {"window_size": 4, "kernel_size": 3, "ratio_max": 1},  # ratio_max 1: lengths = the budgets
     "uncomp": {"window_size": 4, "kernel_size": 3, "group_weights": [1.0]},  # one group: uniform heads
+    "adaptive_kmeans": {"pruning_interval": 1},  # compress every step: lengths equal the budgets
 }
 GQA_MODELS = ["tiny_llama", "tiny_qwen3"]
 
