@@ -32,6 +32,9 @@ SMALL_PARAMS = {
     "dynamickv": {"window_size": 4, "kernel_size": 3, "ratio_max": 1},  # ratio_max 1: lengths = the budgets
     "uncomp": {"window_size": 4, "kernel_size": 3, "group_weights": [1.0]},  # one group: uniform heads
     "adaptive_kmeans": {"pruning_interval": 1},  # compress every step: lengths equal the budgets
+    # The paper's skip_layers (0, 1, last) would leave a two-layer model uncompressed; no layer reallocation.
+    "d2o": {"skip_layers": [], "layer_allocation": False},
+    "kvmerger": {"skip_layers": []},
 }
 GQA_MODELS = ["tiny_llama", "tiny_qwen3"]
 

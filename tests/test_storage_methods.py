@@ -410,7 +410,7 @@ def test_storage_methods_need_no_budget_and_validate_with_one(name):
 @pytest.mark.slow
 def test_zack_calibration_of_smollm2_truncates_its_heads(smollm2):
     model, _ = smollm2
-    method = build_method("zack", calibration_cache=None)
+    method = build_method("zack", energy=0.95, calibration_cache=None)
     method.prepare(model)  # one 2048-token forward over local Gutenberg text
     key_rank, value_rank = method.ranks()
     assert key_rank.shape == value_rank.shape == (30,)

@@ -136,6 +136,15 @@ class Storage:
     def index_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch operation (beam reorder, repeat, select) to what is held outside the slots."""
 
+    def store(
+        self, layer: CompressedLayer, name: str, slot: torch.Tensor, valid: torch.Tensor, new: torch.Tensor
+    ) -> None:
+        """Write encodings `new` [B, Hkv, m, W] into buffer `name` at the `slot`s [B, Hkv, m] flagged `valid`
+        (the others keep what they hold: `token_slots` pads rows with invalid entries)."""
+        buffer = self.slot(layer, name)
+        wide = slot[..., None].expand(-1, -1, -1, buffer.shape[-1])
+        buffer.scatter_(2, wide, torch.where(valid[..., None], new.to(buffer.dtype), buffer.gather(2, wide)))
+
     def write_token_index(self, layer: CompressedLayer) -> None:
         """Record each new slot's token index (the count of tokens before it, the same in every batch row and head;
         unlike `positions` it ignores left padding) in the int32 per-slot buffer `slots["index"]`."""
@@ -454,22 +463,26 @@ class CompressedLayer(DynamicLayer):
         counts = self.method.head_counts(self, scores, target)  # dynamic per-head budgets (AdaKV) or None
         if counts is None and self.head_budgets is not None:
             counts = torch.tensor(self.head_budgets, device=self.device).expand(self.batch, -1)
+        kill = None
         if counts is None:
             # Usually a step evicts a handful of entries: select those (topk with a small k), not the kept set.
             evict = scores.topk(n - target, dim=-1, largest=False).indices
             kept = torch.ones_like(scores, dtype=torch.bool).scatter_(2, evict, False)
         else:
-            # Each head keeps its own count of live entries; the layer is as long as the longest head.
+            # Each head keeps its own count of live entries; the layer is as long as the longest head. The slots
+            # a shorter head keeps beyond its count stay physically but are killed (bias -inf).
             target = int(counts.max())
             keep = scores.topk(target, dim=-1).indices  # best first: each head's first count_h stay live
             kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, keep, True)
             dead = torch.arange(target, device=self.device)[None, None, :] >= counts[:, :, None]
             kill = torch.zeros_like(kept).scatter_(2, keep, dead)
+        if was_live is not None:
+            # Merge before killing: a killed slot is an evicted entry to the merge, not a survivor with weight 0.
+            survivors = kept & was_live if kill is None else kept & was_live & ~kill
+            self.method.merge(self, survivors, was_live & ~survivors)
+        if kill is not None:
             self._bias[:, :, :n].masked_fill_(kill, float("-inf"))
             self.has_bias = True
-        if was_live is not None:
-            survivors = kept & self.live()
-            self.method.merge(self, survivors, was_live & ~survivors)
         self._compact(kept, target)
         if self.options.positions == "rerotate":
             self._rerotate()

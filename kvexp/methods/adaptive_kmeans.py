@@ -4,11 +4,10 @@ from typing import Any
 import torch
 
 from kvexp.methods.base import Method, register
-from kvexp.methods.merging import reject_rerotate
+from kvexp.methods.merging import fold, reject_rerotate
 from kvexp.methods.scoring import GQA_REDUCTIONS, reduce_group, remember_queries, window_attention
 from kvexp.methods.semantic_cluster import (
     farthest_points,
-    fold_counted,
     gather_rows,
     group_targets,
     keep_counts,
@@ -203,7 +202,7 @@ class AdaptiveKMeans(Method):
         key_weight, value_weight, log_z = centroid_update_weights(
             target, centroid > 0, layer.state("tokens"), log_value, self.kmeans_learning_rate
         )
-        fold_counted(layer, target, value_weight=value_weight, key_weight=key_weight)
+        fold(layer, target, value_weight=value_weight, key_weight=key_weight)
         heads = target == torch.arange(layer.length, device=layer.device)
         layer.state("log_z").copy_(torch.where(heads, log_z, layer.state("log_z")))
         centroid.masked_fill_(heads, 1.0)

@@ -154,12 +154,6 @@ class KIVIStorage(Storage):
         tokens = index.gather(2, slot)
         return slot, valid, tokens, window.lookup(tokens)[0]
 
-    def _store(self, layer, name: str, slot: torch.Tensor, valid: torch.Tensor, new: torch.Tensor) -> None:
-        """Write per-slot encodings `new` [B, Hkv, m, W] into the valid `slot`s [B, Hkv, m] of buffer `name`."""
-        buffer = self.slot(layer, name)
-        wide = slot[..., None].expand(-1, -1, -1, buffer.shape[-1])
-        buffer.scatter_(2, wide, torch.where(valid[..., None], new.to(buffer.dtype), buffer.gather(2, wide)))
-
     def _quantize_keys(self, layer, index: torch.Tensor, live: torch.Tensor, end: int) -> None:
         """Quantize the keys of tokens window.start .. end - 1 per channel, in groups of G consecutive tokens over
         the entries each head still holds (a group's scale is over its kept keys)."""
@@ -171,7 +165,7 @@ class KIVIStorage(Storage):
         scale, zero = scale.to(layer.dtype), zero.to(layer.dtype)
         wide = member.clamp(0, groups - 1)[..., None].expand_as(x)
         code = codes(x, scale.gather(2, wide), zero.gather(2, wide), self.method.k_bits)
-        self._store(layer, "key_codes", slot, valid, pack(code, self.method.k_bits))
+        self.store(layer, "key_codes", slot, valid, pack(code, self.method.k_bits))
         new_groups = torch.arange(first // size, end // size, dtype=torch.int32, device=self.groups.device)
         self.groups = torch.cat([self.groups, new_groups])
         self.key_params = torch.cat([self.key_params, torch.cat([scale, zero], dim=-1)], dim=2)
@@ -180,9 +174,9 @@ class KIVIStorage(Storage):
     def _quantize_values(self, layer, index: torch.Tensor, live: torch.Tensor, end: int) -> None:
         slot, valid, _, x = self._leaving(self.value_window, index, live, end)
         packed, scale, zero = quantize_tokens(x, self.method.v_bits, self.method.group_size)
-        self._store(layer, "value_codes", slot, valid, packed)
-        self._store(layer, "value_scale", slot, valid, scale)
-        self._store(layer, "value_zero", slot, valid, zero)
+        self.store(layer, "value_codes", slot, valid, packed)
+        self.store(layer, "value_scale", slot, valid, scale)
+        self.store(layer, "value_zero", slot, valid, zero)
         self.value_window.advance(end)
 
     def _release_groups(self, index: torch.Tensor, live: torch.Tensor) -> None:

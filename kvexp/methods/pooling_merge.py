@@ -5,9 +5,9 @@ import torch
 
 from kvexp.budgets import allocate
 from kvexp.methods.base import Method, register
-from kvexp.methods.merging import reject_rerotate
+from kvexp.methods.merging import fold, reject_rerotate
 from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention
-from kvexp.methods.semantic_cluster import fold_counted, group_targets, keep_counts
+from kvexp.methods.semantic_cluster import group_targets, keep_counts
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +197,12 @@ class PoolingMerge(Method):
             )
             chosen = (members & (score == best)).float()
             total = torch.zeros_like(acc).scatter_add_(2, index, acc * members)
-            fold_counted(layer, target, value_weight=chosen, key_weight=chosen)
+            fold(layer, target, value_weight=chosen, key_weight=chosen)
             acc.copy_(torch.where(target == torch.arange(layer.length, device=layer.device), total, acc))
             return
         buffers = (layer.keys, layer.values) if self.seq_pooling_type == "max" else ()
         peaks = [_group_max(buffer, target) for buffer in buffers]  # before fold overwrites the group slots
-        merged = (fold_counted(layer, target) > 1)[..., None]  # fold: the mean, the bias and the token counts
+        merged = (fold(layer, target) > 1)[..., None]  # fold: the mean, the bias and the token counts
         for buffer, peak in zip(buffers, peaks, strict=True):
             buffer.copy_(torch.where(merged, peak, buffer))
 

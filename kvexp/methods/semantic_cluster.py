@@ -152,17 +152,6 @@ def group_targets(pending: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
     return pending.masked_fill(~joins, -1)
 
 
-def fold_counted(layer, target: torch.Tensor, **weights) -> torch.Tensor:
-    """`fold` for methods whose every live slot has bias ln(tokens), counting the slots the engine killed for
-    per-head budgets before calling `merge` (bias already -inf, kept as dead padding) at that bias: their
-    tokens are summed into their group, so their key, value and mass must be too. They stay dead."""
-    killed = (target >= 0) & layer.bias.isneginf()
-    layer.bias.copy_(torch.where(killed, layer.state("tokens").log(), layer.bias))
-    size = fold(layer, target, **weights)
-    layer.bias.masked_fill_(killed, float("-inf"))
-    return size
-
-
 @register
 @dataclass
 class SemanticCluster(Method):
@@ -261,7 +250,7 @@ class SemanticCluster(Method):
 
     def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
         target = group_targets(self._pending.pop(layer.layer_idx), evicted)
-        fold_counted(layer, target)
+        fold(layer, target)
         layer.state("cluster").copy_(target == torch.arange(layer.length, device=layer.device))
 
     def _record(self, layer_idx: int, scores: torch.Tensor) -> None:

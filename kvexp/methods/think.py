@@ -73,9 +73,7 @@ class ThinKStorage(Storage):
         slot, valid = token_slots(index, live, self.window.start, end)
         rows = self.window.lookup(index.gather(2, slot))[0]  # [B, Hkv, m, D]
         pruned = rows.gather(3, self.channels[:, :, None, :].expand(-1, -1, slot.shape[-1], -1))
-        buffer = self.slot(layer, "keys")
-        wide = slot[..., None].expand(-1, -1, -1, self.kept)
-        buffer.scatter_(2, wide, torch.where(valid[..., None], pruned, buffer.gather(2, wide)))
+        self.store(layer, "keys", slot, valid, pruned)
         self.window.advance(end)
 
     def others(self) -> list[torch.Tensor]:

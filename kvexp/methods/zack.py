@@ -161,12 +161,14 @@ class ZACK(StoredEntries, Method):
     activations with weights needs an arbitrary relative scale; the values' SVD is the best rank-r reconstruction
     and its discarded energy is exactly its reconstruction error); rank by an energy fraction of each head's
     spectrum; nothing is folded into the weights (post-RoPE keys cannot be, and the decode is a transient copy).
-    Token eviction is `evict`'s (default SnapKV at w=32, k=7, maxpool; with a budget).
+    Token eviction is `evict`'s (default SnapKV at w=32, k=7, maxpool; with a budget). The paper fixes no energy;
+    the default 0.99 is near-lossless: on SmolLM2-135M (64-dim heads) 0.95 saves 21% of the bytes but takes the
+    WikiText-2 streaming perplexity from 15.3 to 28.2.
     """
 
     name = "zack"
     description = "low-rank K/V from offline SVD bases, r-dim coefficients stored (Zhang & Shen 2024)"
-    energy: float = 0.95
+    energy: float = 0.99
     calibration_file: str = "gutenberg/books.jsonl"
     calibration_tokens: int = 2048
     calibration_cache: str | None = "~/.cache/kvexp"
