@@ -15,7 +15,7 @@ import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kvexp.config import method_from_config, validate
 from kvexp.models import load_model
@@ -35,6 +35,7 @@ from kvexp.tasks.qa import check_qa_jsonl, qa_jsonl_samples
 from kvexp.tasks.retrieval import check_retrieval, retrieval_samples
 from kvexp.tasks.summarization import check_summarization, summarization_samples
 from kvexp.tracking import atomic_write_csv, atomic_write_json, make_logger
+from kvexp.train import run_trainer
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,38 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
     out = Path(output_dir) if output_dir is not None else Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    summary, rows = TASKS[cfg.dataset.task](cfg)
+    if cfg.train.name == "none":
+        summary, rows = TASKS[cfg.dataset.task](cfg)
+    else:
+        summary, rows = _train_then_evaluate(cfg, out)
     atomic_write_csv(out / "samples.csv", rows)
     atomic_write_json(out / "summary.json", summary)
     _log_to_wandb(cfg, out, summary, rows)
     log.info("results written to %s", out)
     return summary
+
+
+def _train_then_evaluate(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate the untrained compressor (and the full cache), train, evaluate the trained compressor.
+
+    The summary is the trained run's, with `metrics_before` (full cache) and `metrics_untrained` (the
+    compressor before training) beside its `metrics_after`, so the gain from training is one subtraction;
+    `train` holds the trainer's own summary and `checkpoint` where the trained parts are.
+    """
+    untrained, _ = TASKS[cfg.dataset.task](cfg)
+    trained = run_trainer(cfg, out / "checkpoint")
+    trained_cfg = cfg.copy()
+    with open_dict(trained_cfg):
+        if trained.model_checkpoint is not None:
+            trained_cfg.model.checkpoint = trained.model_checkpoint
+        trained_cfg.method = OmegaConf.merge(trained_cfg.method, trained.method_overrides)
+        trained_cfg.eval.compare_to_full = False  # the full cache was just evaluated
+    summary, rows = TASKS[cfg.dataset.task](trained_cfg)
+    summary["metrics_before"] = untrained["metrics_before"]
+    summary["metrics_untrained"] = untrained["metrics_after"]
+    summary["train"] = {"name": cfg.train.name, **trained.metrics}
+    summary["checkpoint"] = {"model": trained.model_checkpoint, "method": trained.method_overrides}
+    return summary, rows
 
 
 def _engine(cfg: DictConfig) -> dict[str, Any]:

@@ -33,6 +33,7 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
+    checkpoint: str | None = None  # trained weights to load on top (a run dir's checkpoint/; see train=)
 
 
 @dataclass
@@ -184,6 +185,7 @@ class KVExpConfig:
     budget: BudgetConfig = MISSING
     hardware: HardwareConfig = MISSING
     logger: LoggerConfig = MISSING
+    train: dict[str, Any] = field(default_factory=lambda: {"name": "none"})  # each trainer checks its options
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     task_name: str = "kvexp"
@@ -242,6 +244,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.engine.slack < 0:
         raise ValueError(f"engine.slack must be >= 0, got {cfg.engine.slack}")
     _check_choice("logger", cfg.logger.name, LOGGERS)
+    _check_train(cfg)
     if cfg.logger.name == "wandb":
         _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     if cfg.eval.chunk_size < 1:
@@ -276,6 +279,15 @@ def validate(cfg: DictConfig) -> None:
             "budget.keep_ratio=R"
         )
     method.validate(budget.tokens)
+
+
+def _check_train(cfg: DictConfig) -> None:
+    """train=<name> names a trainer, and the trainer accepts its options (checked before any model loads)."""
+    from kvexp.train import TRAIN_CHOICES, check_train
+
+    _check_choice("train", cfg.train.name, TRAIN_CHOICES)
+    if cfg.train.name != "none":
+        check_train(cfg)
 
 
 def _check_dataset(cfg: DictConfig) -> None:
