@@ -43,22 +43,68 @@ log = logging.getLogger(__name__)
 def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Validate, build model and method, evaluate (compressed and full), write the run dir, log to W&B.
 
-    The task (`dataset.task`: perplexity | generation) decides how samples are evaluated; returns the summary
-    that `summary.json` holds.
+    The task (`dataset.task`: perplexity | generation | lm_eval) decides how samples are evaluated; returns the
+    summary that `summary.json` holds. With `resume` (the default), a run dir that already holds the summary
+    of this very config (same hash) is not redone: an interrupted sweep re-run with the same
+    `hydra.sweep.dir` finishes only its missing jobs.
     """
     validate(cfg)  # every user error surfaces here, before any model loads
     out = Path(output_dir) if output_dir is not None else Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    config_hash = _config_hash(cfg)
+    finished = _finished_summary(out, config_hash) if cfg.resume else None
+    if finished is not None:
+        log.info("resume: %s already holds this config's results (hash %s); skipped", out, config_hash)
+        finished["objective"] = _objective(cfg, finished)
+        return finished
     torch.manual_seed(cfg.seed)
     if cfg.train.name == "none":
         summary, rows = TASKS[cfg.dataset.task](cfg)
     else:
         summary, rows = _train_then_evaluate(cfg, out)
+    summary["config_hash"] = config_hash
+    summary["objective"] = _objective(cfg, summary)
     atomic_write_csv(out / "samples.csv", rows)
     atomic_write_json(out / "summary.json", summary)
     _log_to_wandb(cfg, out, summary, rows)
     log.info("results written to %s", out)
     return summary
+
+
+# Options that change neither what is computed nor its results: a finished run with other values is reused.
+_HASH_EXCLUDED = ("logger", "resume", "objective", "tags")
+
+
+def _config_hash(cfg: DictConfig) -> str:
+    """sha256 (16 hex digits) of the resolved config without the bookkeeping options."""
+    content = OmegaConf.to_container(cfg, resolve=True)
+    for key in _HASH_EXCLUDED:
+        content.pop(key, None)
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finished_summary(out: Path, config_hash: str) -> dict[str, Any] | None:
+    """The summary.json in `out` when it was written for `config_hash` (else None: the run is (re)done)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if summary.get("config_hash") != config_hash:
+        log.info("resume: %s holds results of another config; running again", out)
+        return None
+    return summary
+
+
+def _objective(cfg: DictConfig, summary: dict[str, Any]) -> Any:
+    """The value returned to sweepers: `objective=<metrics_after key>`, else the task's main metric."""
+    if cfg.objective is None:
+        return summary["objective"]
+    metrics = summary["metrics_after"]
+    if cfg.objective not in metrics:
+        raise ValueError(
+            f"objective={cfg.objective!r} is not a metric of this run; choose one of: {sorted(metrics)}"
+        )
+    return metrics[cfg.objective]
 
 
 def _train_then_evaluate(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

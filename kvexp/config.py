@@ -191,6 +191,8 @@ class KVExpConfig:
     task_name: str = "kvexp"
     seed: int = 0
     tags: list[str] = field(default_factory=list)
+    objective: str | None = None  # the metrics_after key returned to sweepers (null: the task's main metric)
+    resume: bool = True  # skip a run whose dir holds summary.json of the same resolved config
     cache_dir: str | None = "outputs/.cache"  # full-cache results reused across a sweep (null: off)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kvexp.app
 from kvexp.app import format_table, train_or_eval
 from kvexp.tasks.data import data_dir
 from kvexp.tasks.perplexity import evaluate_perplexity
@@ -272,3 +273,34 @@ def test_generation_full_cache_answers_are_shared_across_a_sweep(qa_file, tmp_pa
     assert before == [
         r["prediction_before"] for r in csv.DictReader((tmp_path / "knorm" / "samples.csv").open())
     ]
+
+
+def test_resume_skips_a_finished_run_of_the_same_config_only(text_file, tmp_path, monkeypatch):
+    overrides = (
+        "model=tiny_llama", "method=knorm", "budget=32", "dataset=text_file", f"dataset.path={text_file}",
+        "eval.max_tokens=60", "eval.chunk_size=8", "cache_dir=null",
+    )  # fmt: skip
+    out = tmp_path / "run"
+    first = train_or_eval(_compose(*overrides), out)
+    written = (out / "summary.json").read_text()
+    calls = []
+    monkeypatch.setitem(kvexp.app.TASKS, "perplexity", lambda cfg: calls.append(cfg) or (first, []))
+    again = train_or_eval(_compose(*overrides, "logger=none", "objective=accuracy"), out)  # bookkeeping only
+    assert calls == [] and (out / "summary.json").read_text() == written
+    assert again["objective"] == first["metrics_after"]["accuracy"]
+    train_or_eval(_compose(*overrides, "resume=false"), out)
+    train_or_eval(_compose(*overrides[:-2], "eval.chunk_size=4", "cache_dir=null"), out)  # another config
+    assert len(calls) == 2
+
+
+def test_objective_names_a_metric_of_the_run(text_file, tmp_path):
+    overrides = ("model=tiny_llama", "method=knorm", "budget=32", "dataset=text_file", f"dataset.path={text_file}",
+                 "eval.max_tokens=40", "eval.chunk_size=8", "cache_dir=null")  # fmt: skip
+    summary = train_or_eval(_compose(*overrides, "objective=accuracy"), tmp_path / "a")
+    assert summary["objective"] == summary["metrics_after"]["accuracy"]
+    assert (
+        train_or_eval(_compose(*overrides), tmp_path / "b")["objective"]
+        == summary["metrics_after"]["perplexity"]
+    )
+    with pytest.raises(ValueError, match="objective='rouge1' is not a metric of this run; choose one of"):
+        train_or_eval(_compose(*overrides, "objective=rouge1"), tmp_path / "c")

@@ -26,9 +26,12 @@ def _choices(key: str, value: str) -> list[str]:
     """The values of one sweeper parameter: a comma list, or glob(*) over a config group's options."""
     value = str(value)
     if value.startswith("glob("):
-        pattern = value[len("glob(") : -1].split(",")[0].strip()
+        pattern, _, exclude = value[len("glob(") : -1].partition(",")
+        excluded = set(exclude.split("=", 1)[1].strip("[] ").split(",")) if exclude else set()
         group = key.lstrip("+~")
-        return sorted(p.stem for p in (CONF / group).glob(f"{pattern}.yaml"))
+        return sorted(
+            p.stem for p in (CONF / group).glob(f"{pattern.strip()}.yaml") if p.stem not in excluded
+        )
     return [v.strip() for v in value.split(",")]
 
 
@@ -60,3 +63,38 @@ def test_h2o_grid_is_seed002s_grid():
             ratios.add(cfg.method.recent_ratio)
     assert ratios == {0.5, 0.3, 0.7, 0.2, 0.8}
     assert {int(j[1].split("=")[1]) for j in jobs} == {256, 512, 1024, 2048}
+
+
+HPARAMS_SEARCHES = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("search", HPARAMS_SEARCHES)
+def test_every_hparams_search_composes_with_the_optuna_sweeper(search):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = _compose(f"hparams_search={search}", hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction in ("minimize", "maximize") and cfg.hydra.sweeper.params
+    validate(cfg)
+
+
+def test_snapkv_passkey_search_tunes_window_and_kernel_for_accuracy():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = _compose("hparams_search=snapkv_passkey", hydra_config=True)
+    assert (cfg.method.name, cfg.dataset.name, cfg.budget.keep_ratio) == ("snapkv", "passkey", 0.25)
+    assert set(cfg.hydra.sweeper.params) == {"method.window_size", "method.kernel_size"}
+    assert cfg.hydra.sweeper.direction == "maximize"  # pass-key accuracy
+
+
+def test_compare_all_runs_every_method_but_the_baseline_at_seed001s_budgets():
+    from kvexp.methods import METHODS
+
+    jobs = sweep_jobs("compare_all")
+    assert {job[0].split("=")[1] for job in jobs} == set(METHODS) - {"full", "learned"}
+    assert {job[1] for job in jobs} == {"budget.tokens=512", "budget.tokens=1024"}
+    cfg = _compose("experiment=compare_all", *jobs[0])
+    assert (cfg.dataset.name, cfg.dataset.split, cfg.eval.max_tokens, cfg.eval.chunk_size) == (
+        "pg19",
+        "test[1:2]",
+        2000,
+        1,
+    )
