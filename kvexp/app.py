@@ -55,20 +55,21 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
     finished = _finished_summary(out, config_hash) if cfg.resume else None
     if finished is not None:
         log.info("resume: %s already holds this config's results (hash %s); skipped", out, config_hash)
-        finished["objective"] = _objective(cfg, finished)
-        return finished
+        return {**finished, "objective": _objective(cfg, finished)}
     torch.manual_seed(cfg.seed)
     if cfg.train.name == "none":
         summary, rows = TASKS[cfg.dataset.task](cfg)
     else:
         summary, rows = _train_then_evaluate(cfg, out)
     summary["config_hash"] = config_hash
-    summary["objective"] = _objective(cfg, summary)
     atomic_write_csv(out / "samples.csv", rows)
     atomic_write_json(out / "summary.json", summary)
     _log_to_wandb(cfg, out, summary, rows)
     log.info("results written to %s", out)
-    return summary
+    return {
+        **summary,
+        "objective": _objective(cfg, summary),
+    }  # a bad objective= fails after the results are safe
 
 
 # Options that change neither what is computed nor its results: a finished run with other values is reused.
@@ -96,15 +97,28 @@ def _finished_summary(out: Path, config_hash: str) -> dict[str, Any] | None:
 
 
 def _objective(cfg: DictConfig, summary: dict[str, Any]) -> Any:
-    """The value returned to sweepers: `objective=<metrics_after key>`, else the task's main metric."""
+    """The value returned to sweepers: `objective=<metrics_after key>` (dotted into nested metrics, e.g.
+    `rouge.rouge1`, `qa.f1`), else the task's main metric (summary.json's `objective`)."""
     if cfg.objective is None:
         return summary["objective"]
-    metrics = summary["metrics_after"]
-    if cfg.objective not in metrics:
-        raise ValueError(
-            f"objective={cfg.objective!r} is not a metric of this run; choose one of: {sorted(metrics)}"
-        )
-    return metrics[cfg.objective]
+    value: Any = summary["metrics_after"]
+    for part in cfg.objective.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(
+                f"objective={cfg.objective!r} is not a metric of this run; choose one of: "
+                f"{sorted(_metric_paths(summary['metrics_after']))}"
+            )
+        value = value[part]
+    return value
+
+
+def _metric_paths(metrics: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted path to a value in nested metrics ({"rouge": {"rouge1": ..}} -> ["rouge.rouge1"])."""
+    paths = []
+    for key, value in metrics.items():
+        path = f"{prefix}{key}"
+        paths += _metric_paths(value, f"{path}.") if isinstance(value, dict) else [path]
+    return paths
 
 
 def _train_then_evaluate(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -302,5 +302,11 @@ def test_objective_names_a_metric_of_the_run(text_file, tmp_path):
         train_or_eval(_compose(*overrides), tmp_path / "b")["objective"]
         == summary["metrics_after"]["perplexity"]
     )
-    with pytest.raises(ValueError, match="objective='rouge1' is not a metric of this run; choose one of"):
-        train_or_eval(_compose(*overrides, "objective=rouge1"), tmp_path / "c")
+    with pytest.raises(
+        ValueError,
+        match=r"objective='rouge.rouge1' is not a metric of this run; choose one of: \[.*'perplexity'",
+    ):
+        train_or_eval(_compose(*overrides, "objective=rouge.rouge1"), tmp_path / "c")
+    assert (tmp_path / "c" / "summary.json").exists()  # the results were written before the objective failed
+    nested = {"metrics_after": {"rouge": {"rouge1": 0.3, "rougeL": 0.2}, "tokens": 5}, "objective": 0.3}
+    assert kvexp.app._objective(_compose(*overrides, "objective=rouge.rougeL"), nested) == 0.2
