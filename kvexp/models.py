@@ -202,6 +202,28 @@ def _load_hub(
     return net, tokenizer
 
 
+def load_checkpoint(net: PreTrainedModel, checkpoint: str) -> PreTrainedModel:
+    """Trained weights on top of the loaded model (`model.checkpoint`, written by `train=distill`): a peft adapter
+    directory (holding adapter_config.json) is loaded and merged into the weights; a safetensors file is loaded
+    as the model's state dict (every weight)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        log.info("merging the LoRA adapter %s", path)
+        return PeftModel.from_pretrained(net, str(path)).merge_and_unload()
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors.torch import load_model as load_safetensors
+
+        log.info("loading weights %s", path)
+        load_safetensors(net, str(path))
+        return net
+    raise ValueError(
+        f"model.checkpoint={checkpoint!r}: expected a peft adapter directory (with adapter_config.json) or a "
+        "*.safetensors weights file"
+    )
+
+
 def load_model(model: Mapping, hardware: Mapping) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``model`` onto ``hardware``: eval mode, and a left-padding tokenizer with a pad token.
 
@@ -219,6 +241,8 @@ def load_model(model: Mapping, hardware: Mapping) -> tuple[PreTrainedModel, PreT
         net, tokenizer = _load_gguf(model, dtype)
     else:
         net, tokenizer = _load_hub(model, dtype, device_map)
+    if model.get("checkpoint"):
+        net = load_checkpoint(net, str(model["checkpoint"]))
     if device_map is None:
         net = net.to(device=device, dtype=dtype)
     net.eval()

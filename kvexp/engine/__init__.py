@@ -68,6 +68,7 @@ def make_cache(
     when: str = "always",
     positions: str = "original",
     recorder: Callable | None = None,
+    differentiable: bool = False,
     **method_params,
 ) -> KVCache:
     """A fresh compressed cache for `model` (which is switched to kvexp attention).
@@ -75,7 +76,8 @@ def make_cache(
     `budget`: kept entries per KV head, one int for every layer or a list with one per layer (None: no budget).
     `head_budgets`: per layer, one budget per KV head (real memory saving: the layer is as long as its longest
     head). `slack`: compress only once a layer exceeds budget + slack. `when`: "always" or "prefill" (only
-    multi-token steps compress). `positions`: "original" or "rerotate".
+    multi-token steps compress). `positions`: "original" or "rerotate". `differentiable`: training mode (copy-on-write
+    buffers, no-grad scoring; see kvexp/engine/cache.py), dense K/V methods only.
     A storage method (`StoredEntries`: KIVI, ZACK, ThinK) stores every layer's entries encoded and hands token
     eviction to its `evict` method, which the layers get as their method.
     """
@@ -92,6 +94,10 @@ def make_cache(
     if stored is not None and positions == "rerotate":
         raise ValueError(
             f"positions=rerotate cannot run with method={method.name}: re-rotating would rewrite stored entries"
+        )
+    if stored is not None and differentiable:
+        raise ValueError(
+            f"method={method.name} stores encoded entries, which the differentiable (training) mode cannot hold"
         )
     n_layers = model.config.num_hidden_layers
     if head_budgets is not None:
@@ -110,7 +116,9 @@ def make_cache(
         raise ValueError(
             f"positions=rerotate needs a RoPE model; {type(model).__name__} has no rotary embedding"
         )
-    options = CacheOptions(slack=slack, when=when, positions=positions, rotary=rotary)
+    options = CacheOptions(
+        slack=slack, when=when, positions=positions, rotary=rotary, differentiable=differentiable
+    )
     layers = []
     for i, layer_budget in enumerate(evictor.layer_budgets(budgets)):
         heads = head_budgets[i] if head_budgets is not None and layer_budget is not None else None

@@ -13,6 +13,7 @@ Position and mask contracts:
   query heads of a group without repeating K/V.
 * -inf biases are clamped to the dtype's minimum: a fully masked row (a padding query) gives a uniform
   softmax instead of NaN.
+* Cached keys get `layer.attention_bias()`: the stored bias plus the method's trainable offset, if any.
 * After attention the layer is compressed if it is over budget, so eviction never affects the step that
   triggered it. A layer with a storage (KIVI, ZACK, ThinK) hands this function the step's dense decoding of its
   entries as `key` / `value`, sees the step's queries (`storage.observe`) and encodes after the compression
@@ -119,7 +120,7 @@ def kvexp_attention(
             mask = None if q == 1 else ~_future(q, n, query.device).repeat(groups, 1)
         else:
             minimum = torch.finfo(query.dtype).min
-            mask = layer.bias.to(query.dtype).clamp_min(minimum)[:, :, None, :]  # [B, Hkv, 1, n]
+            mask = layer.attention_bias().to(query.dtype).clamp_min(minimum)[:, :, None, :]  # [B, Hkv, 1, n]
             if q > 1:
                 mask = torch.where(_future(q, n, query.device).repeat(groups, 1), minimum, mask)
         out = F.scaled_dot_product_attention(
@@ -132,7 +133,8 @@ def kvexp_attention(
     if layer.method.observes and layer.budget is not None:
         layer.scaling = scaling if scaling is not None else dim**-0.5
         start = time.perf_counter()
-        layer.method.observe(layer, query)
+        with layer.no_grad_if_differentiable():
+            layer.method.observe(layer, query)
         layer.observe_seconds += time.perf_counter() - start
     layer.compress()
     layer.end_step()

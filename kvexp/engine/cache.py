@@ -36,10 +36,19 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
   the end of a step: ValueError / RuntimeError) and `positions=rerotate` is rejected. `slot_bytes`,
   `held_bytes()`, `KVCache.kept_bytes()` and `stats()` count the bytes the storage holds (per-slot encodings of
   the slots in use plus its other tensors); `bytes_full` is what the same tokens take as dense K/V.
+* Differentiable mode (`CacheOptions.differentiable`, `make_cache(..., differentiable=True)`, for training): the
+  forward values are the default mode's, but a layer never mutates a tensor an earlier attention may have saved
+  for backward. It copies on write: each step's `update` writes into fresh buffers, a compression clones them
+  before a merge or a kill writes into them, and compaction gathers into new tensors (the same slot order as the
+  in-place compaction). The method's discrete work (`observe`, `score`) runs under no_grad; `merge` runs with
+  autograd, so gradients reach the model through the kept and the merged entries' K/V, and a method's trainable
+  parameters through `Method.bias_offset` (added to the bias the attention sees, never stored). Dense K/V only (no
+  storage method). Each step costs a copy of the cache: a training mode, not an inference one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -87,6 +96,14 @@ class CacheOptions:
         "original"  # "rerotate": kept keys are re-rotated to contiguous positions after compression
     )
     rotary: Rotary | None = None  # the model's RoPE (None without RoPE); required for positions="rerotate"
+    differentiable: bool = False  # training: copy-on-write buffers and no-grad scoring (module docstring)
+
+
+def _take_slots(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A new per-slot buffer [B, Hkv, m, ...] holding the slots `index` [B, Hkv, m] of `t` [B, Hkv, n, ...]."""
+    if t.dim() == 3:
+        return t.gather(2, index)
+    return t.gather(2, index[..., None].expand(-1, -1, -1, *t.shape[3:]))
 
 
 def _bytes_per_slot(t: torch.Tensor) -> int:
@@ -371,7 +388,9 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         needed = self.length + q
-        if needed > self.capacity:
+        if self.options.differentiable:
+            self._resize(needed)  # copy on write: the last attention may have saved the current buffers
+        elif needed > self.capacity:
             # With a budget the steady state is budget + one step; without one, grow geometrically.
             floor = needed if self.budget is not None else 2 * self.capacity
             self._resize(max(needed, floor, 16))
@@ -423,6 +442,20 @@ class CompressedLayer(DynamicLayer):
         """[B, Hkv, L_phys] bool: slots that hold a real key (not padding, not per-head padding)."""
         return self.bias > float("-inf")
 
+    def attention_bias(self) -> torch.Tensor:
+        """The bias the attention adds to the logits [B, Hkv, L_phys]: `bias`, plus the method's `bias_offset`
+        (trainable corrections of merged entries) when it has one."""
+        offset = self.method.bias_offset(self)
+        return self.bias if offset is None else self.bias + offset
+
+    def no_grad_if_differentiable(self):
+        """A no_grad context for the method's discrete work in differentiable mode; a no-op otherwise."""
+        return torch.no_grad() if self.options.differentiable else contextlib.nullcontext()
+
+    def _copy_on_write(self) -> None:
+        if self.options.differentiable:
+            self._set_buffers([t.clone() for t in self._buffers()])
+
     def physical_length(self) -> int:
         return self.length
 
@@ -456,7 +489,8 @@ class CompressedLayer(DynamicLayer):
             return
         start = time.perf_counter()
         n, target = self.length, self.method.target_size(self)
-        scores = self.method.score(self).float()
+        with self.no_grad_if_differentiable():
+            scores = self.method.score(self).float()
         if self.has_bias:
             scores = scores.masked_fill(~self.live(), float("-inf"))
         was_live = self.live() if self.method.merges else None
@@ -476,6 +510,7 @@ class CompressedLayer(DynamicLayer):
             kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, keep, True)
             dead = torch.arange(target, device=self.device)[None, None, :] >= counts[:, :, None]
             kill = torch.zeros_like(kept).scatter_(2, keep, dead)
+        self._copy_on_write()  # the merge and the kill write into the slots this step's attention read
         if was_live is not None:
             # Merge before killing: a killed slot is an evicted entry to the merge, not a survivor with weight 0.
             survivors = kept & was_live if kill is None else kept & was_live & ~kill
@@ -512,6 +547,12 @@ class CompressedLayer(DynamicLayer):
             hole_flag, hole = (~kept[:, :, :k]).float().topk(pairs, dim=-1)
             _, mover = kept[:, :, k:].float().topk(pairs, dim=-1)
             src = torch.where(hole_flag > 0, mover + k, hole)
+            if self.options.differentiable:
+                # The same moves out of place: slot j < k takes src where j is a hole, else stays.
+                order = torch.arange(k, device=self.device).expand(*kept.shape[:2], k).scatter(2, hole, src)
+                self.capacity, self.length = k, k
+                self._set_buffers([_take_slots(t, order) for t in self._buffers()])
+                return
             for t in self._buffers():
                 if t.dim() == 4:
                     dst_idx = hole[..., None].expand(-1, -1, -1, t.shape[-1])

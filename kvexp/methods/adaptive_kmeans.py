@@ -3,7 +3,7 @@ from typing import Any
 
 import torch
 
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, TrainableMergedBias, register
 from kvexp.methods.merging import fold, reject_rerotate
 from kvexp.methods.scoring import GQA_REDUCTIONS, reduce_group, remember_queries, window_attention
 from kvexp.methods.semantic_cluster import (
@@ -59,7 +59,7 @@ def centroid_update_weights(
 
 @register
 @dataclass
-class AdaptiveKMeans(Method):
+class AdaptiveKMeans(TrainableMergedBias, Method):
     """Seed 004's adaptive attention-guided compression: attention-guided pruning every `pruning_interval` P
     tokens, then online k-means summarization of the retained pairs into `num_clusters` K centroids, within
     `max_cache_size` B (the budget). The distillation fine-tuning of the seed is not part of this method.
@@ -79,6 +79,10 @@ class AdaptiveKMeans(Method):
     Defaults: the seed's max_cache_size 1024, num_clusters 256, pruning_interval 512, lookback_window 256 are
     kept as proportions of the budget (null: K = B // 4, P = B // 2, Δ = B // 4). The seed gives no pruning
     share and no eta value: `prune_ratio=0.5` and Sculley's rate are kvexp's choices.
+    Trainable (seed 004's distillation, `train=distill trainable=compressor`): `merged_bias` [layers, KV heads], a
+    learned logit correction added to every centroid's bias ln m_c in the attention (the bias refit of METHODS
+    §5.2, learned end to end instead of by NNLS); 0 is the method above exactly. `checkpoint`: a trained
+    parameters file (the run dir's checkpoint/compressor.safetensors); null: untrained.
     """
 
     name = "adaptive_kmeans"
@@ -96,7 +100,13 @@ class AdaptiveKMeans(Method):
     prune_ratio: float = 0.5
     sink_tokens: int = 0
     gqa: str = "mean"
+    checkpoint: str | None = None
+    merged_state = "centroid"
     _pending: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _trained: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._load_checkpoint()
 
     def clusters(self, budget: int) -> int:
         return self.num_clusters if self.num_clusters is not None else max(1, budget // 4)
@@ -190,18 +200,19 @@ class AdaptiveKMeans(Method):
     def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
         target = group_targets(self._pending.pop(layer.layer_idx), evicted)
         centroid = layer.state("centroid")
-        queries, query_positions = layer.query_window  # [B, H, w, D], [B, w]
-        real = (query_positions >= 0).float()  # padding queries do not count
-        grouped = queries.float().reshape(
-            layer.batch, layer.kv_heads, -1, *queries.shape[2:]
-        )  # [B, Hkv, G, w, D]
-        total = torch.einsum("bhgwd,bw->bhd", grouped, real)
-        mean_query = total / (real.sum(-1) * grouped.shape[2]).clamp_min(1)[:, None, None]  # [B, Hkv, D]
-        logit = torch.einsum("bhd,bhnd->bhn", mean_query, layer.keys.float()) * layer.scaling
-        log_value = torch.where(centroid > 0, layer.state("log_z"), logit)
-        key_weight, value_weight, log_z = centroid_update_weights(
-            target, centroid > 0, layer.state("tokens"), log_value, self.kmeans_learning_rate
-        )
+        with torch.no_grad():  # the weights are decisions (no gradient); the merged K/V carry it in training
+            queries, query_positions = layer.query_window  # [B, H, w, D], [B, w]
+            real = (query_positions >= 0).float()  # padding queries do not count
+            grouped = queries.float().reshape(
+                layer.batch, layer.kv_heads, -1, *queries.shape[2:]
+            )  # [B, Hkv, G, w, D]
+            total = torch.einsum("bhgwd,bw->bhd", grouped, real)
+            mean_query = total / (real.sum(-1) * grouped.shape[2]).clamp_min(1)[:, None, None]  # [B, Hkv, D]
+            logit = torch.einsum("bhd,bhnd->bhn", mean_query, layer.keys.float()) * layer.scaling
+            log_value = torch.where(centroid > 0, layer.state("log_z"), logit)
+            key_weight, value_weight, log_z = centroid_update_weights(
+                target, centroid > 0, layer.state("tokens"), log_value, self.kmeans_learning_rate
+            )
         fold(layer, target, value_weight=value_weight, key_weight=key_weight)
         heads = target == torch.arange(layer.length, device=layer.device)
         layer.state("log_z").copy_(torch.where(heads, log_z, layer.state("log_z")))

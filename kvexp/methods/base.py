@@ -9,6 +9,7 @@ re-rotation. Scores are over physical slots, whose order is not temporal; use `l
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -79,6 +80,74 @@ class Method:
     def statistics(self, layers: list[CompressedLayer]) -> dict[str, Any]:
         """Method-specific figures for the run's summary (cluster quality, merge counts); empty by default."""
         return {}
+
+    # -- trainable compressor parameters (train=distill trainable=compressor) ----------------------------------
+    def trainable_parameters(self, model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
+        """The method's own trainable tensors, created at their neutral values on the first call (or from its
+        `checkpoint`), by name; empty for a method with none."""
+        return {}
+
+    def bias_offset(self, layer: CompressedLayer) -> torch.Tensor | None:
+        """A correction [B, Hkv, L_phys] the attention adds to `layer.bias` (None: none). The stored bias stays the
+        calibrated one (ln n), so merges keep their exact mass arithmetic; gradients reach the method through it."""
+        return None
+
+
+def save_method_parameters(method: Method, path: str | Path) -> None:
+    """Write a method's trainable parameters (safetensors, the method's name in the metadata)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.trainable_parameters(None).items()}
+    save_file(tensors, str(path), metadata={"method": method.name})
+
+
+def load_method_parameters(name: str, path: str | Path) -> dict[str, torch.Tensor]:
+    """Read the parameters `save_method_parameters` wrote for method `name` (method.checkpoint)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise ValueError(f"method.checkpoint={str(path)!r} does not exist or is not a file")
+    with safe_open(str(path), framework="pt") as f:
+        saved = (f.metadata() or {}).get("method")
+        if saved != name:
+            raise ValueError(
+                f"method.checkpoint={str(path)!r} holds parameters of method {saved!r}, not {name!r}"
+            )
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+class TrainableMergedBias:
+    """Mixin for merging methods: a learned per-layer, per-KV-head logit correction `merged_bias` [L, Hkv] added
+    to the attention bias of the merged entries (those flagged by the per-slot state `merged_state`), on top of the
+    calibrated ln n. Neutral value 0: without a `checkpoint` and before training nothing is added at all (the
+    untrained method is bit-identical to one without the mixin). The class declares `checkpoint: str | None` and
+    `_trained: dict` fields and calls `_load_checkpoint()` in `__post_init__`."""
+
+    merged_state: ClassVar[str] = ""
+
+    def _load_checkpoint(self) -> None:
+        if self.checkpoint is not None:
+            self._trained = {
+                k: torch.nn.Parameter(v.float())
+                for k, v in load_method_parameters(self.name, self.checkpoint).items()
+            }
+
+    def trainable_parameters(self, model: PreTrainedModel | None) -> dict[str, torch.nn.Parameter]:
+        if "merged_bias" not in self._trained:
+            if model is None:
+                return {}
+            config = model.config
+            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            shape = (config.num_hidden_layers, kv_heads)
+            self._trained["merged_bias"] = torch.nn.Parameter(torch.zeros(shape, device=model.device))
+        return dict(self._trained)
+
+    def bias_offset(self, layer: CompressedLayer) -> torch.Tensor | None:
+        delta = self._trained.get("merged_bias")
+        if delta is None:
+            return None
+        merged = layer.state(self.merged_state) > 0  # [B, Hkv, L_phys]
+        return delta[layer.layer_idx].to(layer.device)[None, :, None] * merged
 
 
 def list_methods() -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, TrainableMergedBias, register
 from kvexp.methods.merging import fold, reject_rerotate
 
 
@@ -154,7 +154,7 @@ def group_targets(pending: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
 
 @register
 @dataclass
-class SemanticCluster(Method):
+class SemanticCluster(TrainableMergedBias, Method):
     """Seed 002's SemanticClusterCache (k-means of key vectors) made a calibrated merge (METHODS §3.4.2, §5.2).
 
     A layer keeps `sink_tokens` sinks, the newest `budget - sink_tokens - K` tokens exactly, and K cluster
@@ -175,6 +175,9 @@ class SemanticCluster(Method):
     slots' keys: at a prefill the tokens' own keys, later the clusters and the tokens that joined them; on a
     strided sample of `silhouette_sample` slots when larger) is averaged per layer into `statistics`, over
     every re-clustering this method instance ran.
+    Trainable (`train=distill trainable=compressor`): `merged_bias` [layers, KV heads], a learned logit correction
+    added to every cluster entry's bias ln(tokens) in the attention (METHODS §5.2's bias refit, learned end to
+    end); 0 is the method above exactly. `checkpoint`: a trained parameters file; null: untrained.
     """
 
     name = "semantic_cluster"
@@ -189,8 +192,14 @@ class SemanticCluster(Method):
     iterations: int = 10
     sink_tokens: int = 0
     silhouette_sample: int = 256
+    checkpoint: str | None = None
+    merged_state = "cluster"
     _pending: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
     _quality: dict[int, list[float]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _trained: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._load_checkpoint()
 
     def clusters(self, budget: int) -> int:
         return self.num_clusters if self.num_clusters is not None else max(1, budget // 8)
