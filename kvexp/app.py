@@ -529,8 +529,16 @@ def _log_to_wandb(cfg: DictConfig, out: Path, summary: dict, rows: list[dict]) -
         job_name = hc.job.override_dirname or None
         if hc.mode == RunMode.MULTIRUN:
             group = Path(hc.sweep.dir).name
-    tags = [cfg.method.name, f"model={cfg.model.name}", f"dataset={cfg.dataset.name}", *cfg.tags]
-    logger = make_logger(cfg.logger, summary["config"], out, job_name, group, tags)
+    budget = summary["budget"]
+    budget_tag = (
+        f"budget={budget['tokens']}" if budget.get("tokens") else f"keep_ratio={budget.get('keep_ratio')}"
+    )
+    tags = [cfg.method.name, budget_tag, f"model={cfg.model.name}", f"dataset={cfg.dataset.name}", *cfg.tags]
+    logger_cfg = {
+        **OmegaConf.to_container(cfg.logger),
+        "job_type": cfg.logger.get("job_type") or cfg.method.name,
+    }
+    logger = make_logger(logger_cfg, summary["config"], out, job_name, group, tags)
     if logger is None:
         return
     try:

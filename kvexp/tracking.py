@@ -22,7 +22,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LOGGERS = ("none", "wandb")
-WANDB_MODES = ("online", "offline", "disabled")
+WANDB_MODES = ("auto", "online", "offline", "disabled")  # auto: online with an API key, else offline
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -128,6 +128,18 @@ def _cell(value: Any) -> Any:
     return json.dumps(_jsonable(value), default=str)
 
 
+def has_wandb_api_key() -> bool:
+    """Whether W&B can upload: WANDB_API_KEY is set or `wandb login` stored a key in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
 class WandbLogger:
     """One W&B run for one experiment job; a thin layer so the rest of kvexp never imports wandb.
 
@@ -143,9 +155,11 @@ class WandbLogger:
         group: str | None,
         tags: list[str],
     ) -> None:
-        mode = logger_cfg.get("mode") or "online"
+        mode = logger_cfg.get("mode") or "auto"
         if mode not in WANDB_MODES:
             raise ValueError(f"logger.mode={mode!r} is not supported; allowed values: {list(WANDB_MODES)}")
+        if mode == "auto":
+            mode = "online" if has_wandb_api_key() else "offline"
         import wandb
 
         self._wandb = wandb

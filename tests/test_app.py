@@ -310,3 +310,17 @@ def test_objective_names_a_metric_of_the_run(text_file, tmp_path):
     assert (tmp_path / "c" / "summary.json").exists()  # the results were written before the objective failed
     nested = {"metrics_after": {"rouge": {"rouge1": 0.3, "rougeL": 0.2}, "tokens": 5}, "objective": 0.3}
     assert kvexp.app._objective(_compose(*overrides, "objective=rouge.rougeL"), nested) == 0.2
+
+
+def test_wandb_run_is_typed_by_method_and_tagged_with_budget_model_dataset(text_file, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        kvexp.app, "make_logger", lambda cfg, config, out, job, group, tags: seen.update(cfg=cfg, tags=tags)
+    )
+    cfg = _compose(
+        "model=tiny_llama", "method=recent_only", "budget=32", "dataset=text_file", f"dataset.path={text_file}",
+        "eval.max_tokens=40", "eval.chunk_size=8", "logger=wandb_offline", "cache_dir=null", "tags=[study]",
+    )  # fmt: skip
+    train_or_eval(cfg, tmp_path / "out")
+    assert seen["cfg"]["job_type"] == "recent_only" and seen["cfg"]["mode"] == "offline"
+    assert seen["tags"] == ["recent_only", "budget=32", "model=tiny_llama", "dataset=text_file", "study"]

@@ -17,6 +17,7 @@ from kvexp.tracking import (
     atomic_write_json,
     atomic_write_text,
     flatten,
+    has_wandb_api_key,
     make_logger,
 )
 
@@ -136,7 +137,7 @@ def test_flatten():
 def test_logger_configs():
     assert make_logger(logger_cfg("none"), {}, Path("unused"), None, None, []) is None
     assert make_logger(None, {}, Path("unused"), None, None, []) is None
-    assert logger_cfg("wandb")["mode"] == "online"
+    assert logger_cfg("wandb")["mode"] == "auto"
     assert logger_cfg("wandb_offline")["mode"] == "offline"
     keys = {"name", "project", "entity", "mode", "job_type", "log_samples"}
     for p in CONF.glob("*.yaml"):
@@ -146,7 +147,7 @@ def test_logger_configs():
 def test_unknown_logger_and_mode(tmp_path):
     with pytest.raises(ValueError, match=r"logger=.*mlflow.*\['none', 'wandb'\]"):
         make_logger({"name": "mlflow"}, {}, tmp_path, None, None, [])
-    with pytest.raises(ValueError, match=r"logger\.mode.*online.*offline.*disabled"):
+    with pytest.raises(ValueError, match=r"logger\.mode.*auto.*online.*offline.*disabled"):
         make_logger(logger_cfg("wandb", mode="shared"), {}, tmp_path, None, None, [])
 
 
@@ -181,3 +182,15 @@ def test_wandb_disabled(tmp_path):
         logger.log_table("t", [{"x": 1}])
     assert logger.run is None
     assert not list(tmp_path.rglob("offline-run-*"))
+
+
+def test_auto_mode_is_online_only_with_an_api_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert not has_wandb_api_key()
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert has_wandb_api_key()
+    (tmp_path / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert has_wandb_api_key()
