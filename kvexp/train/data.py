@@ -1,0 +1,115 @@
+"""Training text for the trainers: local Gutenberg books or a hub corpus, cut into fixed-length token windows.
+
+`train.data.source`: `local` reads a JSONL of `text` records (`train.data.path`, else
+`$KVEXP_DATA_DIR/<train.data.local_file>`, by default the 23 NLTK Gutenberg books, disjoint from the PG-19 test
+books); `hub` loads `datasets.load_dataset(hub_id, hub_config, split=...)` (WikiText-103 train by default; needs
+the network). Each document is tokenized on its own (the tokenizer's default special tokens) and cut into
+windows of `max_length` tokens; a shorter tail is dropped, so a batch never holds padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from kvexp.tasks.data import DATA_DIR_ENV, data_dir
+
+log = logging.getLogger(__name__)
+
+DATA_SOURCES = ("local", "hub")
+
+
+def load_training_texts(data: Mapping) -> list[tuple[str, str]]:
+    """(id, text) of every training document `data` (the `train.data` node) names."""
+    source = data.get("source")
+    if source not in DATA_SOURCES:
+        raise ValueError(f"train.data.source={source!r}: expected one of {DATA_SOURCES}")
+    limit = data.get("max_documents")
+    if source == "hub":
+        from datasets import load_dataset
+
+        rows = load_dataset(data["hub_id"], data.get("hub_config"), split=data.get("split") or "train")
+        field = data.get("text_field") or "text"
+        # WikiText rows are lines; articles are joined, empty rows included, as the usual perplexity text.
+        text = "".join(rows[field]) if data["hub_id"].endswith("wikitext") else None
+        docs = [("hub", text)] if text is not None else [(str(i), r[field]) for i, r in enumerate(rows)]
+        return docs[:limit] if limit else docs
+    path = resolve_training_file(data)
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                record = json.loads(line)
+                docs.append(
+                    (
+                        str(record.get("file") or record.get("id") or i),
+                        record[data.get("text_field") or "text"],
+                    )
+                )
+    return docs[:limit] if limit else docs
+
+
+def resolve_training_file(data: Mapping) -> Path:
+    """`train.data.path`, else `$KVEXP_DATA_DIR/<train.data.local_file>`; missing: a ValueError naming the option."""
+    if data.get("path"):
+        path = Path(str(data["path"])).expanduser()
+        if not path.is_file():
+            raise ValueError(f"train.data.path={str(data['path'])!r} does not exist or is not a file")
+        return path
+    root = data_dir()
+    if root is None or not (root / str(data.get("local_file"))).is_file():
+        raise ValueError(
+            f"train.data.local_file={data.get('local_file')!r} not found under ${DATA_DIR_ENV}={root}; set "
+            "train.data.path, $KVEXP_DATA_DIR, or train.data.source=hub"
+        )
+    return root / str(data["local_file"])
+
+
+def _fingerprints(text: str, min_chars: int = 60) -> set[str]:
+    """Hashes of the text's long normalized lines (short lines such as chapter titles repeat across books)."""
+    lines = (" ".join(line.split()).lower() for line in text.splitlines())
+    return {
+        hashlib.blake2b(line.encode(), digest_size=8).hexdigest() for line in lines if len(line) >= min_chars
+    }
+
+
+def check_disjoint(
+    train_docs: list[tuple[str, str]], eval_docs: list[tuple[str, str]], limit: float = 0.05
+) -> None:
+    """Raise if a training document shares more than `limit` of an evaluation document's long lines: training on
+    the evaluated book would make the perplexity after training meaningless."""
+    for eval_id, eval_text in eval_docs:
+        held = _fingerprints(eval_text)
+        if not held:
+            continue
+        for train_id, train_text in train_docs:
+            shared = len(held & _fingerprints(train_text)) / len(held)
+            if shared > limit:
+                raise ValueError(
+                    f"training document {train_id!r} shares {shared:.0%} of its long lines with evaluation document "
+                    f"{eval_id!r}: train.data must be disjoint from the evaluated dataset"
+                )
+
+
+def token_windows(
+    docs: list[tuple[str, str]], tokenizer, max_length: int, max_windows: int | None = None
+) -> torch.Tensor:
+    """[N, max_length] long: consecutive windows of each document's tokens (tails shorter than a window dropped).
+    With `max_windows`, every document gives at most its share (ceil(max_windows / documents)) from its beginning,
+    so a short run still sees several books, and only that prefix is tokenized."""
+    windows: list[torch.Tensor] = []
+    share = None if max_windows is None else -(-max_windows // len(docs))
+    for _, text in docs:
+        if share is not None:
+            text = text[: share * max_length * 8]  # enough characters: English BPE tokens average ~4
+        ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+        starts = range(0, ids.numel() - max_length + 1, max_length)
+        windows.extend(ids[start : start + max_length] for start in list(starts)[:share])
+    if not windows:
+        raise ValueError(f"no training document has train.max_length={max_length} tokens")
+    return torch.stack(windows[:max_windows] if max_windows else windows)
