@@ -11,13 +11,15 @@ import torch
 from kvexp.app import train_or_eval
 from kvexp.config import method_from_config
 from kvexp.engine import make_cache
-from kvexp.methods import build_method
+from kvexp.engine.cache import StoredEntries
+from kvexp.methods import METHODS, build_method
 from kvexp.models import load_model
 from kvexp.tasks.perplexity import evaluate_perplexity
 from kvexp.train import distill
 from kvexp.train.data import check_disjoint, load_training_texts, token_windows
 from tests.conftest import load
 from tests.test_config import _compose
+from tests.test_engine import SMALL_PARAMS
 
 WORDS = [
     "the",
@@ -110,6 +112,24 @@ def test_gradients_reach_lora_and_the_compressor_through_merged_entries(name):
         p.grad for n, p in peft.named_parameters() if "lora_B" in n
     ]  # lora_A: 0 while B is at its init 0
     assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
+
+
+DENSE_METHODS = sorted(n for n, cls in METHODS.items() if n != "full" and not issubclass(cls, StoredEntries))
+
+
+@pytest.mark.parametrize("name", DENSE_METHODS)
+def test_every_dense_method_backpropagates_to_lora_through_its_compressions(name):
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_model(_compose("model=tiny_llama").model, {"device": "cpu"})
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj"]))
+    method = build_method(name, **SMALL_PARAMS.get(name, {}))
+    ids = torch.randint(4, 200, (1, 64), generator=torch.Generator().manual_seed(2))
+    logits, compressed = distill.student_forward(peft.get_base_model(), method, 16, ids, 8, {})
+    assert compressed.any(), "the method never compressed: the test would not reach a compressed entry"
+    logits[:, compressed].logsumexp(-1).sum().backward()
+    grads = [p.grad for n, p in peft.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and bool(torch.isfinite(g).all()) and g.abs().sum() > 0 for g in grads)
 
 
 def test_an_untrained_compressor_adds_no_bias_offset():

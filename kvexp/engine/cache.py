@@ -488,6 +488,9 @@ class CompressedLayer(DynamicLayer):
         if not self.over_budget():
             return
         start = time.perf_counter()
+        # Differentiable mode: fresh buffers before anything writes into the slots this step's attention read
+        # (a score may fold entries itself, as razor_attention's compensation token; so may merge and kill).
+        self._copy_on_write()
         n, target = self.length, self.method.target_size(self)
         with self.no_grad_if_differentiable():
             scores = self.method.score(self).float()
@@ -510,7 +513,6 @@ class CompressedLayer(DynamicLayer):
             kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, keep, True)
             dead = torch.arange(target, device=self.device)[None, None, :] >= counts[:, :, None]
             kill = torch.zeros_like(kept).scatter_(2, keep, dead)
-        self._copy_on_write()  # the merge and the kill write into the slots this step's attention read
         if was_live is not None:
             # Merge before killing: a killed slot is an evicted entry to the merge, not a survivor with weight 0.
             survivors = kept & was_live if kill is None else kept & was_live & ~kill

@@ -45,6 +45,7 @@ def skip_layers(budgets: list[int | None], skip: list[int], name: str) -> list[i
     return [None if i in skipped else budget for i, budget in enumerate(budgets)]
 
 
+@torch.no_grad()  # a choice of partners (and weights derived from it), never a path for gradients in training
 def most_similar(
     keys: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,7 +110,10 @@ class SimCalKV(Method):
         target = torch.where(kept, slots, torch.where(similarity > self.similarity_threshold, nearest, -1))
         # e^{b_i} E_q[e^{q.k_i/sqrt d}] up to a constant per query: the softmax weights, averaged over the
         # window and the group; floored so that a group whose weights all underflow still gets a mean.
-        weights = reduce_group(window_attention(layer).mean(dim=3), "mean").clamp_min(1e-30)
+        # Weights are constants of the merge (as its choice of members): no gradient through the keys they read,
+        # which the fold then rewrites (training's differentiable mode).
+        with torch.no_grad():
+            weights = reduce_group(window_attention(layer).mean(dim=3), "mean").clamp_min(1e-30)
         if self.variant == "derived":
             fold(
                 layer,
