@@ -218,3 +218,19 @@ def test_python_code_selection_in_a_folder(tmp_path):
         check_dataset({**base, "glob": "*.pyx"})
     with pytest.raises(ValueError, match=r"dataset\.path"):
         check_dataset({**base, "path": str(tmp_path / "a.py")})
+
+
+def test_required_data_file_names_the_option(tmp_path, monkeypatch):
+    from kvexp.tasks.data import required_data_file
+
+    (tmp_path / "a.jsonl").write_text("{}")
+    monkeypatch.setenv("KVEXP_DATA_DIR", str(tmp_path))
+    assert required_data_file("a.jsonl", "train.data_file") == tmp_path / "a.jsonl"
+    assert required_data_file(str(tmp_path / "a.jsonl"), "x") == tmp_path / "a.jsonl"
+    with pytest.raises(ValueError, match=r"method.calibration_file: .*b.jsonl does not exist"):
+        required_data_file("b.jsonl", "method.calibration_file")
+    monkeypatch.delenv("KVEXP_DATA_DIR")
+    with pytest.raises(
+        ValueError, match=r"train.data_file='a.jsonl' is relative to \$KVEXP_DATA_DIR, which is not set"
+    ):
+        required_data_file("a.jsonl", "train.data_file")

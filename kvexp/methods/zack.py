@@ -13,7 +13,7 @@ from kvexp.engine.cache import Storage, StoredEntries
 from kvexp.methods.base import Method, register
 from kvexp.methods.razor_attention import _fingerprint
 from kvexp.models import tiny_tokenizer
-from kvexp.tasks.data import DATA_DIR_ENV, data_dir
+from kvexp.tasks.data import required_data_file
 
 log = logging.getLogger(__name__)
 
@@ -183,18 +183,7 @@ class ZACK(StoredEntries, Method):
         super().validate(budget)
 
     def _calibration_path(self) -> Path:
-        path = Path(self.calibration_file).expanduser()
-        if not path.is_absolute():
-            root = data_dir()
-            if root is None:
-                raise ValueError(
-                    f"method.calibration_file={self.calibration_file!r} is relative to ${DATA_DIR_ENV}, which is "
-                    "not set; set it or give an absolute path"
-                )
-            path = root / path
-        if not path.is_file():
-            raise ValueError(f"method.calibration_file: {path} does not exist")
-        return path
+        return required_data_file(self.calibration_file, "method.calibration_file")
 
     def prepare(self, model) -> None:
         """Calibrate on the model (or load its cached calibration), once per model."""

@@ -47,6 +47,22 @@ def data_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def required_data_file(name: str, option: str) -> Path:
+    """The file `name` (absolute, or relative to $KVEXP_DATA_DIR) that option `option` names; a ValueError
+    naming the option when it cannot be found."""
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        root = data_dir()
+        if root is None:
+            raise ValueError(
+                f"{option}={name!r} is relative to ${DATA_DIR_ENV}, which is not set; set it or give an absolute path"
+            )
+        path = root / path
+    if not path.is_file():
+        raise ValueError(f"{option}: {path} does not exist")
+    return path
+
+
 def resolve_local_file(dataset: Mapping) -> Path | None:
     """The local file to read for ``dataset``, or None to load it from the hub.
 

@@ -117,20 +117,9 @@ def check(cfg: DictConfig) -> None:
 
 
 def _data_path(name: str) -> Path:
-    from kvexp.tasks.data import DATA_DIR_ENV, data_dir
+    from kvexp.tasks.data import required_data_file
 
-    path = Path(name).expanduser()
-    if not path.is_absolute():
-        root = data_dir()
-        if root is None:
-            raise ValueError(
-                f"train.data_file={name!r} is relative to ${DATA_DIR_ENV}, which is not set; set it or give an "
-                "absolute path"
-            )
-        path = root / path
-    if not path.is_file():
-        raise ValueError(f"train.data_file: {path} does not exist")
-    return path
+    return required_data_file(name, "train.data_file")
 
 
 def training_windows(
