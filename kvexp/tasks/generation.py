@@ -45,6 +45,7 @@ from kvexp.engine import KVCache, make_cache
 from kvexp.methods import Method
 from kvexp.tasks import metrics
 from kvexp.tasks.data import LOCAL_SPLIT, _load_hub, resolve_local_file, split_bounds
+from kvexp.tasks.perplexity import kv_totals
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +362,7 @@ def aggregate_generation(
     total_s = sum(r.total_s for r in results)
     later = [s for r in results for s in r.step_s]
     compress_s = sum(r.kv.get("compress_seconds", 0.0) for r in results)
-    seen = sum(r.kv["tokens_seen"] for r in results)
-    kept = sum(r.kv["tokens_kept"] for r in results)
+    kv = kv_totals(results)
     return {
         "metrics": {
             "samples": len(results),
@@ -370,15 +370,7 @@ def aggregate_generation(
             **({"by": by} if by else {}),
             "new_tokens": generated / len(results),
         },
-        "kv_cache": {
-            "tokens_seen": seen,
-            "tokens_kept": kept,
-            "tokens_kept_mean": kept / len(results),
-            "compression_ratio": 1.0 - kept / seen if seen else 0.0,
-            "bytes_full": sum(r.kv.get("bytes_full", 0) for r in results),
-            "bytes_kept": sum(r.kv.get("bytes_kept", 0) for r in results),
-            "bytes_peak": max(r.kv_peak_bytes for r in results),
-        },
+        "kv_cache": {**kv, "tokens_kept_mean": kv["tokens_kept"] / len(results)},
         "timing": {
             "ttft_s": sum(r.ttft_s for r in results) / len(results),
             "tpot_ms": 1000 * sum(later) / len(later) if later else None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +105,20 @@ def score_document(
     )
 
 
+def kv_totals(results: Sequence) -> dict[str, Any]:
+    """The cache figures summed over per-sample results (each with a `kv` stats dict and `kv_peak_bytes`)."""
+    seen = sum(r.kv["tokens_seen"] for r in results)
+    kept = sum(r.kv["tokens_kept"] for r in results)
+    return {
+        "tokens_seen": seen,
+        "tokens_kept": kept,
+        "compression_ratio": 1.0 - kept / seen if seen else 0.0,
+        "bytes_full": sum(r.kv.get("bytes_full", 0) for r in results),
+        "bytes_kept": sum(r.kv.get("bytes_kept", 0) for r in results),
+        "bytes_peak": max(r.kv_peak_bytes for r in results),
+    }
+
+
 def aggregate(results: list[DocumentResult]) -> dict[str, Any]:
     """Corpus-level metrics (token-weighted perplexity) and cost figures over documents."""
     tokens = sum(r.tokens for r in results)
@@ -112,8 +126,6 @@ def aggregate(results: list[DocumentResult]) -> dict[str, Any]:
     total_s = sum(r.first_step_s + sum(r.step_s) for r in results)
     later = [s for r in results for s in r.step_s]
     compress_s = sum(r.kv.get("compress_seconds", 0.0) for r in results)
-    seen = sum(r.kv["tokens_seen"] for r in results)
-    kept = sum(r.kv["tokens_kept"] for r in results)
     return {
         "metrics": {
             "perplexity": math.exp(nll / tokens),
@@ -122,14 +134,7 @@ def aggregate(results: list[DocumentResult]) -> dict[str, Any]:
             "tokens": tokens,
             "documents": len(results),
         },
-        "kv_cache": {
-            "tokens_seen": seen,
-            "tokens_kept": kept,
-            "compression_ratio": 1.0 - kept / seen if seen else 0.0,
-            "bytes_full": sum(r.kv.get("bytes_full", 0) for r in results),
-            "bytes_kept": sum(r.kv.get("bytes_kept", 0) for r in results),
-            "bytes_peak": max(r.kv_peak_bytes for r in results),
-        },
+        "kv_cache": kv_totals(results),
         "timing": {
             "ttft_s": sum(r.first_step_s for r in results) / len(results),
             "tpot_ms": 1000 * sum(later) / len(later) if later else None,
