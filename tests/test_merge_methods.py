@@ -305,10 +305,10 @@ def test_cam_adds_p_times_the_value_share_to_the_following_tokens(merge_budget):
     )
 
 
-def _cam_run(seed):
-    layer, _, values = _shuffled("cam", 6, sink_tokens=1, merge_budget=3, seed=seed)
-    # Windows of the evicted 2, 3, 4: (3, 4, 5), (4, 5, 6), (5, 6, 7): p = 1, 0, 0.5; token 1's lands on evicted
-    # tokens only. Position 5 receives from all three.
+def _cam_run(seed, sampling="bernoulli"):
+    layer, _, values = _shuffled("cam", 6, sink_tokens=1, merge_budget=3, seed=seed, sampling=sampling)
+    # Windows of the evicted 2, 3, 4: (3, 4, 5), (4, 5, 6), (5, 6, 7): p = 1, 0, 0.5; token 1's, (2, 3, 4) with
+    # p = 1 / (10 / 3) = 0.3, lands on evicted tokens only. Position 5 receives from all three.
     acc = torch.tensor([3.0, 1.0, 8.0, 0.0, 2.0, 2.0, 4.0, 6.0, 9.0, 9.0])
     layer.state("acc").copy_(torch.stack([acc[PERMUTATION[h]] for h in range(HKV)])[None])
     layer.compress()
@@ -328,6 +328,18 @@ def test_cam_bernoulli_merges_are_seeded_and_follow_p():
             assert sum(hit) == 1  # p = 1: always; p = 0: never; p = 0.5: one or the other
             merged_half += hit[1]
     assert 15 <= merged_half <= 65  # 80 draws with p = 0.5
+
+
+def test_cam_statistics_count_evictions_probabilities_and_merges():
+    layer, _ = _cam_run(0, sampling="expectation")
+    stats = layer.method.statistics([layer])
+    assert stats["evicted_tokens"] == 4 * HKV  # tokens 1-4 of each head had a window
+    assert stats["merge_probability_mean"] == pytest.approx((0.3 + 1 + 0 + 0.5) / 4)
+    assert stats["merges"] == pytest.approx(1.8 * HKV)  # expectation: the sum of p
+    drawn = [_cam_run(seed)[0] for seed in range(20)]
+    merges = [layer.method.statistics([layer])["merges"] for layer in drawn]
+    assert all(m == int(m) and 1 * HKV <= m <= 3 * HKV for m in merges)  # p = 1 always, p = 0 never
+    assert len(set(merges)) > 1
 
 
 def test_cam_keeps_streaming_llm_keys_and_runs_with_rerotation():

@@ -1,4 +1,6 @@
 from dataclasses import dataclass, field
+from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 
@@ -56,6 +58,9 @@ class CaM(StreamingLLM):
     seed: int = 0
     gqa: str = "mean"
     _generators: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> RNG
+    _merge_counts: WeakKeyDictionary = field(
+        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
+    )  # CompressedLayer -> [evicted tokens with a window, sum of their p, merges drawn]
 
     def validate(self, budget: int | None) -> None:
         super().validate(budget)
@@ -83,10 +88,16 @@ class CaM(StreamingLLM):
         prefix = torch.nn.functional.pad(in_order.cumsum(dim=-1), (1, 0))  # [B, Hkv, L + 1]
         mean = (prefix.gather(2, end) - prefix.gather(2, start)) / size
         ratio = (acc / mean).nan_to_num(nan=0.0, posinf=1.0).clamp(0.0, 1.0)
-        ratio = ratio.masked_fill(~evicted | (size == 0), 0.0)
-        if self.sampling == "bernoulli":
-            ratio = torch.bernoulli(ratio, generator=self._generator(ratio.device))
-        share = (ratio / size.clamp_min(1.0))[..., None] * layer.values.float()  # [B, Hkv, L, Dv]
+        mergeable = evicted & (size > 0)
+        probability = ratio.masked_fill(~mergeable, 0.0)
+        drawn = (
+            torch.bernoulli(probability, generator=self._generator(probability.device))
+            if self.sampling == "bernoulli"
+            else probability
+        )
+        counts = torch.stack((mergeable.sum().float(), probability.sum(), drawn.sum())).detach()
+        self._merge_counts[layer] = self._merge_counts.get(layer, 0) + counts
+        share = (drawn / size.clamp_min(1.0))[..., None] * layer.values.float()  # [B, Hkv, L, Dv]
         dim = share.shape[-1]
         steps = torch.zeros(*share.shape[:2], layer.length + 1, dim, device=share.device)
         steps.scatter_add_(2, start[..., None].expand(-1, -1, -1, dim), share)
@@ -94,6 +105,19 @@ class CaM(StreamingLLM):
         added = steps.cumsum(dim=2)[:, :, :-1]  # per place in temporal order (evicted places: dropped anyway)
         slots = order[..., None].expand(-1, -1, -1, dim)
         layer.values.add_(torch.zeros_like(added).scatter_(2, slots, added).to(layer.values.dtype))
+
+    def statistics(self, layers) -> dict[str, Any]:
+        """How often merges fire: evicted tokens that had a window, their mean merge probability p, and the merges
+        drawn (under `sampling=expectation`, the sum of p), summed over layers, heads and the run's steps."""
+        counted = [self._merge_counts[layer] for layer in layers if layer in self._merge_counts]
+        if not counted:
+            return {"evicted_tokens": 0, "merge_probability_mean": None, "merges": 0}
+        evicted, probability, merges = sum(counted).tolist()
+        return {
+            "evicted_tokens": int(evicted),
+            "merge_probability_mean": probability / evicted if evicted else None,
+            "merges": merges,
+        }
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
