@@ -191,7 +191,7 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     written: list[Path] = []
 
     def save(fig, name: str) -> None:
-        path = out_dir / f"{name}.png"
+        path = out_dir / f"{name.replace('/', '-')}.png"  # metric keys like by.length/depth.1024/0.5 hold "/"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -94,6 +94,8 @@ def test_write_report_files(tmp_path):
         summary = _summary(method, ppl, 0.4, budget)
         summary["budget"]["tokens"] = budget
         summary["kv_cache"].update({"compression_ratio": 1 - budget / 1999, "bytes_kept": budget * 1000})
+        for key in ("metrics_before", "metrics_after"):  # passkey's breakdown: its keys hold "/"
+            summary[key]["by"] = {"length/depth": {"1024/0.5": {"accuracy": summary[key]["accuracy"]}}}
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "summary.json").write_text(json.dumps(summary))
     out = write_report([tmp_path])
@@ -106,7 +108,7 @@ def test_write_report_files(tmp_path):
     assert {
         "wikitext2_perplexity_by_method.png", "wikitext2_accuracy_by_method.png", "wikitext2_tradeoff.png",
         "wikitext2_heatmap_256.png", "wikitext2_heatmap_512.png", "wikitext2_cache_efficiency.png",
-        "wikitext2_pareto.png",
+        "wikitext2_pareto.png", "wikitext2_by.length-depth.1024-0.5.accuracy_by_method.png",
     } <= plots  # fmt: skip
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(plots)  # self-contained: every plot inline
