@@ -256,6 +256,20 @@ def test_compensation_rejects_rerotation_and_wrappers_forward_prepare():
         )  # the probe ran through the wrapper
 
 
+def test_retrieval_heads_are_logged_once_per_selection_not_once_per_sequence(caplog):
+    model, _ = load("tiny_llama")
+    method = build_method("razor_attention", retrieval_heads=[[0, 1]])
+    with caplog.at_level("INFO", logger=razor_module.__name__):
+        for _ in range(3):  # make_cache prepares the method for every sample
+            make_cache(model, method, budget=10)
+        method.retrieval_heads = [[1, 0]]
+        make_cache(model, method, budget=10)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "INFO"] == [
+        "razor_attention: 1 of 4 KV heads keep the full cache: [[0, 1]]",
+        "razor_attention: 1 of 4 KV heads keep the full cache: [[1, 0]]",
+    ]
+
+
 # -- dynamickv -----------------------------------------------------------------------------------------------
 
 

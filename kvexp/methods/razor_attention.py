@@ -170,8 +170,11 @@ class RazorAttention(Method):
         elif self.induction_ratio + self.echo_ratio > 0:
             induction, echo = probe_scores(model, self.probe_length, self.probe_seed)
             full = select_heads(induction, echo, self.induction_ratio, self.echo_ratio)
+        # make_cache prepares the method once per sequence: name the heads once, not once per sample.
+        unchanged = self._full is not None and torch.equal(self._full, full)
         self._full = full
-        log.info(
+        log.log(
+            logging.DEBUG if unchanged else logging.INFO,
             "razor_attention: %d of %d KV heads keep the full cache: %s",
             full.sum(),
             full.numel(),
