@@ -236,7 +236,7 @@ def _evaluate_generation(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
         "prefill_chunk_size": cfg.eval.prefill_chunk_size,
         "decoding": dataclasses.asdict(settings["decoding"]),
     }
-    summary.update(_seed000_cost(before, after, agg_before, agg_after))
+    summary.update(_generation_cost(before, after, agg_before, agg_after))
     summary["objective"] = agg_after["objective"]
     return summary, _generation_rows(samples, before, after)
 
@@ -433,8 +433,8 @@ def _summary(
     }
 
 
-def _seed000_cost(before, after, agg_before, agg_after) -> dict[str, float | None]:
-    """Seed 000's summary fields: KV memory saved per sample, seconds and tokens/s per sample before/after."""
+def _generation_cost(before, after, agg_before, agg_after) -> dict[str, float | None]:
+    """The SimCalKV study's summary fields: KV memory saved per sample, seconds and tokens/s per sample before/after."""
     saving = sum(r.kv.get("bytes_full", 0) - r.kv.get("bytes_kept", 0) for r in after) / len(after) / 2**20
     time_after, tput_after = agg_after["timing"]["sample_s"], agg_after["timing"]["throughput_tok_s"]
     time_before = agg_before["timing"]["sample_s"] if before is not None else None

@@ -1,4 +1,4 @@
-"""Attention-pattern analysis (seed 002's): where each layer's heads look, sinks and heavy hitters made visible.
+"""Attention-pattern analysis (the H2O study's): where each layer's heads look, sinks and heavy hitters made visible.
 
 `python -m kvexp.attention_maps --model smollm2_135m --tokens 256 --layers 0,15,29 --out outputs/attention`
 reads the first `--tokens` tokens of a local text (WikiText-2 by default), runs the full model once with

@@ -72,23 +72,23 @@ def _pyramid(
 
 
 def _geometric(budget: int, num_layers: int, decay: float = 0.95) -> list[int]:
-    """Seed 001's `pyramid_kv_compress`: layer i's budget is `base * decay**i`, normalized to the total.
+    """The kvcompress study's `pyramid_kv_compress`: layer i's budget is `base * decay**i`, normalized to the total.
 
-    The seed gives no default decay; 0.95 gives the first of 32 layers about twice the mean, like PyramidKV.
+    The study gives no default decay; 0.95 gives the first of 32 layers about twice the mean, like PyramidKV.
     """
     if decay <= 0:
         raise ValueError(f"geometric: decay must be > 0, got {decay}")
     return _proportional([decay**i for i in range(num_layers)], budget * num_layers)
 
 
-def _seed003(budget: int, num_layers: int, beta: float = 1.5) -> list[int]:
-    """Seed 003's pyramidal layer compression `L_k = L0 [1 + k/m (1/beta - 1)]` (m layers), normalized.
+def _linear_ramp(budget: int, num_layers: int, beta: float = 1.5) -> list[int]:
+    """The pooling-merge study's pyramidal layer compression `L_k = L0 [1 + k/m (1/beta - 1)]` (m layers), normalized.
 
-    `L0` is whatever makes the total; beta = 1 is uniform. 1.5 is the seed's GPU example (its
+    `L0` is whatever makes the total; beta = 1 is uniform. 1.5 is the study's GPU example (its
     `--steepness_coefficient`; the CLI default 1.0 would be uniform).
     """
     if beta <= 0:
-        raise ValueError(f"seed003: beta must be > 0, got {beta}")
+        raise ValueError(f"linear_ramp: beta must be > 0, got {beta}")
     return _proportional(
         [1 + k / num_layers * (1 / beta - 1) for k in range(num_layers)], budget * num_layers
     )
@@ -140,7 +140,7 @@ _SCHEDULES: dict[str, Callable[..., list[int]]] = {
     "uniform": _uniform,
     "pyramid": _pyramid,
     "geometric": _geometric,
-    "seed003": _seed003,
+    "linear_ramp": _linear_ramp,
     "pyramidinfer": _pyramidinfer,
 }
 ALLOCATIONS: tuple[str, ...] = tuple(_SCHEDULES)

@@ -3,7 +3,7 @@
     python -m kvexp.report outputs/kvexp/multiruns/<timestamp> [more dirs] [--out-dir DIR] [--no-plots]
 
 Writes into `--out-dir` (default: the first directory): `results.csv` (one row per run, every metric before and
-after, cost figures), `report.md` (one table per (dataset, budget) in seed 001's format: the full cache and
+after, cost figures), `report.md` (one table per (dataset, budget) in the kvcompress study's format: the full cache and
 each method, then each metric's % change against the full cache), the plots (`plots/*.png`: per-metric method
 comparison per budget, quality vs throughput, method x metric heatmap of % changes, cache efficiency, quality vs
 compression Pareto curves, cluster quality vs quality where a method reports it) and `report.html`, which holds
@@ -309,7 +309,7 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_title(f"{dataset}: {main} vs compression")
         ax.legend(fontsize=6, ncol=2)
         save(fig, f"{dataset}_pareto")
-        # Cluster quality (clustering methods report a silhouette) vs quality, seed 002's analysis.
+        # Cluster quality (clustering methods report a silhouette) vs quality, the H2O study's analysis.
         pts = [
             (r["method_stats.silhouette"], r[f"{main}_after"])
             for r in runs

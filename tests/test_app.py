@@ -190,7 +190,7 @@ def test_cli_passkey_run_reports_accuracy_by_length_and_depth(tmp_path):
         assert float(row["kept_tokens"]) <= 64 + int(row["question_tokens"]) + int(row["new_tokens_after"])
 
 
-def test_qa_jsonl_keep_ratio_run_writes_seed000_fields(qa_file, tmp_path):
+def test_qa_jsonl_keep_ratio_run_writes_generation_cost_fields(qa_file, tmp_path):
     cfg = _compose(
         "model=tiny_llama", "dataset=qa_jsonl", f"dataset.path={qa_file}", "method=h2o", "budget=keep_0.5",
         "eval.max_new_tokens=4", "cache_dir=null", "engine.when=prefill",

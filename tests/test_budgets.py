@@ -33,7 +33,7 @@ def test_every_schedule_keeps_the_total_with_at_least_one_per_layer(name, budget
     assert total == budget * num_layers if name in EXACT else total <= budget * num_layers
 
 
-@pytest.mark.parametrize("name", ["pyramid", "geometric", "seed003", "pyramidinfer"])
+@pytest.mark.parametrize("name", ["pyramid", "geometric", "linear_ramp", "pyramidinfer"])
 @pytest.mark.parametrize("budget,num_layers", [(64, 3), (128, 16), (2048, 32)])  # PyramidInfer: layer 0 = 1
 def test_pyramids_fall_with_depth(name, budget, num_layers):
     budgets = allocate(name, budget, num_layers)
@@ -65,9 +65,9 @@ def test_pyramid_prompt_length_regimes():
 def test_weighted_schedules_by_hand():
     # geometric, decay 0.5: shares of 30 in 1 : 0.5 : 0.25 = 17.14, 8.57, 4.29; the spare token to 8.57.
     assert allocate("geometric", 10, 3, decay=0.5) == [17, 9, 4]
-    # seed 003, beta 2, m = 4: L_k ~ 1, 0.875, 0.75, 0.625 -> 12.31, 10.77, 9.23, 7.69 of 40.
-    assert allocate("seed003", 10, 4, beta=2) == [12, 11, 9, 8]
-    assert allocate("seed003", 10, 4, beta=1) == [10] * 4
+    # the pooling-merge study, beta 2, m = 4: L_k ~ 1, 0.875, 0.75, 0.625 -> 12.31, 10.77, 9.23, 7.69 of 40.
+    assert allocate("linear_ramp", 10, 4, beta=2) == [12, 11, 9, 8]
+    assert allocate("linear_ramp", 10, 4, beta=1) == [10] * 4
     # PyramidInfer, 3 layers: rho_0 = 1, rho_1 = 0.1 (cos(pi/3) + 1) / 2 + 0.9 = 0.975; layer l holds
     # 0.2 + 0.8 prod_{i<l} rho_i = 1, 1, 0.98 of the prompt -> 100.67, 100.67, 98.66 of 300.
     assert allocate("pyramidinfer", 100, 3) == [101, 101, 98]
@@ -80,12 +80,12 @@ def test_weighted_schedules_by_hand():
 @pytest.mark.parametrize(
     "name,params,match",
     [
-        ("cone", {}, "allocation must be one of: uniform, pyramid, geometric, seed003, pyramidinfer"),
+        ("cone", {}, "allocation must be one of: uniform, pyramid, geometric, linear_ramp, pyramidinfer"),
         ("uniform", {"beta": 2}, "has no parameter"),
         ("pyramid", {"beta": 0.5}, "beta"),
         ("pyramid", {"window": 64}, "window"),
         ("geometric", {"decay": 0}, "decay"),
-        ("seed003", {"beta": -1}, "beta"),
+        ("linear_ramp", {"beta": -1}, "beta"),
         ("pyramidinfer", {"recent_ratio": 1.0}, "recent_ratio"),
     ],
 )
@@ -235,7 +235,7 @@ def test_pyramid_allocation_runs_end_to_end_and_is_reported(tmp_path):
             "budget.allocation=pyramid.*beta",
         ),
         (["budget.allocation=geometric", "+budget.allocation_params.slope=2"], "budget.allocation=geometric"),
-        (["budget=full", "method=full", "budget.allocation=seed003"], "budget.allocation=seed003 needs"),
+        (["budget=full", "method=full", "budget.allocation=linear_ramp"], "budget.allocation=linear_ramp needs"),
         (["budget.allocation=pyramid", "budget.per_layer=[8,8]"], "budget.allocation=pyramid splits"),
         (["method=adakv", "method.floor_alpha=1.5"], "method.floor_alpha"),
         (["method=pyramidkv", "method.beta=0.5"], "method.beta"),

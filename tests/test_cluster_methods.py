@@ -286,9 +286,9 @@ def test_pooling_types_fold_each_window_into_its_newest_token(pooling):
             assert layer.state("tokens")[0, h, s] == len(members)
 
 
-def test_pooling_merge_layer_budgets_follow_the_seed003_pyramid():
+def test_pooling_merge_layer_budgets_follow_the_linear_ramp():
     method = build_method("pooling_merge", steepness_coefficient=1.5)
-    assert method.layer_budgets([64] * 6) == allocate("seed003", 64, 6, beta=1.5)
+    assert method.layer_budgets([64] * 6) == allocate("linear_ramp", 64, 6, beta=1.5)
     assert build_method("pooling_merge").layer_budgets([64] * 6) == [64] * 6  # beta 1: uniform
     # The seed's own numbers from L0: 100 [1 + k/4 (1/2 - 1)].
     fixed = build_method("pooling_merge", initial_local_window=100, steepness_coefficient=2.0)

@@ -141,7 +141,7 @@ def test_bad_values_fail_early_naming_the_option(overrides, match):
     [
         ([], 1),  # perplexity datasets: one document unless asked
         (["dataset=passkey"], None),  # every generated sample
-        (["dataset=cnn_dailymail"], 100),  # seed 000's "test[:100]"
+        (["dataset=cnn_dailymail"], 100),  # the SimCalKV study's "test[:100]"
         (["dataset=cnn_dailymail", "eval.max_samples=3"], 3),
     ],
 )

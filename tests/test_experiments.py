@@ -53,7 +53,7 @@ def test_every_job_of_every_preset_composes_and_validates(preset):
         validate(cfg)  # the same checks a run makes before loading a model
 
 
-def test_h2o_grid_is_seed002s_grid():
+def test_h2o_grid_is_the_h2o_studys_grid():
     jobs = sweep_jobs("h2o_grid")
     assert len(jobs) == 7 * 4  # 5 heavy/recent splits + LRU + sliding window, x 4 budgets
     ratios = set()
@@ -85,7 +85,7 @@ def test_snapkv_passkey_search_tunes_window_and_kernel_for_accuracy():
     assert cfg.hydra.sweeper.direction == "maximize"  # pass-key accuracy
 
 
-def test_compare_all_runs_every_method_but_the_baseline_at_seed001s_budgets():
+def test_compare_all_runs_every_method_but_the_baseline_at_the_kvcompress_studys_budgets():
     from kvexp.methods import METHODS
 
     jobs = sweep_jobs("compare_all")

@@ -1,4 +1,4 @@
-"""Seed 001's key-L2-norm family against hand computations from the plain model's keys, plus invariants.
+"""The kvcompress study's key-L2-norm family against hand computations from the plain model's keys, plus invariants.
 
 After one prefill step of T tokens nothing has been evicted yet, so the kept positions are the method's rule
 applied to the uncompressed keys (a `full` cache after the same forward). tiny_llama has 2 layers and GQA

@@ -1,4 +1,4 @@
-"""method=learned and train=learned_scorer (seed 002's learned eviction, METHODS §5.1) on tiny random models.
+"""method=learned and train=learned_scorer (the H2O study's learned eviction, METHODS §5.1) on tiny random models.
 
 The scorer must beat a random scorer on held-out oracle labels (issue 6); the checkpoint round-trips and the
 method's scores are the MLP applied to hand-computed features; bad options fail before any model loads."""

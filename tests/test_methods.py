@@ -65,7 +65,7 @@ def test_h2o_recent_ratio_splits_the_budget_and_accumulates_across_steps(setup):
     for layer_attn, layer in zip(attn, cache.layers, strict=True):
         expected = layer_attn.sum(dim=3).mean(dim=2)  # prefill column sums + the decode row = all T rows
         assert torch.allclose(layer.state("acc"), expected, atol=1e-5)
-    kept = _kept(model, ids, "h2o", recent_ratio=0.2)  # seed 002's 80/20: 2 recent, 8 heavy
+    kept = _kept(model, ids, "h2o", recent_ratio=0.2)  # the H2O study's 80/20: 2 recent, 8 heavy
     assert all(set(range(T - 2, T)) <= set(k[0, 0].tolist()) for k in kept)
 
 

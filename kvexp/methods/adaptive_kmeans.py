@@ -60,9 +60,9 @@ def centroid_update_weights(
 @register
 @dataclass
 class AdaptiveKMeans(TrainableMergedBias, Method):
-    """Seed 004's adaptive attention-guided compression: attention-guided pruning every `pruning_interval` P
+    """The attention-guided k-means study's adaptive attention-guided compression: attention-guided pruning every `pruning_interval` P
     tokens, then online k-means summarization of the retained pairs into `num_clusters` K centroids, within
-    `max_cache_size` B (the budget). The distillation fine-tuning of the seed is not part of this method.
+    `max_cache_size` B (the budget). The distillation fine-tuning of the study is not part of this method.
 
     A layer holds `sink_tokens` sinks, at most K centroids and exact tokens. When it exceeds the budget B it
     is compressed to `B + 1 - P` entries, so the next compression comes P tokens later and the layer never holds
@@ -76,10 +76,10 @@ class AdaptiveKMeans(TrainableMergedBias, Method):
     attention-weighted: w = exp(q_mean . k / sqrt(d)), q_mean the mean of the lookback queries of the group
     (METHODS §5.2). A centroid keeps the position of the token that opened it; it is never part of the exact
     window, which holds only tokens.
-    Defaults: the seed's max_cache_size 1024, num_clusters 256, pruning_interval 512, lookback_window 256 are
-    kept as proportions of the budget (null: K = B // 4, P = B // 2, Δ = B // 4). The seed gives no pruning
+    Defaults: the study's max_cache_size 1024, num_clusters 256, pruning_interval 512, lookback_window 256 are
+    kept as proportions of the budget (null: K = B // 4, P = B // 2, Δ = B // 4). The study gives no pruning
     share and no eta value: `prune_ratio=0.5` and Sculley's rate are kvexp's choices.
-    Trainable (seed 004's distillation, `train=distill trainable=compressor`): `merged_bias` [layers, KV heads], a
+    Trainable (the attention-guided k-means study's distillation, `train=distill trainable=compressor`): `merged_bias` [layers, KV heads], a
     learned logit correction added to every centroid's bias ln m_c in the attention (the bias refit of METHODS
     §5.2, learned end to end instead of by NNLS); 0 is the method above exactly. `checkpoint`: a trained
     parameters file (the run dir's checkpoint/compressor.safetensors); null: untrained.
@@ -87,7 +87,7 @@ class AdaptiveKMeans(TrainableMergedBias, Method):
 
     name = "adaptive_kmeans"
     description = (
-        "every P tokens: attention-guided pruning + online k-means into K calibrated centroids (seed 004)"
+        "every P tokens: attention-guided pruning + online k-means into K calibrated centroids (the attention-guided k-means study)"
     )
     observes = True
     merges = True

@@ -5,32 +5,32 @@ import torch
 from kvexp.methods.base import Method, register
 from kvexp.methods.scoring import lowest_key_norm
 
-LONG_SINKS = 4  # the seed's fixed start_size past the hard limit
-PROGRESSIVE_RECENT = 0.2  # the seed protects the newest 20% of what it keeps below the hard limit
+LONG_SINKS = 4  # the study's fixed start_size past the hard limit
+PROGRESSIVE_RECENT = 0.2  # the study protects the newest 20% of what it keeps below the hard limit
 
 
 @register
 @dataclass
 class AdaptiveL2(Method):
-    """Seed 001's `adaptive_l2_compress`: the kept size depends on the sequence length, lowest key L2 norms kept.
+    """The kvcompress study's `adaptive_l2_compress`: the kept size depends on the sequence length, lowest key L2 norms kept.
 
-    The seed compresses a cache of length L: not at all up to `soft_limit`; for soft < L <= hard to
+    The study compresses a cache of length L: not at all up to `soft_limit`; for soft < L <= hard to
     `max(int(L * r), soft)` with r falling linearly from `keep_ratio_max` (at soft) to `keep_ratio_min` (at
     hard), protecting the newest 20% and keeping the lowest key norms for the rest; past `hard_limit` to
     `target_size`: 4 sinks + the newest half + the lowest norms in the middle. Mapping onto the engine: the
-    budget is the seed's `target_size`, the most a layer holds after any step (with the seed's defaults its
+    budget is the study's `target_size`, the most a layer holds after any step (with the study's defaults its
     progressive sizes stay below it; they are capped at it anyway); `soft_limit = int(soft_ratio * budget)`,
-    `hard_limit = int(hard_ratio * budget)` (0.5 and 2.0: the seed's 256 and 1024 for 512), and L is the
-    logical sequence length seen (the seed's cache length, equal to it when the seed compresses a prompt once).
-    Whenever a layer exceeds its budget (the engine's trigger) it keeps the seed's size for L: a sawtooth
+    `hard_limit = int(hard_ratio * budget)` (0.5 and 2.0: the study's 256 and 1024 for 512), and L is the
+    logical sequence length seen (the study's cache length, equal to it when the study compresses a prompt once).
+    Whenever a layer exceeds its budget (the engine's trigger) it keeps the study's size for L: a sawtooth
     below the budget while soft < L <= hard, the full budget past hard. Per KV head from its keys
-    (GQA-native). Deviations: the budget cannot be the seed's hard limit, since then nothing would be
-    compressed before L > hard and the progressive regime could never run; the seed compresses at every step
+    (GQA-native). Deviations: the budget cannot be the study's hard limit, since then nothing would be
+    compressed before L > hard and the progressive regime could never run; the study compresses at every step
     above soft (so its streaming cache sits at soft, its "~256" for target 512), kvexp only over budget.
     """
 
     name = "adaptive_l2"
-    description = "kept size shrinks progressively with sequence length, lowest key norms kept (seed 001)"
+    description = "kept size shrinks progressively with sequence length, lowest key norms kept (the kvcompress study)"
     soft_ratio: float = 0.5
     hard_ratio: float = 2.0
     keep_ratio_min: float = 0.3
@@ -58,7 +58,7 @@ class AdaptiveL2(Method):
             recent = budget // 2
             if budget - recent > LONG_SINKS:
                 return budget, LONG_SINKS, recent
-            return budget, 0, budget  # the seed's fallback when no middle part fits: the newest tokens only
+            return budget, 0, budget  # the study's fallback when no middle part fits: the newest tokens only
         # seen > budget > soft here: the engine compresses only over budget
         progress = (seen - soft) / (hard - soft)
         ratio = self.keep_ratio_max - progress * (self.keep_ratio_max - self.keep_ratio_min)

@@ -12,18 +12,18 @@ STRATEGIES = ("keep_low", "keep_high", "random")
 @register
 @dataclass
 class FixSizeL2(Method):
-    """Seed 001's `fix_size_l2_compress`: a fixed-size cache, a protected recent zone, L2 eviction in the rest.
+    """The kvcompress study's `fix_size_l2_compress`: a fixed-size cache, a protected recent zone, L2 eviction in the rest.
 
-    The cache budget is the seed's `fix_kv_size`. The `int(budget * recent_ratio)` most recent tokens are never
+    The cache budget is the study's `fix_kv_size`. The `int(budget * recent_ratio)` most recent tokens are never
     evicted; the rest of the budget is chosen from the older eviction zone by `strategy`: `keep_low` the lowest
     key L2 norms (KnormPress's rule), `keep_high` the highest (its ablation), `random` uniformly (seeded).
-    Per KV head from that head's keys (GQA-native). `skip_layers` stay uncompressed (seed default: 0 and 1).
-    Deviation: the seed calls the protected fraction `keep_ratio`; here it is `recent_ratio` (as in `h2o`),
+    Per KV head from that head's keys (GQA-native). `skip_layers` stay uncompressed (the study's default: 0 and 1).
+    Deviation: the study calls the protected fraction `keep_ratio`; here it is `recent_ratio` (as in `h2o`),
     because kvexp's `keep_ratio` means the kept fraction of the sequence (budget.keep_ratio, knorm).
     """
 
     name = "fix_size_l2"
-    description = "fixed size: protected recent zone + low/high/random key-norm eviction (seed 001)"
+    description = "fixed size: protected recent zone + low/high/random key-norm eviction (the kvcompress study)"
     recent_ratio: float = 0.0
     strategy: str = "keep_low"
     skip_layers: list[int] = field(default_factory=lambda: [0, 1])

@@ -15,7 +15,7 @@ class H2O(Method):
     full prompt's column sums, block-accumulated) to its score; when a layer is over budget it keeps the
     `recent` most recent tokens plus the top accumulated scores among the rest. Evicted keys' scores go with
     them. GQA: the per-query-head attention is reduced over the group (`gqa`, mean by default) to one score
-    per KV head (the original is MHA-only, per head). The budget split follows seed 002's heavy/recent
+    per KV head (the original is MHA-only, per head). The budget split follows the H2O study's heavy/recent
     ratios: `recent_ratio` of the budget is the recent window (0.2 = its 80/20), or `recent_size` tokens.
     """
 

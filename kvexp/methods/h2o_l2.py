@@ -9,19 +9,19 @@ from kvexp.methods.scoring import lowest_key_norm
 @register
 @dataclass
 class H2OL2(Method):
-    """Seed 001's `h2o_l2_compress`: attention sinks + "heavy hitters" by lowest key L2 norm + a recent window.
+    """The kvcompress study's `h2o_l2_compress`: attention sinks + "heavy hitters" by lowest key L2 norm + a recent window.
 
     An approximation of H2O (Zhang et al. 2023, `h2o`) that needs no attention: the heavy hitters, which H2O
     finds by accumulated attention, are taken to be the keys with the lowest L2 norm (low-norm keys draw
     attention, Devoto et al. 2024), scored per KV head from its keys (GQA-native). The budget is split into
     the first `start_size` tokens, `heavy` lowest-norm tokens from the middle and the newest
-    `budget - start_size - heavy` tokens. The seed gives absolute sizes (4 + 64 + 444 = 512); here the heavy
-    part is `heavy_ratio` of the budget (0.125: the seed's 64 of 512) or `heavy_size` tokens, the recent
+    `budget - start_size - heavy` tokens. The study gives absolute sizes (4 + 64 + 444 = 512); here the heavy
+    part is `heavy_ratio` of the budget (0.125: the study's 64 of 512) or `heavy_size` tokens, the recent
     window the remainder, so one setting serves every budget.
     """
 
     name = "h2o_l2"
-    description = "sinks + lowest-key-norm 'heavy hitters' + recent window, L2 stand-in for H2O (seed 001)"
+    description = "sinks + lowest-key-norm 'heavy hitters' + recent window, L2 stand-in for H2O (the kvcompress study)"
     start_size: int = 4
     heavy_ratio: float = 0.125
     heavy_size: int | None = None

@@ -13,7 +13,7 @@ class Knorm(Method):
     Score `-||k||_2` per KV head (RoPE preserves norms). Two budget modes:
     * token budget (default, `keep_ratio: null`): whenever a layer exceeds the budget, keep the `budget`
       lowest-norm keys;
-    * seed 001's `l2_compress` (`keep_ratio` set): whenever a layer exceeds `prune_after` entries, keep
+    * the kvcompress study's `l2_compress` (`keep_ratio` set): whenever a layer exceeds `prune_after` entries, keep
       `int(keep_ratio * length)` of them (the cache budget is then `prune_after`).
     `skip_layers` stay uncompressed (the paper skips layers 0 and 1, where the norm-attention link is weak).
     """

@@ -1,4 +1,4 @@
-"""Learned eviction (seed 002's learned policy; METHODS §5.1): a small per-layer MLP scores every cached entry.
+"""Learned eviction (the H2O study's learned policy; METHODS §5.1): a small per-layer MLP scores every cached entry.
 
 Features of cached token j, per KV head, when a layer of a cache that has seen tokens 0 .. t compresses
 (`entry_features`; the trainer computes exactly the same ones from full-cache runs):
@@ -188,9 +188,9 @@ def attention_input(args: tuple, kwargs: dict) -> torch.Tensor:
 @register
 @dataclass
 class Learned(Method):
-    """kvexp's seed-002-style learned eviction policy: a per-layer MLP trained on an H2O oracle (METHODS §5.1).
+    """kvexp's H2O-study-style learned eviction policy: a per-layer MLP trained on an H2O oracle (METHODS §5.1).
 
-    Seed 002's `LearnedEvictionCache` is an "MLP-based learned policy trained on H2O oracle labels"; kvexp's is
+    The H2O study's `LearnedEvictionCache` is an "MLP-based learned policy trained on H2O oracle labels"; kvexp's is
     built on KVzap's recipe (NVIDIA, arXiv 2601.07891; kvpress `KVzapPress`): a small MLP per layer reads the
     attention-input hidden state of each token and predicts its log importance per KV head, regressed (MSE) on
     log oracle scores. kvexp adds scalar features beside the hidden-state projection (key and value norms,
@@ -210,7 +210,7 @@ class Learned(Method):
     """
 
     name = "learned"
-    description = "per-layer MLP predicting H2O-oracle log importance from hidden state, norms, age, attention (seed 002)"
+    description = "per-layer MLP predicting H2O-oracle log importance from hidden state, norms, age, attention (the H2O study)"
     observes = True
     checkpoint: str | None = None
     sink_tokens: int = 4

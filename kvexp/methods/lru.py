@@ -11,20 +11,20 @@ BLOCK = 256  # query rows per attention block
 @register
 @dataclass
 class LRU(Method):
-    """Least-recently-attended eviction (seed 002's LRUCache, "least-recently-used eviction with hash table").
+    """Least-recently-attended eviction (the H2O study's LRUCache, "least-recently-used eviction with hash table").
 
     A query attends a key when its attention probability, reduced over the query heads of the key's GQA group
     (`gqa`, default max: some head of the group used it), is at least `threshold`. Each slot stores the
     position of the latest query that attended it; a new token counts as attended by its own query on arrival,
     so the time does not depend on how the sequence was chunked. Over budget, each KV head evicts the smallest
     time; equal times evict the older token first (insertion order, as a classic LRU list), so the selection is
-    deterministic. There are no protected sinks (seed 002's LRU has none): keys that keep receiving attention,
-    sinks included, stay recent by the rule itself. Seed 002 does not say what "used" means for a softmax
+    deterministic. There are no protected sinks (the H2O study's LRU has none): keys that keep receiving attention,
+    sinks included, stay recent by the rule itself. The H2O study does not say what "used" means for a softmax
     that gives every key some weight; the threshold is this implementation's definition.
     """
 
     name = "lru"
-    description = "evict the least recently attended key (seed 002's LRU)"
+    description = "evict the least recently attended key (the H2O study's LRU)"
     observes = True
     state_names = ("last_attended",)
     threshold: float = 0.01

@@ -64,7 +64,7 @@ def log_age_groups(
 @register
 @dataclass
 class PoolingMerge(Method):
-    """Seed 003 (en-jai-neer/kv-cache-compression, "Memory Reduction for LLM Inference via KV-Cache
+    """The pooling-merge study (en-jai-neer/kv-cache-compression, "Memory Reduction for LLM Inference via KV-Cache
     Compression"): sequence pooling of older tokens + pyramidal layer budgets.
 
     Sequence compression: whenever a layer exceeds its budget, its slots after the `sink_tokens` sinks are cut,
@@ -78,20 +78,20 @@ class PoolingMerge(Method):
     bias ln n (logsumexp of the pooled biases); for max and best that is the count prior of a single summary key,
     without mean pooling's first-order exactness.
     Pyramidal layer budgets: `L_k = L0 [1 + k/m (1/beta - 1)]` with beta = `steepness_coefficient` (1.0:
-    uniform), normalized to the budget's total (`kvexp.budgets`' seed003), or, with `initial_local_window` set,
-    the seed's own numbers from that L0 (the budget then only switches compression on; the total is what the
+    uniform), normalized to the budget's total (`kvexp.budgets`' linear_ramp), or, with `initial_local_window` set,
+    the study's own numbers from that L0 (the budget then only switches compression on; the total is what the
     schedule sums to, logged). The pyramid is built on each layer's cache budget as the mean: give a uniform
     budget. `skip_prefill_compression`: steps of several tokens (prefill, chunks) are not compressed, the next
-    single-token step pools the layer down to its budget (the budget holds after decode steps only). The seed's
+    single-token step pools the layer down to its budget (the budget holds after decode steps only). The study's
     `compress_context` flag switches its separate context-compression module (`context_compress.py`, "reducing
-    the size of the input context"), not the KV pooling: it has no counterpart here. Deviations: the seed does
+    the size of the input context"), not the KV pooling: it has no counterpart here. Deviations: the study does
     not document its window sizes; the log-age windows are kvexp's reading of "the oldest tokens are compressed
-    more aggressively"; the ln n bias is kvexp's (the seed's HF cache has none).
+    more aggressively"; the ln n bias is kvexp's (the study's HF cache has none).
     """
 
     name = "pooling_merge"
     description = (
-        "older tokens pooled (mean/max/best) in windows growing with age + pyramidal layer budgets (seed 003)"
+        "older tokens pooled (mean/max/best) in windows growing with age + pyramidal layer budgets (the pooling-merge study)"
     )
     merges = True
     seq_pooling_type: str = "mean"
@@ -149,7 +149,7 @@ class PoolingMerge(Method):
             share = (
                 schedule[k]
                 if self.initial_local_window is not None
-                else allocate("seed003", budget, m, beta=beta)[k]
+                else allocate("linear_ramp", budget, m, beta=beta)[k]
             )
             if share <= self.sink_tokens:
                 raise ValueError(

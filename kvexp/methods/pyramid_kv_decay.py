@@ -5,24 +5,24 @@ import torch
 from kvexp.methods.base import Method, register
 from kvexp.methods.scoring import lowest_key_norm
 
-MAX_SINKS = 4  # the seed's sinks: min(4, size // 8)
+MAX_SINKS = 4  # the study's sinks: min(4, size // 8)
 
 
 @register
 @dataclass
 class PyramidKVDecay(Method):
-    """Seed 001's `pyramid_kv_compress` (exponential profile): per-layer budgets decaying with depth, L2 inside.
+    """The kvcompress study's `pyramid_kv_compress` (exponential profile): per-layer budgets decaying with depth, L2 inside.
 
     Layer i keeps `max(int(budget * layer_decay ** i), min_size)` entries per KV head: the cache budget is the
-    seed's `base_size` (layer 0), deeper layers keep fewer (PyramidKV's funnel, Cai et al. 2024, with the
-    seed's geometric schedule instead of PyramidKV's linear one and no attention). Inside a layer of size s,
-    as in the seed: the first `min(4, s // 8)` tokens, the newest `s // 2` and the lowest key L2 norms for the
-    rest, per KV head from its keys (GQA-native). Deviations: only the seed's default `exponential` profile
+    study's `base_size` (layer 0), deeper layers keep fewer (PyramidKV's funnel, Cai et al. 2024, with the
+    study's geometric schedule instead of PyramidKV's linear one and no attention). Inside a layer of size s,
+    as in the study: the first `min(4, s // 8)` tokens, the newest `s // 2` and the lowest key L2 norms for the
+    rest, per KV head from its keys (GQA-native). Deviations: only the study's default `exponential` profile
     (not its `linear` / `constant` ones, nor `skip_layers`); `min_size` may not exceed the budget.
     """
 
     name = "pyramid_kv_decay"
-    description = "layer budgets budget x layer_decay^i; sinks + recent + lowest key norms (seed 001)"
+    description = "layer budgets budget x layer_decay^i; sinks + recent + lowest key norms (the kvcompress study)"
     layer_decay: float = 0.9
     min_size: int = 64
 

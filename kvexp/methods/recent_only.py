@@ -8,7 +8,7 @@ from kvexp.methods.base import Method, register
 @register
 @dataclass
 class RecentOnly(Method):
-    """A pure sliding window: keep the `budget` most recent tokens (seed 001's control group; no sinks)."""
+    """A pure sliding window: keep the `budget` most recent tokens (the kvcompress study's control group; no sinks)."""
 
     name = "recent_only"
     description = "sliding window of the most recent tokens, no sinks (control)"

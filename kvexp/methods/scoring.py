@@ -144,7 +144,7 @@ def protect_sinks(scores: torch.Tensor, positions: torch.Tensor, sinks: int) -> 
 
 
 def lowest_key_norm(layer: CompressedLayer, sinks: int = 0, recent: int = 0) -> torch.Tensor:
-    """Seed 001's L2 family: `-||k||` per KV head (low-norm keys draw attention, Devoto et al. 2024), with the
+    """The kvcompress study's L2 family: `-||k||` per KV head (low-norm keys draw attention, Devoto et al. 2024), with the
     first `sinks` and the `recent` newest tokens forced in; the rest of the budget goes to the lowest norms."""
     scores = protect_sinks(-layer.keys.float().norm(dim=-1), layer.positions, sinks)
     return protect_recent(scores, layer.positions, layer.seen, recent)

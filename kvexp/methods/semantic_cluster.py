@@ -1,4 +1,4 @@
-"""Seed 002's semantic clustering as a calibrated merge, plus the k-means machinery the clustering methods share.
+"""The H2O study's semantic clustering as a calibrated merge, plus the k-means machinery the clustering methods share.
 
 Shapes: per slot [B, Hkv, n]; keys [B, Hkv, n, D]; per cluster [B, Hkv, K]. Every function works on all
 (batch, KV head) rows at once: masks say which slots take part in each row, counts may differ per row.
@@ -155,21 +155,21 @@ def group_targets(pending: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
 @register
 @dataclass
 class SemanticCluster(TrainableMergedBias, Method):
-    """Seed 002's SemanticClusterCache (k-means of key vectors) made a calibrated merge (METHODS §3.4.2, §5.2).
+    """The H2O study's SemanticClusterCache (k-means of key vectors) made a calibrated merge (METHODS §3.4.2, §5.2).
 
     A layer keeps `sink_tokens` sinks, the newest `budget - sink_tokens - K` tokens exactly, and K cluster
-    entries that summarize everything older. Every `cluster_every` tokens (the seed's re-clustering period; also
+    entries that summarize everything older. Every `cluster_every` tokens (the study's re-clustering period; also
     at the first compressions, until a head holds K clusters) the slots older than the exact window (the
     clusters, weighted by the tokens they stand for, and the tokens that left the window) are re-clustered per
-    KV head by weighted k-means on the post-RoPE keys (Euclidean, as the seed's scikit-learn KMeans:
+    KV head by weighted k-means on the post-RoPE keys (Euclidean, as the study's scikit-learn KMeans:
     deterministic k-means++ seeding by greedy maximin, then `iterations` Lloyd rounds, vectorized over heads),
-    and each cluster is folded into its member nearest the centroid (the seed's representative token). Between
+    and each cluster is folded into its member nearest the centroid (the study's representative token). Between
     re-clusterings a token leaving the window joins its nearest cluster (the assignment step of k-means; the
     fold keeps the centroid the running mean). The fold: key = count-weighted centroid, bias = ln(tokens),
     value = count-weighted mean (query-agnostic); a cluster of identical keys is exact. A cluster keeps its
     representative's position, older than the exact window, so it never enters it. K = `num_clusters`, or
-    budget // 8 (the seed's K32 at budget 256).
-    Deviations: the seed evicts (keeps one representative per cluster, clustering the head-mean keys of the
+    budget // 8 (the study's K32 at budget 256).
+    Deviations: the study evicts (keeps one representative per cluster, clustering the head-mean keys of the
     whole cache); here every token is merged into a cluster of its own KV head, and only the tokens older than
     the exact window are clustered. The silhouette of every re-clustering (scikit-learn's, of the clustered
     slots' keys: at a prefill the tokens' own keys, later the clusters and the tokens that joined them; on a
@@ -182,7 +182,7 @@ class SemanticCluster(TrainableMergedBias, Method):
 
     name = "semantic_cluster"
     description = (
-        "per-head weighted k-means of old keys into K calibrated centroids + exact recent window (seed 002)"
+        "per-head weighted k-means of old keys into K calibrated centroids + exact recent window (the H2O study)"
     )
     merges = True
     # tokens: how many tokens a slot stands for; cluster: 1 for a cluster slot

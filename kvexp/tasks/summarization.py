@@ -4,7 +4,7 @@ The article is the context that is compressed; the question is an instruction (`
 answer prefix `dataset.answer_prefix` ("Summary:"). References are split into one sentence per line (CNN/DM's
 highlights already are), and so are predictions at scoring time, so rougeLsum is the summary-level score.
 Rows come from `$KVEXP_DATA_DIR/<local_file>` (or `dataset.path`), else from the hub (`cnn_dailymail` 3.0.0,
-`EdinburghNLP/xsum`), sliced by `dataset.split` ("test[:100]", seed 000's setting).
+`EdinburghNLP/xsum`), sliced by `dataset.split` ("test[:100]", the SimCalKV study's setting).
 """
 
 from __future__ import annotations
