@@ -5,14 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-# Local evaluation data: $KVEXP_DATA_DIR, else ../shared/data when it stands beside the checkout.
-ifeq ($(origin KVEXP_DATA_DIR), undefined)
-  ifneq ($(wildcard ../shared/data),)
-    export KVEXP_DATA_DIR := $(abspath ../shared/data)
-  endif
-endif
-
-.PHONY: help setup run test test-slow bench lint format clean-outputs
+.PHONY: help setup run test test-data bench lint format clean-outputs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -32,8 +25,12 @@ $(STAMP): pyproject.toml
 run: setup  ## the embedded default experiment: SmolLM2, streaming_llm at 256 tokens vs the full cache, WikiText-2
 	$(PY) -m kvexp
 
-test: setup  ## the CI suite (tiny random models + the embedded SmolLM2)
+test: setup  ## the test suite (tiny random models, the embedded SmolLM2 and data); `data` tests run when KVEXP_DATA_DIR is set
 	$(PY) -m pytest -q
+
+test-data: setup  ## only the tests that need the local evaluation data (KVEXP_DATA_DIR)
+	@test -n "$$KVEXP_DATA_DIR" || { echo "test-data: set KVEXP_DATA_DIR to the local evaluation data folder"; exit 2; }
+	$(PY) -m pytest -q -m data
 
 bench: setup  ## decode speed and compression overhead on the embedded model
 	$(PY) -m kvexp.bench

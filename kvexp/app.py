@@ -31,6 +31,7 @@ from kvexp.tasks.generation import (
 )
 from kvexp.tasks.longbench import check_longbench, load_longbench, prompt_limit
 from kvexp.tasks.perplexity import DocumentResult, aggregate, peak_memory, resolve_budget, score_document
+from kvexp.tasks.prompt import check_prompt, prompt_inputs, prompt_samples, run_prompts
 from kvexp.tasks.qa import check_qa_jsonl, qa_jsonl_samples
 from kvexp.tasks.retrieval import check_retrieval, retrieval_samples
 from kvexp.tasks.summarization import check_summarization, summarization_samples
@@ -51,8 +52,9 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
     validate(cfg)  # every user error surfaces here, before any model loads
     out = Path(output_dir) if output_dir is not None else Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config_hash = _config_hash(cfg)
-    finished = _finished_summary(out, config_hash) if cfg.resume else None
+    inputs = _dataset_inputs(cfg)
+    config_hash = _config_hash(cfg, inputs)
+    finished = _finished_summary(out, config_hash) if cfg.resume and inputs is not None else None
     if finished is not None:
         log.info("resume: %s already holds this config's results (hash %s); skipped", out, config_hash)
         return {**finished, "objective": _objective(cfg, finished)}
@@ -76,12 +78,21 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
 _HASH_EXCLUDED = ("logger", "resume", "objective", "tags")
 
 
-def _config_hash(cfg: DictConfig) -> str:
-    """sha256 (16 hex digits) of the resolved config without the bookkeeping options."""
+def _config_hash(cfg: DictConfig, inputs: str | None = "") -> str:
+    """sha256 (16 hex digits) of the resolved config without the bookkeeping options (and with `inputs`)."""
     content = OmegaConf.to_container(cfg, resolve=True)
     for key in _HASH_EXCLUDED:
         content.pop(key, None)
+    if inputs:
+        content["dataset_inputs"] = inputs
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dataset_inputs(cfg: DictConfig) -> str | None:
+    """A digest of what the dataset reads besides its config (dataset=prompt: the prompt file's text); "" for
+    none; None when that is unknown before the run (prompts from standard input: the run is never resumed)."""
+    entry = GENERATION_DATASETS.get(cfg.dataset.name) if cfg.dataset.task == "generation" else None
+    return entry.inputs(cfg.dataset) if entry is not None and entry.inputs is not None else ""
 
 
 def _finished_summary(out: Path, config_hash: str) -> dict[str, Any] | None:
@@ -192,6 +203,8 @@ def _evaluate_perplexity(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
 
 def _evaluate_generation(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Answer every sample with the compressed cache and (by default) the full one; score both."""
+    if GENERATION_DATASETS[cfg.dataset.name].run is not None:  # a dataset with its own loop (dataset=prompt)
+        return GENERATION_DATASETS[cfg.dataset.name].run(cfg)
     model, tokenizer = load_model(cfg.model, cfg.hardware)
     encoder = PromptEncoder(tokenizer, _use_chat_template(cfg, tokenizer), cfg.model.max_context)
     samples = GENERATION_DATASETS[cfg.dataset.name].load(cfg.dataset, encoder, cfg.eval.max_samples, cfg.seed)
@@ -199,12 +212,7 @@ def _evaluate_generation(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
         raise ValueError(f"dataset={cfg.dataset.name}: no samples (check dataset.split and eval.max_samples)")
     prompts = [encoder.encode(s, cfg.eval.max_new_tokens) for s in samples]
     method = method_from_config(cfg.method)
-    settings = {
-        "protocol": cfg.eval.protocol,
-        "decoding": Decoding(cfg.eval.do_sample, cfg.eval.temperature, cfg.eval.top_p, cfg.seed),
-        "max_new_tokens": cfg.eval.max_new_tokens,
-        "prefill_chunk_size": cfg.eval.prefill_chunk_size,
-    }
+    settings = _generation_settings(cfg)
     layers = model.config.num_hidden_layers
 
     before = (
@@ -223,12 +231,27 @@ def _evaluate_generation(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
         **settings,
         **_engine(cfg),
     )
+    return _generation_summary(cfg, method, encoder, settings, samples, before, after, model.device)
+
+
+def _generation_settings(cfg: DictConfig) -> dict[str, Any]:
+    """run_generation's decoding settings from `eval` (sample i samples with seed + i)."""
+    return {
+        "protocol": cfg.eval.protocol,
+        "decoding": Decoding(cfg.eval.do_sample, cfg.eval.temperature, cfg.eval.top_p, cfg.seed),
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "prefill_chunk_size": cfg.eval.prefill_chunk_size,
+    }
+
+
+def _generation_summary(
+    cfg: DictConfig, method, encoder, settings, samples, before, after, device
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The summary and samples.csv rows of generation results (`before`: the full cache's, or None)."""
     report_by = list(cfg.dataset.report_by)
     agg_before = aggregate_generation(samples, before, report_by) if before is not None else None
     agg_after = aggregate_generation(samples, after, report_by)
-    summary = _summary(
-        cfg, method, agg_before, agg_after, after[-1].kv, [r.budget for r in after], model.device
-    )
+    summary = _summary(cfg, method, agg_before, agg_after, after[-1].kv, [r.budget for r in after], device)
     summary["generation"] = {
         "protocol": cfg.eval.protocol,
         "chat_template": encoder.chat_template,
@@ -331,6 +354,8 @@ GENERATION_DATASETS: dict[str, GenerationDataset] = {
         check_longbench,
         own_template=True,  # LongBench applies dataset.chat_template itself (never for its few-shot/code tasks)
     ),
+    # Your own prompts: each answered with both caches and printed as it is read (kvexp.tasks.prompt).
+    "prompt": GenerationDataset(prompt_samples, check_prompt, run=run_prompts, inputs=prompt_inputs),
 }
 
 
@@ -402,7 +427,7 @@ def _full_cache_generation(
 def _summary(
     cfg: DictConfig, method, agg_before, agg_after, last_kv: dict, resolved: list, device
 ) -> dict[str, Any]:
-    """The summary keys every task writes (DESIGN §5); `last_kv` is the last sample's cache.stats()."""
+    """The summary keys every task writes (docs/usage.md#outputs); `last_kv` is the last sample's cache.stats()."""
     return {
         "model": cfg.model.name,
         "method": {"name": method.name, **{f.name: getattr(method, f.name) for f in _init_fields(method)}},

@@ -1,12 +1,12 @@
 """Per-layer budget allocations: how a cache's total of `num_layers * budget` entries is split over the layers.
 
 `budget` is the mean per-layer budget (kept entries per KV head, protected tokens included, as everywhere in
-kvexp). DESIGN.md §2.3: an allocation redistributes that total, is explicit and reported, and never exceeds
+kvexp). docs/design.md#budgets: an allocation redistributes that total, is explicit and reported, and never exceeds
 it. Every schedule returns one int >= 1 per layer summing to exactly the total, except `pyramid`, whose
 integer formula can fall short of it (never above). Weighted schedules are normalized to the total and
 rounded by largest remainder (ties to the lower layer), which keeps a monotonic weighting monotonic.
 
-Not here: DynamicKV's task-aware layer budgets (METHODS §4.1), which come from attention statistics at
+Not here: DynamicKV's task-aware layer budgets (docs/methods.md#dynamickv), which come from attention statistics at
 prefill, not from a fixed schedule.
 """
 
@@ -43,7 +43,7 @@ def _uniform(budget: int, num_layers: int) -> list[int]:
 def _pyramid(
     budget: int, num_layers: int, beta: float = 20, window: int = 0, length: int | None = None
 ) -> list[int]:
-    """PyramidKV (Cai et al. 2024, arXiv 2406.02069), KVCache-Factory's integer schedule (METHODS §2.5).
+    """PyramidKV (Cai et al. 2024, arXiv 2406.02069), KVCache-Factory's integer schedule (docs/methods.md#pyramidkv).
 
     With `base = budget - window` selected tokens per layer: `min = base // beta`, `max = 2 base - min`,
     `step = (max - min) // (num_layers - 1)`; layer l keeps `window + max - l step` (the observation window
@@ -97,7 +97,7 @@ def _linear_ramp(budget: int, num_layers: int, beta: float = 1.5) -> list[int]:
 def _pyramidinfer(
     budget: int, num_layers: int, decay_ratio: float = 0.9, recent_ratio: float = 0.2
 ) -> list[int]:
-    """PyramidInfer's (Yang et al. 2024, arXiv 2405.12532) prefill cache sizes (METHODS §2.6), normalized.
+    """PyramidInfer's (Yang et al. 2024, arXiv 2405.12532) prefill cache sizes (docs/methods.md#pyramidinfer), normalized.
 
     After layer l the reference keeps a `rho_l = (1 - decay_ratio)(cos(pi l / NL) + 1) / 2 + decay_ratio`
     share of the context (the recent `recent_ratio` of the tokens is never pruned), and layer l + 1 only

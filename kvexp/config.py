@@ -69,7 +69,7 @@ class GenerationDatasetConfig(DatasetConfig):
 class RetrievalDatasetConfig(GenerationDatasetConfig):
     """passkey / needle (kvexp.tasks.retrieval)."""
 
-    haystack: str | None = None  # null: the local_file / path text; "repeat": noise; or a text dataset name
+    haystack: str = "book"  # book (embedded novel, or dataset.path) | essays (local file) | repeat (noise) | a text dataset
     lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])  # prompt + answer tokens
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depth
     repeats: int = 1  # samples per (length, depth)
@@ -98,6 +98,16 @@ class LongBenchDatasetConfig(GenerationDatasetConfig):
     max_length: int | None = (
         None  # prompt tokens kept, cut in the middle (null: model context - answer length)
     )
+
+
+@dataclass
+class PromptDatasetConfig(GenerationDatasetConfig):
+    """prompt (kvexp.tasks.prompt): your own prompts, answered with the full cache and the compressed one."""
+
+    prompt: str | None = None  # one prompt (taken verbatim: normalize_overrides quotes it)
+    prompt_file: str | None = None  # or one prompt per line (blank lines skipped); neither: standard input
+    layout: str = "auto"  # auto | side_by_side | stacked: how the two answers are printed
+    warmup: bool = True  # an untimed 2-token run of both caches first, so timings exclude first-call overhead
 
 
 @dataclass
@@ -202,6 +212,7 @@ ConfigStore.instance().store(group="dataset", name="base_generation", node=Gener
 ConfigStore.instance().store(group="dataset", name="base_retrieval", node=RetrievalDatasetConfig)
 ConfigStore.instance().store(group="dataset", name="base_summarization", node=SummarizationDatasetConfig)
 ConfigStore.instance().store(group="dataset", name="base_longbench", node=LongBenchDatasetConfig)
+ConfigStore.instance().store(group="dataset", name="base_prompt", node=PromptDatasetConfig)
 ConfigStore.instance().store(group="dataset", name="base_python_code", node=PythonCodeDatasetConfig)
 ConfigStore.instance().store(group="dataset", name="base_lm_eval", node=LmEvalDatasetConfig)
 
@@ -215,18 +226,34 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     Hydra's override parser reads `256` as an int, and a config group only takes option names (strings);
     quoting keeps `python -m kvexp budget=256` working as the README promises. `budget.keep_ratio=0.5` with no
     `budget=` / `budget.tokens=` override means a keep-ratio budget, so `budget.tokens=null` is added; given
-    together with either, both stay and validation asks for one.
+    together with either, both stay and validation asks for one. `dataset.prompt=<text>` is quoted too, so a
+    prompt is taken verbatim (commas, brackets, `!`, `=`, `${`), not as a sweep or a syntax error.
     """
     normalized = []
     for override in overrides:
         match = _NUMERIC_GROUP_CHOICE.fullmatch(override)
         if match:
             override = f"{match[1]}=" + ",".join(f"'{v}'" for v in match[2].split(","))
+        key, _, value = override.partition("=")
+        if key.lstrip("+") == "dataset.prompt" and value != "null" and not _quoted(value):
+            override = f"{key}={_quote(value)}"
         normalized.append(override)
     keys = [o.split("=", 1)[0].lstrip("+~") for o in normalized]
     if "budget.keep_ratio" in keys and "budget" not in keys and "budget.tokens" not in keys:
         normalized.append("budget.tokens=null")
     return normalized
+
+
+def _quoted(value: str) -> bool:
+    return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+
+
+def _quote(value: str) -> str:
+    """`value` as a single-quoted Hydra string that parses back to itself (and is no OmegaConf interpolation)."""
+    value = value.replace("${", "\\${")
+    value = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)  # backslashes before a quote double
+    value = re.sub(r"(\\+)$", lambda m: m[1] * 2, value)  # ... and before the closing quote
+    return f"'{value}'"
 
 
 def _check_choice(option: str, value: Any, allowed: tuple) -> None:

@@ -1,4 +1,4 @@
-"""The masking oracle (DESIGN.md §2.7): a compressed run must equal the plain model with the evicted keys masked.
+"""The masking oracle (docs/design.md#the-masking-oracle-test): a compressed run must equal the plain model with the evicted keys masked.
 
 `Visibility` records, for every layer and step, which logical positions each KV head could see. `oracle_logits`
 then runs the plain model ONCE over the whole sequence with eager attention and, per layer and KV head, an

@@ -13,7 +13,7 @@ import torch
 
 import kvexp.app
 from kvexp.app import format_table, train_or_eval
-from kvexp.tasks.data import data_dir
+from kvexp.data import WIKITEXT2
 from kvexp.tasks.perplexity import evaluate_perplexity
 from tests.conftest import load
 from tests.oracle import Visibility, oracle_logits
@@ -125,7 +125,7 @@ def test_wandb_offline_writes_a_run(text_file, tmp_path, monkeypatch):
 def test_smollm2_streaming_perplexity_equals_the_masked_plain_model(smollm2):
     """The issue's acceptance check at a CI-sized length: perplexity of the compressed stream == oracle's."""
     model, tok = smollm2
-    text = (data_dir() / "wikitext2" / "wiki.test.raw").read_text()[:4000]
+    text = WIKITEXT2.path.read_text()[:4000]
     ids = tok(text, return_tensors="pt").input_ids[:, :200]
     vis = Visibility(1, model.config.num_key_value_heads, 199)
     result = evaluate_perplexity(

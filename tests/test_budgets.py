@@ -235,7 +235,10 @@ def test_pyramid_allocation_runs_end_to_end_and_is_reported(tmp_path):
             "budget.allocation=pyramid.*beta",
         ),
         (["budget.allocation=geometric", "+budget.allocation_params.slope=2"], "budget.allocation=geometric"),
-        (["budget=full", "method=full", "budget.allocation=linear_ramp"], "budget.allocation=linear_ramp needs"),
+        (
+            ["budget=full", "method=full", "budget.allocation=linear_ramp"],
+            "budget.allocation=linear_ramp needs",
+        ),
         (["budget.allocation=pyramid", "budget.per_layer=[8,8]"], "budget.allocation=pyramid splits"),
         (["method=adakv", "method.floor_alpha=1.5"], "method.floor_alpha"),
         (["method=pyramidkv", "method.beta=0.5"], "method.beta"),

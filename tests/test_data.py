@@ -1,29 +1,39 @@
-"""Perplexity documents from the real local evaluation data ($KVEXP_DATA_DIR), never from the hub, and
-from the running interpreter's standard library (python_code)."""
+"""Where data comes from (`locate`: dataset.path, $KVEXP_DATA_DIR, the embedded copy, the hub, the embedded
+stand-in) and the perplexity documents: WikiText-2 from the copy embedded in the package, PG-19 from the local
+data ($KVEXP_DATA_DIR, `data` tests) or its embedded stand-in, and the running interpreter's standard library
+(python_code). The hub is never reached: conftest sets HF_HUB_OFFLINE, and hub paths are monkeypatched."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import sysconfig
+import time
 import tokenize
 from pathlib import Path
 
 import pytest
 import yaml
 
+from kvexp.data import EMBEDDED, HAYSTACK_BOOK, PG19_BOOK, WIKITEXT2
+from kvexp.tasks import data as data_module
 from kvexp.tasks.data import (
     DATASETS,
     Document,
     check_dataset,
     data_dir,
+    hub_reachable,
     load_documents,
+    locate,
     resolve_local_file,
     stdlib_dir,
 )
 
 CONF = Path(__file__).parents[1] / "conf" / "dataset"
-DATA = Path(os.environ.get("KVEXP_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data")
+DATA = Path(os.environ["KVEXP_DATA_DIR"]) if os.environ.get("KVEXP_DATA_DIR") else None
+WIKITEXT2_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 KEYS = {
     "name",
     "task",
@@ -39,9 +49,21 @@ CODE_KEYS = {"files", "glob", "min_bytes"}  # python_code's selection options
 
 
 @pytest.fixture(autouse=True)
-def _local_data(monkeypatch):
-    monkeypatch.setenv("KVEXP_DATA_DIR", str(DATA))
+def _no_local_data(monkeypatch):
+    """Every test starts as a fresh clone does: no $KVEXP_DATA_DIR, no hub."""
+    monkeypatch.delenv("KVEXP_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    yield
+    hub_reachable.cache_clear()
+
+
+@pytest.fixture
+def local_data(monkeypatch):
+    """The real local evaluation data ($KVEXP_DATA_DIR) for the `data` tests."""
+    monkeypatch.setenv("KVEXP_DATA_DIR", str(DATA))
+    return DATA
 
 
 def cfg(config: str, **overrides) -> dict:
@@ -50,8 +72,10 @@ def cfg(config: str, **overrides) -> dict:
 
 
 def wikitext_rows() -> list[str]:
-    data = json.loads((DATA / "wikitext2" / "test_rows.json").read_text(encoding="utf-8"))
-    return data["text"] if isinstance(data, dict) else data
+    """The hub split's rows from the raw text: a line each, whitespace-only lines empty (checked against the
+    hub's own rows in test_embedded_wikitext2_equals_the_local_copy)."""
+    raw = WIKITEXT2.path.read_bytes().decode("utf-8")
+    return [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
 
 
 def test_every_config_has_all_keys():
@@ -67,16 +91,89 @@ def test_every_config_has_all_keys():
         assert c["task"] == "perplexity"
 
 
-def test_data_dir_from_env(monkeypatch):
-    assert data_dir() == DATA
-    monkeypatch.delenv("KVEXP_DATA_DIR")
+def test_embedded_wikitext2_is_the_published_file():
+    assert hashlib.sha256(WIKITEXT2.path.read_bytes()).hexdigest() == WIKITEXT2_SHA256
+    assert (WIKITEXT2.path.parent / "LICENSE.md").read_text().count("CC BY-SA 3.0") >= 2
+    for embedded in EMBEDDED.values():
+        assert embedded.path.exists() and (embedded.path.parent / "LICENSE.md").is_file(), embedded.file
+    total = sum(f.stat().st_size for f in WIKITEXT2.path.parents[1].rglob("*") if f.is_file())
+    assert total < 5_000_000  # the package's data stays small
+
+
+@pytest.mark.data
+def test_embedded_wikitext2_equals_the_local_copy(local_data):
+    assert WIKITEXT2.path.read_bytes() == (local_data / "wikitext2" / "wiki.test.raw").read_bytes()
+    rows = json.loads((local_data / "wikitext2" / "test_rows.json").read_text(encoding="utf-8"))
+    assert wikitext_rows() == (rows["text"] if isinstance(rows, dict) else rows)  # the hub's rows
+    embedded = load_documents(cfg("wikitext2"), max_samples=None)
+    assert resolve_local_file(cfg("wikitext2")) == local_data / "wikitext2" / "test_rows.json"
+    assert load_documents(cfg("wikitext2"), max_samples=None) == embedded  # same text either way
+
+
+def test_data_dir_from_env(monkeypatch, tmp_path):
     assert data_dir() is None
-    assert resolve_local_file(cfg("wikitext2")) is None  # => hub
+    monkeypatch.setenv("KVEXP_DATA_DIR", str(tmp_path))
+    assert data_dir() == tmp_path
 
 
-def test_resolve_local_file():
-    assert resolve_local_file(cfg("wikitext2")) == DATA / "wikitext2" / "test_rows.json"
-    assert resolve_local_file(cfg("pg19", local_file="pg19/missing.jsonl")) is None
+def test_lookup_order(monkeypatch, tmp_path, caplog):
+    """dataset.path -> $KVEXP_DATA_DIR -> the exact embedded copy -> the hub -> the stand-in -> an error."""
+    mine = tmp_path / "mine.json"
+    mine.write_text("[]")
+    (tmp_path / "pg19").mkdir()
+    (tmp_path / "pg19" / "test_books.jsonl").write_text('{"book_id": 1, "text": "a"}\n')
+    assert locate(cfg("wikitext2", path=str(mine))).kind == "path"
+    assert locate(cfg("wikitext2")).kind == "embedded"  # before the hub, even when it is reachable
+    assert locate(cfg("pg19")).kind == "stand_in"  # no local copy, no hub
+    monkeypatch.setattr(data_module, "hub_reachable", lambda: True)
+    assert locate(cfg("wikitext2")).kind == "embedded"
+    hub = locate(cfg("pg19"))
+    assert hub.kind == "hub" and hub.path is None and hub.stand_in == PG19_BOOK
+    monkeypatch.setenv("KVEXP_DATA_DIR", str(tmp_path))
+    assert locate(cfg("pg19")).path == tmp_path / "pg19" / "test_books.jsonl"
+    # not the embedded dataset (another config or split): the hub, never the embedded text
+    assert locate(cfg("wikitext2", hub_config="wikitext-103-raw-v1", local_file=None)).kind == "hub"
+    assert locate(cfg("wikitext2", split="validation", local_file=None)).kind == "hub"
+    monkeypatch.setattr(data_module, "hub_reachable", lambda: False)
+    with pytest.raises(
+        ValueError, match=r"dataset 'wikitext2': no data found.*dataset\.path.*KVEXP_DATA_DIR.*hub"
+    ):
+        locate(cfg("wikitext2", hub_config="wikitext-103-raw-v1", local_file=None))
+    with pytest.raises(ValueError, match=r"dataset\.path='.*nope.json' does not exist"):
+        locate(cfg("wikitext2", path=str(tmp_path / "nope.json")))
+
+
+def test_pg19_stand_in_is_named_in_the_log(caplog):
+    with caplog.at_level(logging.INFO, logger="kvexp.tasks.data"):
+        docs = load_documents(cfg("pg19", split="test[1:2]"), max_samples=None)
+    assert [d.id for d in docs] == ["10321"] and len(docs[0].text) == 318_194
+    assert "DRAGON'S BLOOD" in docs[0].text[:1000]
+    assert any("stand-in for PG-19: test book 10321" in r.getMessage() for r in caplog.records)
+
+
+def test_hub_failure_falls_back_to_the_stand_in_or_fails_clearly(monkeypatch, caplog):
+    monkeypatch.setattr(data_module, "hub_reachable", lambda: True)
+
+    def broken(dataset):
+        raise ConnectionError("Couldn't reach the hub")
+
+    monkeypatch.setattr(data_module, "load_hub_split", broken)
+    with caplog.at_level(logging.WARNING, logger="kvexp.tasks.data"):
+        assert [d.id for d in load_documents(cfg("pg19"), max_samples=None)] == ["10321"]
+    assert any("the hub failed" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match=r"loading wikitext from the hub failed .*dataset\.path"):
+        load_documents(cfg("wikitext2", hub_config="wikitext-103-raw-v1", local_file=None), max_samples=None)
+
+
+def test_unreachable_hub_costs_seconds(monkeypatch):
+    assert hub_reachable() is False  # HF_HUB_OFFLINE: no probe at all
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "https://kvexp-unreachable.invalid")
+    hub_reachable.cache_clear()
+    start = time.perf_counter()
+    assert hub_reachable() is False
+    assert time.perf_counter() - start < data_module.HUB_PROBE_SECONDS + 1
 
 
 def test_wikitext2_single_document_is_the_joined_rows():
@@ -107,7 +204,8 @@ def test_wikitext2_split_slice_and_max_samples():
     assert [d.id for d in docs] == ["Robert Boulter", "Du Fu", "Kiss You ( One Direction song )"]
 
 
-def test_pg19_books():
+@pytest.mark.data
+def test_pg19_books(local_data):
     docs = load_documents(cfg("pg19"), max_samples=None)
     assert [d.id for d in docs] == ["10146", "10321", "10356", "10762"]
     assert all(len(d.text) > 200_000 for d in docs)
@@ -143,8 +241,8 @@ def test_check_dataset_errors(tmp_path):
         check_dataset(cfg("pg19", path=str(tmp_path / "nope.jsonl")))
     with pytest.raises(ValueError, match=r"dataset\.split"):
         check_dataset(cfg("wikitext2", split="train"))
-    with pytest.raises(ValueError, match=r"dataset\.hub_id"):
-        check_dataset(cfg("pg19", local_file=None, hub_id=None))
+    with pytest.raises(ValueError, match=r"dataset 'text_file'|dataset\.path"):
+        check_dataset(cfg("text_file", path=None))
     with pytest.raises(ValueError, match="max_samples"):
         load_documents(cfg("pg19"), max_samples=-1)
     for name in DATASETS:
@@ -156,8 +254,8 @@ def test_omegaconf_config(tmp_path):
     """Hydra hands over DictConfig, not dict."""
     from omegaconf import OmegaConf
 
-    docs = load_documents(OmegaConf.create(cfg("pg19")), max_samples=1)
-    assert [d.id for d in docs] == ["10146"]
+    docs = load_documents(OmegaConf.create(cfg("wikitext2", split_documents=True)), max_samples=1)
+    assert [d.id for d in docs] == ["Robert Boulter"]
 
 
 def test_wikitext2_slice_starting_mid_article():
@@ -221,7 +319,7 @@ def test_python_code_selection_in_a_folder(tmp_path):
 
 
 def test_required_data_file_names_the_option(tmp_path, monkeypatch):
-    from kvexp.tasks.data import required_data_file
+    from kvexp.tasks.data import GUTENBERG_CORPUS, read_corpus, required_data_file
 
     (tmp_path / "a.jsonl").write_text("{}")
     monkeypatch.setenv("KVEXP_DATA_DIR", str(tmp_path))
@@ -234,3 +332,9 @@ def test_required_data_file_names_the_option(tmp_path, monkeypatch):
         ValueError, match=r"train.data_file='a.jsonl' is relative to \$KVEXP_DATA_DIR, which is not set"
     ):
         required_data_file("a.jsonl", "train.data_file")
+    # the default Gutenberg corpus, when absent, is the embedded novel (a plain-text corpus of one document)
+    assert required_data_file(GUTENBERG_CORPUS, "method.calibration_file") == HAYSTACK_BOOK.path
+    ((name, text),) = read_corpus(HAYSTACK_BOOK.path)
+    assert name == HAYSTACK_BOOK.path.name and text.startswith("[The Man Who Was Thursday")
+    (tmp_path / "c.jsonl").write_text('{"id": "x", "body": "one"}\n\n{"body": "two"}\n')
+    assert read_corpus(tmp_path / "c.jsonl", "body") == [("x", "one"), ("2", "two")]

@@ -41,7 +41,7 @@ GQA_MODELS = ["tiny_llama", "tiny_qwen3"]
 
 def _ids(model, length, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, model.config.vocab_size, (1, length), generator=g)
+    return torch.randint(3, model.config.vocab_size, (1, length), generator=g, device="cpu").to(model.device)
 
 
 def _kv_heads(model):

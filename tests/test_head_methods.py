@@ -318,7 +318,7 @@ def test_dynamickv_budgets_follow_the_global_top_k_of_the_prefill_votes():
         attentions = model(ids, output_attentions=True).attentions
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
     votes = [_window_votes(a.reshape(1, -1, groups, length, length), window, kernel) for a in attentions]
-    # By hand (METHODS §4.1): global top-(b * Hkv * NL) over both layers' candidates, p_l = a layer's share,
+    # By hand (docs/methods.md#dynamickv): global top-(b * Hkv * NL) over both layers' candidates, p_l = a layer's share,
     # n_l = p_l * b * NL under the cap T = min(ratio_max * b, L - w). Two layers: one, final, round.
     b, kv_heads = budget - window, model.config.num_key_value_heads
     candidates = torch.stack([v[..., : length - window] for v in votes])  # [NL, 1, Hkv, L - w]

@@ -1,4 +1,4 @@
-"""method=learned and train=learned_scorer (the H2O study's learned eviction, METHODS §5.1) on tiny random models.
+"""method=learned and train=learned_scorer (the H2O study's learned eviction, docs/methods.md#learned) on tiny random models.
 
 The scorer must beat a random scorer on held-out oracle labels (issue 6); the checkpoint round-trips and the
 method's scores are the MLP applied to hand-computed features; bad options fail before any model loads."""
@@ -209,7 +209,7 @@ def test_train_or_eval_trains_the_scorer_then_evaluates_it(tmp_path):
 
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_trained_method_matches_the_masking_oracle(trained, chunk):
-    """With a checkpoint (hidden-state hooks, per-step features) the engine's proof still holds (DESIGN §2.7)."""
+    """With a checkpoint (hidden-state hooks, per-step features) the engine's proof still holds (docs/design.md#the-masking-oracle-test)."""
     path, _ = trained
     model, _ = load("tiny_llama")
     ids = _ids(48, seed=2)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from kvexp.models import tiny_tokenizer
+from kvexp.tasks import data as data_module
 from kvexp.tasks import longbench
 from kvexp.tasks.longbench import (
     MAX_NEW_TOKENS,
@@ -224,6 +225,7 @@ def test_local_file_under_the_data_dir(tmp_path, monkeypatch):
 def test_hub_archive_and_hub_dataset_paths(tmp_path, monkeypatch):
     """The hub loaders, with the download replaced by a local archive / rows (nothing leaves the machine)."""
     monkeypatch.delenv("KVEXP_DATA_DIR", raising=False)
+    monkeypatch.setattr(data_module, "hub_reachable", lambda: True)
     archive = tmp_path / "data.zip"
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("data/musique.jsonl", json.dumps(row("musique")) + "\n")
@@ -260,8 +262,6 @@ def test_config_errors(fixtures, tmp_path):
         check_longbench(cfg(subset="dureader"))  # Chinese tasks are not part of this loader
     with pytest.raises(ValueError, match=r"dataset\.path"):
         check_longbench(cfg(subset="qasper", path=str(tmp_path / "missing")))
-    with pytest.raises(ValueError, match=r"dataset\.hub_id"):
-        check_longbench(cfg(subset="qasper", hub_id=None))
     with pytest.raises(ValueError, match=r"dataset\.max_length"):
         check_longbench(cfg(subset="qasper", max_length=1))
     with pytest.raises(ValueError, match=r"dataset\.split"):
@@ -278,6 +278,17 @@ def test_config_errors(fixtures, tmp_path):
     not_json.write_text("{not json\n", encoding="utf-8")
     with pytest.raises(ValueError, match="JSONL"):
         load_longbench(cfg(subset="lcc", path=str(not_json)), tiny_tokenizer(), None)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_runs_on_the_embedded_stand_in(task, monkeypatch, caplog):
+    """No path, no $KVEXP_DATA_DIR, no hub: each task's row of the stand-in written in LongBench's schema."""
+    monkeypatch.delenv("KVEXP_DATA_DIR", raising=False)
+    with caplog.at_level("WARNING", logger="kvexp.tasks.data"):
+        (s,) = load_longbench(cfg(subset=task, split="test[:50]"), tiny_tokenizer(), None)
+    assert any("stand-in for LongBench" in r.getMessage() for r in caplog.records)
+    assert s.id == f"kvexp-longbench-{task}" and s.answers and s.max_new_tokens == MAX_NEW_TOKENS[task]
+    assert s.context.startswith(longbench.PROMPTS[task][:20])
 
 
 def test_config_file():

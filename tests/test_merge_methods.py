@@ -7,10 +7,7 @@ calibrated merge of identical keys must give the uncompressed output. The engine
 checks the budgets at prefill, in chunks and token by token.
 """
 
-import json
 import math
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +19,7 @@ from kvexp.engine.attention import kvexp_attention
 from kvexp.engine.cache import CacheOptions, CompressedLayer, KVCache
 from kvexp.methods import build_method
 from kvexp.methods.cam import successors
+from kvexp.tasks.data import load_documents
 from tests.conftest import load
 from tests.test_head_methods import _deep_llama
 
@@ -590,8 +588,8 @@ def test_merges_on_smollm2_help_where_they_should_and_never_pile_up(smollm2):
     next-token distributions): merging with attention-weighted keys beats dropping the very same tokens, and
     CaM's one-pass merge of a prefill stays near StreamingLLM's eviction (no pile-up onto the first kept)."""
     model, tokenizer = smollm2
-    rows = json.loads((Path(os.environ["KVEXP_DATA_DIR"]) / "wikitext2" / "test_rows.json").read_text())
-    ids = tokenizer("\n\n".join(rows["text"][:200]), return_tensors="pt").input_ids[:, :320]
+    (doc,) = load_documents({"name": "wikitext2", "split": "test[:200]", "hub_id": "wikitext"}, None)
+    ids = tokenizer(doc.text, return_tensors="pt").input_ids[:, :320]
 
     def log_probs(method, **params):
         cache = make_cache(model, method, budget=64, when="prefill", **params)

@@ -2,7 +2,7 @@
 
 While nothing has been evicted the compressed run's attention equals the plain model's, so the method's state
 and scores must be exactly what its rule gives on the plain model's attention weights (lru) or on its pre-RoPE
-queries and cached keys/values (expected_attention, METHODS.md §2.9 written out independently here).
+queries and cached keys/values (expected_attention, docs/methods.md#expected_attention written out independently here).
 """
 
 import sys
@@ -140,7 +140,7 @@ def _rotary_module(model):
 
 
 def _reference_mean_rotation(model, start, steps, dim):
-    """METHODS §2.9 step 2 from the model's own cos/sin: mean_t of diag(cos_t) + P diag(sin_t) (identity on
+    """docs/methods.md#expected_attention step 2 from the model's own cos/sin: mean_t of diag(cos_t) + P diag(sin_t) (identity on
     non-rotary dims)."""
     rotary = _rotary_module(model)
     positions = torch.arange(start, start + steps)[None]
@@ -156,7 +156,7 @@ def _reference_mean_rotation(model, start, steps, dim):
 
 
 def _reference_scores(model, ids, n_sink=4, n_future=512, use_covariance=True, use_vnorm=True, epsilon=0.0):
-    """METHODS §2.9 written out: scores [1, Hkv, T] of the non-sink keys (sinks: +inf)."""
+    """docs/methods.md#expected_attention written out: scores [1, Hkv, T] of the non-sink keys (sinks: +inf)."""
     length = ids.shape[1]
     out = []
     for q, keys, values in _plain_prerope(model, ids):

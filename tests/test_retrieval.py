@@ -6,6 +6,7 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
+from kvexp.data import HAYSTACK_BOOK
 from kvexp.tasks.generation import PromptEncoder, generate_answer
 from kvexp.tasks.qa import check_qa_jsonl, qa_jsonl_samples
 from kvexp.tasks.retrieval import NOISE, check_retrieval, retrieval_samples
@@ -137,12 +138,30 @@ def test_a_text_dataset_can_be_the_haystack():
         ({"phrasing": "poetic"}, "dataset.phrasing"),
         ({"variant": "multi_everything"}, "dataset.variant"),
         ({"haystack": "nope"}, "dataset.haystack"),
-        ({"path": None, "local_file": "no/such.json"}, "no haystack file"),
+        (
+            {"haystack": "essays", "local_file": "no/such.json"},
+            r"no data found.*no/such\.json.*KVEXP_DATA_DIR",
+        ),
+        ({"haystack": "repeat", "path": "/no/such.json"}, "dataset.path is a haystack file"),
+        ({"haystack": "book", "path": "/no/such.json"}, r"dataset\.path='/no/such\.json' does not exist"),
     ],
 )
 def test_bad_retrieval_options_name_the_option(overrides, match):
     with pytest.raises(ValueError, match=match):
         check_retrieval(_dataset("needle", None, **overrides))
+
+
+def test_default_haystack_is_the_embedded_book(caplog):
+    """No dataset.path and no $KVEXP_DATA_DIR: the haystack is the public-domain novel shipped with kvexp."""
+    book = " ".join(HAYSTACK_BOOK.path.read_text(encoding="utf-8").split())
+    dataset = _dataset("passkey", None, lengths=[512], depths=[0.5])
+    check_retrieval(dataset)
+    with caplog.at_level("INFO", logger="kvexp.tasks.retrieval"):
+        (sample,) = retrieval_samples(dataset, _encoder(), None, 0)
+    assert any("The Man Who Was Thursday" in r.getMessage() for r in caplog.records)
+    body = sample.context.split("\n", 1)[1]
+    before_needle = body[: body.index("The pass key is")].split()
+    assert len(before_needle) > 40 and " ".join(before_needle[5:25]) in book
 
 
 def test_lengths_beyond_the_model_context_or_too_short_for_the_prompt_fail(tmp_path):
@@ -187,7 +206,7 @@ def test_qa_jsonl_rows_become_samples(qa_file):
 
 def test_qa_jsonl_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="dataset.path"):
-        check_qa_jsonl(_dataset("qa_jsonl"))
+        check_qa_jsonl(_dataset("qa_jsonl", None, path="/no/such/qa.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"context": "c", "question": "q"}) + "\n")
     with pytest.raises(ValueError, match=r"row 0 has no field\(s\) \['answer'\]"):
@@ -239,7 +258,7 @@ def test_local_summarization_data_matches_its_schema():
 @pytest.mark.slow
 def test_smollm2_full_cache_finds_the_pass_key_at_1k(smollm2):
     model, tok = smollm2
-    # The first two samples of the README's pass-key table (seed 0; 8 depths at 1k and 2k): depths 0 and 1/7.
+    # The default haystack (the embedded novel), seed 0, 8 depths at 1k and 2k: the samples at depths 0 and 1/7.
     dataset = _dataset("passkey", None, lengths=[1024, 2048], depths=[round(i / 7, 3) for i in range(8)])
     samples = retrieval_samples(dataset, PromptEncoder(tok, max_context=8192), 2, seed=0)
     for sample in samples:

@@ -7,12 +7,12 @@ from kvexp.methods.base import METHODS, Method, build_method, register
 
 
 def adaptive_counts(scores: torch.Tensor, target: int, floor_alpha: float) -> torch.Tensor:
-    """Ada-KV's live entries per head for one layer (METHODS §2.8 steps 3-4): scores [B, Hkv, n] -> [B, Hkv].
+    """Ada-KV's live entries per head for one layer (docs/methods.md#adakv): scores [B, Hkv, n] -> [B, Hkv].
 
     `+inf` scores are protected (SnapKV's window: kept on top, as the reference adds the window to every head),
     `-inf` are dead slots. Head h has `b_h = target - protected_h` free entries and a floor `int(b_h alpha)`.
-    Step 3: `c_h` = head h's entries among the global top `sum_h b_h` of the layer's other live scores.
-    Step 4: `n_h = round(c_h (1 - alpha) + floor_h)`, capped at the head's live entries. Rounding and the cap
+    First `c_h` = head h's entries among the global top `sum_h b_h` of the layer's other live scores;
+    then `n_h = round(c_h (1 - alpha) + floor_h)`, capped at the head's live entries. Rounding and the cap
     leave the layer a few tokens off its total (`Hkv * target`, or every live entry if fewer): kvexp settles the
     difference on the same global ranking (the best entries left out join, the worst kept above a floor
     leave), so the layer's live total is exact while heads differ.

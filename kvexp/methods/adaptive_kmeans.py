@@ -29,7 +29,7 @@ def centroid_update_weights(
 
     A centroid c with m_c tokens and value-weight sum Z_c absorbs the batch S_c of tokens assigned to it:
     `rate=None` (Sculley's per-centroid rate 1/m): mu <- (m_c mu + sum_S c_i k_i) / (m_c + sum_S c_i), the exact
-    running mean, and nu <- (Z_c nu + sum_S w_i v_i) / (Z_c + sum_S w_i), Z_c <- Z_c + sum_S w_i (METHODS §5.2).
+    running mean, and nu <- (Z_c nu + sum_S w_i v_i) / (Z_c + sum_S w_i), Z_c <- Z_c + sum_S w_i (docs/methods.md#adaptive_kmeans).
     A fixed rate eta: mu <- (1 - eta) mu + eta * mean_S(k), nu <- (1 - eta) nu + eta * sum_S w_i v_i / sum_S w_i.
     A group without a previous centroid (a new cluster) is the plain count- / w-weighted mean.
     """
@@ -74,21 +74,19 @@ class AdaptiveKMeans(TrainableMergedBias, Method):
     (Euclidean, post-RoPE keys) by `centroid_update_weights` with rate `kmeans_learning_rate` (eta; null:
     Sculley's 1/m_c, the exact running mean). A centroid's bias is ln m_c (its token count), its value is
     attention-weighted: w = exp(q_mean . k / sqrt(d)), q_mean the mean of the lookback queries of the group
-    (METHODS §5.2). A centroid keeps the position of the token that opened it; it is never part of the exact
+    (docs/methods.md#merging-rule). A centroid keeps the position of the token that opened it; it is never part of the exact
     window, which holds only tokens.
     Defaults: the study's max_cache_size 1024, num_clusters 256, pruning_interval 512, lookback_window 256 are
     kept as proportions of the budget (null: K = B // 4, P = B // 2, Δ = B // 4). The study gives no pruning
     share and no eta value: `prune_ratio=0.5` and Sculley's rate are kvexp's choices.
     Trainable (the attention-guided k-means study's distillation, `train=distill trainable=compressor`): `merged_bias` [layers, KV heads], a
-    learned logit correction added to every centroid's bias ln m_c in the attention (the bias refit of METHODS
-    §5.2, learned end to end instead of by NNLS); 0 is the method above exactly. `checkpoint`: a trained
+    learned logit correction added to every centroid's bias ln m_c in the attention (a refit of the
+    centroids' bias, learned end to end instead of by NNLS); 0 is the method above exactly. `checkpoint`: a trained
     parameters file (the run dir's checkpoint/compressor.safetensors); null: untrained.
     """
 
     name = "adaptive_kmeans"
-    description = (
-        "every P tokens: attention-guided pruning + online k-means into K calibrated centroids (the attention-guided k-means study)"
-    )
+    description = "every P tokens: attention-guided pruning + online k-means into K calibrated centroids (the attention-guided k-means study)"
     observes = True
     merges = True
     # tokens: how many tokens a slot stands for; centroid: 1 for a centroid; log_z: ln of a centroid's value-weight sum

@@ -30,7 +30,9 @@ class AdaptiveL2(Method):
     """
 
     name = "adaptive_l2"
-    description = "kept size shrinks progressively with sequence length, lowest key norms kept (the kvcompress study)"
+    description = (
+        "kept size shrinks progressively with sequence length, lowest key norms kept (the kvcompress study)"
+    )
     soft_ratio: float = 0.5
     hard_ratio: float = 2.0
     keep_ratio_min: float = 0.3

@@ -75,7 +75,7 @@ class Method:
     def merge(self, layer: CompressedLayer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
         """Fold the `evicted` entries into `kept` ones ([B, Hkv, L_phys] bool masks over live slots), in place
         on `layer.keys` / `values` / `bias` / `state(...)`, before the engine compacts the kept slots (methods
-        with `merges`). A kept slot that comes to stand for n tokens carries bias ln n (DESIGN §2.1)."""
+        with `merges`). A kept slot that comes to stand for n tokens carries bias ln n (docs/design.md#storage)."""
 
     def statistics(self, layers: list[CompressedLayer]) -> dict[str, Any]:
         """Method-specific figures for the run's summary (cluster quality, merge counts); empty by default."""

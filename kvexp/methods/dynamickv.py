@@ -66,7 +66,7 @@ class DynamicKV(SnapKV):
     per-head budgets (`budget.per_head`) keep those. Defaults: the reference's Llama-3 script (w=8, k=7,
     avgpool, radio_max=10; m=4 is hard-coded there). GQA: votes are reduced over the group before the global
     top-k and budgets count KV heads (the reference caches per query head).
-    Decided where the reference is quirky (METHODS §4.1, §7.11): a last round always runs at the last layer
+    Decided where the reference is quirky (docs/methods.md#dynamickv): a last round always runs at the last layer
     (the reference never re-budgets trailing layers when NL mod 4 != 0, exceeding the total); shares are
     water-filled under the caps (`share_with_caps`), so the layers spend exactly `b * NL` when the caps allow
     (the reference loses what its caps cut, and rounds through `int(T p_l)` and a `// l'` on the counts); a

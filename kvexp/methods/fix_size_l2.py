@@ -23,7 +23,9 @@ class FixSizeL2(Method):
     """
 
     name = "fix_size_l2"
-    description = "fixed size: protected recent zone + low/high/random key-norm eviction (the kvcompress study)"
+    description = (
+        "fixed size: protected recent zone + low/high/random key-norm eviction (the kvcompress study)"
+    )
     recent_ratio: float = 0.0
     strategy: str = "keep_low"
     skip_layers: list[int] = field(default_factory=lambda: [0, 1])

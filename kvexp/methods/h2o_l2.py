@@ -21,7 +21,9 @@ class H2OL2(Method):
     """
 
     name = "h2o_l2"
-    description = "sinks + lowest-key-norm 'heavy hitters' + recent window, L2 stand-in for H2O (the kvcompress study)"
+    description = (
+        "sinks + lowest-key-norm 'heavy hitters' + recent window, L2 stand-in for H2O (the kvcompress study)"
+    )
     start_size: int = 4
     heavy_ratio: float = 0.125
     heavy_size: int | None = None

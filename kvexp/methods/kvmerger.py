@@ -31,7 +31,7 @@ class KVMerger(Method):
     tokens gets the softmax weight of one); `calibrate=true` adds ln n (log-sum-exp of the members' biases) and
     weights members by the tokens they stand for, to measure the difference. `skip_layers` (0, 1 and the last)
     are not merged, as in the paper.
-    Decided where the paper is unspecified (METHODS §3.3, §8): it merges once after prefill; here every
+    Decided where the paper is unspecified (docs/methods.md#kvmerger): it merges once after prefill; here every
     compression merges (prefill, chunks, one link per decoding step). The size of the protected set is not
     given; at most (budget - 1) / 2 entries are protected so that merging alone always reaches the budget.
     """

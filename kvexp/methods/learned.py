@@ -1,4 +1,4 @@
-"""Learned eviction (the H2O study's learned policy; METHODS §5.1): a small per-layer MLP scores every cached entry.
+"""Learned eviction (the H2O study's learned policy; docs/methods.md#learned): a small per-layer MLP scores every cached entry.
 
 Features of cached token j, per KV head, when a layer of a cache that has seen tokens 0 .. t compresses
 (`entry_features`; the trainer computes exactly the same ones from full-cache runs):
@@ -188,7 +188,7 @@ def attention_input(args: tuple, kwargs: dict) -> torch.Tensor:
 @register
 @dataclass
 class Learned(Method):
-    """kvexp's H2O-study-style learned eviction policy: a per-layer MLP trained on an H2O oracle (METHODS §5.1).
+    """kvexp's H2O-study-style learned eviction policy: a per-layer MLP trained on an H2O oracle (docs/methods.md#learned).
 
     The H2O study's `LearnedEvictionCache` is an "MLP-based learned policy trained on H2O oracle labels"; kvexp's is
     built on KVzap's recipe (NVIDIA, arXiv 2601.07891; kvpress `KVzapPress`): a small MLP per layer reads the

@@ -1,4 +1,4 @@
-"""Shared merge math for the merging and clustering methods (METHODS.md §3.4.2; one place, not in each method).
+"""Shared merge math for the merging and clustering methods (docs/methods.md#merging-rule; one place, not in each method).
 
 A group S of cached entries (keys k_i, values v_i, logit biases b_i) is replaced by one entry of the group, its
 target slot. The bias-calibrated merge is first-order exact for every query:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def reject_rerotate(layer: CompressedLayer, name: str) -> None:
-    """Merged keys have no single position to re-rotate to (METHODS.md §3): refuse positions=rerotate."""
+    """Merged keys have no single position to re-rotate to (docs/design.md#re-rotation): refuse positions=rerotate."""
     if layer.options.positions == "rerotate":
         raise ValueError(
             f"method={name} merges keys of different positions, which cannot be re-rotated; "
@@ -36,7 +36,7 @@ def reject_rerotate(layer: CompressedLayer, name: str) -> None:
 def skip_layers(budgets: list[int | None], skip: list[int], name: str) -> list[int | None]:
     """Per-layer budgets with the `skip` layers left uncompressed (None); negative indices count from the end.
 
-    D2O and KVMerger leave layers 0, 1 and the last whole, where attention is nearly uniform (METHODS §7.12)."""
+    D2O and KVMerger leave layers 0, 1 and the last whole, where attention is nearly uniform (their papers' choice)."""
     n = len(budgets)
     outside = [i for i in skip if not -n <= i < n]
     if outside:

@@ -90,9 +90,7 @@ class PoolingMerge(Method):
     """
 
     name = "pooling_merge"
-    description = (
-        "older tokens pooled (mean/max/best) in windows growing with age + pyramidal layer budgets (the pooling-merge study)"
-    )
+    description = "older tokens pooled (mean/max/best) in windows growing with age + pyramidal layer budgets (the pooling-merge study)"
     merges = True
     seq_pooling_type: str = "mean"
     sink_tokens: int = 4

@@ -22,7 +22,9 @@ class PyramidKVDecay(Method):
     """
 
     name = "pyramid_kv_decay"
-    description = "layer budgets budget x layer_decay^i; sinks + recent + lowest key norms (the kvcompress study)"
+    description = (
+        "layer budgets budget x layer_decay^i; sinks + recent + lowest key norms (the kvcompress study)"
+    )
     layer_decay: float = 0.9
     min_size: int = 64
 

@@ -44,7 +44,7 @@ class PyramidInfer(Method):
     `decay_ratio`, `recent_ratio`) on the cache's budget as the mean; layer l keeps at most its budget.
     Defaults: the reference's `configs/llama3_8b.json`.
 
-    Decided where the reference does not fit a budgeted cache (METHODS §2.6):
+    Decided where the reference does not fit a budgeted cache (docs/methods.md#pyramidinfer):
     * The budget, not the fixed ratio `int(ctx * rho_l)`, sets how many tokens a layer keeps (the schedule
       has the reference's shape), so a layer whose budget is below the prompt evicts at its own attention too
       (layer 0 when the budget is below the prompt's share of layer 0; the reference's layer 0 keeps all).

@@ -107,12 +107,12 @@ class RazorAttention(Method):
     The other heads keep their budget (the layer's, or their own per-head budget) of live entries: the sinks,
     the compensation token and the newest tokens. Every token they evict is folded into the compensation
     token: its key and value become the count-weighted mean of all the tokens it stands for, its bias
-    `ln(count)` (attention counts the mean key `count` times, METHODS §1.7), its position the newest of them;
+    `ln(count)` (attention counts the mean key `count` times: docs/methods.md#merging-rule), its position the newest of them;
     a head's first eviction turns its newest evicted slot into it. `compensation=False` just evicts.
     Budget semantics: a non-retrieval head never holds more live entries than its budget; a retrieval head
     holds every token, so a layer with one is as long as the sequence (its other heads' evicted slots are dead
     padding: no memory saving there) while layers without one stay at the budget.
-    Open in the paper (METHODS §4.2, §8), chosen here: the paper's buffer `max(S0, N/C)` is the budget (all
+    Open in the paper (docs/methods.md#razor_attention), chosen here: the paper's buffer `max(S0, N/C)` is the budget (all
     that is not sinks or the compensation token is the recent window); the probe is BOS + 256 distinct random
     tokens twice, scored on the second copy. A merged key cannot be re-rotated, so `compensation` rejects
     `positions=rerotate`; the probe needs the model, so give the method to `make_cache` directly (it calls
@@ -211,7 +211,7 @@ class RazorAttention(Method):
         if self.compensation and layer.options.positions == "rerotate":
             raise ValueError(
                 "method.compensation=true cannot run with engine.positions=rerotate: the compensation token "
-                "is a mean of keys at many positions and has no single position to re-rotate (METHODS §7.1)"
+                "is a mean of keys at many positions and has no single position to re-rotate"
             )
         positions = layer.positions
         sinks = (positions >= 0) & (positions < self.sink_tokens)

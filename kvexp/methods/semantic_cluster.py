@@ -155,7 +155,7 @@ def group_targets(pending: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
 @register
 @dataclass
 class SemanticCluster(TrainableMergedBias, Method):
-    """The H2O study's SemanticClusterCache (k-means of key vectors) made a calibrated merge (METHODS §3.4.2, §5.2).
+    """The H2O study's SemanticClusterCache (k-means of key vectors) made a calibrated merge (docs/methods.md#semantic_cluster).
 
     A layer keeps `sink_tokens` sinks, the newest `budget - sink_tokens - K` tokens exactly, and K cluster
     entries that summarize everything older. Every `cluster_every` tokens (the study's re-clustering period; also
@@ -176,14 +176,12 @@ class SemanticCluster(TrainableMergedBias, Method):
     strided sample of `silhouette_sample` slots when larger) is averaged per layer into `statistics`, over
     every re-clustering this method instance ran.
     Trainable (`train=distill trainable=compressor`): `merged_bias` [layers, KV heads], a learned logit correction
-    added to every cluster entry's bias ln(tokens) in the attention (METHODS §5.2's bias refit, learned end to
+    added to every cluster entry's bias ln(tokens) in the attention (a refit of the merged entries' bias, learned end to
     end); 0 is the method above exactly. `checkpoint`: a trained parameters file; null: untrained.
     """
 
     name = "semantic_cluster"
-    description = (
-        "per-head weighted k-means of old keys into K calibrated centroids + exact recent window (the H2O study)"
-    )
+    description = "per-head weighted k-means of old keys into K calibrated centroids + exact recent window (the H2O study)"
     merges = True
     # tokens: how many tokens a slot stands for; cluster: 1 for a cluster slot
     state_names = ("tokens", "cluster")

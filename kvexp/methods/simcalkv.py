@@ -33,13 +33,13 @@ class SimCalKV(Method):
     is above `similarity_threshold` (tau, 0 in the paper), else it is dropped. Per KV head; GQA queries are
     pooled over the group. Runs at every compression: prefill, chunks, token by token.
 
-    `variant=derived` (default, METHODS §3.4.3): the calibrated merge of `merging.fold`: key = count-weighted
+    `variant=derived` (default, docs/methods.md#simcalkv): the calibrated merge of `merging.fold`: key = count-weighted
     mean of the group, logit bias = log-sum-exp of its members' biases (ln of the tokens it stands for), value =
     attention-weighted mean with weights e^{b_i} E_q[e^{q.k_i/sqrt d}], the attention the remembered queries
     give each member (their softmax weights averaged over the `value_window` last queries and the group's query
     heads). `value_window=1` (default) is the paper's choice, the last query: the query that just attended the
-    whole cache; a longer window estimates the expectation over future queries better (METHODS §3.4.2).
-    `key_weighting=attention` (kvexp's own option, in neither the paper nor METHODS) weights the keys like the
+    whole cache; a longer window estimates the expectation over future queries better (docs/methods.md#merging-rule).
+    `key_weighting=attention` (kvexp's own option, not in the paper) weights the keys like the
     values instead of by counts: the tangent of log sum_i e^{b_i + q.k_i} in q at the reference queries, so a kept
     token that draws attention keeps its key when many weakly attended tokens join it; the count-weighted mean
     drags it towards them (on SmolLM2, a 256-token prompt kept at 64 lost less with it than by dropping).
@@ -50,7 +50,7 @@ class SimCalKV(Method):
     differences: the released code builds q_t from `q_proj(hidden_states[l])` without the input layer norm and
     without RoPE and dots it with rotated keys; kvexp cannot see hidden states from the cache and uses the true
     rotated query the attention received (the bug is not reproduced). The code folds a group's evicted tokens
-    one after the other (order-dependent); this variant uses the group mean of METHODS §3.4.1 (identical for a
+    one after the other (order-dependent); this variant uses the mean of the group's evicted keys (identical for a
     group of one); with G > 1 the weights are the group's mean softmax weights.
     """
 

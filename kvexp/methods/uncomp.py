@@ -79,7 +79,7 @@ class UNComp(SnapKV):
     (shorter heads hold dead slots); per-head budgets (`budget.per_head`) take precedence. GQA: entropy and
     budget are per KV head, shared by its query heads (the model's native grouping, not the paper's unverified
     "training-free GQA" regrouping).
-    Open in the paper (METHODS §4.3, §8), chosen here: the keys (the paper finds Q and K alike), pre-RoPE (the
+    Open in the paper (docs/methods.md#uncomp), chosen here: the keys (the paper finds Q and K alike), pre-RoPE (the
     rotation would add position-driven rank), the Gram not centered, the kneedle elbow, two groups weighted
     1:3, SnapKV with KVCache-Factory's defaults (w=8, k=7, maxpool) inside heads, and the prompt instead of an
     offline WikiText-2 calibration (a cache has no tokenizer or corpus; the groups become task-aware). Not

@@ -1,5 +1,4 @@
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from kvexp.engine.cache import Storage, StoredEntries
 from kvexp.methods.base import Method, register
 from kvexp.methods.razor_attention import _fingerprint
 from kvexp.models import tiny_tokenizer
-from kvexp.tasks.data import required_data_file
+from kvexp.tasks.data import read_corpus, required_data_file
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def calibrate(model, input_ids: torch.Tensor) -> Calibration:
     """One forward over `input_ids` [1, T] with an attention function that computes, per layer and KV head, the
     Gram matrices of the post-RoPE rows [the G group queries; the keys] and of the values (then attends normally),
     and their SVD bases (`basis_from_gram`). The queries of a group and its KV head's keys share one basis, so the
-    cached r-dim keys serve every query head (METHODS §4.5)."""
+    cached r-dim keys serve every query head (docs/methods.md#zack)."""
     grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -102,15 +101,9 @@ def tokenizer_for(model):
 
 
 def calibration_text(path: Path, characters: int) -> str:
-    """The first `characters` characters of a JSONL file's `text` fields, documents joined by blank lines."""
-    parts, total = [], 0
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
-            parts.append(json.loads(line)["text"])
-            total += len(parts[-1]) + 2
-            if total >= characters:
-                break
-    return "\n\n".join(parts)[:characters]
+    """The first `characters` characters of a corpus (JSONL `text` records or plain text), documents joined
+    by blank lines."""
+    return "\n\n".join(text for _, text in read_corpus(path))[:characters]
 
 
 class ZACKStorage(Storage):
@@ -156,7 +149,7 @@ class ZACK(StoredEntries, Method):
     more accurate). Keys (post-RoPE) and values are stored as r-dim coefficients `k R_r`, `v R_r`; the attention
     sees `k R_r R_r^T`, i.e. `q . k ~ (q R_r)(k R_r)^T`, the step's own keys and values included. At energy 1 the
     bases are complete: exact.
-    Choices where the paper is open (METHODS §4.5, §8): the value basis is the values' own SVD, not the stack of
+    Choices where the paper is open (docs/methods.md#zack): the value basis is the values' own SVD, not the stack of
     values with the W_o slices (a KV head's values serve G query heads with G different slices, and stacking
     activations with weights needs an arbitrary relative scale; the values' SVD is the best rank-r reconstruction
     and its discarded energy is exactly its reconstruction error); rank by an energy fraction of each head's

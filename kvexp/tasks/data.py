@@ -1,28 +1,43 @@
-"""Documents for perplexity evaluation: WikiText-2, PG-19, Python source code and plain text files.
+"""Where a dataset's data comes from, and the documents for perplexity (WikiText-2, PG-19, text files, Python).
 
-Local copies of the evaluation data are found through ``$KVEXP_DATA_DIR`` so that tests, benchmarks and
-offline machines never touch the Hugging Face hub; online users without that folder fall back to
-``datasets.load_dataset``. Both paths yield the same documents, so results do not depend on where the
-text came from.
+Every dataset is looked up in one order (`locate`), and the run's log names the source once:
+
+1. `dataset.path`: the user's own file (or folder), which must exist;
+2. `$KVEXP_DATA_DIR/<dataset.local_file>`: a local copy of the real data;
+3. the copy embedded in the package when it is exactly the dataset asked for (the WikiText-2 raw test split:
+   no network call at all);
+4. the Hugging Face hub (`dataset.hub_id`), tried only when a quick probe reaches it, so an offline machine
+   loses at most a few seconds;
+5. for datasets with an embedded stand-in only (PG-19, CNN/DailyMail, XSum, QA, LongBench), that stand-in;
+6. otherwise a ValueError naming the ways to provide the data.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
+import socket
 import sysconfig
+import threading
 import tokenize
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from kvexp.data import EMBEDDED, HAYSTACK_BOOK, PYTHON_CODE, Embedded
 
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "KVEXP_DATA_DIR"
 DATASETS = ("wikitext2", "pg19", "text_file", "python_code")
+HUB_PROBE_SECONDS = 3.0
+# The default training and calibration corpus under $KVEXP_DATA_DIR: public-domain Gutenberg books as JSONL.
+GUTENBERG_CORPUS = "gutenberg/books.jsonl"
 
 # The local files hold the test split only; `dataset.split` may still slice it ("test[:100]").
 LOCAL_SPLIT = "test"
@@ -31,6 +46,8 @@ LOCAL_SPLIT = "test"
 # " = = Sub = = \n"; the frame rule drops the two formula rows of the test split that look like titles
 # (" = 1 henry and capacitance C = \n" sits between text rows).
 _TITLE_RE = re.compile(r"^ = (?!=)(.*?) = \n$")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,18 +58,40 @@ class Document:
     text: str
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset's data is read from: `kind` is path | data_dir | embedded | hub | stand_in; `path` is
+    the file (None for the hub); `stand_in` is the embedded file to fall back on if the hub fails."""
+
+    kind: str
+    path: Path | None
+    label: str
+    stand_in: Embedded | None = None
+
+
 def data_dir() -> Path | None:
-    """The local evaluation-data folder from ``$KVEXP_DATA_DIR``, or None when unset (use the hub)."""
+    """The local evaluation-data folder from ``$KVEXP_DATA_DIR``, or None when unset."""
     value = os.environ.get(DATA_DIR_ENV)
     return Path(value).expanduser() if value else None
 
 
 def required_data_file(name: str, option: str) -> Path:
     """The file `name` (absolute, or relative to $KVEXP_DATA_DIR) that option `option` names; a ValueError
-    naming the option when it cannot be found."""
+    naming the option when it cannot be found. The default training / calibration corpus
+    (`GUTENBERG_CORPUS`) falls back to the embedded public-domain novel, named in the log."""
     path = Path(name).expanduser()
     if not path.is_absolute():
         root = data_dir()
+        if (root is None or not (root / path).is_file()) and name == GUTENBERG_CORPUS:
+            log.warning(
+                "%s=%s is not under $%s (%s); using %s",
+                option,
+                name,
+                DATA_DIR_ENV,
+                root,
+                HAYSTACK_BOOK.description,
+            )
+            return HAYSTACK_BOOK.path
         if root is None:
             raise ValueError(
                 f"{option}={name!r} is relative to ${DATA_DIR_ENV}, which is not set; set it or give an absolute path"
@@ -63,28 +102,134 @@ def required_data_file(name: str, option: str) -> Path:
     return path
 
 
-def resolve_local_file(dataset: Mapping) -> Path | None:
-    """The local file to read for ``dataset``, or None to load it from the hub.
+def read_corpus(path: Path, text_field: str = "text") -> list[tuple[str, str]]:
+    """(id, text) of a text corpus: JSONL records with `text_field` (id: `file`, `id` or the line number), or
+    a plain-text file (`.txt`) as one document."""
+    if path.suffix == ".txt":
+        return [(path.name, path.read_text(encoding="utf-8"))]
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                record = json.loads(line)
+                docs.append((str(record.get("file") or record.get("id") or i), record[text_field]))
+    return docs
 
-    A user-given ``dataset.path`` always wins and must exist; otherwise ``dataset.local_file`` is looked up
-    under ``$KVEXP_DATA_DIR``, and a missing folder or file means "use the hub" rather than an error, so the
-    same config works on- and offline.
-    """
-    path = dataset.get("path")
-    if path:
-        resolved = Path(str(path)).expanduser()
-        if not resolved.is_file():
-            raise ValueError(f"dataset.path={str(path)!r} does not exist or is not a file")
-        return resolved
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within a few seconds (False when HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE is set). The probe runs once per process, in a thread, so a hanging DNS lookup costs
+    at most HUB_PROBE_SECONDS."""
+    if any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    reached: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_SECONDS)
+    if not reached:
+        log.info("the Hugging Face hub (%s) is not reachable: using local or embedded data only", host)
+    return bool(reached)
+
+
+def _split_name(split: str | None) -> str:
+    return re.split(r"[\[+]", str(split or LOCAL_SPLIT), maxsplit=1)[0].strip()
+
+
+def locate(dataset: Mapping, local_file: str | None = None, announce: bool = True) -> Source:
+    """The source of `dataset`'s data in the module's order; `local_file` replaces `dataset.local_file` (a
+    formatted name). Logs the source when `announce`; raises a ValueError when there is none."""
+    name = dataset.get("name")
+    if dataset.get("path"):
+        path = Path(str(dataset["path"])).expanduser()
+        if not path.exists():
+            raise ValueError(f"dataset.path={str(dataset['path'])!r} does not exist")
+        source = Source("path", path, f"dataset.path={path}")
+        return _announce(name, source) if announce else source
+    local_file = local_file if local_file is not None else dataset.get("local_file")
+    embedded = EMBEDDED.get(str(name))
     root = data_dir()
-    local_file = dataset.get("local_file")
-    if root is None or not local_file:
-        return None
-    candidate = root / str(local_file)
-    if candidate.is_file():
-        return candidate
-    log.info("%s not found under %s=%s; falling back to the hub", local_file, DATA_DIR_ENV, root)
-    return None
+    source: Source | None = None
+    if root is not None and local_file and (root / str(local_file)).is_file():
+        source = Source("data_dir", root / str(local_file), f"${DATA_DIR_ENV}/{local_file}")
+    elif embedded is not None and embedded.exact and _is_exact(embedded, dataset):
+        source = Source("embedded", embedded.path, embedded.description)
+    elif dataset.get("hub_id") and hub_reachable():
+        stand_in = embedded if embedded is not None and not embedded.exact else None
+        source = Source("hub", None, f"the hub: {dataset['hub_id']} ({dataset.get('hub_config')})", stand_in)
+    elif embedded is not None and not embedded.exact:
+        source = Source("stand_in", embedded.path, embedded.description)
+    if source is None:
+        where = f"{DATA_DIR_ENV}={root}" if root else f"{DATA_DIR_ENV}, which is unset"
+        hub = f"{dataset['hub_id']}, not reachable now" if dataset.get("hub_id") else "set dataset.hub_id"
+        embedded_note = ""
+        if embedded is not None and embedded.hub is not None:
+            hub_id, hub_config, split = embedded.hub
+            embedded_note = (
+                f" (the embedded copy is {hub_id}/{hub_config} split {split!r} only; asked: dataset.hub_id="
+                f"{dataset.get('hub_id')}, dataset.hub_config={dataset.get('hub_config')}, dataset.split={dataset.get('split')})"
+            )
+        raise ValueError(
+            f"dataset {name!r}: no data found; provide it with dataset.path=<file>, with "
+            f"dataset.local_file={local_file or '<file>'} under ${where}, or from the Hugging Face hub ({hub})"
+            + embedded_note
+        )
+    return _announce(name, source) if announce else source
+
+
+def _is_exact(embedded: Embedded, dataset: Mapping) -> bool:
+    """The embedded copy is the dataset asked for: same hub id, config and split name (slices allowed)."""
+    if embedded.hub is None:
+        return True
+    hub_id, hub_config, split = embedded.hub
+    return (
+        dataset.get("hub_id") in (None, hub_id)
+        and dataset.get("hub_config") in (None, hub_config)
+        and _split_name(dataset.get("split")) == split
+    )
+
+
+def _announce(name: Any, source: Source) -> Source:
+    if source.kind == "stand_in":
+        log.warning("dataset %s: the real data is not reachable; using %s", name, source.label)
+    else:
+        log.info("dataset %s: reading %s", name, source.label)
+    return source
+
+
+def from_hub(dataset: Mapping, source: Source, load: Callable[[], T], stand_in: Callable[[Path], T]) -> T:
+    """`load()` from the hub; if that fails and the dataset has an embedded stand-in, `stand_in(path)`."""
+    try:
+        return load()
+    except (
+        Exception
+    ) as err:  # the datasets library raises many kinds (ConnectionError, FileNotFoundError, ...)
+        if source.stand_in is None:
+            raise ValueError(
+                f"dataset {dataset.get('name')!r}: loading {dataset.get('hub_id')} from the hub failed ({err}); "
+                f"set dataset.path=<file> or put {dataset.get('local_file')} under ${DATA_DIR_ENV}"
+            ) from err
+        log.warning(
+            "dataset %s: the hub failed (%s); using %s", dataset.get("name"), err, source.stand_in.description
+        )
+        return stand_in(source.stand_in.path)
+
+
+def resolve_local_file(dataset: Mapping) -> Path | None:
+    """The file `locate` picks for `dataset` without announcing it, or None when it comes from the hub."""
+    return locate(dataset, announce=False).path
 
 
 def check_dataset(dataset: Mapping) -> None:
@@ -99,15 +244,10 @@ def check_dataset(dataset: Mapping) -> None:
         return
     if name == "text_file" and not dataset.get("path"):
         raise ValueError("dataset.name='text_file' needs dataset.path=<a utf-8 text file>")
-    local = resolve_local_file(dataset)  # raises for a missing dataset.path
-    if name == "text_file":
-        return
-    if local is None and not dataset.get("hub_id"):
-        raise ValueError(
-            f"dataset {name!r} has no local file (dataset.local_file={dataset.get('local_file')!r} under "
-            f"${DATA_DIR_ENV}) and no dataset.hub_id to download it from"
-        )
-    if local is not None:
+    source = locate(dataset, announce=False)  # raises when there is no data at all
+    if source.kind == "path" and not source.path.is_file():
+        raise ValueError(f"dataset.path={str(dataset['path'])!r} does not exist or is not a file")
+    if source.kind in ("path", "data_dir", "embedded") and name != "text_file":
         split_bounds(dataset.get("split"), n_rows=1)  # validates the split spec early
 
 
@@ -119,39 +259,55 @@ def load_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
     name = dataset["name"]
     if name == "python_code":
         docs = _python_documents(dataset, max_samples)
-        log.info("dataset python_code: %d file(s) from %s", len(docs), dataset.get("path") or stdlib_dir())
+        log.info("dataset python_code: %d file(s) from %s", len(docs), _python_files(dataset)[0])
         return docs
-    local = resolve_local_file(dataset)
+    source = locate(dataset)
     if name == "text_file":
-        assert local is not None  # check_dataset guarantees dataset.path
-        docs = [Document(id=local.name, text=local.read_text(encoding="utf-8"))]
+        assert source.path is not None  # check_dataset guarantees dataset.path
+        docs = [Document(id=source.path.name, text=source.path.read_text(encoding="utf-8"))]
     elif name == "wikitext2":
-        rows = _wikitext_rows(dataset, local)
+        rows = _wikitext_rows(dataset, source)
         docs = (
             _wikitext_articles(rows)
             if dataset.get("split_documents")
             else [Document("wikitext2", "\n\n".join(rows))]
         )
     else:  # pg19
-        docs = _pg19_books(dataset, local)
+        docs = _pg19_books(dataset, source)
     if max_samples is not None:
         docs = docs[:max_samples]
-    log.info("dataset %s: %d document(s) from %s", name, len(docs), local or dataset.get("hub_id"))
+    log.info("dataset %s: %d document(s)", name, len(docs))
     return docs
 
 
-def _wikitext_rows(dataset: Mapping, local: Path | None) -> list[str]:
-    """The rows of the WikiText-2 test split, from the local JSON (list or {"text": [...]}) or the hub."""
+def _wikitext_rows(dataset: Mapping, source: Source) -> list[str]:
+    """The rows of the WikiText-2 test split: from the raw text (`.raw` / `.txt`: one row per line, a line
+    of only whitespace an empty row, as the hub's split has them), a JSON list of rows (or {"text": [...]}),
+    or the hub."""
     field = dataset.get("text_field") or "text"
-    if local is None:
-        return list(_load_hub(dataset)[field])
-    with local.open(encoding="utf-8") as f:
-        data = json.load(f)
-    rows = data[field] if isinstance(data, Mapping) else data
+    if source.path is None:
+        return from_hub(dataset, source, lambda: list(load_hub_split(dataset)[field]), _raw_rows)
+    if source.path.suffix in (".raw", ".txt"):
+        rows = _raw_rows(source.path)
+    else:
+        with source.path.open(encoding="utf-8") as f:
+            data = json.load(f)
+        rows = data[field] if isinstance(data, Mapping) else data
     if not isinstance(rows, list) or not all(isinstance(r, str) for r in rows):
-        raise ValueError(f"{local}: expected a JSON list of strings (or an object with a {field!r} list)")
+        raise ValueError(
+            f"{source.path}: expected a JSON list of strings (or an object with a {field!r} list)"
+        )
     start, stop = split_bounds(dataset.get("split"), len(rows))
     return rows[start:stop]
+
+
+def _raw_rows(path: Path) -> list[str]:
+    """WikiText's raw text as the hub's rows: a line each, a line of only whitespace an empty row."""
+    with path.open(encoding="utf-8", newline="") as f:
+        lines = re.findall(
+            r"[^\n]*\n|[^\n]+$", f.read()
+        )  # "\n" only: str.splitlines also splits at \x0c, \u2028 ...
+    return [line if line.strip() else "" for line in lines]
 
 
 def _wikitext_articles(rows: Sequence[str]) -> list[Document]:
@@ -177,16 +333,26 @@ def _wikitext_articles(rows: Sequence[str]) -> list[Document]:
     ]
 
 
-def _pg19_books(dataset: Mapping, local: Path | None) -> list[Document]:
-    """One document per book, id = PG-19 book id (from ``book_id`` or, on the hub, the Gutenberg url)."""
+def _pg19_books(dataset: Mapping, source: Source) -> list[Document]:
+    """One document per book, id = PG-19 book id (from ``book_id`` or, on the hub, the Gutenberg url). The
+    embedded stand-in is one book, read whole whatever `dataset.split` says."""
     field = dataset.get("text_field") or "text"
-    if local is None:
-        records: list[Mapping[str, Any]] = list(_load_hub(dataset))
-    else:
-        with local.open(encoding="utf-8") as f:
+
+    def read(path: Path, split: str | None) -> list[Mapping[str, Any]]:
+        with path.open(encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
-        start, stop = split_bounds(dataset.get("split"), len(records))
-        records = records[start:stop]
+        start, stop = split_bounds(split, len(records)) if split is not None else (0, len(records))
+        return records[start:stop]
+
+    if source.kind == "hub":
+        records = from_hub(
+            dataset, source, lambda: list(load_hub_split(dataset)), lambda path: read(path, None)
+        )
+    else:
+        assert source.path is not None
+        records = read(
+            source.path, None if source.kind == "stand_in" else dataset.get("split") or LOCAL_SPLIT
+        )
     return [Document(id=_book_id(rec, i), text=rec[field]) for i, rec in enumerate(records)]
 
 
@@ -208,8 +374,8 @@ def stdlib_dir() -> Path:
 def _python_files(dataset: Mapping) -> tuple[Path, list[Path]]:
     """The folder and the selected .py files in it: `dataset.files` in the order given, else the
     `dataset.glob` matches of at least `dataset.min_bytes` bytes sorted by path, under `dataset.path`
-    (default: the stdlib folder). Installed third-party packages (site-packages / dist-packages) are never
-    part of a glob selection.
+    (default: the stdlib folder; when it holds no sources, the embedded stand-in module). Installed
+    third-party packages (site-packages / dist-packages) are never part of a glob selection.
     """
     root = Path(str(dataset["path"])).expanduser() if dataset.get("path") else stdlib_dir()
     if not root.is_dir():
@@ -229,6 +395,11 @@ def _python_files(dataset: Mapping) -> tuple[Path, list[Path]]:
         and p.stat().st_size >= min_bytes
         and not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
     )
+    if not paths and not dataset.get("path"):  # an interpreter installed without its Python sources
+        log.warning(
+            "dataset python_code: no Python sources under %s; using %s", root, PYTHON_CODE.description
+        )
+        return PYTHON_CODE.path, sorted(PYTHON_CODE.path.glob("*.py"))
     if not paths:
         raise ValueError(
             f"dataset.glob={pattern!r} with dataset.min_bytes={min_bytes} selects no file under {root}"
@@ -257,7 +428,7 @@ def _python_documents(dataset: Mapping, max_samples: int | None) -> list[Documen
     return docs
 
 
-def _load_hub(dataset: Mapping):
+def load_hub_split(dataset: Mapping):
     """The split from the Hugging Face hub; imported lazily since the local path never needs it."""
     from datasets import load_dataset
 

@@ -1,6 +1,6 @@
 """Generation tasks: a context that is compressed, a question, and reference answers to score the output against.
 
-Protocol (DESIGN.md §4, `eval.protocol`):
+Protocol (docs/usage.md#generation, `eval.protocol`):
 
 * `query_agnostic` (default; kvpress's benchmark protocol): the context is prefilled and compressed alone, then
   the question (with the answer prefix) is appended in one step that never compresses: every layer's budget
@@ -18,7 +18,7 @@ dataset's `chat_template` when the tokenizer has a template) the context opens t
 closes it, followed by the template's assistant header and the answer prefix.
 
 The context is prefilled in one forward by default; `prefill_chunk_size` feeds it in chunks with compression
-between them (DESIGN §2.4, peak KV memory budget + chunk). Decoding is an explicit loop, so every step is
+between them (so the peak KV memory is budget + chunk). Decoding is an explicit loop, so every step is
 timed: greedy by default, or seeded sampling (temperature, top-p). It stops at EOS, after `max_new_tokens`, or
 at a stop string (searched after the answer's leading whitespace; the prediction is cut there).
 
@@ -36,6 +36,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from kvexp.engine import KVCache, make_cache
 from kvexp.methods import Method
 from kvexp.tasks import metrics
-from kvexp.tasks.data import LOCAL_SPLIT, _load_hub, resolve_local_file, split_bounds
+from kvexp.tasks.data import LOCAL_SPLIT, from_hub, load_hub_split, locate, split_bounds
 from kvexp.tasks.perplexity import kv_totals
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("query_agnostic", "query_aware")
 # The score a family reports first, and the objective of a run (other families: their first key).
 PRIMARY_SCORE = {"qa": "accuracy", "qa_all": "accuracy", "rouge": "rougeL"}
+UNSCORED = "none"  # the metric family of a sample without references (dataset=prompt): no scores
 
 
 @dataclass
@@ -79,12 +81,17 @@ class GenerationDataset:
 
     `load(dataset, encoder, max_samples, seed)`: `encoder` tokenizes samples exactly as the runner will (tasks
     that size their context in tokens use it); `seed` drives generated data. `own_template`: the loader applies
-    the chat template itself (LongBench's rule), so the runner never wraps its samples again.
+    the chat template itself (LongBench's rule), so the runner never wraps its samples again. `run(cfg)`: a
+    dataset with its own loop over samples (dataset=prompt answers each prompt as it is read) returns the
+    summary and rows itself. `inputs(dataset)`: a digest of what the dataset reads besides its config (a prompt
+    file's text), part of the config hash; None from it: unknown before the run (standard input), never resumed.
     """
 
     load: Callable[[Mapping, PromptEncoder, int | None, int], list[GenerationSample]]
     check: Callable[[Mapping], None]
     own_template: bool = False
+    run: Callable[[Any], tuple[dict[str, Any], list[dict[str, Any]]]] | None = None
+    inputs: Callable[[Mapping], str | None] | None = None
 
 
 @dataclass
@@ -313,6 +320,8 @@ def score_prediction(sample: GenerationSample, prediction: str) -> dict[str, flo
     ROUGE predictions are split into sentence lines first, as the references are, so rougeLsum is the
     summary-level score the CNN/DM literature reports.
     """
+    if sample.metric == UNSCORED:
+        return {}
     if sample.metric == "qa_all":
         return qa_all(prediction, sample.answers)
     if sample.metric == "rouge":
@@ -334,6 +343,8 @@ def _mean_scores(samples: Sequence[GenerationSample], results: Sequence[Generati
     """{family: {score: mean}} over the samples of each metric family."""
     families: dict[str, dict[str, list[float]]] = {}
     for sample, result in zip(samples, results, strict=True):
+        if not result.scores:  # an unscored sample (no references)
+            continue
         family = families.setdefault(sample.metric, {})
         for key, value in result.scores.items():
             family.setdefault(key, []).append(value)
@@ -363,6 +374,7 @@ def aggregate_generation(
     later = [s for r in results for s in r.step_s]
     compress_s = sum(r.kv.get("compress_seconds", 0.0) for r in results)
     kv = kv_totals(results)
+    scored = [(s, r) for s, r in zip(samples, results, strict=True) if r.scores]
     return {
         "metrics": {
             "samples": len(results),
@@ -380,8 +392,7 @@ def aggregate_generation(
             "compress_s": compress_s,
             "compress_share": compress_s / total_s if total_s else 0.0,
         },
-        "objective": sum(primary_score(s, r.scores) for s, r in zip(samples, results, strict=True))
-        / len(results),
+        "objective": sum(primary_score(s, r.scores) for s, r in scored) / len(scored) if scored else None,
     }
 
 
@@ -455,26 +466,37 @@ def evaluate_generation(
 
 
 def read_records(dataset: Mapping, max_samples: int | None) -> list[dict[str, Any]]:
-    """The rows of a record dataset: `dataset.path` or `$KVEXP_DATA_DIR/<local_file>` (JSONL, or a JSON list),
-    sliced by `dataset.split` ("test[:100]"), else the hub split (`hub_id`, `hub_config`). First `max_samples`."""
-    local = resolve_local_file(dataset)
-    if local is None:
-        if not dataset.get("hub_id"):
-            raise ValueError(f"dataset {dataset.get('name')!r} has no local file and no dataset.hub_id")
-        rows = _load_hub(dataset)
+    """The first `max_samples` rows of a record dataset from where `kvexp.tasks.data.locate` finds them: a
+    local JSONL or JSON list sliced by `dataset.split` ("test[:100]"), the hub split, or the embedded
+    stand-in (read whole)."""
+    source = locate(dataset)
+    if source.kind != "hub":
+        split = None if source.kind == "stand_in" else dataset.get("split") or LOCAL_SPLIT
+        return _read_rows(source.path, split, max_samples)
+
+    def hub_rows() -> list[dict[str, Any]]:
+        rows = load_hub_split(dataset)
         return [
             dict(r)
-            for r in (rows if max_samples is None else rows.select(range(min(max_samples, len(rows)))))
+            for r in rows.select(range(len(rows) if max_samples is None else min(max_samples, len(rows))))
         ]
-    text = local.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    return from_hub(dataset, source, hub_rows, lambda path: _read_rows(path, None, max_samples))
+
+
+def _read_rows(path: Path, split: str | None, max_samples: int | None) -> list[dict[str, Any]]:
+    """JSONL (one object per line) or a JSON list of objects, sliced by `split` (None: all)."""
+    text = path.read_text(encoding="utf-8")
+    rows = (
+        json.loads(text)
+        if text.lstrip().startswith("[")
+        else [json.loads(x) for x in text.splitlines() if x.strip()]
+    )
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{local}: expected JSONL (one object per line) or a JSON list of objects")
-    start, stop = split_bounds(dataset.get("split") or LOCAL_SPLIT, len(rows))
-    rows = rows[start:stop]
+        raise ValueError(f"{path}: expected JSONL (one object per line) or a JSON list of objects")
+    if split is not None:
+        start, stop = split_bounds(split, len(rows))
+        rows = rows[start:stop]
     return rows if max_samples is None else rows[:max_samples]
 
 

@@ -1,4 +1,4 @@
-"""lm-eval-harness tasks through the compressed cache (`dataset=lm_eval`; DESIGN.md §4, ECOSYSTEM.md §4).
+"""lm-eval-harness tasks through the compressed cache (`dataset=lm_eval`; docs/usage.md#lm-eval-harness).
 
 `CompressedLM` is an lm-eval model around an already loaded Hugging Face model in which every request runs
 through a fresh kvexp cache (`make_cache`, budget resolved per request as in `resolve_budget`). Stock lm-eval

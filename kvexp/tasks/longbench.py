@@ -18,7 +18,8 @@ assistant header join `question`.
 
 Data: a local JSONL per task in LongBench's schema (`input`, `context`, `answers`, `length`, `dataset`,
 `language`, `all_classes`, `_id`): `dataset.path` (the file, or a folder of `<task>.jsonl` such as the
-unpacked `data.zip`), else `$KVEXP_DATA_DIR/<dataset.local_file>`, else the hub. THUDM/LongBench on the
+unpacked `data.zip`), else `$KVEXP_DATA_DIR/<dataset.local_file>`, else the hub, else the embedded stand-in
+(one row per task written by kvexp, named in the log). THUDM/LongBench on the
 hub is a loading-script dataset, which `datasets` >= 4 refuses to run, so with `dataset.hub_file` set
 (default `data.zip`) the archive is downloaded with `huggingface_hub` and read directly; with
 `hub_file: null`, `datasets.load_dataset(hub_id, task, split=...)` loads a Parquet copy in the same schema.
@@ -33,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kvexp.tasks.data import DATA_DIR_ENV, data_dir, split_bounds
+from kvexp.tasks.data import Source, from_hub, locate, split_bounds
 from kvexp.tasks.generation import GenerationSample
 
 log = logging.getLogger(__name__)
@@ -168,11 +169,7 @@ def check_longbench(dataset: Mapping) -> None:
         )
     if dataset.get("max_length") is not None and int(dataset["max_length"]) < 2:
         raise ValueError(f"dataset.max_length={dataset['max_length']} must be null or >= 2 tokens")
-    if resolve_file(dataset) is None and not dataset.get("hub_id"):
-        raise ValueError(
-            f"LongBench task {task!r} has no local file (dataset.path, or dataset.local_file="
-            f"{dataset.get('local_file')!r} under ${DATA_DIR_ENV}) and no dataset.hub_id to download it from"
-        )
+    resolve_file(dataset)  # raises when no source has the task's data
     split_bounds(dataset.get("split"), n_rows=1)  # validates the split spec early
 
 
@@ -184,47 +181,55 @@ def prompt_limit(dataset: Mapping, model_max_context: int) -> int:
     return model_max_context - MAX_NEW_TOKENS[dataset["subset"]]
 
 
-def resolve_file(dataset: Mapping) -> Path | None:
-    """The local JSONL of `dataset.subset`, or None to use the hub (see the module docstring)."""
+def resolve_file(dataset: Mapping, announce: bool = False) -> Source:
+    """Where task `dataset.subset`'s rows come from (see the module docstring); `dataset.path` may be the
+    file or a folder of `<task>.jsonl`."""
     task = dataset["subset"]
     if dataset.get("path"):
         path = Path(str(dataset["path"])).expanduser()
         path = path / f"{task}.jsonl" if path.is_dir() else path
         if not path.is_file():
             raise ValueError(f"dataset.path={str(dataset['path'])!r}: {path} does not exist or is not a file")
-        return path
-    root, local_file = data_dir(), dataset.get("local_file")
-    if root is None or not local_file:
-        return None
-    candidate = root / str(local_file).format(task=task)
-    if candidate.is_file():
-        return candidate
-    log.info("%s not found under %s=%s; falling back to the hub", local_file, DATA_DIR_ENV, root)
-    return None
+        return locate({**dataset, "path": str(path)}, announce=announce)
+    local_file = dataset.get("local_file")
+    return locate(dataset, str(local_file).format(task=task) if local_file else None, announce=announce)
 
 
 def read_records(dataset: Mapping) -> list[dict[str, Any]]:
-    """The task's rows in LongBench's schema, after `dataset.split` (e.g. "test[:50]")."""
-    task, local = dataset["subset"], resolve_file(dataset)
-    if local is not None:
-        records, source = _read_jsonl(local.read_text(encoding="utf-8"), str(local)), str(local)
-    elif dataset.get("hub_file"):
-        records, source = _read_hub_archive(dataset["hub_id"], dataset["hub_file"], task), dataset["hub_id"]
-    else:
-        from datasets import load_dataset
-
-        records, source = (
-            [dict(r) for r in load_dataset(dataset["hub_id"], task, split="test")],
-            dataset["hub_id"],
+    """The task's rows in LongBench's schema, after `dataset.split` (e.g. "test[:50]"); the embedded
+    stand-in's row of the task, whatever the split."""
+    task, source = dataset["subset"], resolve_file(dataset, announce=True)
+    if source.kind == "hub":
+        records = from_hub(
+            dataset, source, lambda: _read_hub(dataset, task), lambda path: _stand_in(path, task)
         )
+    elif source.kind == "stand_in":
+        records = _stand_in(source.path, task)
+    else:
+        records = _read_jsonl(source.path.read_text(encoding="utf-8"), str(source.path))
     for i, record in enumerate(records):
         missing = [f for f in REQUIRED_FIELDS if f not in record]
         if missing:
-            raise ValueError(f"{source}: row {i} of LongBench task {task!r} lacks {missing}")
+            raise ValueError(f"{source.label}: row {i} of LongBench task {task!r} lacks {missing}")
         if task == "trec" and not record.get("all_classes"):
-            raise ValueError(f"{source}: row {i} of LongBench task 'trec' has no all_classes")
+            raise ValueError(f"{source.label}: row {i} of LongBench task 'trec' has no all_classes")
+    if source.kind == "stand_in":
+        return records
     start, stop = split_bounds(dataset.get("split"), len(records))
     return records[start:stop]
+
+
+def _read_hub(dataset: Mapping, task: str) -> list[dict[str, Any]]:
+    if dataset.get("hub_file"):
+        return _read_hub_archive(dataset["hub_id"], dataset["hub_file"], task)
+    from datasets import load_dataset
+
+    return [dict(r) for r in load_dataset(dataset["hub_id"], task, split="test")]
+
+
+def _stand_in(path: Path, task: str) -> list[dict[str, Any]]:
+    """The embedded stand-in's rows of `task` (one per English task)."""
+    return [r for r in _read_jsonl(path.read_text(encoding="utf-8"), str(path)) if r.get("dataset") == task]
 
 
 def _read_jsonl(text: str, source: str) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Streaming perplexity (DESIGN.md §4): the document is fed `chunk_size` tokens per step through a compressed
+"""Streaming perplexity (docs/usage.md#perplexity): the document is fed `chunk_size` tokens per step through a compressed
 cache, compression runs between steps, and every token after the first is scored.
 
 Tokens are `tokenizer(text).input_ids[:max_tokens]` (the tokenizer's default special tokens); the first token

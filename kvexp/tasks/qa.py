@@ -1,4 +1,5 @@
-"""`qa_jsonl`: generic local question answering from a JSONL file (`dataset.path=`).
+"""`qa_jsonl`: generic local question answering from a JSONL file (`dataset.path=`; without one, the three
+questions of the embedded stand-in, named in the log).
 
 Each row has `context`, `question` and `answer` (a string or a list of accepted strings), optionally
 `answer_prefix` (else `dataset.answer_prefix`) and `id` (else the row number). The question text is used as
@@ -11,15 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from kvexp.tasks.data import locate
 from kvexp.tasks.generation import GenerationSample, PromptEncoder, read_records, require_fields
 
 
 def check_qa_jsonl(dataset: Mapping) -> None:
-    if not dataset.get("path"):
-        raise ValueError(
-            "dataset.name='qa_jsonl' needs dataset.path=<a JSONL file of context/question/answer rows>"
-        )
-    read_records({**dataset, "split": None}, 1)  # the file exists and parses (its first row)
+    locate(dataset, announce=False)  # dataset.path exists (or the embedded stand-in stands in)
 
 
 def qa_jsonl_samples(
@@ -27,7 +25,7 @@ def qa_jsonl_samples(
 ) -> list[GenerationSample]:
     """One sample per row, in file order."""
     rows = read_records(dataset, max_samples)
-    require_fields(rows, ("context", "question", "answer"), str(dataset["path"]))
+    require_fields(rows, ("context", "question", "answer"), str(dataset.get("path") or dataset["name"]))
     return [
         GenerationSample(
             id=str(row.get("id", i)),

@@ -1,7 +1,9 @@
 """Retrieval tasks generated on the fly: a pass key, or RULER's needles, hidden at a controlled depth of a haystack.
 
-Each sample is a haystack of real text (Paul Graham's essays, as RULER; any perplexity dataset's text with
-`dataset.haystack=<name>`; or RULER's repeated noise sentences with `dataset.haystack=repeat`) with needles
+Each sample is a haystack of real text (`dataset.haystack`: `book`, the default, is a public-domain novel
+embedded in kvexp, or `dataset.path`'s file; `essays`, Paul Graham's essays as RULER uses them, from
+`$KVEXP_DATA_DIR/<dataset.local_file>` or `dataset.path`; any perplexity dataset's text by its name; or
+RULER's repeated noise sentences, `repeat`) with needles
 inserted at sentence boundaries, sized so that the whole prompt plus the answer's `max_new_tokens` takes
 `length` tokens (RULER's rule), for every `length` x `depth` x `repeats`. The first needle sits at `depth`
 (0 = the start of the haystack, 1 = its end); further needles at seeded depths from RULER's 40-level grid.
@@ -22,6 +24,7 @@ string_match_all (`qa_all`: the fraction of values found). Results are reported 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections.abc import Mapping
@@ -29,11 +32,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from kvexp.data import HAYSTACK_BOOK
 from kvexp.models import REPO
-from kvexp.tasks.data import DATASETS, load_documents, resolve_local_file
+from kvexp.tasks.data import DATASETS, load_documents, locate
 from kvexp.tasks.generation import GenerationSample, PromptEncoder
 
+log = logging.getLogger(__name__)
+
 PHRASINGS = ("plain", "ruler")
+HAYSTACKS = ("book", "essays", "repeat")  # or a perplexity dataset's name
 VARIANTS = ("single", "multi_key", "multi_value", "multi_query")
 # RULER's noise haystack (niah_single_1, after LongLoRA's pass-key garbage).
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -106,14 +113,28 @@ def check_retrieval(dataset: Mapping) -> None:
         if dataset.get(key, 1) < 1:
             raise ValueError(f"dataset.{key} must be >= 1, got {dataset.get(key)}")
     haystack = dataset.get("haystack")
-    if haystack is None:
-        if resolve_local_file(dataset) is None:
-            raise ValueError(
-                f"dataset {dataset.get('name')!r}: no haystack file (dataset.path, or dataset.local_file="
-                f"{dataset.get('local_file')!r} under $KVEXP_DATA_DIR); set dataset.haystack=repeat or a text dataset"
-            )
-    elif haystack != "repeat" and haystack not in DATASETS:
-        raise ValueError(f"dataset.haystack={haystack!r} must be null, 'repeat' or one of {list(DATASETS)}")
+    if haystack not in HAYSTACKS and haystack not in DATASETS:
+        raise ValueError(
+            f"dataset.haystack={haystack!r} is not allowed; choose one of {list(HAYSTACKS + DATASETS)}"
+        )
+    if dataset.get("path") and haystack not in ("book", "essays"):
+        raise ValueError(
+            f"dataset.path is a haystack file: it needs dataset.haystack=book or essays, not {haystack!r}"
+        )
+    haystack_file(dataset, announce=False)  # the file exists
+
+
+def haystack_file(dataset: Mapping, announce: bool = True) -> Path | None:
+    """The haystack's file for `book` / `essays` (`dataset.path` first; None for the other haystacks)."""
+    haystack = dataset.get("haystack")
+    if haystack not in ("book", "essays"):
+        return None
+    if haystack == "book" and not dataset.get("path"):
+        if announce:
+            log.info("dataset %s: haystack from %s", dataset.get("name"), HAYSTACK_BOOK.description)
+        return HAYSTACK_BOOK.path
+    where = {"name": f"{dataset.get('name')} (haystack={haystack})", "path": dataset.get("path")}
+    return locate({**where, "local_file": dataset.get("local_file")}, announce=announce).path
 
 
 def haystack_text(dataset: Mapping, min_chars: int) -> str:
@@ -121,12 +142,11 @@ def haystack_text(dataset: Mapping, min_chars: int) -> str:
     haystack = dataset.get("haystack")
     if haystack == "repeat":
         text = " ".join([NOISE] * (min_chars // len(NOISE) + 1))
-    elif haystack is not None:
+    elif haystack in DATASETS:
         config = OmegaConf.load(REPO / "conf" / "dataset" / f"{haystack}.yaml")
         text = "\n\n".join(d.text for d in load_documents(config, None))
     else:
-        path = resolve_local_file(dataset)
-        text = _read_text(path, dataset.get("text_field") or "text")
+        text = _read_text(haystack_file(dataset), dataset.get("text_field") or "text")
     return re.sub(r"\s+", " ", text).strip()
 
 

@@ -3,15 +3,16 @@
 The article is the context that is compressed; the question is an instruction (`dataset.instruction`) and the
 answer prefix `dataset.answer_prefix` ("Summary:"). References are split into one sentence per line (CNN/DM's
 highlights already are), and so are predictions at scoring time, so rougeLsum is the summary-level score.
-Rows come from `$KVEXP_DATA_DIR/<local_file>` (or `dataset.path`), else from the hub (`cnn_dailymail` 3.0.0,
-`EdinburghNLP/xsum`), sliced by `dataset.split` ("test[:100]", the SimCalKV study's setting).
+Rows come from `dataset.path`, `$KVEXP_DATA_DIR/<local_file>` or the hub (`cnn_dailymail` 3.0.0,
+`EdinburghNLP/xsum`), sliced by `dataset.split` ("test[:100]", the SimCalKV study's setting); without any of
+them, from the embedded stand-in (three records written by kvexp), which the log names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kvexp.tasks.data import resolve_local_file
+from kvexp.tasks.data import locate
 from kvexp.tasks.generation import (
     GenerationSample,
     PromptEncoder,
@@ -22,11 +23,7 @@ from kvexp.tasks.generation import (
 
 
 def check_summarization(dataset: Mapping) -> None:
-    if resolve_local_file(dataset) is None and not dataset.get("hub_id"):
-        raise ValueError(
-            f"dataset {dataset.get('name')!r} has no local file (dataset.local_file={dataset.get('local_file')!r} "
-            "under $KVEXP_DATA_DIR, or dataset.path) and no dataset.hub_id to download it from"
-        )
+    locate(dataset, announce=False)  # raises when no source has the data
     for key in ("text_field", "summary_field"):
         if not dataset.get(key):
             raise ValueError(f"dataset.{key} must name a field of the {dataset.get('name')} rows")

@@ -10,14 +10,13 @@ windows of `max_length` tokens; a shorter tail is dropped, so a batch never hold
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from kvexp.tasks.data import DATA_DIR_ENV, data_dir
+from kvexp.tasks.data import DATA_DIR_ENV, read_corpus, required_data_file
 
 log = logging.getLogger(__name__)
 
@@ -39,35 +38,22 @@ def load_training_texts(data: Mapping) -> list[tuple[str, str]]:
         text = "".join(rows[field]) if data["hub_id"].endswith("wikitext") else None
         docs = [("hub", text)] if text is not None else [(str(i), r[field]) for i, r in enumerate(rows)]
         return docs[:limit] if limit else docs
-    path = resolve_training_file(data)
-    docs = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                record = json.loads(line)
-                docs.append(
-                    (
-                        str(record.get("file") or record.get("id") or i),
-                        record[data.get("text_field") or "text"],
-                    )
-                )
+    docs = read_corpus(resolve_training_file(data), data.get("text_field") or "text")
     return docs[:limit] if limit else docs
 
 
 def resolve_training_file(data: Mapping) -> Path:
-    """`train.data.path`, else `$KVEXP_DATA_DIR/<train.data.local_file>`; missing: a ValueError naming the option."""
+    """`train.data.path`, else `$KVEXP_DATA_DIR/<train.data.local_file>` (the default corpus: else the embedded
+    novel); missing: a ValueError naming the option."""
     if data.get("path"):
         path = Path(str(data["path"])).expanduser()
         if not path.is_file():
             raise ValueError(f"train.data.path={str(data['path'])!r} does not exist or is not a file")
         return path
-    root = data_dir()
-    if root is None or not (root / str(data.get("local_file"))).is_file():
-        raise ValueError(
-            f"train.data.local_file={data.get('local_file')!r} not found under ${DATA_DIR_ENV}={root}; set "
-            "train.data.path, $KVEXP_DATA_DIR, or train.data.source=hub"
-        )
-    return root / str(data["local_file"])
+    try:
+        return required_data_file(str(data.get("local_file")), "train.data.local_file")
+    except ValueError as err:
+        raise ValueError(f"{err}; set train.data.path, ${DATA_DIR_ENV}, or train.data.source=hub") from err
 
 
 def _fingerprints(text: str, min_chars: int = 60) -> set[str]:

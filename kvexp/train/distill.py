@@ -1,5 +1,5 @@
 """`train=distill`: distillation fine-tuning of a compressed model towards the same model with the full cache
-(the attention-guided k-means study's training; METHODS §5.3).
+(the attention-guided k-means study's training; docs/training.md#distillation).
 
 Student: the model streamed through a compressed cache in `train.chunk_size`-token chunks, compression between
 chunks, in the engine's differentiable mode (`make_cache(..., differentiable=True)`), so gradients flow through

@@ -21,7 +21,6 @@ score (H2O's running accumulated attention a_j).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from kvexp.methods.learned import (
     save_scorer,
 )
 from kvexp.methods.scoring import reduce_group
+from kvexp.tasks.data import read_corpus
 from kvexp.train import Trained
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,7 @@ def training_windows(
     path: Path, tokenizer, texts: int, max_tokens: int, skip_chars: int
 ) -> list[torch.Tensor]:
     """`texts` token windows [1, <= max_tokens] (see the module docstring)."""
-    with path.open(encoding="utf-8") as lines:
-        books = [json.loads(line)["text"] for line in lines if line.strip()]
+    books = [text for _, text in read_corpus(path)]
     chars = 8 * max_tokens  # enough characters for max_tokens tokens of any tokenizer kvexp uses
     windows = []
     for i in range(texts):
