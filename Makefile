@@ -31,6 +31,7 @@ test: setup  ## the test suite (tiny random models, the embedded SmolLM2 and dat
 test-data: setup  ## only the tests that need the local evaluation data (KVEXP_DATA_DIR)
 	@test -n "$$KVEXP_DATA_DIR" || { echo "test-data: set KVEXP_DATA_DIR to the local evaluation data folder"; exit 2; }
 	$(PY) -m pytest -q -m data
+	$(PY) -m pytest -q tests/test_readme.py  # the README's and docs' commands, the data-dependent ones included
 
 bench: setup  ## decode speed and compression overhead on the embedded model
 	$(PY) -m kvexp.bench

@@ -21,12 +21,15 @@ from kvexp.data import EMBEDDED, HAYSTACK_BOOK, PG19_BOOK, WIKITEXT2
 from kvexp.tasks import data as data_module
 from kvexp.tasks.data import (
     DATASETS,
+    GUTENBERG_CORPUS,
     Document,
     check_dataset,
     data_dir,
     hub_reachable,
     load_documents,
     locate,
+    read_corpus,
+    required_data_file,
     resolve_local_file,
     stdlib_dir,
 )
@@ -108,6 +111,17 @@ def test_embedded_wikitext2_equals_the_local_copy(local_data):
     embedded = load_documents(cfg("wikitext2"), max_samples=None)
     assert resolve_local_file(cfg("wikitext2")) == local_data / "wikitext2" / "test_rows.json"
     assert load_documents(cfg("wikitext2"), max_samples=None) == embedded  # same text either way
+
+
+@pytest.mark.data
+def test_embedded_books_are_the_local_copies(local_data):
+    """The PG-19 stand-in is book 10321 of the local PG-19 test books, the haystack novel the corpus's copy."""
+    local = {str(r["book_id"]): r for r in map(json.loads, (local_data / "pg19" / "test_books.jsonl").open())}
+    (embedded,) = map(json.loads, PG19_BOOK.path.open())
+    assert embedded["text"] == local["10321"]["text"] and local["10321"]["pg19_exact"]
+    assert required_data_file(GUTENBERG_CORPUS, "x") == local_data / GUTENBERG_CORPUS
+    corpus = dict(read_corpus(local_data / GUTENBERG_CORPUS))
+    assert len(corpus) == 23 and corpus["chesterton-thursday.txt"] == HAYSTACK_BOOK.path.read_text("utf-8")
 
 
 def test_data_dir_from_env(monkeypatch, tmp_path):
@@ -319,7 +333,6 @@ def test_python_code_selection_in_a_folder(tmp_path):
 
 
 def test_required_data_file_names_the_option(tmp_path, monkeypatch):
-    from kvexp.tasks.data import GUTENBERG_CORPUS, read_corpus, required_data_file
 
     (tmp_path / "a.jsonl").write_text("{}")
     monkeypatch.setenv("KVEXP_DATA_DIR", str(tmp_path))

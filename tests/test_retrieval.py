@@ -7,11 +7,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from kvexp.data import HAYSTACK_BOOK
+from kvexp.tasks.data import locate
 from kvexp.tasks.generation import PromptEncoder, generate_answer
 from kvexp.tasks.qa import check_qa_jsonl, qa_jsonl_samples
 from kvexp.tasks.retrieval import NOISE, check_retrieval, retrieval_samples
 from kvexp.tasks.summarization import check_summarization, summarization_samples
-from tests.conftest import ROOT, load
+from tests.conftest import DATA_DIR, ROOT, load
 
 SENTENCES = " ".join(f"Sentence number {i} talks about topic {i % 7}." for i in range(400))
 
@@ -162,6 +163,31 @@ def test_default_haystack_is_the_embedded_book(caplog):
     body = sample.context.split("\n", 1)[1]
     before_needle = body[: body.index("The pass key is")].split()
     assert len(before_needle) > 40 and " ".join(before_needle[5:25]) in book
+
+
+@pytest.mark.data
+def test_essays_haystack_from_the_local_data(monkeypatch):
+    """dataset.haystack=essays reads RULER's essays from $KVEXP_DATA_DIR (the haystack of the pass-key results)."""
+    monkeypatch.setenv("KVEXP_DATA_DIR", str(DATA_DIR))
+    essays = json.loads((DATA_DIR / "haystack" / "paul_graham_essays.json").read_text(encoding="utf-8"))[
+        "text"
+    ]
+    dataset = _dataset("passkey", None, haystack="essays", lengths=[512], depths=[0.0])
+    check_retrieval(dataset)
+    (sample,) = retrieval_samples(dataset, _encoder(), None, 0)
+    words = sample.context.split("\n", 1)[1].split()
+    assert " ".join(words[30:50]) in " ".join(essays.split())
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", ["cnn_dailymail", "xsum"])
+def test_real_summarization_data_from_the_data_dir(name, monkeypatch):
+    monkeypatch.setenv("KVEXP_DATA_DIR", str(DATA_DIR))
+    dataset = _dataset(name, split="test[:100]")
+    assert locate(dataset).path == DATA_DIR / dataset["local_file"]
+    samples = summarization_samples(dataset, _encoder(), None, 0)
+    assert len(samples) == 100 and len({s.context for s in samples}) == 100
+    assert sum(len(s.context) for s in samples) / 100 > 1000  # real articles, not the short stand-in
 
 
 def test_lengths_beyond_the_model_context_or_too_short_for_the_prompt_fail(tmp_path):
