@@ -3,11 +3,18 @@
     python -m kvexp.report outputs/kvexp/multiruns/<timestamp> [more dirs] [--out-dir DIR] [--no-plots]
 
 Writes into `--out-dir` (default: the first directory): `results.csv` (one row per run, every metric before and
-after, cost figures), `report.md` (one table per (dataset, budget) in the kvcompress study's format: the full cache and
-each method, then each metric's % change against the full cache), the plots (`plots/*.png`: per-metric method
+after, cost figures, and a column for every config key that differs between the runs), `report.md` (one table
+per comparison group and budget in the kvcompress study's format: the full cache and each method, then each
+metric's % change against the full cache), the plots (`plots/*.png`: per-metric method
 comparison per budget, quality vs throughput, method x metric heatmap of % changes, cache efficiency, quality vs
 compression Pareto curves, cluster quality vs quality where a method reports it) and `report.html`, which holds
 the tables and the plots inline and opens offline. A multirun writes it by itself (kvexp.callbacks).
+
+Runs are compared only with the full cache of their own *comparison group*: the runs whose configs agree on
+everything that changes the full-cache result (model, hardware, dataset, eval settings, seed, training: every
+key but the compressor's `method`, `budget`, `engine` and the bookkeeping). A row is labelled by its method and
+by the compressor keys that differ between the runs (`h2o (method.recent_ratio=0.2)`), so a grid never prints
+two rows with one name; every numeric swept key also gets a plot of the main metric against it.
 """
 
 from __future__ import annotations
@@ -38,13 +45,98 @@ QUALITY_ORDER = (
 )
 LOWER_IS_BETTER = {"perplexity"}
 # Counters and bookkeeping that are not quality.
-NOT_QUALITY = {"tokens", "documents", "samples", "nll"}  # nll: perplexity again
+NOT_QUALITY = {"tokens", "documents", "samples", "nll", "new_tokens"}  # nll: perplexity again; counts
+# Config keys that do not change the full-cache result: the compressor's (they label rows) and bookkeeping.
+COMPRESSOR_KEYS = ("method", "budget", "engine")
+BOOKKEEPING_KEYS = ("logger", "resume", "objective", "tags", "cache_dir", "task_name")
+# Budget keys the tables are split by (the other budget keys, e.g. the allocation, label rows).
+BUDGET_SPLIT = ("budget.tokens", "budget.keep_ratio")
+_CONFIG_ROOTS = ("model", "dataset", "method", "budget", "engine", "eval", "hardware", "train")
 
 
 def collect(*roots: str | Path) -> list[dict[str, Any]]:
     """Every summary.json below the given directories, in path order (each with its run dir as `run_dir`)."""
     paths = sorted(p for root in roots for p in Path(root).rglob("summary.json"))
     return [{**json.loads(p.read_text()), "run_dir": str(p.parent)} for p in paths]
+
+
+def flat_config(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's resolved config as dotted keys -> leaf values (lists and empty dicts as JSON text); runs
+    written without a config give what the summary itself says (model, dataset, method, budget)."""
+    config = summary.get("config") or {
+        "model": {"name": summary["model"]},
+        "dataset": {"name": summary["dataset"]},
+        "method": summary["method"],
+        "budget": summary["budget"],
+    }
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            out[prefix] = json.dumps(node, sort_keys=True) if isinstance(node, list | dict) else node
+
+    walk({k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS}, "")
+    return out
+
+
+def varying_keys(summaries: list[dict[str, Any]]) -> list[str]:
+    """The config keys whose values differ between the runs (a key a run lacks counts as None), sorted."""
+    flats = [flat_config(s) for s in summaries]
+    keys = sorted({k for f in flats for k in f})
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
+
+
+def _is_compressor(key: str) -> bool:
+    return key.split(".", 1)[0] in COMPRESSOR_KEYS
+
+
+def comparison_group(summary: dict[str, Any], varying: list[str]) -> tuple[tuple[str, Any], ...]:
+    """The values of the varying keys that change the full-cache result: runs with the same group share it."""
+    flat = flat_config(summary)
+    return tuple((k, flat.get(k)) for k in varying if not _is_compressor(k))
+
+
+def label_keys(summaries: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per method, the compressor keys that differ between its runs (not the budget the tables split by):
+    what tells its rows apart (a method swept alone keeps its plain name)."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for s in summaries:
+        by_method[s["method"]["name"]].append(s)
+    return {
+        name: [k for k in varying_keys(runs) if _is_compressor(k) and k not in BUDGET_SPLIT]
+        for name, runs in by_method.items()
+    }
+
+
+def run_label(summary: dict[str, Any], keys: dict[str, list[str]]) -> str:
+    """The method's name plus the values of its label keys (`label_keys`)."""
+    name, flat = summary["method"]["name"], flat_config(summary)
+    parts = [f"{k}={_short(flat.get(k))}" for k in keys.get(name, [])]
+    return name + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _distinguishing(group: tuple[tuple[str, Any], ...]) -> list[tuple[str, Any]]:
+    """The group's values worth naming: not the model and dataset names (titles name them anyway), nor the
+    model's architecture details, which its name implies."""
+    implied = ("model.name", "dataset.name")
+    return [
+        (k, v)
+        for k, v in group
+        if k not in implied and not k.startswith(("model.tiny.", "model.architecture"))
+    ]
+
+
+def _group_title(group: tuple[tuple[str, Any], ...]) -> str:
+    """What sets the group apart, beyond the model and dataset the title names anyway."""
+    parts = [f"{k}={_short(v)}" for k, v in _distinguishing(group)]
+    return f" [{', '.join(parts)}]" if parts else ""
 
 
 def budget_label(summary: dict[str, Any]) -> str:
@@ -73,18 +165,25 @@ def _ordered(names: set[str]) -> list[str]:
 
 
 def rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat row per run: identity, budget, every quality metric before/after, cost figures."""
+    """One flat row per run: identity, its label and comparison group, every config key that differs between
+    the runs, budget, every quality metric before/after, cost figures."""
+    varying, labels = varying_keys(summaries), label_keys(summaries)
+    groups = _group_names(summaries, varying)
     out = []
     for s in summaries:
         kv, timing, full_timing = s["kv_cache"], s["timing"], s.get("timing_full") or {}
+        flat = flat_config(s)
         row = {
             "run_dir": s.get("run_dir"),
             "model": s["model"],
             "dataset": s["dataset"],
             "method": s["method"]["name"],
+            "label": run_label(s, labels),
+            "group": groups[comparison_group(s, varying)],
             "budget": budget_label(s),
             "budget_tokens": s["budget"].get("tokens"),
             "keep_ratio": s["budget"].get("keep_ratio"),
+            **{k: flat.get(k) for k in varying},
         }
         for name, value in quality_metrics(s.get("metrics_before")).items():
             row[f"{name}_before"] = value
@@ -124,50 +223,79 @@ def _change(value: float | None, reference: float | None) -> str:
     return f"{100 * (value - reference) / reference:+.1f}%" if value is not None and reference else "-"
 
 
+def _group_names(summaries: list[dict[str, Any]], varying: list[str]) -> dict[tuple, str]:
+    """A file-name-safe name per comparison group: the dataset, plus what sets the group apart when the
+    dataset has several."""
+    groups = sorted({comparison_group(s, varying) for s in summaries}, key=str)
+    names: dict[tuple, str] = {}
+    for group in groups:
+        dataset = dict(group).get("dataset.name") or next(
+            s["dataset"] for s in summaries if comparison_group(s, varying) == group
+        )
+        siblings = [g for g in groups if (dict(g).get("dataset.name") or dataset) == dataset]
+        model = [("model", dict(group)["model.name"])] if "model.name" in dict(group) else []
+        extra = [f"{k.rsplit('.', 1)[-1]}-{_short(v)}" for k, v in model + _distinguishing(group)]
+        names[group] = _slug("_".join([str(dataset), *extra])) if len(siblings) > 1 else str(dataset)
+    return names
+
+
 def tables(summaries: list[dict[str, Any]]) -> str:
-    """Markdown tables, one per (dataset, budget), the full-cache baseline first, then the % changes."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    """Markdown tables, one per (comparison group, budget): the group's full-cache baseline first, then each
+    run by its label; then the % changes (quality against the group's full cache, timings against the full
+    cache of the same run)."""
+    varying, labels = varying_keys(summaries), label_keys(summaries)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
     for s in summaries:
-        groups[(s["dataset"], budget_label(s))].append(s)
+        groups[(comparison_group(s, varying), budget_label(s))].append(s)
+
+    def order(item):
+        (group, budget), runs = item
+        return (runs[0]["dataset"], runs[0]["model"], str(group), _budget_sort(budget))
+
     out = []
-    for (dataset, budget), runs in sorted(groups.items()):
+    for (group, budget), runs in sorted(groups.items(), key=order):
         metrics = _ordered({m for s in runs for m in quality_metrics(s["metrics_after"])})
         first = next((s for s in runs if s.get("metrics_before")), None)
-        table = []
+        table = []  # (label, timing, quality values, kept, the same run's full-cache timing)
         if first is not None:
             before = quality_metrics(first["metrics_before"])
-            table.append(("full (baseline)", first["timing_full"], before, first["kv_cache"]["tokens_seen"]))
-        for s in sorted(runs, key=lambda s: s["method"]["name"]):
+            table.append(
+                ("full (baseline)", first["timing_full"], before, first["kv_cache"]["tokens_seen"], None)
+            )
+        for s in sorted(runs, key=lambda s: run_label(s, labels)):
             table.append(
                 (
-                    s["method"]["name"],
+                    run_label(s, labels),
                     s["timing"],
                     quality_metrics(s["metrics_after"]),
                     s["kv_cache"]["tokens_kept"],
+                    s.get("timing_full"),
                 )
             )
         scored = runs[0]["metrics_after"].get("tokens") or runs[0]["metrics_after"].get("samples")
         unit = "tokens scored" if "tokens" in runs[0]["metrics_after"] else "samples"
-        out.append(f"### {dataset}, budget {budget} ({runs[0]['model']}, {scored} {unit})\n")
+        title = f"### {runs[0]['dataset']}, budget {budget} ({runs[0]['model']}, {scored} {unit})"
+        out.append(title + _group_title(group) + "\n")
         names = [_metric_title(m) for m in metrics]
         out.append(
             "| method | TTFT (s) | TPOT (s) | throughput (tok/s) | " + " | ".join(names) + " | KV kept |"
         )
         out.append("|---" * (5 + len(metrics)) + "|")
-        for name, timing, values, kept in table:
+        for name, timing, values, kept, _ in table:
             cells = [_fmt_metric(m, values.get(m)) for m in metrics]
             out.append(
                 f"| {name} | {timing['ttft_s']:.4f} | {(timing['tpot_ms'] or 0.0) / 1000:.4f} | "
                 f"{timing['throughput_tok_s']:.2f} | " + " | ".join(cells) + f" | {kept:.0f} |"
             )
         if first is not None:
-            base_timing, base_values = table[0][1], table[0][2]
+            base_values = table[0][2]
             out.append("\n| method | throughput | TPOT | " + " | ".join(names) + " |")
             out.append("|---" * (3 + len(metrics)) + "|")
-            for name, timing, values, _ in table[1:]:
+            for name, timing, values, _, full_timing in table[1:]:
+                full_timing = full_timing or {}
                 changes = [
-                    _change(timing["throughput_tok_s"], base_timing["throughput_tok_s"]),
-                    _change(timing["tpot_ms"], base_timing["tpot_ms"]),
+                    _change(timing["throughput_tok_s"], full_timing.get("throughput_tok_s")),
+                    _change(timing["tpot_ms"], full_timing.get("tpot_ms")),
                     *(_change(values.get(m), base_values.get(m)) for m in metrics),
                 ]
                 out.append(f"| {name} | " + " | ".join(changes) + " |")
@@ -197,13 +325,15 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    by_dataset: dict[str, list[dict]] = defaultdict(list)
+    by_group: dict[str, list[dict]] = defaultdict(list)  # one comparison group: one baseline
     for r in table:
-        by_dataset[r["dataset"]].append(r)
-    for dataset, runs in sorted(by_dataset.items()):
+        by_group[r["group"]].append(r)
+    for dataset, runs in sorted(
+        by_group.items()
+    ):  # `dataset`: the group's name, the dataset's if it is alone
         metrics = _ordered({k[: -len("_after")] for r in runs for k in r if k.endswith("_after")})
         budgets = sorted({r["budget"] for r in runs}, key=_budget_sort)
-        methods = sorted({r["method"] for r in runs})
+        methods = sorted({r["label"] for r in runs})
         main = metrics[0] if metrics else None
         for metric in metrics:  # per-metric method comparison, grouped by budget, the full cache as a line
             fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(methods) * len(budgets)), 4))
@@ -230,7 +360,7 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             pts = [
                 (r["throughput_tok_s"], r[f"{main}_after"])
                 for r in runs
-                if r["method"] == m and r.get(f"{main}_after") is not None
+                if r["label"] == m and r.get(f"{main}_after") is not None
             ]
             if pts:
                 ax.scatter(*zip(*pts, strict=True), label=m, s=18)
@@ -277,7 +407,7 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             pts = [
                 (r["kv_bytes_kept"] / 2**20, _pct(r.get(f"{main}_after"), _full_value(runs, main)))
                 for r in runs
-                if r["method"] == m and r.get("kv_bytes_kept") and r.get(f"{main}_after") is not None
+                if r["label"] == m and r.get("kv_bytes_kept") and r.get(f"{main}_after") is not None
             ]
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
@@ -294,7 +424,7 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             pts = sorted(
                 (r["compression_ratio"], r[f"{main}_after"])
                 for r in runs
-                if r["method"] == m
+                if r["label"] == m
                 and r.get("compression_ratio") is not None
                 and r.get(f"{main}_after") is not None
             )
@@ -322,7 +452,62 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             ax.set_ylabel(main)
             ax.set_title(f"{dataset}: cluster quality vs {main}")
             save(fig, f"{dataset}_cluster_quality")
+    _swept_key_plots(table, save, plt)
     return written
+
+
+def _swept_key_plots(table: list[dict[str, Any]], save, plt) -> None:
+    """The main metric against every numeric config key the runs were swept over (an H2O heavy/recent split,
+    a cluster count K, a length ...), one line per method and budget with the other keys fixed, per dataset
+    and model; for a key that changes the baseline (a length), the full cache as a black line."""
+    keys = [k for k in (table[0] if table else {}) if "." in k and k.split(".", 1)[0] in _CONFIG_ROOTS]
+    by_data: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in table:
+        by_data[(r["dataset"], r["model"])].append(r)
+    for (dataset, model), runs in sorted(by_data.items()):
+        main = next((m for m in QUALITY_ORDER if any(r.get(f"{m}_after") is not None for r in runs)), None)
+        if main is None:
+            continue
+        for key in keys:
+            if key in BUDGET_SPLIT or key.endswith((".name", ".architecture")):
+                continue
+            values = {r.get(key) for r in runs} - {None}  # None: a run without the key (another method)
+            if len(values) < 2 or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in values
+            ):
+                continue
+            series: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+            full: dict[float, float] = {}
+            others = [k for k in keys if k != key]
+            for r in runs:
+                if r.get(f"{main}_after") is None or r.get(key) is None:
+                    continue
+                series[(r["method"], r["budget"], *(str(r.get(k)) for k in others))].append(
+                    (r[key], r[f"{main}_after"])
+                )
+                if not _is_compressor(key) and r.get(f"{main}_before") is not None:
+                    full[r[key]] = r[f"{main}_before"]
+            fig, ax = plt.subplots(figsize=(6, 4.5))
+            for (method, budget, *_), pts in sorted(series.items()):
+                if pts:
+                    ax.plot(
+                        *zip(*sorted(pts), strict=True),
+                        marker="o",
+                        markersize=3,
+                        label=f"{method} @ {budget}",
+                    )
+            if full:
+                ax.plot(
+                    *zip(*sorted(full.items()), strict=True),
+                    color="black",
+                    linestyle="--",
+                    label="full cache",
+                )
+            ax.set_xlabel(key)
+            ax.set_ylabel(main)
+            ax.set_title(f"{dataset} ({model}): {main} vs {key}")
+            ax.legend(fontsize=6, ncol=2)
+            save(fig, f"{dataset}_{model}_{main}_vs_{key}")
 
 
 def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> list[tuple[float, float]]:
@@ -335,10 +520,8 @@ def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> li
     return sorted(front)
 
 
-def _value(runs: list[dict], method: str, budget: str, key: str) -> float | None:
-    found = [
-        r[key] for r in runs if r["method"] == method and r["budget"] == budget and r.get(key) is not None
-    ]
+def _value(runs: list[dict], label: str, budget: str, key: str) -> float | None:
+    found = [r[key] for r in runs if r["label"] == label and r["budget"] == budget and r.get(key) is not None]
     return found[0] if found else None
 
 

@@ -139,3 +139,136 @@ def test_multirun_ends_with_its_report(tmp_path):
     assert "### text_file, budget 32" in report and "### text_file, budget 64" in report
     assert (sweep / "plots" / "text_file_pareto.png").exists()
     assert "data:image/png;base64," in (sweep / "report.html").read_text()
+
+
+def _configured(
+    model, method, ppl, before, budget=64, max_tokens=256, throughput=100.0, full_throughput=50.0, **params
+):
+    """A summary with its resolved config, as train_or_eval writes it."""
+    summary = _summary(method, ppl, 0.4, budget)
+    summary["model"] = model
+    summary["budget"]["tokens"] = budget
+    summary["metrics_before"]["perplexity"] = before
+    summary["timing"]["throughput_tok_s"] = throughput
+    summary["timing_full"]["throughput_tok_s"] = full_throughput
+    summary["method"] = {"name": method, **params}
+    summary["config"] = {
+        "model": {"name": model, "architecture": model.split("_")[-1], "tiny": {"hidden_size": 64}},
+        "method": {"name": method, **params},
+        "budget": {"tokens": budget, "keep_ratio": None, "allocation": "uniform"},
+        "dataset": {"name": "wikitext2", "split": "test"},
+        "eval": {"max_tokens": max_tokens, "chunk_size": 1},
+        "hardware": {"dtype": "float32", "num_threads": 2},
+        "engine": {"slack": 0},
+        "logger": {"name": "none"},
+        "seed": 0,
+    }
+    return summary
+
+
+def _write(root, summaries):
+    for i, summary in enumerate(summaries):
+        (root / str(i)).mkdir()
+        (root / str(i) / "summary.json").write_text(json.dumps(summary))
+    return collect(root)
+
+
+def test_each_model_is_compared_with_its_own_full_cache(tmp_path):
+    """Two models in one sweep: two tables, each row's change against its own model's full cache."""
+    summaries = _write(
+        tmp_path,
+        [
+            _configured("tiny_llama", "h2o", 11.0, 10.0),
+            _configured("tiny_llama", "knorm", 12.0, 10.0),
+            _configured("tiny_qwen2", "h2o", 19.98, 20.0),
+            _configured("tiny_qwen2", "knorm", 22.0, 20.0),
+        ],
+    )
+    text = tables(summaries)
+    assert text.count("### wikitext2, budget 64") == 2
+    llama, qwen = text.split("### wikitext2, budget 64 (tiny_qwen2")
+    assert "(tiny_llama, 1999 tokens scored)" in llama and "| h2o | +100.0% | -50.0% | +10.0% |" in llama
+    assert "| full (baseline) | 1.0000 | 0.0200 | 50.00 | 20.00 |" in qwen
+    assert "| h2o | +100.0% | -50.0% | -0.1% |" in qwen  # 19.98 vs 20.0, not vs tiny_llama's 10.0
+    assert "| knorm | +100.0% | -50.0% | +10.0% |" in qwen
+    table = rows(summaries)
+    assert {r["group"] for r in table} == {"wikitext2_model-tiny_llama", "wikitext2_model-tiny_qwen2"}
+    assert all(r["model.name"] == r["model"] for r in table)
+
+
+def test_swept_parameters_label_rows_and_get_columns_and_plots(tmp_path):
+    """An H2O heavy/recent grid beside knorm: one labelled row per grid point, a column, a plot against it."""
+    summaries = [
+        _configured("m", "h2o", 11.0 + r, 10.0, recent_ratio=r, sink_tokens=4) for r in (0.2, 0.5, 0.8)
+    ] + [_configured("m", "knorm", 15.0, 10.0, keep_ratio=None)]
+    _write(tmp_path, summaries)
+    text = tables(collect(tmp_path))
+    for r in ("0.2", "0.5", "0.8"):
+        assert f"| h2o (method.recent_ratio={r}) |" in text
+    assert "| knorm |" in text and text.count("| h2o |") == 0
+    out = write_report([tmp_path])
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert sorted(r["method.recent_ratio"] for r in table) == ["", "0.2", "0.5", "0.8"]
+    assert (out / "plots" / "wikitext2_m_perplexity_vs_method.recent_ratio.png").exists()
+
+
+def test_a_length_sweep_makes_one_group_per_length_and_a_plot_against_it(tmp_path):
+    summaries = [
+        _configured("m", "h2o", ppl, before, max_tokens=n)
+        for n, ppl, before in ((256, 12.0, 10.0), (512, 11.0, 10.5), (1024, 10.8, 10.6))
+    ]
+    _write(tmp_path, summaries)
+    text = tables(collect(tmp_path))
+    assert "(m, 1999 tokens scored) [eval.max_tokens=512]" in text
+    assert "| h2o | +100.0% | -50.0% | +4.8% |" in text  # 11.0 vs 10.5: the 512-token full cache
+    out = write_report([tmp_path])
+    assert (out / "plots" / "wikitext2_m_perplexity_vs_eval.max_tokens.png").exists()
+
+
+def test_timing_changes_use_the_full_cache_of_the_same_run(tmp_path):
+    """Throughput changes compare each run with the full-cache timing measured in that very run."""
+    summaries = _write(
+        tmp_path,
+        [
+            _configured("m", "h2o", 11.0, 10.0, throughput=60.0, full_throughput=50.0),
+            _configured("m", "knorm", 12.0, 10.0, throughput=60.0, full_throughput=30.0),  # slower machine
+        ],
+    )
+    text = tables(summaries)
+    assert "| h2o | +20.0% |" in text and "| knorm | +100.0% |" in text
+
+
+def test_new_tokens_is_not_a_quality_metric(tmp_path):
+    summary = _summary("snapkv", 0.0, 0.0, 100)
+    summary["metrics_before"] = {"qa": {"accuracy": 0.5}, "new_tokens": 48.0, "samples": 1}
+    summary["metrics_after"] = {"qa": {"accuracy": 0.5}, "new_tokens": 48.0, "samples": 1}
+    text = tables(_write(tmp_path, [summary]))
+    assert "4800.00%" not in text and "new_tokens" not in text
+
+
+def test_two_model_sweep_reports_each_model_against_its_own_baseline(tmp_path):
+    """The issue's sweep (two models x two methods) end to end: one table per model, each % change from the
+    results of its own model."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "kvexp", "-m", "model=tiny_llama,tiny_qwen2", "method=h2o,knorm", "budget=32",
+            "eval.max_tokens=96", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}",
+            "hydra.callbacks.report.plots=false",
+        ],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(sweep / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    report = (sweep / "report.md").read_text()
+    for model in ("tiny_llama", "tiny_qwen2"):
+        section = report.split(f"### wikitext2, budget 32 ({model}")[1].split("###")[0]
+        for r in (r for r in table if r["model"] == model):
+            change = (
+                100
+                * (float(r["perplexity_after"]) - float(r["perplexity_before"]))
+                / float(r["perplexity_before"])
+            )
+            assert f"| {r['method']} | " in section and f"| {change:+.1f}% |" in section
