@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -64,10 +65,27 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
     else:
         summary, rows = _train_then_evaluate(cfg, out)
     summary["config_hash"] = config_hash
+    if nothing_compressed(summary):
+        summary["nothing_compressed"] = True
+        log.warning(
+            "NOTHING COMPRESSED: method=%s kept every token it saw (%s) and every byte: the budget is at or above "
+            "the evaluated length, so this run measures the full cache again; lower the budget or raise the length",
+            summary["method"]["name"],
+            summary["kv_cache"].get("tokens_seen"),
+        )
+    non_finite = non_finite_metrics(summary)
+    if non_finite:  # written (NaN/inf as null) and marked, so the evidence is kept, but the run fails
+        summary["failed"] = {"reason": "non-finite metrics", "metrics": non_finite}
     atomic_write_csv(out / "samples.csv", rows)
     atomic_write_json(out / "summary.json", summary)
     _log_to_wandb(cfg, out, summary, rows)
     log.info("results written to %s", out)
+    if non_finite:
+        raise NonFiniteMetricError(
+            f"non-finite metric(s) {', '.join(f'{k}={v}' for k, v in non_finite.items())}: the run failed "
+            f"(its results are in {out}, marked failed). Typical causes: float16 overflow (try "
+            "hardware.dtype=float32 or bfloat16) or a diverged model."
+        )
     return {
         **summary,
         "objective": _objective(cfg, summary),
@@ -104,7 +122,41 @@ def _finished_summary(out: Path, config_hash: str) -> dict[str, Any] | None:
     if summary.get("config_hash") != config_hash:
         log.info("resume: %s holds results of another config; running again", out)
         return None
+    if summary.get("failed"):
+        log.info("resume: %s holds a failed run (%s); running again", out, summary["failed"]["reason"])
+        return None
     return summary
+
+
+def nothing_compressed(summary: dict[str, Any]) -> bool:
+    """A compressing method that kept every token it saw and every byte: the run is the full cache again."""
+    kv = summary.get("kv_cache") or {}
+    if summary["method"]["name"] == "full" or not kv.get("tokens_seen"):
+        return False
+    return kv.get("tokens_kept", 0) >= kv["tokens_seen"] and kv.get("bytes_kept", 0) >= kv.get(
+        "bytes_full", 0
+    )
+
+
+class NonFiniteMetricError(RuntimeError):
+    """A metric came out NaN or infinite: the run is written, marked failed, and exits non-zero."""
+
+
+def non_finite_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Every NaN / infinite number in the summary's metrics (`metrics_after`, `metrics_before`,
+    `metrics_untrained`, nested keys dotted) and its objective."""
+    found: dict[str, float] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            found[key] = value
+
+    for name in ("metrics_after", "metrics_before", "metrics_untrained", "objective"):
+        walk(summary.get(name), name)
+    return found
 
 
 def _objective(cfg: DictConfig, summary: dict[str, Any]) -> Any:
@@ -617,6 +669,8 @@ def format_table(summary: dict[str, Any]) -> str:
     for name, b, a in rows:
         change = f"{100 * (a - b) / b:+.1f}%" if isinstance(a, float | int) and b not in (None, 0) else ""
         lines.append(f"{name:{name_width}}{_fmt(b):>14}{_fmt(a):>{width + 2}}{change:>10}")
+    if summary.get("nothing_compressed"):
+        lines.append("NOTHING COMPRESSED: the budget is at or above the evaluated length (see the log)")
     lines.append(
         f"compression ratio {kv['compression_ratio']:.3f}; KV bytes {kv['bytes_kept']:,} kept of {kv['bytes_full']:,}; "
         f"{100 * timing['compress_share']:.1f}% of the time inside the method"

@@ -115,7 +115,8 @@ def run_label(summary: dict[str, Any], keys: dict[str, list[str]]) -> str:
     """The method's name plus the values of its label keys (`label_keys`)."""
     name, flat = summary["method"]["name"], flat_config(summary)
     parts = [f"{k}={_short(flat.get(k))}" for k in keys.get(name, [])]
-    return name + (f" ({', '.join(parts)})" if parts else "")
+    flag = " [nothing compressed]" if summary.get("nothing_compressed") else ""
+    return name + (f" ({', '.join(parts)})" if parts else "") + flag
 
 
 def _short(value: Any) -> str:
@@ -179,6 +180,7 @@ def rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "dataset": s["dataset"],
             "method": s["method"]["name"],
             "label": run_label(s, labels),
+            "nothing_compressed": bool(s.get("nothing_compressed")),
             "group": groups[comparison_group(s, varying)],
             "budget": budget_label(s),
             "budget_tokens": s["budget"].get("tokens"),

@@ -324,3 +324,65 @@ def test_wandb_run_is_typed_by_method_and_tagged_with_budget_model_dataset(text_
     train_or_eval(cfg, tmp_path / "out")
     assert seen["cfg"]["job_type"] == "recent_only" and seen["cfg"]["mode"] == "offline"
     assert seen["tags"] == ["recent_only", "budget=32", "model=tiny_llama", "dataset=text_file", "study"]
+
+
+def test_a_non_finite_metric_fails_the_run_but_keeps_its_results(text_file, tmp_path, monkeypatch):
+    """A NaN perplexity (as a float16 overflow gives) fails the run: results written and marked, error raised,
+    and the next run of the same config is not skipped as finished."""
+    overrides = (
+        "model=tiny_llama", "method=knorm", "budget=32", "dataset=text_file", f"dataset.path={text_file}",
+        "eval.max_tokens=40", "eval.chunk_size=8", "cache_dir=null",
+    )  # fmt: skip
+    real = kvexp.app.TASKS["perplexity"]
+
+    def overflowing(cfg):
+        summary, rows = real(cfg)
+        summary["metrics_after"]["perplexity"] = summary["objective"] = float("nan")
+        return summary, rows
+
+    monkeypatch.setitem(kvexp.app.TASKS, "perplexity", overflowing)
+    out = tmp_path / "run"
+    with pytest.raises(kvexp.app.NonFiniteMetricError, match=r"metrics_after\.perplexity=nan.*marked failed"):
+        train_or_eval(_compose(*overrides), out)
+    written = json.loads((out / "summary.json").read_text())
+    assert written["metrics_after"]["perplexity"] is None and written["objective"] is None
+    assert written["failed"]["metrics"] == {"metrics_after.perplexity": None, "objective": None}
+    assert (out / "samples.csv").is_file()
+    monkeypatch.setitem(kvexp.app.TASKS, "perplexity", real)
+    again = train_or_eval(_compose(*overrides), out)  # a failed run is redone, not resumed
+    assert math.isfinite(again["objective"]) and "failed" not in json.loads(
+        (out / "summary.json").read_text()
+    )
+
+
+def test_perplexity_of_a_huge_nll_is_inf_not_an_overflow_error():
+    from kvexp.tasks.perplexity import DocumentResult, aggregate
+
+    kv = {"tokens_seen": 3, "tokens_kept": 3}
+    result = DocumentResult(id="d", tokens=2, nll=1500.0, correct=0, first_step_s=0.1, step_s=[0.1], kv=kv)
+    assert result.perplexity == math.inf
+    assert aggregate([result])["metrics"]["perplexity"] == math.inf
+    assert kvexp.app.non_finite_metrics({"metrics_after": aggregate([result])["metrics"]}) == {
+        "metrics_after.perplexity": math.inf
+    }
+
+
+def test_a_budget_above_the_length_is_flagged_as_nothing_compressed(text_file, tmp_path, caplog):
+    """knorm at budget 512 over 60 tokens keeps everything: warned in the log and the table, marked in reports."""
+    base = ("model=tiny_llama", "method=knorm", "dataset=text_file", f"dataset.path={text_file}",
+            "eval.max_tokens=60", "eval.chunk_size=8", "cache_dir=null")  # fmt: skip
+    with caplog.at_level("WARNING", logger="kvexp.app"):
+        idle = train_or_eval(_compose(*base, "budget=512"), tmp_path / "idle")
+    assert idle["nothing_compressed"] is True and "NOTHING COMPRESSED" in format_table(idle)
+    assert any("NOTHING COMPRESSED: method=knorm" in r.getMessage() for r in caplog.records)
+    working = train_or_eval(_compose(*base, "budget=32"), tmp_path / "working")
+    assert "nothing_compressed" not in working and "NOTHING COMPRESSED" not in format_table(working)
+    full = train_or_eval(_compose(*base, "budget=full", "method=full"), tmp_path / "full")
+    assert "nothing_compressed" not in full  # the reference is not a failed compression
+    from kvexp.report import collect, rows, tables
+
+    report = tables(collect(tmp_path))
+    assert "| knorm [nothing compressed] |" in report and "| knorm |" in report
+    assert {r["label"]: r["nothing_compressed"] for r in rows(collect(tmp_path / "idle"))} == {
+        "knorm [nothing compressed]": True
+    }

@@ -35,11 +35,20 @@ class DocumentResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll / self.tokens)
+        return perplexity(self.nll / self.tokens)
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.tokens
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), inf past the largest finite float (a mean NLL over ~709.78 nats) instead of an
+    OverflowError: the run then fails as non-finite, with its results written."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
 
 
 def resolve_budget(budget: Any, document_tokens: int, num_layers: int) -> int | list[int] | None:
@@ -128,7 +137,7 @@ def aggregate(results: list[DocumentResult]) -> dict[str, Any]:
     compress_s = sum(r.kv.get("compress_seconds", 0.0) for r in results)
     return {
         "metrics": {
-            "perplexity": math.exp(nll / tokens),
+            "perplexity": perplexity(nll / tokens),
             "accuracy": sum(r.correct for r in results) / tokens,
             "nll": nll / tokens,
             "tokens": tokens,
