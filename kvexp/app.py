@@ -230,6 +230,14 @@ def _evaluate_perplexity(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
     samples = [(i, ids) for i, ids in samples if ids.shape[1] >= 2]
     if not samples:
         raise ValueError(f"dataset={cfg.dataset.name}: no document has the 2 tokens perplexity needs")
+    longest = max(ids.shape[1] for _, ids in samples)
+    if (
+        longest - 1 > cfg.model.max_context and not cfg.eval.beyond_context
+    ):  # eval.max_tokens=null: whole texts
+        raise ValueError(
+            f"eval.max_tokens={cfg.eval.max_tokens}: a document has {longest} tokens, more positions than "
+            f"model.max_context={cfg.model.max_context}; set eval.max_tokens <= {cfg.model.max_context + 1}"
+        )
 
     before = _full_cache_results(cfg, model, samples) if cfg.eval.compare_to_full else None
     after = [

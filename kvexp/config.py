@@ -173,6 +173,7 @@ class LoggerConfig:
 class EvalConfig:
     max_samples: int | None = 1  # documents evaluated (null: all)
     max_tokens: int | None = 2048  # tokens per document (null: all)
+    beyond_context: bool = False  # perplexity past model.max_context: RoPE models only, set knowingly
     chunk_size: int = 1  # tokens fed per step; 1 = exact token-by-token streaming
     compare_to_full: bool = True  # also evaluate the full cache on the same samples (metrics_before)
     # Generation tasks (kvexp.tasks.generation):
@@ -256,6 +257,32 @@ def _quote(value: str) -> str:
     return f"'{value}'"
 
 
+# Architectures whose positions are rotary (RoPE): they run, untrained, past their context; gpt2's learned
+# position table ends there.
+ROPE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
+
+
+def _check_context(cfg: DictConfig) -> None:
+    """Perplexity feeds eval.max_tokens - 1 positions: at most model.max_context, unless the user asks to go
+    beyond on a RoPE model (`eval.beyond_context=true`)."""
+    if cfg.dataset.task != "perplexity":
+        return
+    limit, n, arch = cfg.model.max_context, cfg.eval.max_tokens, cfg.model.get("architecture")
+    if cfg.eval.beyond_context:
+        if arch not in ROPE_ARCHITECTURES:
+            raise ValueError(
+                f"eval.beyond_context=true needs a RoPE model ({', '.join(ROPE_ARCHITECTURES)}); "
+                f"model.architecture={arch!r} cannot go past model.max_context={limit}"
+            )
+        return
+    if n is not None and n - 1 > limit:
+        raise ValueError(
+            f"eval.max_tokens={n} feeds {n - 1} positions, more than model.max_context={limit} of model "
+            f"{cfg.model.name}; allowed: eval.max_tokens <= {limit + 1} (eval.beyond_context=true runs a RoPE "
+            "model past its context, knowingly)"
+        )
+
+
 def _check_choice(option: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{option}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
@@ -283,6 +310,8 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.eval[key]
         if value is not None and value < (2 if key == "max_tokens" else 1):
             raise ValueError(f"eval.{key} must be null or >= {2 if key == 'max_tokens' else 1}, got {value}")
+
+    _check_context(cfg)
 
     budget = cfg.budget
     if budget.tokens is not None and budget.tokens <= 0:

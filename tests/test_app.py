@@ -13,6 +13,7 @@ import torch
 
 import kvexp.app
 from kvexp.app import format_table, train_or_eval
+from kvexp.config import validate
 from kvexp.data import WIKITEXT2
 from kvexp.tasks.perplexity import evaluate_perplexity
 from tests.conftest import load
@@ -386,3 +387,21 @@ def test_a_budget_above_the_length_is_flagged_as_nothing_compressed(text_file, t
     assert {r["label"]: r["nothing_compressed"] for r in rows(collect(tmp_path / "idle"))} == {
         "knorm [nothing compressed]": True
     }
+
+
+def test_context_limits_for_perplexity(tmp_path):
+    """At most model.max_context positions, checked before the weights load; a whole document (max_tokens=null)
+    longer than that fails naming eval.max_tokens; eval.beyond_context lets a RoPE model go past, knowingly."""
+    long_text = tmp_path / "long.txt"
+    long_text.write_text("word " * 120)
+    base = ("method=knorm", "budget.tokens=16", "dataset=text_file", f"dataset.path={long_text}", "cache_dir=null",
+            "eval.chunk_size=16", "model.tiny.max_position_embeddings=64", "model.max_context=64")  # fmt: skip
+    assert validate(_compose("model=tiny_llama", *base, "eval.max_tokens=65")) is None  # 64 positions fed
+    with pytest.raises(ValueError, match=r"eval.max_tokens <= 65"):
+        validate(_compose("model=tiny_llama", *base, "eval.max_tokens=66"))
+    with pytest.raises(ValueError, match=r"eval.max_tokens=None: a document has \d+ tokens"):
+        train_or_eval(_compose("model=tiny_llama", *base, "eval.max_tokens=null"), tmp_path / "a")
+    beyond = train_or_eval(
+        _compose("model=tiny_llama", *base, "eval.max_tokens=100", "eval.beyond_context=true"), tmp_path / "b"
+    )
+    assert beyond["metrics_after"]["tokens"] == 99

@@ -34,6 +34,7 @@ def test_every_group_option_composes(group, option, tmp_path):
         (tmp_path / "qa.jsonl").write_text('{"context": "c", "question": "q", "answer": "a"}\n')
         extra = [f"dataset.path={tmp_path / 'qa.jsonl'}"]
     extra += ["method=full"] if option == "full" else []
+    extra += ["eval.max_tokens=1024"] if option == "gpt2" else []  # its 1,024 learned positions
     cfg = _compose(f"{group}={option}", *extra)
     if group in ("model", "method", "dataset", "hardware"):
         assert cfg[group].name == option
@@ -108,6 +109,13 @@ def test_a_lone_keep_ratio_replaces_the_default_token_budget():
         (["engine.positions=shifted"], "engine.positions"),
         (["engine.when=sometimes"], "engine.when"),
         (["eval.chunk_size=0"], "eval.chunk_size"),
+        # perplexity past the model's positions: refused before the weights load, naming the allowed maximum
+        (
+            ["eval.max_tokens=9000"],
+            r"eval.max_tokens=9000 .*model.max_context=8192 .*eval.max_tokens <= 8193",
+        ),
+        (["model=tiny_gpt2", "eval.max_tokens=2300"], r"eval.max_tokens <= 2049"),
+        (["model=tiny_gpt2", "eval.beyond_context=true"], r"eval.beyond_context=true needs a RoPE model"),
         (["budget=full"], "needs a budget"),
         (["logger=wandb", "logger.mode=sometimes"], "logger.mode"),
         (["model.source=ftp"], "model.source"),
