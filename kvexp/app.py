@@ -7,7 +7,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,12 +100,14 @@ _HASH_EXCLUDED = ("logger", "resume", "objective", "tags")
 
 
 def _config_hash(cfg: DictConfig, inputs: str | None = "") -> str:
-    """sha256 (16 hex digits) of the resolved config without the bookkeeping options (and with `inputs`)."""
+    """sha256 (16 hex digits) of the resolved config without the bookkeeping options, with `inputs` and the
+    versions of kvexp, torch, transformers and Python."""
     content = OmegaConf.to_container(cfg, resolve=True)
     for key in _HASH_EXCLUDED:
         content.pop(key, None)
     if inputs:
         content["dataset_inputs"] = inputs
+    content["versions"] = _versions()  # another kvexp, torch or transformers may give other results
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -239,7 +244,9 @@ def _evaluate_perplexity(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
             f"model.max_context={cfg.model.max_context}; set eval.max_tokens <= {cfg.model.max_context + 1}"
         )
 
-    before = _full_cache_results(cfg, model, samples) if cfg.eval.compare_to_full else None
+    before, comparable = (
+        _full_cache_results(cfg, model, samples) if cfg.eval.compare_to_full else (None, True)
+    )
     after = [
         score_document(
             model,
@@ -258,7 +265,26 @@ def _evaluate_perplexity(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
     resolved = [r.kv.get("tokens_kept") for r in after]
     summary = _summary(cfg, method, agg_before, agg_after, after[-1].kv, resolved, model.device)
     summary["objective"] = agg_after["metrics"]["perplexity"]
-    return summary, _sample_rows(before, after)
+    return _unless_comparable(summary, comparable), _sample_rows(before, after)
+
+
+# The summary fields that compare this run's time with the full cache's.
+_TIME_COMPARISONS = (
+    "time_before",
+    "avg_time_saving_s",
+    "throughput_before",
+    "avg_throughput_improvement_tokens_s",
+)
+
+
+def _unless_comparable(summary: dict[str, Any], comparable: bool) -> dict[str, Any]:
+    """Mark full-cache timings reused from another process as not comparable (quality is reused as is):
+    `timing_full.comparable` false, and no time comparison fields."""
+    if summary.get("timing_full") is not None:
+        summary["timing_full"]["comparable"] = comparable
+    if not comparable:
+        summary.update({k: None for k in _TIME_COMPARISONS if k in summary})
+    return summary
 
 
 def _evaluate_generation(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -275,10 +301,10 @@ def _evaluate_generation(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
     settings = _generation_settings(cfg)
     layers = model.config.num_hidden_layers
 
-    before = (
+    before, comparable = (
         _full_cache_generation(cfg, model, tokenizer, samples, prompts, settings)
         if cfg.eval.compare_to_full
-        else None
+        else (None, True)
     )
     after = run_generation(
         model,
@@ -291,7 +317,8 @@ def _evaluate_generation(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
         **settings,
         **_engine(cfg),
     )
-    return _generation_summary(cfg, method, encoder, settings, samples, before, after, model.device)
+    summary, rows = _generation_summary(cfg, method, encoder, settings, samples, before, after, model.device)
+    return _unless_comparable(summary, comparable), rows
 
 
 def _generation_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -429,6 +456,7 @@ def _full_cache_path(cfg: DictConfig, content: dict[str, Any]) -> Path | None:
                 "model": OmegaConf.to_container(cfg.model, resolve=True),
                 "dtype": cfg.hardware.dtype,
                 "device": cfg.hardware.device,
+                "versions": _versions(),
                 **content,
             },
             sort_keys=True,
@@ -437,29 +465,63 @@ def _full_cache_path(cfg: DictConfig, content: dict[str, Any]) -> Path | None:
     return Path(cfg.cache_dir) / "full" / f"{key}.json"
 
 
+def _versions() -> dict[str, str]:
+    """What can change a result besides the config: kvexp's, torch's, transformers' and Python's versions."""
+    return {
+        "kvexp": _version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def _ids_hash(*ids: torch.Tensor) -> str:
     return hashlib.sha256(b"".join(t.numpy().tobytes() for t in ids)).hexdigest()
 
 
-def _full_cache_results(cfg: DictConfig, model, samples) -> list[DocumentResult]:
-    """The full-cache run of the same samples, reused across a sweep (keyed by model, data and settings)."""
+def _full_cache_results(cfg: DictConfig, model, samples) -> tuple[list[DocumentResult], bool]:
+    """The full-cache run of the same samples, reused across a sweep (keyed by model, data, settings and
+    versions), and whether its timings are comparable with this run's (timed in this very process)."""
     path = _full_cache_path(
         cfg, {"chunk_size": cfg.eval.chunk_size, "samples": [(i, _ids_hash(ids)) for i, ids in samples]}
     )
-    if path is not None and path.exists():
-        log.info("full-cache results reused from %s", path)
-        return [DocumentResult(**r) for r in json.loads(path.read_text())]
+    reused = _reuse(path)
+    if reused is not None:
+        return [DocumentResult(**r) for r in reused[0]], reused[1]
     results = [score_document(model, ids, "full", None, cfg.eval.chunk_size, i, True) for i, ids in samples]
+    _store(path, [dataclasses.asdict(r) for r in results])
+    return results, True
+
+
+# Who timed a full-cache result: timings are comparable only within one process (same machine, threads, load).
+_TIMED_IN = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+
+
+def _reuse(path: Path | None) -> tuple[list[dict[str, Any]], bool] | None:
+    """A stored full-cache result and whether its timings come from this process; None when there is none."""
+    if path is None or not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    comparable = stored["timed_in"] == _TIMED_IN
+    log.info(
+        "full-cache results reused from %s%s",
+        path,
+        "" if comparable else " (timed in another process: its timings are not compared with this run's)",
+    )
+    return stored["results"], comparable
+
+
+def _store(path: Path | None, results: list[dict[str, Any]]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, [dataclasses.asdict(r) for r in results])
-    return results
+        atomic_write_json(path, {"timed_in": _TIMED_IN, "results": results})
 
 
 def _full_cache_generation(
     cfg: DictConfig, model, tokenizer, samples, prompts, settings
-) -> list[GenerationResult]:
-    """The full-cache answers of the same prompts, reused across a sweep; re-scored on every use."""
+) -> tuple[list[GenerationResult], bool]:
+    """The full-cache answers of the same prompts, reused across a sweep; re-scored on every use; and whether
+    their timings are comparable with this run's."""
     content = {
         "task": "generation",
         **settings,
@@ -470,18 +532,16 @@ def _full_cache_generation(
         ],
     }
     path = _full_cache_path(cfg, content)
-    if path is not None and path.exists():
-        log.info("full-cache answers reused from %s", path)
-        results = [GenerationResult(**r) for r in json.loads(path.read_text())]
+    reused = _reuse(path)
+    if reused is not None:
+        results = [GenerationResult(**r) for r in reused[0]]
         score_results(samples, results)
-        return results
+        return results, reused[1]
     results = run_generation(
         model, tokenizer, samples, prompts, "full", lambda tokens: None, progress=True, **settings
     )
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, [dataclasses.asdict(r) for r in results])
-    return results
+    _store(path, [dataclasses.asdict(r) for r in results])
+    return results, True
 
 
 def _summary(
@@ -508,12 +568,7 @@ def _summary(
         "memory": {**peak_memory(device), "kv_bytes_peak": agg_after["kv_cache"]["bytes_peak"]},
         "engine": OmegaConf.to_container(cfg.engine, resolve=True),
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "versions": {
-            "kvexp": _version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": _versions(),
         "seed": cfg.seed,
     }
 
@@ -661,10 +716,15 @@ def format_table(summary: dict[str, Any]) -> str:
             ("answer tokens (mean)", before.get("new_tokens"), after["new_tokens"]),
             ("KV tokens kept (mean)", kv["tokens_seen"] / max(after["samples"], 1), kv["tokens_kept_mean"]),
         ]
+    timed = full_timing.get("comparable", True)  # full-cache timings from another process are not compared
     rows += [
-        ("TTFT s", full_timing.get("ttft_s"), timing["ttft_s"]),
-        ("TPOT ms", full_timing.get("tpot_ms"), timing["tpot_ms"]),
-        ("throughput tok/s", full_timing.get("throughput_tok_s"), timing["throughput_tok_s"]),
+        ("TTFT s", full_timing.get("ttft_s") if timed else None, timing["ttft_s"]),
+        ("TPOT ms", full_timing.get("tpot_ms") if timed else None, timing["tpot_ms"]),
+        (
+            "throughput tok/s",
+            full_timing.get("throughput_tok_s") if timed else None,
+            timing["throughput_tok_s"],
+        ),
     ]
     for grouping, groups in after.get("by", {}).items():  # the first score of each family, per group
         for value, scores in groups.items():
@@ -677,6 +737,10 @@ def format_table(summary: dict[str, Any]) -> str:
     for name, b, a in rows:
         change = f"{100 * (a - b) / b:+.1f}%" if isinstance(a, float | int) and b not in (None, 0) else ""
         lines.append(f"{name:{name_width}}{_fmt(b):>14}{_fmt(a):>{width + 2}}{change:>10}")
+    if not timed:
+        lines.append(
+            "full-cache timings come from another run (reused results): not compared; rerun with cache_dir=null"
+        )
     if summary.get("nothing_compressed"):
         lines.append("NOTHING COMPRESSED: the budget is at or above the evaluated length (see the log)")
     lines.append(

@@ -294,7 +294,7 @@ def tables(summaries: list[dict[str, Any]]) -> str:
             out.append("\n| method | throughput | TPOT | " + " | ".join(names) + " |")
             out.append("|---" * (3 + len(metrics)) + "|")
             for name, timing, values, _, full_timing in table[1:]:
-                full_timing = full_timing or {}
+                full_timing = full_timing if (full_timing or {}).get("comparable", True) else {}  # n/c: "-"
                 changes = [
                     _change(timing["throughput_tok_s"], full_timing.get("throughput_tok_s")),
                     _change(timing["tpot_ms"], full_timing.get("tpot_ms")),

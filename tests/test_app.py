@@ -292,6 +292,12 @@ def test_resume_skips_a_finished_run_of_the_same_config_only(text_file, tmp_path
     train_or_eval(_compose(*overrides, "resume=false"), out)
     train_or_eval(_compose(*overrides[:-2], "eval.chunk_size=4", "cache_dir=null"), out)  # another config
     assert len(calls) == 2
+    train_or_eval(_compose(*overrides), out)  # back to the first config (its summary was overwritten)
+    train_or_eval(_compose(*overrides), out)  # ... now finished: skipped
+    assert len(calls) == 3
+    monkeypatch.setattr(kvexp.app, "_versions", lambda: {"torch": "0.0-other"})
+    train_or_eval(_compose(*overrides), out)  # another torch: the result may differ, so it is redone
+    assert len(calls) == 4
 
 
 def test_objective_names_a_metric_of_the_run(text_file, tmp_path):
@@ -405,3 +411,32 @@ def test_context_limits_for_perplexity(tmp_path):
         _compose("model=tiny_llama", *base, "eval.max_tokens=100", "eval.beyond_context=true"), tmp_path / "b"
     )
     assert beyond["metrics_after"]["tokens"] == 99
+
+
+def test_reused_full_cache_timings_from_another_process_are_not_compared(text_file, tmp_path, monkeypatch):
+    """The full-cache result is reused across invocations for its quality, but its timings were measured by
+    another process (other threads, another load): they are marked and never turned into % changes."""
+    base = ("model=tiny_llama", "dataset=text_file", f"dataset.path={text_file}", "eval.max_tokens=40",
+            "eval.chunk_size=8", "budget=32", f"cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    first = train_or_eval(_compose(*base, "method=knorm"), tmp_path / "a")
+    same_process = train_or_eval(_compose(*base, "method=h2o"), tmp_path / "b")
+    assert first["timing_full"]["comparable"] and same_process["timing_full"]["comparable"]
+    assert same_process["metrics_before"] == first["metrics_before"]
+    monkeypatch.setattr(kvexp.app, "_TIMED_IN", "another-host:1:2")  # a later invocation
+    later = train_or_eval(_compose(*base, "method=full", "budget=full"), tmp_path / "c")
+    assert later["timing_full"]["comparable"] is False and later["metrics_before"] == first["metrics_before"]
+    table = format_table(later)
+    assert "not compared" in table and not any(
+        line.startswith(("TTFT", "TPOT", "throughput")) and line.rstrip().endswith("%")
+        for line in table.splitlines()
+    )
+    from kvexp.report import collect, tables
+
+    report = tables(collect(tmp_path / "c"))
+    assert "| full | - | - |" in report  # no -96.9% throughput against another process's full cache
+    # another torch (or kvexp, transformers) version is another result: nothing reused
+    versions = {**kvexp.app._versions(), "torch": "0.0-other"}
+    monkeypatch.setattr(kvexp.app, "_versions", lambda: versions)
+    fresh = train_or_eval(_compose(*base, "method=knorm", "resume=false"), tmp_path / "d")
+    assert fresh["timing_full"]["comparable"] is True
+    assert len(list((tmp_path / "cache" / "full").glob("*.json"))) == 2
