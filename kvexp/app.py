@@ -58,10 +58,13 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     inputs = _dataset_inputs(cfg)
     config_hash = _config_hash(cfg, inputs)
-    finished = _finished_summary(out, config_hash) if cfg.resume and inputs is not None else None
+    sweep = _sweep_dir() if output_dir is None else None
+    finished = _find_finished(out, sweep, config_hash) if cfg.resume and inputs is not None else None
     if finished is not None:
-        log.info("resume: %s already holds this config's results (hash %s); skipped", out, config_hash)
-        return {**finished, "objective": _objective(cfg, finished)}
+        where, summary = finished
+        log.info("resume: %s already holds this config's results (hash %s); skipped", where, config_hash)
+        _record_sweep_job(sweep, config_hash, where)
+        return {**summary, "objective": _objective(cfg, summary)}
     torch.manual_seed(cfg.seed)
     if cfg.train.name == "none":
         summary, rows = TASKS[cfg.dataset.task](cfg)
@@ -81,6 +84,7 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
         summary["failed"] = {"reason": "non-finite metrics", "metrics": non_finite}
     atomic_write_csv(out / "samples.csv", rows)
     atomic_write_json(out / "summary.json", summary)
+    _record_sweep_job(sweep, config_hash, out)
     _log_to_wandb(cfg, out, summary, rows)
     log.info("results written to %s", out)
     if non_finite:
@@ -118,14 +122,15 @@ def _dataset_inputs(cfg: DictConfig) -> str | None:
     return entry.inputs(cfg.dataset) if entry is not None and entry.inputs is not None else ""
 
 
-def _finished_summary(out: Path, config_hash: str) -> dict[str, Any] | None:
+def _finished_summary(out: Path, config_hash: str, quiet: bool = False) -> dict[str, Any] | None:
     """The summary.json in `out` when it was written for `config_hash` (else None: the run is (re)done)."""
     try:
         summary = json.loads((out / "summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if summary.get("config_hash") != config_hash:
-        log.info("resume: %s holds results of another config; running again", out)
+        if not quiet:
+            log.info("resume: %s holds results of another config", out)
         return None
     if summary.get("failed"):
         log.info("resume: %s holds a failed run (%s); running again", out, summary["failed"]["reason"])
@@ -141,6 +146,42 @@ def nothing_compressed(summary: dict[str, Any]) -> bool:
     return kv.get("tokens_kept", 0) >= kv["tokens_seen"] and kv.get("bytes_kept", 0) >= kv.get(
         "bytes_full", 0
     )
+
+
+# Set by kvexp.callbacks at the start of a multirun (inherited by launcher processes): which invocation a job
+# belongs to, so its report covers its own jobs, not older ones left in the same sweep dir.
+SWEEP_ID_ENV = "KVEXP_SWEEP_ID"
+SWEEP_JOBS = ".kvexp_jobs"  # <sweep dir>/.kvexp_jobs/<sweep id>/<job num>.json: {config_hash, run_dir}
+
+
+def _sweep_dir() -> Path | None:
+    """The multirun's sweep dir when this job is part of one."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir)
+    return None
+
+
+def _find_finished(out: Path, sweep: Path | None, config_hash: str) -> tuple[Path, dict[str, Any]] | None:
+    """This config's finished summary: in `out`, else (in a sweep) in whichever job dir of the sweep holds it,
+    so a re-run that lists its jobs in another order or subset reuses them rather than redoing them."""
+    candidates = [out]
+    if sweep is not None and sweep.is_dir():
+        candidates += sorted(d for d in sweep.iterdir() if d.is_dir() and d != out)
+    for directory in candidates:
+        summary = _finished_summary(directory, config_hash, quiet=directory != out)
+        if summary is not None:
+            return directory, summary
+    return None
+
+
+def _record_sweep_job(sweep: Path | None, config_hash: str, run_dir: Path) -> None:
+    """Note, for this invocation's report, which run dir holds this job's results."""
+    sweep_id = os.environ.get(SWEEP_ID_ENV)
+    if sweep is None or not sweep_id:
+        return
+    job = HydraConfig.get().job.num
+    record = {"config_hash": config_hash, "run_dir": str(run_dir.resolve())}
+    atomic_write_json(sweep / SWEEP_JOBS / sweep_id / f"{job}.json", record)
 
 
 class NonFiniteMetricError(RuntimeError):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +27,49 @@ class ReportCallback(Callback):
         self.enabled = enabled
         self.plots = plots
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Name this invocation, so its jobs can say which run dirs hold their results (kvexp.app)."""
+        from kvexp.app import SWEEP_ID_ENV
+
+        os.environ[SWEEP_ID_ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
             return
         from kvexp.report import collect, rows, write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        dirs = self._own_jobs(sweep_dir)
         try:
-            out = write_report([sweep_dir], with_plots=self.plots)
+            out = write_report(dirs, out_dir=sweep_dir, with_plots=self.plots)
         except Exception:  # the sweep itself succeeded; say why the report did not
             log.exception("the report of %s could not be written", sweep_dir)
             return
         log.info("sweep report: %s", out / "report.html")
-        self._log_summary_run(config, sweep_dir, rows(collect(sweep_dir)))
+        self._log_summary_run(config, sweep_dir, rows(collect(*dirs)))
+
+    @staticmethod
+    def _own_jobs(sweep_dir: Path) -> list[Path]:
+        """The run dirs holding this invocation's jobs (reused ones included); the whole sweep dir, with a
+        note, when the jobs left no record (a launcher that did not pass the environment on)."""
+        from kvexp.app import SWEEP_ID_ENV, SWEEP_JOBS
+
+        records = sorted((sweep_dir / SWEEP_JOBS / os.environ.get(SWEEP_ID_ENV, "-")).glob("*.json"))
+        if not records:
+            log.info("no job records of this invocation: the report covers every run under %s", sweep_dir)
+            return [sweep_dir]
+        dirs = list(dict.fromkeys(Path(json.loads(r.read_text())["run_dir"]) for r in records))
+        others = [
+            d for d in sweep_dir.iterdir() if (d / "summary.json").is_file() and d.resolve() not in dirs
+        ]
+        if others:
+            log.info(
+                "the report covers this invocation's %d job(s), not %d older run(s) in %s",
+                len(dirs),
+                len(others),
+                sweep_dir,
+            )
+        return dirs
 
     def _log_summary_run(self, config: DictConfig, sweep_dir: Path, table: list[dict]) -> None:
         from kvexp.tracking import make_logger

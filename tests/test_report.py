@@ -272,3 +272,39 @@ def test_two_model_sweep_reports_each_model_against_its_own_baseline(tmp_path):
                 / float(r["perplexity_before"])
             )
             assert f"| {r['method']} | " in section and f"| {change:+.1f}% |" in section
+
+
+def test_a_rerun_sweep_reuses_jobs_by_config_and_reports_only_its_own(tmp_path):
+    """`-m method=h2o,knorm`, then `-m method=knorm,h2o` into the same sweep dir: nothing redone or
+    overwritten (jobs are matched by config hash, not job number); then `-m method=knorm` reports knorm alone."""
+    text = tmp_path / "doc.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 12)
+    sweep = tmp_path / "sweep"
+
+    def run(methods: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [
+                sys.executable, "-m", "kvexp", "-m", "model=tiny_llama", f"method={methods}", "budget=32",
+                "dataset=text_file", f"dataset.path={text}", "eval.max_tokens=60", "eval.chunk_size=10",
+                f"hydra.sweep.dir={sweep}", "cache_dir=null", "hydra.callbacks.report.plots=false",
+            ],
+            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    def methods_in(job: str) -> str:
+        return json.loads((sweep / job / "summary.json").read_text())["method"]["name"]
+
+    run("h2o,knorm")
+    written = {job: (sweep / job / "summary.json").read_text() for job in ("0", "1")}
+    assert (methods_in("0"), methods_in("1")) == ("h2o", "knorm")
+    swapped = run("knorm,h2o")
+    assert (swapped.stdout + swapped.stderr).count("already holds this config's results") == 2
+    assert {job: (sweep / job / "summary.json").read_text() for job in ("0", "1")} == written
+    with open(sweep / "results.csv") as f:
+        assert sorted(r["method"] for r in csv.DictReader(f)) == ["h2o", "knorm"]
+    run("knorm")
+    with open(sweep / "results.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["knorm"]  # not the older h2o job beside it
+    assert "| h2o" not in (sweep / "report.md").read_text()
