@@ -1,17 +1,27 @@
 """`python -m kvexp [overrides]`: one experiment; `python -m kvexp -m a=1,2`: a sweep (Hydra multirun)."""
 
+import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kvexp.app import format_table, train_or_eval
+from kvexp.app import NonFiniteMetricError, format_table, train_or_eval
 from kvexp.config import normalize_overrides
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    summary = train_or_eval(cfg)
+    try:
+        summary = train_or_eval(cfg)
+    except (ValueError, NonFiniteMetricError) as err:  # a user error or a failed run: one line, no traceback
+        full = os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().verbose
+        if full or HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep records the failed job itself
+            raise
+        print(f"kvexp: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(format_table(summary))
     return summary["objective"]  # what a sweeper (e.g. Optuna) optimizes: the task's main metric
 

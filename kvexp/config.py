@@ -303,6 +303,11 @@ def validate(cfg: DictConfig) -> None:
     _check_train(cfg)
     if cfg.logger.name == "wandb":
         _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+    threads = cfg.hardware.num_threads
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(
+            f"hardware.num_threads must be null (torch's default) or an integer >= 1, got {threads!r}"
+        )
     if cfg.eval.chunk_size < 1:
         raise ValueError(f"eval.chunk_size must be >= 1, got {cfg.eval.chunk_size}")
     _check_generation_options(cfg.eval)

@@ -76,6 +76,16 @@ def test_bad_option_fails_before_the_model_loads(tmp_path):
     assert proc.returncode != 0
     assert "budget.tokens must be a positive number" in proc.stderr
     assert "model tiny_llama" not in proc.stderr  # the loader never logged
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "kvexp: budget.tokens must be a positive number of tokens, got 0"
+    ]  # one line, no traceback
+    verbose = _cli(
+        "model=tiny_llama", "budget.tokens=0", f"hydra.run.dir={tmp_path / 'run'}", "hydra.verbose=true"
+    )
+    assert (
+        verbose.returncode != 0 and "Traceback" in verbose.stderr + verbose.stdout
+    )  # asked for: the traceback
     assert not (tmp_path / "run" / "summary.json").exists()
 
 

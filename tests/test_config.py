@@ -103,12 +103,21 @@ def test_a_lone_keep_ratio_replaces_the_default_token_budget():
         (["method.name=nope"], r"method must be one of: .*full, .*streaming_llm"),
         (["+method.bogus=1"], "has no parameter"),
         (["method.sink_tokens=300"], "sink_tokens"),
+        # types against the method's own annotations: neither acting as something else nor crashing later
+        (["method.sink_tokens=2.5"], r"method.sink_tokens=2.5 must be an integer \(method 'streaming_llm'\)"),
+        (["method=h2o", "method.recent_ratio=abc"], r"method.recent_ratio='abc' must be a number"),
+        (["method=h2o", "method.recent_size=1.5"], r"method.recent_size=1.5 must be an integer or null"),
+        (["method=random", "method.seed=abc"], r"method.seed='abc' must be an integer"),
         (["method=knorm", "method.keep_ratio=2.0"], "method.keep_ratio"),
         (["dataset=text_file"], "dataset.path"),
         (["dataset=text_file", "dataset.path=/no/such/file.txt"], "dataset.path"),
         (["engine.positions=shifted"], "engine.positions"),
         (["engine.when=sometimes"], "engine.when"),
         (["eval.chunk_size=0"], "eval.chunk_size"),
+        (
+            ["hardware.num_threads=0"],
+            r"hardware.num_threads must be null \(torch's default\) or an integer >= 1, got 0",
+        ),
         # perplexity past the model's positions: refused before the weights load, naming the allowed maximum
         (
             ["eval.max_tokens=9000"],

@@ -338,3 +338,21 @@ def test_smollm2_masking_oracle(smollm2):
     cache = _check_oracle(model, ids, 1, method="streaming_llm", budget=48)
     assert cache.physical_lengths() == [48] * 30
     _check_oracle(model, ids, 16, method="knorm", budget=64)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2", "tiny_gpt2"])
+def test_plain_generate_after_make_cache_is_the_models_own(name):
+    """make_cache switches the model to kvexp attention; a later plain generate() (transformers' own cache,
+    a left-padded batch) must still give exactly what the model gave before the switch."""
+    from kvexp.models import load_model_by_name
+
+    model, _ = load_model_by_name(name, "cpu")  # a fresh copy: the shared one may already be switched
+    ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    single = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
+    make_cache(model, "streaming_llm", budget=8)
+    assert model.config._attn_implementation == "kvexp"
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False), plain)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=5, do_sample=False), single)

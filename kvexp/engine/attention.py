@@ -23,6 +23,7 @@ Position and mask contracts:
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from kvexp.engine.cache import ACTIVE_LAYER, CompressedLayer
 
 ATTN_IMPLEMENTATION = "kvexp"
+FORWARD_MASK: ContextVar[torch.Tensor | None] = ContextVar("kvexp_forward_mask", default=None)
 
 
 def kvexp_mask(
@@ -42,6 +44,7 @@ def kvexp_mask(
     transformers calls this once per forward, sized for one layer and without the cache, so it cannot build
     per-layer masks; the attention function does that.
     """
+    FORWARD_MASK.set(attention_mask)  # the whole [B, kv] mask, for a forward through another cache
     if attention_mask is None:
         return None
     new = attention_mask[:, -q_length:].bool()
@@ -67,18 +70,25 @@ def _future(q: int, n: int, device: torch.device) -> torch.Tensor:
 
 
 def _uncached_attention(query, key, value, token_mask, scaling, dropout):
-    """A forward without a kvexp cache (use_cache=False): plain causal self-attention with padding."""
-    if key.shape[2] != query.shape[2]:
+    """A forward without a kvexp cache: no cache (use_cache=False), or another cache such as the DynamicCache a
+    plain `model.generate(ids)` makes after `make_cache` switched the model to kvexp attention. Plain causal
+    attention over the `n` keys it is handed (the last `q` are this step's), with the forward's padding mask."""
+    q, n = query.shape[2], key.shape[2]
+    full = FORWARD_MASK.get()  # [B, n]: the cached tokens' padding too (token_mask holds the new ones only)
+    if full is not None and full.shape[-1] != n:
         raise RuntimeError(
-            "the kvexp attention implementation needs a kvexp KVCache as past_key_values (kvexp.make_cache)"
+            f"kvexp attention without a kvexp cache: the attention mask covers {full.shape[-1]} keys, the cache "
+            f"holds {n}; pass a kvexp cache (kvexp.make_cache) or use the model's own attention"
         )
-    if token_mask is None:
+    if token_mask is None and n == q:
         return F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=True
         )
-    q = query.shape[2]
-    allowed = ~_future(q, q, query.device)[None, None] & token_mask[:, None, None, :]
-    allowed |= torch.eye(q, dtype=torch.bool, device=query.device)  # padding rows: no NaN
+    allowed = ~_future(q, n, query.device)[None, None]  # [1, 1, q, n]
+    if full is not None:
+        allowed = allowed & full.bool()[:, None, None, :]  # [B, 1, q, n]
+        steps = torch.arange(q, device=query.device)
+        allowed[..., steps, n - q + steps] = True  # a padding query sees its own slot: no NaN row
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=allowed, scale=scaling, dropout_p=dropout, enable_gqa=True
     )

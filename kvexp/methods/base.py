@@ -166,4 +166,37 @@ def build_method(name: str, **params) -> Method:
         raise ValueError(
             f"method {name!r} has no parameter(s) {sorted(unknown)}; its parameters are: {sorted(allowed) or 'none'}"
         )
+    _check_types(name, cls, params)
     return cls(**params)
+
+
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _check_types(name: str, cls: type, params: dict[str, Any]) -> None:
+    """Each parameter against its annotation (`int`, `float`, `bool`, `str`, optionally `| None`): 2.5 for an
+    int, "abc" for a float or 1 for a bool fail here, naming the option, instead of acting as something else
+    or crashing later. Other annotations (lists, dicts, method nodes) are the method's own to check."""
+    annotations = {
+        f.name: f.type.__name__ if isinstance(f.type, type) else str(f.type) for f in fields(cls) if f.init
+    }
+    for key, value in params.items():
+        parts = [t.strip() for t in annotations.get(key, "").split("|")]
+        optional = "None" in parts
+        kinds = [t for t in parts if t != "None"]
+        if len(kinds) != 1 or kinds[0] not in _SCALARS or (value is None and optional):
+            continue
+        kind = kinds[0]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+        }[kind]
+        if not ok:
+            expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[
+                kind
+            ]
+            raise ValueError(
+                f"method.{key}={value!r} must be {expected}{' or null' if optional else ''} (method {name!r})"
+            )
