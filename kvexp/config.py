@@ -317,6 +317,10 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"eval.{key} must be null or >= {2 if key == 'max_tokens' else 1}, got {value}")
 
     _check_context(cfg)
+    if cfg.model.get("checkpoint"):
+        from kvexp.models import check_checkpoint
+
+        check_checkpoint(str(cfg.model.checkpoint))  # a corrupt file fails here, not after the model loads
 
     budget = cfg.budget
     if budget.tokens is not None and budget.tokens <= 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -206,22 +207,57 @@ def load_checkpoint(net: PreTrainedModel, checkpoint: str) -> PreTrainedModel:
     """Trained weights on top of the loaded model (`model.checkpoint`, written by `train=distill`): a peft adapter
     directory (holding adapter_config.json) is loaded and merged into the weights; a safetensors file is loaded
     as the model's state dict (every weight)."""
-    path = Path(checkpoint).expanduser()
-    if path.is_dir() and (path / "adapter_config.json").is_file():
+    path = check_checkpoint(checkpoint)
+    if path.is_dir():
         from peft import PeftModel
 
         log.info("merging the LoRA adapter %s", path)
         return PeftModel.from_pretrained(net, str(path)).merge_and_unload()
-    if path.is_file() and path.suffix == ".safetensors":
-        from safetensors.torch import load_model as load_safetensors
+    from safetensors.torch import load_model as load_safetensors
 
-        log.info("loading weights %s", path)
-        load_safetensors(net, str(path))
-        return net
+    log.info("loading weights %s", path)
+    load_safetensors(net, str(path))
+    return net
+
+
+def check_checkpoint(checkpoint: str) -> Path:
+    """`model.checkpoint` before any model loads: a peft adapter directory (adapter_config.json + weights) or a
+    *.safetensors file, each readable; a ValueError naming the option, the file and what is wrong otherwise."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        try:
+            json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"model.checkpoint={checkpoint!r}: adapter_config.json is not valid JSON ({err})"
+            ) from err
+        if not (path / "adapter_model.safetensors").is_file():
+            raise ValueError(
+                f"model.checkpoint={checkpoint!r}: no adapter_model.safetensors beside adapter_config.json"
+            )
+        check_safetensors(path / "adapter_model.safetensors", "model.checkpoint")
+        return path
+    if path.is_file() and path.suffix == ".safetensors":
+        check_safetensors(path, "model.checkpoint")
+        return path
     raise ValueError(
         f"model.checkpoint={checkpoint!r}: expected a peft adapter directory (with adapter_config.json) or a "
         "*.safetensors weights file"
     )
+
+
+def check_safetensors(path: Path, option: str) -> None:
+    """The file is a whole safetensors file: its header parses and the tensors it lists fit in the file (reads
+    the header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{option}: {path} is not a readable safetensors file ({err}); it is corrupt or truncated"
+        ) from err
 
 
 def load_model(model: Mapping, hardware: Mapping) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

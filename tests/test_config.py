@@ -195,3 +195,38 @@ def test_schema_rejects_wrong_types():
         _compose("budget.tokens=many")
     with pytest.raises((ValidationError, ConfigCompositionException)):
         _compose("dataset=passkey", "dataset.lengths=[long]")
+
+
+def test_bad_files_fail_before_the_model_loads_naming_the_file(tmp_path):
+    """Bad JSONL (file and line), a binary 'text' file, corrupt or truncated checkpoints: one clear ValueError
+    from validation, never a raw UnicodeDecodeError / JSONDecodeError / UnpicklingError after the load."""
+    import torch
+    from safetensors.torch import save_file
+
+    jsonl = tmp_path / "qa.jsonl"
+    jsonl.write_text('{"context": "c", "question": "q", "answer": "a"}\n{"context": "c", "quest\n')
+    with pytest.raises(ValueError, match=r"qa.jsonl, line 2: not valid JSON"):
+        validate(_compose("dataset=qa_jsonl", f"dataset.path={jsonl}"))
+    binary = tmp_path / "doc.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"doc.txt is not UTF-8 text \(byte 128"):
+        validate(_compose("dataset=text_file", f"dataset.path={binary}"))
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, str(weights))
+    validate(_compose(f"model.checkpoint={weights}"))  # a whole file passes
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(
+        ValueError, match=r"model.checkpoint: .*model.safetensors is not a readable safetensors file"
+    ):
+        validate(_compose(f"model.checkpoint={weights}"))
+    bias = tmp_path / "compressor.safetensors"
+    bias.write_bytes(b"not safetensors at all")
+    with pytest.raises(
+        ValueError, match=r"method.checkpoint: .*compressor.safetensors is not a readable safetensors"
+    ):
+        validate(_compose("method=adaptive_kmeans", f"method.checkpoint={bias}"))
+    scorer = tmp_path / "learned_scorer.pt"
+    scorer.write_bytes(b"\x80\x02corrupt pickle")
+    with pytest.raises(ValueError, match=r"method.checkpoint=.*learned_scorer.pt' cannot be read") as failure:
+        validate(_compose("method=learned", f"method.checkpoint={scorer}"))
+    assert "weights_only" not in str(failure.value)  # torch's advice to load unsafely is not passed on

@@ -350,4 +350,7 @@ def test_required_data_file_names_the_option(tmp_path, monkeypatch):
     ((name, text),) = read_corpus(HAYSTACK_BOOK.path)
     assert name == HAYSTACK_BOOK.path.name and text.startswith("[The Man Who Was Thursday")
     (tmp_path / "c.jsonl").write_text('{"id": "x", "body": "one"}\n\n{"body": "two"}\n')
-    assert read_corpus(tmp_path / "c.jsonl", "body") == [("x", "one"), ("2", "two")]
+    assert read_corpus(tmp_path / "c.jsonl", "body") == [
+        ("x", "one"),
+        ("1", "two"),
+    ]  # id: file, id or record index

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from kvexp.models import check_safetensors
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -107,6 +109,7 @@ def load_method_parameters(name: str, path: str | Path) -> dict[str, torch.Tenso
 
     if not Path(path).is_file():
         raise ValueError(f"method.checkpoint={str(path)!r} does not exist or is not a file")
+    check_safetensors(Path(path), "method.checkpoint")
     with safe_open(str(path), framework="pt") as f:
         saved = (f.metadata() or {}).get("method")
         if saved != name:

@@ -141,7 +141,15 @@ def load_scorer(path: str | Path, option: str = "method.checkpoint") -> tuple[Le
         raise ValueError(
             f"{option}={str(path)!r}: no such file (a learned_scorer.pt from train=learned_scorer)"
         )
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        Exception
+    ) as err:  # pickle, zip and OS errors alike; their text may advise unsafe loading: not shown
+        raise ValueError(
+            f"{option}={str(path)!r} cannot be read ({type(err).__name__}): it is corrupt or truncated, or not a "
+            f"{CHECKPOINT_FORMAT} checkpoint; train one with train=learned_scorer"
+        ) from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{option}={str(path)!r} is not a {CHECKPOINT_FORMAT} checkpoint")
     config = blob["config"]

@@ -102,18 +102,43 @@ def required_data_file(name: str, option: str) -> Path:
     return path
 
 
+def read_jsonl(path: Path, text: str | None = None) -> list[dict[str, Any]]:
+    """The objects of a JSONL file (blank lines skipped); a line that is not a JSON object fails naming the file
+    and the line. `text`: the file's content when already read."""
+    if text is None:
+        text = read_text(path)
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})"
+            ) from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; anything else fails naming the file and where it stops being UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); give a text file"
+        ) from err
+
+
 def read_corpus(path: Path, text_field: str = "text") -> list[tuple[str, str]]:
     """(id, text) of a text corpus: JSONL records with `text_field` (id: `file`, `id` or the line number), or
     a plain-text file (`.txt`) as one document."""
     if path.suffix == ".txt":
-        return [(path.name, path.read_text(encoding="utf-8"))]
-    docs = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                record = json.loads(line)
-                docs.append((str(record.get("file") or record.get("id") or i), record[text_field]))
-    return docs
+        return [(path.name, read_text(path))]
+    return [(str(r.get("file") or r.get("id") or i), r[text_field]) for i, r in enumerate(read_jsonl(path))]
 
 
 @functools.cache
@@ -247,6 +272,8 @@ def check_dataset(dataset: Mapping) -> None:
     source = locate(dataset, announce=False)  # raises when there is no data at all
     if source.kind == "path" and not source.path.is_file():
         raise ValueError(f"dataset.path={str(dataset['path'])!r} does not exist or is not a file")
+    if name == "text_file":
+        read_text(source.path)  # a binary or non-UTF-8 file fails here, before the model loads
     if source.kind in ("path", "data_dir", "embedded") and name != "text_file":
         split_bounds(dataset.get("split"), n_rows=1)  # validates the split spec early
 
@@ -264,7 +291,7 @@ def load_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
     source = locate(dataset)
     if name == "text_file":
         assert source.path is not None  # check_dataset guarantees dataset.path
-        docs = [Document(id=source.path.name, text=source.path.read_text(encoding="utf-8"))]
+        docs = [Document(id=source.path.name, text=read_text(source.path))]
     elif name == "wikitext2":
         rows = _wikitext_rows(dataset, source)
         docs = (
@@ -339,8 +366,7 @@ def _pg19_books(dataset: Mapping, source: Source) -> list[Document]:
     field = dataset.get("text_field") or "text"
 
     def read(path: Path, split: str | None) -> list[Mapping[str, Any]]:
-        with path.open(encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = read_jsonl(path)
         start, stop = split_bounds(split, len(records)) if split is not None else (0, len(records))
         return records[start:stop]
 

@@ -45,7 +45,15 @@ from tqdm.auto import tqdm
 from kvexp.engine import KVCache, make_cache
 from kvexp.methods import Method
 from kvexp.tasks import metrics
-from kvexp.tasks.data import LOCAL_SPLIT, from_hub, load_hub_split, locate, split_bounds
+from kvexp.tasks.data import (
+    LOCAL_SPLIT,
+    from_hub,
+    load_hub_split,
+    locate,
+    read_jsonl,
+    read_text,
+    split_bounds,
+)
 from kvexp.tasks.perplexity import kv_totals
 
 log = logging.getLogger(__name__)
@@ -484,14 +492,23 @@ def read_records(dataset: Mapping, max_samples: int | None) -> list[dict[str, An
     return from_hub(dataset, source, hub_rows, lambda path: _read_rows(path, None, max_samples))
 
 
+def check_records(dataset: Mapping) -> None:
+    """Before a model loads: the record dataset has a source, and a local file of it parses (every line)."""
+    source = locate(dataset, announce=False)
+    if source.path is not None:
+        _read_rows(source.path, None, None)
+
+
 def _read_rows(path: Path, split: str | None, max_samples: int | None) -> list[dict[str, Any]]:
     """JSONL (one object per line) or a JSON list of objects, sliced by `split` (None: all)."""
-    text = path.read_text(encoding="utf-8")
-    rows = (
-        json.loads(text)
-        if text.lstrip().startswith("[")
-        else [json.loads(x) for x in text.splitlines() if x.strip()]
-    )
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not a valid JSON list ({err.msg}, line {err.lineno})") from err
+    else:
+        rows = read_jsonl(path, text)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path}: expected JSONL (one object per line) or a JSON list of objects")
     if split is not None:

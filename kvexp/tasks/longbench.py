@@ -27,14 +27,13 @@ hub is a loading-script dataset, which `datasets` >= 4 refuses to run, so with `
 
 from __future__ import annotations
 
-import json
 import logging
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kvexp.tasks.data import Source, from_hub, locate, split_bounds
+from kvexp.tasks.data import Source, from_hub, locate, read_jsonl, split_bounds
 from kvexp.tasks.generation import GenerationSample
 
 log = logging.getLogger(__name__)
@@ -234,9 +233,9 @@ def _stand_in(path: Path, task: str) -> list[dict[str, Any]]:
 
 def _read_jsonl(text: str, source: str) -> list[dict[str, Any]]:
     try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{source}: not JSONL in LongBench's schema ({err})") from err
+        return read_jsonl(Path(source), text)
+    except ValueError as err:
+        raise ValueError(f"{err} (LongBench's schema: JSONL, one object per line)") from err
 
 
 def read_archive(archive: Path, task: str) -> list[dict[str, Any]]:

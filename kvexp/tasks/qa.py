@@ -12,12 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kvexp.tasks.data import locate
-from kvexp.tasks.generation import GenerationSample, PromptEncoder, read_records, require_fields
+from kvexp.tasks.generation import (
+    GenerationSample,
+    PromptEncoder,
+    check_records,
+    read_records,
+    require_fields,
+)
 
 
 def check_qa_jsonl(dataset: Mapping) -> None:
-    locate(dataset, announce=False)  # dataset.path exists (or the embedded stand-in stands in)
+    check_records(dataset)  # dataset.path exists and parses (or the embedded stand-in stands in)
 
 
 def qa_jsonl_samples(

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kvexp.tasks.data import locate
 from kvexp.tasks.generation import (
     GenerationSample,
     PromptEncoder,
+    check_records,
     read_records,
     require_fields,
     sentence_lines,
@@ -23,7 +23,7 @@ from kvexp.tasks.generation import (
 
 
 def check_summarization(dataset: Mapping) -> None:
-    locate(dataset, announce=False)  # raises when no source has the data
+    check_records(dataset)  # raises when no source has the data or a local file does not parse
     for key in ("text_field", "summary_field"):
         if not dataset.get(key):
             raise ValueError(f"dataset.{key} must name a field of the {dataset.get('name')} rows")
