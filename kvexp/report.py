@@ -478,26 +478,21 @@ def _swept_key_plots(table: list[dict[str, Any]], save, plt) -> None:
                 isinstance(v, int | float) and not isinstance(v, bool) for v in values
             ):
                 continue
+            # One line per method, budget and value of every other key that varies here (named in the label).
+            others = [k for k in keys if k != key and len({str(r.get(k)) for r in runs}) > 1]
             series: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
             full: dict[float, float] = {}
-            others = [k for k in keys if k != key]
             for r in runs:
                 if r.get(f"{main}_after") is None or r.get(key) is None:
                     continue
-                series[(r["method"], r["budget"], *(str(r.get(k)) for k in others))].append(
-                    (r[key], r[f"{main}_after"])
-                )
+                rest = tuple((k.rsplit(".", 1)[-1], r.get(k)) for k in others if r.get(k) is not None)
+                series[(r["method"], r["budget"], rest)].append((r[key], r[f"{main}_after"]))
                 if not _is_compressor(key) and r.get(f"{main}_before") is not None:
                     full[r[key]] = r[f"{main}_before"]
             fig, ax = plt.subplots(figsize=(6, 4.5))
-            for (method, budget, *_), pts in sorted(series.items()):
-                if pts:
-                    ax.plot(
-                        *zip(*sorted(pts), strict=True),
-                        marker="o",
-                        markersize=3,
-                        label=f"{method} @ {budget}",
-                    )
+            for (method, budget, rest), pts in sorted(series.items(), key=str):
+                label = f"{method} @ {budget}" + "".join(f", {k}={_short(v)}" for k, v in rest)
+                ax.plot(*zip(*sorted(pts), strict=True), marker="o", markersize=3, label=label)
             if full:
                 ax.plot(
                     *zip(*sorted(full.items()), strict=True),
