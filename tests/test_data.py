@@ -30,7 +30,6 @@ from kvexp.tasks.data import (
     locate,
     read_corpus,
     required_data_file,
-    resolve_local_file,
     stdlib_dir,
 )
 
@@ -109,7 +108,7 @@ def test_embedded_wikitext2_equals_the_local_copy(local_data):
     rows = json.loads((local_data / "wikitext2" / "test_rows.json").read_text(encoding="utf-8"))
     assert wikitext_rows() == (rows["text"] if isinstance(rows, dict) else rows)  # the hub's rows
     embedded = load_documents(cfg("wikitext2"), max_samples=None)
-    assert resolve_local_file(cfg("wikitext2")) == local_data / "wikitext2" / "test_rows.json"
+    assert locate(cfg("wikitext2"), announce=False).path == local_data / "wikitext2" / "test_rows.json"
     assert load_documents(cfg("wikitext2"), max_samples=None) == embedded  # same text either way
 
 

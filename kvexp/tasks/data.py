@@ -252,11 +252,6 @@ def from_hub(dataset: Mapping, source: Source, load: Callable[[], T], stand_in: 
         return stand_in(source.stand_in.path)
 
 
-def resolve_local_file(dataset: Mapping) -> Path | None:
-    """The file `locate` picks for `dataset` without announcing it, or None when it comes from the hub."""
-    return locate(dataset, announce=False).path
-
-
 def check_dataset(dataset: Mapping) -> None:
     """Reject a bad dataset config before any model is loaded, naming the option to fix."""
     name = dataset.get("name")
