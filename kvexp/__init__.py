@@ -7,11 +7,28 @@ cache = kvexp.make_cache(model, "streaming_llm", budget=256, sink_tokens=4)
 out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
 cache.stats()
 result = kvexp.evaluate_perplexity(model, tokenizer, text, method="knorm", budget=512)
+
+The names load on first use, so `python -m kvexp --help` and the config code import no torch.
 """
 
-from kvexp.engine import KVCache, make_cache
-from kvexp.methods import build_method, list_methods
-from kvexp.models import load_model_by_name as load_model
-from kvexp.tasks.perplexity import evaluate_perplexity
+from __future__ import annotations
 
-__all__ = ["KVCache", "build_method", "evaluate_perplexity", "list_methods", "load_model", "make_cache"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "KVCache": "kvexp.engine",
+    "make_cache": "kvexp.engine",
+    "build_method": "kvexp.methods",
+    "list_methods": "kvexp.methods",
+    "load_model": "kvexp.models",
+    "evaluate_perplexity": "kvexp.tasks.perplexity",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kvexp' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    return getattr(module, "load_model_by_name" if name == "load_model" else name)

@@ -8,12 +8,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kvexp.app import NonFiniteMetricError, format_table, train_or_eval
 from kvexp.config import normalize_overrides
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    from kvexp.app import (  # torch loads here, not for --help
+        NonFiniteMetricError,
+        format_table,
+        train_or_eval,
+    )
+
     try:
         summary = train_or_eval(cfg)
     except (ValueError, NonFiniteMetricError) as err:  # a user error or a failed run: one line, no traceback

@@ -2,8 +2,8 @@
 
 The dataclasses type every group except `method`, whose parameters differ per method and are checked against
 the method's own dataclass by `build_method`. Datasets with options of their own extend `DatasetConfig`
-(`GenerationDatasetConfig` and its retrieval / summarization kinds), stored as `base_<kind>` in the dataset
-group: their yaml starts with `defaults: [base_<kind>, _self_]`. `validate(cfg)` turns every bad value a
+(`GenerationDatasetConfig` and its retrieval / summarization kinds), stored as `base_<kind>` outside the
+dataset group (no choice of it): their yaml starts with `defaults: [/base_<kind>@_here_, _self_]`. `validate(cfg)` turns every bad value a
 user can give into a ValueError naming the option, the value and what is allowed.
 """
 
@@ -15,8 +15,6 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-
-from kvexp.engine.cache import POSITION_OPTIONS, WHEN_OPTIONS
 
 
 # OmegaConf 2.3 structured configs need typing.Optional/List/Dict, not PEP 604 unions.
@@ -208,14 +206,15 @@ class KVExpConfig:
 
 
 ConfigStore.instance().store(name="base_config", node=KVExpConfig)
-# Generation dataset schemas: a conf/dataset yaml picks one with `defaults: [base_<kind>, _self_]`.
-ConfigStore.instance().store(group="dataset", name="base_generation", node=GenerationDatasetConfig)
-ConfigStore.instance().store(group="dataset", name="base_retrieval", node=RetrievalDatasetConfig)
-ConfigStore.instance().store(group="dataset", name="base_summarization", node=SummarizationDatasetConfig)
-ConfigStore.instance().store(group="dataset", name="base_longbench", node=LongBenchDatasetConfig)
-ConfigStore.instance().store(group="dataset", name="base_prompt", node=PromptDatasetConfig)
-ConfigStore.instance().store(group="dataset", name="base_python_code", node=PythonCodeDatasetConfig)
-ConfigStore.instance().store(group="dataset", name="base_lm_eval", node=LmEvalDatasetConfig)
+# Dataset schemas, outside the dataset group (not dataset choices): a conf/dataset yaml extends one with
+# `defaults: [/base_<kind>@_here_, _self_]`.
+ConfigStore.instance().store(name="base_generation", node=GenerationDatasetConfig)
+ConfigStore.instance().store(name="base_retrieval", node=RetrievalDatasetConfig)
+ConfigStore.instance().store(name="base_summarization", node=SummarizationDatasetConfig)
+ConfigStore.instance().store(name="base_longbench", node=LongBenchDatasetConfig)
+ConfigStore.instance().store(name="base_prompt", node=PromptDatasetConfig)
+ConfigStore.instance().store(name="base_python_code", node=PythonCodeDatasetConfig)
+ConfigStore.instance().store(name="base_lm_eval", node=LmEvalDatasetConfig)
 
 _NUMERIC_GROUP_CHOICE = re.compile(r"([+~]?budget)=(\d+(?:,\d+)*)")
 
@@ -229,6 +228,8 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     `budget=` / `budget.tokens=` override means a keep-ratio budget, so `budget.tokens=null` is added; given
     together with either, both stay and validation asks for one. `dataset.prompt=<text>` is quoted too, so a
     prompt is taken verbatim (commas, brackets, `!`, `=`, `${`), not as a sweep or a syntax error.
+    A method parameter (`method.<key>=v`) becomes `++method.<key>=v` (set, or add): its keys differ per method, so a
+    misspelt one reaches `build_method`, which names the keys the method has (Hydra would advise `+method.<key>`).
     """
     normalized = []
     for override in overrides:
@@ -238,6 +239,8 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
         key, _, value = override.partition("=")
         if key.lstrip("+") == "dataset.prompt" and value != "null" and not _quoted(value):
             override = f"{key}={_quote(value)}"
+        if key.startswith("method."):
+            override = f"++{override}"
         normalized.append(override)
     keys = [o.split("=", 1)[0].lstrip("+~") for o in normalized]
     if "budget.keep_ratio" in keys and "budget" not in keys and "budget.tokens" not in keys:
@@ -290,6 +293,7 @@ def _check_choice(option: str, value: Any, allowed: tuple) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model: run it before loading anything."""
+    from kvexp.engine.cache import POSITION_OPTIONS, WHEN_OPTIONS
     from kvexp.models import MODEL_SOURCES
     from kvexp.tracking import LOGGERS, WANDB_MODES
 
@@ -346,6 +350,30 @@ def validate(cfg: DictConfig) -> None:
             "budget.keep_ratio=R"
         )
     method.validate(budget.tokens)
+    _check_model_shape(cfg, method)
+
+
+def _check_model_shape(cfg: DictConfig, method) -> None:
+    """Options sized by the model (budget.per_layer, budget.per_head, a method's layer indices) against its
+    config, read without the weights; skipped when the config cannot be read before the load (hub offline)."""
+    from kvexp.models import model_shape
+
+    shape = model_shape(cfg.model)
+    if shape is None:
+        return
+    layers, kv_heads = shape
+    where = f"model {cfg.model.name} has {layers} layers and {kv_heads} KV heads"
+    per_layer, per_head = cfg.budget.per_layer, cfg.budget.per_head
+    if per_layer is not None and len(per_layer) != layers:
+        raise ValueError(f"budget.per_layer has {len(per_layer)} entries; {where}: give one per layer")
+    if per_head is not None:
+        rows = [len(row) for row in per_head]
+        if len(rows) != layers or any(n != kv_heads for n in rows):
+            raise ValueError(
+                f"budget.per_head is {len(rows)} rows of {sorted(set(rows))} entries; {where}: give "
+                f"{layers} rows of {kv_heads} (one per layer, one per KV head)"
+            )
+    method.check_model(layers, kv_heads)
 
 
 def _check_train(cfg: DictConfig) -> None:

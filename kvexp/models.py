@@ -12,9 +12,14 @@ Three model sources, chosen by ``model.source``:
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
+import os
+import shutil
+import struct
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -133,8 +139,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _load_tiny(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Random model of ``model.architecture`` sized by ``model.tiny``; weights depend only on the seed."""
+def _tiny_config(model: Mapping) -> tuple[PretrainedConfig, int]:
+    """The tiny model's transformers config (sized by ``model.tiny``) and its init seed."""
     arch = model.get("architecture")
     if arch not in TINY_ARCHITECTURES:
         raise ValueError(f"model.architecture={arch!r}: tiny models support {TINY_ARCHITECTURES}")
@@ -149,16 +155,22 @@ def _load_tiny(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return cfg, seed
+
+
+def _load_tiny(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Random model of ``model.architecture`` sized by ``model.tiny``; weights depend only on the seed."""
+    cfg, seed = _tiny_config(model)
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG stream
         torch.manual_seed(seed)
         net = AutoModelForCausalLM.from_config(
             cfg, dtype=dtype, attn_implementation=model.get("attn_implementation") or "sdpa"
         )
-    return net, tokenizer
+    return net, tiny_tokenizer()
 
 
-def _load_gguf(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """GGUF from ``model.path`` or, when null, from the pip package ``model.gguf_package``."""
+def gguf_path(model: Mapping) -> Path:
+    """The GGUF file: ``model.path`` / ``model.gguf_file``, or the one in the pip package ``model.gguf_package``."""
     if model.get("path"):
         directory, name = Path(model["path"]), model.get("gguf_file")
         if name is None:
@@ -170,11 +182,116 @@ def _load_gguf(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
         directory, name = found.parent, model.get("gguf_file") or found.name
     if not (directory / name).is_file():
         raise ValueError(f"model.gguf_file={name!r}: no such file in {directory}")
-    log.info("loading GGUF %s (dequantised to %s)", directory / name, dtype)
-    kw = dict(gguf_file=name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
+    return directory / name
+
+
+# GGUF metadata value types (the GGUF spec): fixed-size scalars by struct format; 8 = string, 9 = array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The scalar and string key/values of a GGUF file's header (arrays, e.g. the vocabulary, are skipped): a
+    few milliseconds, where transformers' reader parses every tensor. A ValueError when it is no GGUF file."""
+
+    def read(fmt: str) -> Any:
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError(f"{path}: truncated GGUF header")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def value(kind: int) -> Any:
+        if kind in _GGUF_SCALARS:
+            return read(_GGUF_SCALARS[kind])
+        if kind == 8:
+            return f.read(read("Q")).decode("utf-8", "replace")
+        if kind == 9:
+            item, count = read("I"), read("Q")
+            if item in _GGUF_SCALARS:
+                f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item]), 1)
+            else:
+                for _ in range(count):
+                    value(item)
+            return None
+        raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        read("I")  # version
+        read("Q")  # tensor count
+        meta = {}
+        for _ in range(read("Q")):
+            key = f.read(read("Q")).decode("utf-8", "replace")
+            item = value(read("I"))
+            if item is not None:
+                meta[key] = item
+    return meta
+
+
+def cache_root() -> Path:
+    """Where kvexp caches what it derives from inputs (converted GGUF weights): ``$KVEXP_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/kvexp`` or ``~/.cache/kvexp``."""
+    if os.environ.get("KVEXP_CACHE_DIR"):
+        return Path(os.environ["KVEXP_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvexp"
+
+
+@functools.cache
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _converted_gguf(path: Path) -> Path | None:
+    """A directory holding the GGUF model as transformers saves it (config, float32 safetensors, tokenizer),
+    converted once and cached under `cache_root()` keyed by the file's sha256, so later loads skip the GGUF parse
+    (SmolLM2-135M: ~1 s instead of ~20 s). None when the cache cannot be written (the GGUF is then loaded directly)."""
+    stat = path.stat()
+    target = cache_root() / "gguf" / f"{path.stem}-{_file_digest(path, stat.st_size, stat.st_mtime_ns)}"
+    if (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_model as save_safetensors
+
+    log.info("converting GGUF %s once (dequantised to float32) into %s", path, target)
+    kw = dict(gguf_file=path.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+    net = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tokenizer.save_pretrained(tmp)
+        # save_pretrained refuses a GGUF-loaded model (its quantizer is marked unserializable); the weights are
+        # plain dequantised tensors, written as such (tied ones once).
+        config = net.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        net.generation_config.save_pretrained(tmp)
+        save_safetensors(net, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            tmp.rename(target)  # atomic: a reader sees the whole directory or none
+        except OSError:  # another process converted it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        log.warning("could not cache the converted GGUF in %s (%s); loading it directly", target, err)
+        return None
+    return target
+
+
+def _load_gguf(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """GGUF from ``model.path`` or, when null, from the pip package ``model.gguf_package``; through its converted
+    copy (`_converted_gguf`) when the cache is writable."""
+    path = gguf_path(model)
+    converted = _converted_gguf(path)
+    kw = dict(local_files_only=True) if converted else dict(gguf_file=path.name, local_files_only=True)
+    source = converted or path.parent
+    log.info("loading GGUF %s (dequantised to %s) from %s", path.name, dtype, source)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     net = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, attn_implementation=model.get("attn_implementation") or "sdpa", **kw
+        source, dtype=dtype, attn_implementation=model.get("attn_implementation") or "sdpa", **kw
     )
     return net, tokenizer
 
@@ -201,6 +318,46 @@ def _load_hub(
         **kw,
     )
     return net, tokenizer
+
+
+def model_shape(model: Mapping) -> tuple[int, int] | None:
+    """(layers, KV heads) of ``model`` read from its config, not its weights (a GGUF header; a hub model's
+    config.json, local or reachable); None when it cannot be known before the load (the hub unreachable).
+    A ValueError names the option when the model cannot be found at all."""
+    source = model.get("source")
+    if source == "tiny":
+        cfg, _ = _tiny_config(model)
+    elif source == "gguf":
+        meta = gguf_metadata(gguf_path(model))
+        arch = meta.get("general.architecture")
+        heads = meta.get(f"{arch}.attention.head_count")
+        return meta[f"{arch}.block_count"], meta.get(f"{arch}.attention.head_count_kv", heads)
+    else:
+        path = model.get("path")
+        if not path:
+            raise ValueError("model.path (a hub id or a local directory) must be set for model.source=hub")
+        if Path(str(path)).expanduser().exists() and not Path(str(path)).expanduser().is_dir():
+            raise ValueError(f"model.path={path!r} is a file; expected a hub id or a model directory")
+        cfg = _hub_config(model)
+        if cfg is None:
+            return None
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
+def _hub_config(model: Mapping) -> PretrainedConfig | None:
+    """The hub model's config from a local directory or the hub cache, else the hub when reachable."""
+    from kvexp.tasks.data import hub_reachable
+
+    kw = dict(revision=model.get("revision"), trust_remote_code=bool(model.get("trust_remote_code")))
+    for local in (True, False):
+        if not local and not hub_reachable():
+            return None
+        try:
+            return AutoConfig.from_pretrained(str(model["path"]), local_files_only=local, **kw)
+        except (OSError, ValueError) as err:
+            if Path(str(model["path"])).expanduser().is_dir():
+                raise ValueError(f"model.path={model['path']!r}: no usable config.json ({err})") from err
+    return None
 
 
 def load_checkpoint(net: PreTrainedModel, checkpoint: str) -> PreTrainedModel:

@@ -84,6 +84,24 @@ def test_numeric_budget_choices_are_quoted_for_hydra():
     assert _compose("budget=keep_0.5").budget.keep_ratio == 0.5
 
 
+def test_a_misspelt_method_key_names_the_methods_keys():
+    """Hydra alone refuses `method.sink_token=4` advising `+method.sink_token` (which fails again); kvexp names the
+    method's parameters instead, and real keys, nested ones and sweeps still work."""
+    assert normalize_overrides(["method.sink_token=4", "+method.x=1", "method=h2o"]) == [
+        "++method.sink_token=4",
+        "+method.x=1",
+        "method=h2o",
+    ]
+    cfg = _compose(*normalize_overrides(["method.sink_token=4"]))
+    with pytest.raises(
+        ValueError, match=r"no parameter\(s\) \['sink_token'\]; its parameters are: \['sink_tokens'\]"
+    ):
+        validate(cfg)
+    assert _compose(*normalize_overrides(["method.sink_tokens=8"])).method.sink_tokens == 8
+    cfg = _compose(*normalize_overrides(["method=think", "method.evict.window_size=16"]))
+    assert cfg.method.evict.window_size == 16
+
+
 def test_a_lone_keep_ratio_replaces_the_default_token_budget():
     assert normalize_overrides(["budget.keep_ratio=0.5"]) == ["budget.keep_ratio=0.5", "budget.tokens=null"]
     assert normalize_overrides(["budget.keep_ratio=0.5", "budget.tokens=8"])[-1] == "budget.tokens=8"
@@ -147,6 +165,23 @@ def test_a_lone_keep_ratio_replaces_the_default_token_budget():
         (["eval.temperature=0"], "eval.temperature"),
         (["eval.top_p=1.5"], "eval.top_p"),
         (["eval.prefill_chunk_size=0"], "eval.prefill_chunk_size"),
+        # sized by the model: checked against its config (a GGUF header, a tiny model's yaml) before the weights
+        (
+            ["model=tiny_llama", "method=knorm", "method.skip_layers=[7]"],
+            r"method.skip_layers \[7\] are not layers of this model \(2 layers",
+        ),
+        (["model=tiny_llama", "method=fix_size_l2", "method.skip_layers=[0,-3]"], r"skip_layers \[-3\]"),
+        (["model=tiny_llama", "method=d2o", "method.skip_layers=[2]"], r"skip_layers \[2\]"),
+        (
+            ["model=tiny_llama", "method=think", "method.evict={name:knorm,skip_layers:[5]}"],
+            r"method.evict: .*skip_layers \[5\]",
+        ),
+        (
+            ["model=tiny_llama", "budget.per_head=[[32,32,32],[32,32,32]]"],
+            r"budget.per_head is 2 rows of \[3\] entries; model tiny_llama has 2 layers and 2 KV heads",
+        ),
+        (["model=tiny_llama", "budget.per_layer=[8,8,8]"], r"budget.per_layer has 3 entries; .*2 layers"),
+        (["budget.per_layer=[8,8]"], r"budget.per_layer has 2 entries; model smollm2_135m has 30 layers and 3"),
     ],
 )
 def test_bad_values_fail_early_naming_the_option(overrides, match):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from kvexp.engine.attention import kvexp_attention
 from kvexp.engine.cache import CacheOptions, CompressedLayer, KVCache
 from kvexp.methods import build_method
-from kvexp.methods.merging import fold, most_similar, reject_rerotate, skip_layers
+from kvexp.methods.base import skip_layers
+from kvexp.methods.merging import fold, most_similar, reject_rerotate
 
 B, HKV, G, L, D = 2, 2, 2, 6, 8
 

@@ -169,3 +169,52 @@ def test_smollm2_embedded_gguf(smollm2) -> None:
     with torch.no_grad():
         next_id = model(**batch).logits[0, -1].argmax().item()
     assert "Paris" in tok.decode([next_id])
+
+
+@pytest.mark.slow
+def test_gguf_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch) -> None:
+    """The first load parses the GGUF and caches it (config, float32 safetensors, tokenizer) keyed by the file's
+    hash; later loads read that copy only and give the same model and tokenizer as the GGUF itself."""
+    import transformers
+
+    monkeypatch.setenv("KVEXP_CACHE_DIR", str(tmp_path))
+    loads: dict[str, list] = {
+        "model": [],
+        "tokenizer": [],
+    }  # (gguf_file, what was loaded) per from_pretrained
+
+    def spy(kind: str, cls: type) -> None:
+        real = cls.from_pretrained
+
+        def from_pretrained(*args, **kwargs):
+            loaded = real(*args, **kwargs)
+            loads[kind].append((kwargs.get("gguf_file"), loaded))
+            return loaded
+
+        monkeypatch.setattr(cls, "from_pretrained", from_pretrained)
+
+    spy("model", transformers.AutoModelForCausalLM)
+    spy("tokenizer", transformers.AutoTokenizer)
+    first, _ = load_model_by_name("smollm2_135m")
+    (converted,) = (tmp_path / "gguf").iterdir()  # no temp dir left beside it
+    assert (
+        converted.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+        and len(converted.name.rsplit("-", 1)[1]) == 16
+    )
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in converted.iterdir()}
+    assert [g for g, _ in loads["model"]] == [embedded_gguf_path().name, None]  # parsed once, then the copy
+    direct, direct_tok = loads["model"][0][1], loads["tokenizer"][0][1]  # what the GGUF itself gives
+
+    model, tok = load_model_by_name("smollm2_135m")
+    assert [g for g, _ in loads["model"]][2:] == [None]  # no GGUF parse any more
+
+    messages = [{"role": "user", "content": "Name the capital of France."}]
+    assert tok.apply_chat_template(messages, tokenize=False) == direct_tok.apply_chat_template(
+        messages, tokenize=False
+    )
+    text = "The capital of France is Paris. <|im_start|>user\nhi<|im_end|>"
+    assert tok(text).input_ids == direct_tok(text).input_ids
+    ids = direct_tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = direct(ids).logits
+        assert torch.equal(model(ids).logits, expected) and torch.equal(first(ids).logits, expected)

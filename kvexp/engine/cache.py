@@ -262,6 +262,12 @@ class StoredEntries:
         except ValueError as err:
             raise ValueError(f"method.evict: {err} (set it as method.evict.<parameter>)") from err
 
+    def check_model(self, num_layers: int, kv_heads: int) -> None:
+        try:
+            self.evictor.check_model(num_layers, kv_heads)
+        except ValueError as err:
+            raise ValueError(f"method.evict: {err}") from err
+
     def make_storage(self, layer: CompressedLayer, keys: torch.Tensor, values: torch.Tensor) -> Storage:
         """A fresh storage for `layer`, sized from its first K/V [B, Hkv, q, D] (the layer's dims are set)."""
         raise NotImplementedError

@@ -42,6 +42,12 @@ class Method:
     def validate(self, budget: int | None) -> None:
         """Raise ValueError for hyperparameters that cannot work with this budget (before any model runs)."""
 
+    def check_model(self, num_layers: int, kv_heads: int) -> None:
+        """Raise ValueError for hyperparameters that do not fit the model's shape, read from its config before the
+        weights load. Layer indices (the `skip_layers` of the methods that have them) must be layers of it."""
+        if isinstance(getattr(self, "skip_layers", None), list):
+            skip_layers([None] * num_layers, self.skip_layers, self.name)
+
     def prepare(self, model: PreTrainedModel) -> None:
         """Learn what the method needs from the model itself (RazorAttention's retrieval-head probe).
         `make_cache` calls it once, after `validate` and before the cache is used, if a layer has a budget."""
@@ -151,6 +157,22 @@ class TrainableMergedBias:
             return None
         merged = layer.state(self.merged_state) > 0  # [B, Hkv, L_phys]
         return delta[layer.layer_idx].to(layer.device)[None, :, None] * merged
+
+
+def skip_layers(budgets: list[int | None], skip: list[int], name: str) -> list[int | None]:
+    """Per-layer budgets with the `skip` layers left uncompressed (None); negative indices count from the end.
+
+    KNorm skips layers 0 and 1 in its paper; D2O and KVMerger leave layers 0, 1 and the last whole, where attention
+    is nearly uniform (their papers' choice)."""
+    n = len(budgets)
+    outside = [i for i in skip if not -n <= i < n]
+    if outside:
+        raise ValueError(
+            f"method={name}: method.skip_layers {outside} are not layers of this model ({n} layers: 0..{n - 1}, "
+            f"or -{n}..-1 from the end)"
+        )
+    skipped = {i % n for i in skip}
+    return [None if i in skipped else budget for i, budget in enumerate(budgets)]
 
 
 def list_methods() -> dict[str, str]:

@@ -4,10 +4,10 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn.functional as F
 
-from kvexp.methods.base import register
+from kvexp.methods.base import register, skip_layers
 from kvexp.methods.dynamickv import share_with_caps
 from kvexp.methods.h2o import H2O
-from kvexp.methods.merging import fold, most_similar, reject_rerotate, skip_layers
+from kvexp.methods.merging import fold, most_similar, reject_rerotate
 from kvexp.methods.scoring import column_sums, protect_sinks, reduce_group
 
 

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, register, skip_layers
 from kvexp.methods.random import Random
 from kvexp.methods.scoring import lowest_key_norm, protect_recent
 
@@ -41,8 +41,8 @@ class FixSizeL2(Method):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"method.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
 
-    def layer_budget(self, layer_idx: int, budget: int | None) -> int | None:
-        return None if layer_idx in self.skip_layers else budget
+    def layer_budgets(self, budgets: list[int | None]) -> list[int | None]:
+        return skip_layers(budgets, self.skip_layers, self.name)
 
     def score(self, layer) -> torch.Tensor:
         recent = int(layer.budget * self.recent_ratio)

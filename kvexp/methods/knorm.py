@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, register, skip_layers
 
 
 @register
@@ -30,10 +30,9 @@ class Knorm(Method):
         if self.prune_after < 1:
             raise ValueError(f"method.prune_after must be >= 1, got {self.prune_after}")
 
-    def layer_budget(self, layer_idx: int, budget: int | None) -> int | None:
-        if layer_idx in self.skip_layers:
-            return None
-        return self.prune_after if self.keep_ratio is not None else budget
+    def layer_budgets(self, budgets: list[int | None]) -> list[int | None]:
+        budgets = [self.prune_after if self.keep_ratio is not None else b for b in budgets]
+        return skip_layers(budgets, self.skip_layers, self.name)
 
     def target_size(self, layer) -> int:
         if self.keep_ratio is None:

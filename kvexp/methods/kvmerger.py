@@ -5,8 +5,8 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn.functional as F
 
-from kvexp.methods.base import Method, register
-from kvexp.methods.merging import fold, reject_rerotate, skip_layers
+from kvexp.methods.base import Method, register, skip_layers
+from kvexp.methods.merging import fold, reject_rerotate
 from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention
 
 

@@ -33,18 +33,6 @@ def reject_rerotate(layer: CompressedLayer, name: str) -> None:
         )
 
 
-def skip_layers(budgets: list[int | None], skip: list[int], name: str) -> list[int | None]:
-    """Per-layer budgets with the `skip` layers left uncompressed (None); negative indices count from the end.
-
-    D2O and KVMerger leave layers 0, 1 and the last whole, where attention is nearly uniform (their papers' choice)."""
-    n = len(budgets)
-    outside = [i for i in skip if not -n <= i < n]
-    if outside:
-        raise ValueError(f"method={name}: skip_layers {outside} are not layers of this model ({n} layers)")
-    skipped = {i % n for i in skip}
-    return [None if i in skipped else budget for i, budget in enumerate(budgets)]
-
-
 @torch.no_grad()  # a choice of partners (and weights derived from it), never a path for gradients in training
 def most_similar(
     keys: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor
