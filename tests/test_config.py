@@ -181,7 +181,10 @@ def test_a_lone_keep_ratio_replaces_the_default_token_budget():
             r"budget.per_head is 2 rows of \[3\] entries; model tiny_llama has 2 layers and 2 KV heads",
         ),
         (["model=tiny_llama", "budget.per_layer=[8,8,8]"], r"budget.per_layer has 3 entries; .*2 layers"),
-        (["budget.per_layer=[8,8]"], r"budget.per_layer has 2 entries; model smollm2_135m has 30 layers and 3"),
+        (
+            ["budget.per_layer=[8,8]"],
+            r"budget.per_layer has 2 entries; model smollm2_135m has 30 layers and 3",
+        ),
     ],
 )
 def test_bad_values_fail_early_naming_the_option(overrides, match):
@@ -265,3 +268,21 @@ def test_bad_files_fail_before_the_model_loads_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"method.checkpoint=.*learned_scorer.pt' cannot be read") as failure:
         validate(_compose("method=learned", f"method.checkpoint={scorer}"))
     assert "weights_only" not in str(failure.value)  # torch's advice to load unsafely is not passed on
+
+
+def test_help_is_quick_and_lists_only_choices():
+    """`python -m kvexp --help` imports neither torch nor transformers (the config code needs neither), and the
+    dataset schemas (`base_<kind>`) are no choices of the dataset group."""
+    import subprocess
+    import sys
+
+    probe = "import sys, kvexp, kvexp.config, kvexp.__main__; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+        == "[]\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "kvexp", "--help"], capture_output=True, text=True, check=True, cwd=CONF.parent
+    ).stdout
+    (datasets,) = [line for line in out.splitlines() if line.startswith("dataset: ")]
+    assert "passkey" in datasets and "wikitext2" in datasets and "base_" not in datasets
