@@ -3,12 +3,15 @@
     python -m kvexp.report outputs/kvexp/multiruns/<timestamp> [more dirs] [--out-dir DIR] [--no-plots]
 
 Writes into `--out-dir` (default: the first directory): `results.csv` (one row per run, every metric before and
-after, cost figures, and a column for every config key that differs between the runs), `report.md` (one table
-per comparison group and budget in the kvcompress study's format: the full cache and each method, then each
-metric's % change against the full cache), the plots (`plots/*.png`: per-metric method
-comparison per budget, quality vs throughput, method x metric heatmap of % changes, cache efficiency, quality vs
-compression Pareto curves, cluster quality vs quality where a method reports it) and `report.html`, which holds
-the tables and the plots inline and opens offline. A multirun writes it by itself (kvexp.callbacks).
+after, cost figures, and a column for every config key that differs between the runs), `report.md` (a header:
+when the runs finished, the command rebuilt from their overrides, the swept keys, hardware, versions, the config
+they share and links to their run dirs; then one captioned table per comparison group and budget in the
+kvcompress study's format: the full cache and each method, then each metric's % change against the full cache;
+then the captioned plots), the plots (`plots/*.png`: per-metric method comparison per budget, quality vs
+throughput, method x metric heatmap of % changes, cache efficiency, quality vs compression Pareto curves, cluster
+quality vs quality where a method reports it) and `report.html`, the same with the plots inline, which opens
+offline. A multirun writes it by itself (kvexp.callbacks). Timings are in the console's units: TTFT in s, TPOT
+in ms, throughput in tokens/s.
 
 Runs are compared only with the full cache of their own *comparison group*: the runs whose configs agree on
 everything that changes the full-cache result (model, hardware, dataset, eval settings, seed, training: every
@@ -24,9 +27,14 @@ import base64
 import html
 import json
 import logging
+import os
+import re
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kvexp.tracking import atomic_write_csv, atomic_write_text
 
@@ -242,9 +250,10 @@ def _group_names(summaries: list[dict[str, Any]], varying: list[str]) -> dict[tu
 
 
 def tables(summaries: list[dict[str, Any]]) -> str:
-    """Markdown tables, one per (comparison group, budget): the group's full-cache baseline first, then each
-    run by its label; then the % changes (quality against the group's full cache, timings against the full
-    cache of the same run)."""
+    """Markdown tables, one per (comparison group, budget), each under a caption: the group's full-cache baseline
+    first (the method=full run itself when the group has one, else the full-cache pass of the first run), then
+    each run by its label; then the % changes (quality against the baseline row, timings against the full cache
+    of the same run). Timings in the console's units: TTFT in s, TPOT in ms."""
     varying, labels = varying_keys(summaries), label_keys(summaries)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for s in summaries:
@@ -257,14 +266,21 @@ def tables(summaries: list[dict[str, Any]]) -> str:
     out = []
     for (group, budget), runs in sorted(groups.items(), key=order):
         metrics = _ordered({m for s in runs for m in quality_metrics(s["metrics_after"])})
+        full = next((s for s in runs if s["method"]["name"] == "full"), None)
         first = next((s for s in runs if s.get("metrics_before")), None)
         table = []  # (label, timing, quality values, kept, the same run's full-cache timing)
-        if first is not None:
+        source = None  # where the baseline row comes from
+        if full is not None:  # the full cache's own run is the baseline: its quality and its own timings
+            quality, kept = quality_metrics(full["metrics_after"]), full["kv_cache"]["tokens_kept"]
+            table.append(("full (baseline)", full["timing"], quality, kept, None))
+            source = f"the method=full run `{Path(full['run_dir']).name}`"
+        elif first is not None:
             before = quality_metrics(first["metrics_before"])
             table.append(
                 ("full (baseline)", first["timing_full"], before, first["kv_cache"]["tokens_seen"], None)
             )
-        for s in sorted(runs, key=lambda s: run_label(s, labels)):
+            source = f"the full-cache pass of run `{Path(first['run_dir']).name}`"
+        for s in sorted((s for s in runs if s is not full), key=lambda s: run_label(s, labels)):
             table.append(
                 (
                     run_label(s, labels),
@@ -278,23 +294,36 @@ def tables(summaries: list[dict[str, Any]]) -> str:
         unit = "tokens scored" if "tokens" in runs[0]["metrics_after"] else "samples"
         title = f"### {runs[0]['dataset']}, budget {budget} ({runs[0]['model']}, {scored} {unit})"
         out.append(title + _group_title(group) + "\n")
+        baseline = f"`full (baseline)`: the full cache, from {source}." if source else "No full-cache result."
+        out.append(
+            f"*Each run at budget {budget}: TTFT in s, TPOT in ms (as the console prints them), decoding "
+            f"throughput in tokens/s, quality after compression, tokens held in the KV cache. {baseline}*\n"
+        )
         names = [_metric_title(m) for m in metrics]
         out.append(
-            "| method | TTFT (s) | TPOT (s) | throughput (tok/s) | " + " | ".join(names) + " | KV kept |"
+            "| method | TTFT (s) | TPOT (ms) | throughput (tok/s) | " + " | ".join(names) + " | KV kept |"
         )
         out.append("|---" * (5 + len(metrics)) + "|")
         for name, timing, values, kept, _ in table:
             cells = [_fmt_metric(m, values.get(m)) for m in metrics]
             out.append(
-                f"| {name} | {timing['ttft_s']:.4f} | {(timing['tpot_ms'] or 0.0) / 1000:.4f} | "
+                f"| {name} | {timing['ttft_s']:.4f} | {timing['tpot_ms'] or 0.0:.2f} | "
                 f"{timing['throughput_tok_s']:.2f} | " + " | ".join(cells) + f" | {kept:.0f} |"
             )
-        if first is not None:
+        if source and len(table) > 1:
             base_values = table[0][2]
-            out.append("\n| method | throughput | TPOT | " + " | ".join(names) + " |")
+            lower = [_metric_title(m) for m in metrics if m in LOWER_IS_BETTER]
+            out.append(
+                "\n*% change of each run against the full cache: quality against `full (baseline)` above"
+                + (f" (lower {', '.join(lower)} is better, higher for the rest)" if lower else "")
+                + ", throughput and TPOT against the full cache timed in the same run (-: timed in another "
+                "process, not compared).*\n"
+            )
+            out.append("| method | throughput | TPOT | " + " | ".join(names) + " |")
             out.append("|---" * (3 + len(metrics)) + "|")
             for name, timing, values, _, full_timing in table[1:]:
-                full_timing = full_timing if (full_timing or {}).get("comparable", True) else {}  # n/c: "-"
+                # No full-cache timing in this run, or one from another process (n/c): "-".
+                full_timing = full_timing if full_timing and full_timing.get("comparable", True) else {}
                 changes = [
                     _change(timing["throughput_tok_s"], full_timing.get("throughput_tok_s")),
                     _change(timing["tpot_ms"], full_timing.get("tpot_ms")),
@@ -310,22 +339,22 @@ def _metric_title(name: str) -> str:
 
 
 # -- plots ------------------------------------------------------------------------------------------------------
-def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """Draw the report's figures from `rows(...)` into out_dir; returns the files written."""
+def plots(table: list[dict[str, Any]], out_dir: Path) -> list[tuple[Path, str]]:
+    """Draw the report's figures from `rows(...)` into out_dir; returns the files written, each with its caption."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    written: list[tuple[Path, str]] = []
 
-    def save(fig, name: str) -> None:
+    def save(fig, name: str, caption: str) -> None:
         path = out_dir / f"{name.replace('/', '-')}.png"  # metric keys like by.length/depth.1024/0.5 hold "/"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        written.append(path)
+        written.append((path, caption))
 
     by_group: dict[str, list[dict]] = defaultdict(list)  # one comparison group: one baseline
     for r in table:
@@ -333,7 +362,14 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     for dataset, runs in sorted(
         by_group.items()
     ):  # `dataset`: the group's name, the dataset's if it is alone
-        metrics = _ordered({k[: -len("_after")] for r in runs for k in r if k.endswith("_after")})
+        metrics = _ordered(  # not a config column that ends like one (method.prune_after)
+            {
+                k[: -len("_after")]
+                for r in runs
+                for k in r
+                if k.endswith("_after") and k.split(".", 1)[0] not in _CONFIG_ROOTS
+            }
+        )
         budgets = sorted({r["budget"] for r in runs}, key=_budget_sort)
         methods = sorted({r["label"] for r in runs})
         main = metrics[0] if metrics else None
@@ -350,10 +386,16 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             ax.set_xticks(
                 [i + 0.4 - width / 2 for i in range(len(methods))], methods, rotation=60, ha="right"
             )
+            caption = f"{dataset}: {metric} of each method, one bar per budget"
+            caption += "; dashed line: the full cache" if full is not None else ""
+            caption += f" ({_direction(metric)}"
+            if metric in LOWER_IS_BETTER:  # a perplexity: bars from zero would hide its differences
+                _fit_y(ax, [v for r in runs for v in (r.get(f"{metric}_after"), full) if v is not None])
+                caption += "; the axis fits the values, it does not start at zero"
             ax.set_ylabel(metric)
             ax.set_title(f"{dataset}: {metric} by method and budget")
             ax.legend(fontsize=7)
-            save(fig, f"{dataset}_{metric}_by_method")
+            save(fig, f"{dataset}_{metric}_by_method", caption + ").")
         if main is None:
             continue
         # Quality vs throughput trade-off.
@@ -371,7 +413,13 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_ylabel(main)
         ax.set_title(f"{dataset}: {main} vs throughput")
         ax.legend(fontsize=6, ncol=2)
-        save(fig, f"{dataset}_tradeoff")
+        save(
+            fig,
+            f"{dataset}_tradeoff",
+            f"{dataset}: {main} against decoding throughput (tokens/s), one point per run"
+            + ("; star: the full cache" if _full_value(runs, main) is not None else "")
+            + f" ({_direction(main)}).",
+        )
         # Method x metric heatmap of % change against the full cache, per budget.
         for budget in budgets:
             grid = [
@@ -402,7 +450,12 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                         ax.text(j, i, f"{v:+.0f}%", ha="center", va="center", fontsize=7)
             fig.colorbar(image, ax=ax, label="worse than full cache (%)")
             ax.set_title(f"{dataset}, budget {budget}: % change vs full cache")
-            save(fig, f"{dataset}_heatmap_{_slug(budget)}")
+            save(
+                fig,
+                f"{dataset}_heatmap_{_slug(budget)}",
+                f"{dataset}, budget {budget}: % change of each metric against the full cache, per method; red: "
+                "worse than the full cache, blue: better, whatever the metric's direction.",
+            )
         # Cache efficiency: quality change per fraction of the cache saved.
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for m in methods:
@@ -418,7 +471,11 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_ylabel(f"{main}: % change vs full cache")
         ax.set_title(f"{dataset}: cache efficiency")
         ax.legend(fontsize=6, ncol=2)
-        save(fig, f"{dataset}_cache_efficiency")
+        save(
+            fig,
+            f"{dataset}_cache_efficiency",
+            f"{dataset}: % change of {main} against the full cache versus the KV cache each run held (MiB).",
+        )
         # Quality vs compression Pareto curves (one line per method over its budgets) and the Pareto front.
         fig, ax = plt.subplots(figsize=(6, 4.5))
         points = []
@@ -440,7 +497,12 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_ylabel(main)
         ax.set_title(f"{dataset}: {main} vs compression")
         ax.legend(fontsize=6, ncol=2)
-        save(fig, f"{dataset}_pareto")
+        save(
+            fig,
+            f"{dataset}_pareto",
+            f"{dataset}: {main} against the compression ratio, one line per method over its budgets; grey: the "
+            f"Pareto front, the runs no other run beats on both ({_direction(main)}).",
+        )
         # Cluster quality (clustering methods report a silhouette) vs quality, the H2O study's analysis.
         pts = [
             (r["method_stats.silhouette"], r[f"{main}_after"])
@@ -453,7 +515,11 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             ax.set_xlabel("silhouette of the key clusters")
             ax.set_ylabel(main)
             ax.set_title(f"{dataset}: cluster quality vs {main}")
-            save(fig, f"{dataset}_cluster_quality")
+            save(
+                fig,
+                f"{dataset}_cluster_quality",
+                f"{dataset}: {main} against the silhouette of the key clusters, one point per clustering run.",
+            )
     _swept_key_plots(table, save, plt)
     return written
 
@@ -504,7 +570,26 @@ def _swept_key_plots(table: list[dict[str, Any]], save, plt) -> None:
             ax.set_ylabel(main)
             ax.set_title(f"{dataset} ({model}): {main} vs {key}")
             ax.legend(fontsize=6, ncol=2)
-            save(fig, f"{dataset}_{model}_{main}_vs_{key}")
+            save(
+                fig,
+                f"{dataset}_{model}_{main}_vs_{key}",
+                f"{dataset} ({model}): {main} against the swept `{key}`, one line per method and budget"
+                + ("; dashed: the full cache at each value" if full else "")
+                + f" ({_direction(main)}).",
+            )
+
+
+def _direction(metric: str) -> str:
+    return "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+
+
+def _fit_y(ax, values: list[float]) -> None:
+    """The y axis around the values with a 10% margin, not from zero."""
+    if not values:
+        return
+    low, high = min(values), max(values)
+    margin = 0.1 * (high - low) or 0.05 * abs(high) or 1.0
+    ax.set_ylim(low - margin, high + margin)
 
 
 def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> list[tuple[float, float]]:
@@ -562,12 +647,105 @@ def write_report(dirs: list[str | Path], out_dir: str | Path | None = None, with
     out = Path(out_dir if out_dir is not None else dirs[0])
     table = rows(summaries)
     atomic_write_csv(out / "results.csv", table, fieldnames=_fieldnames(table))
-    markdown = tables(summaries)
-    atomic_write_text(out / "report.md", markdown)
+    markdown = header(summaries, out) + "\n## Tables\n\n" + tables(summaries)
     figures = plots(table, out / "plots") if with_plots else []
-    atomic_write_text(out / "report.html", _html(markdown, figures))
+    if figures:
+        markdown += "\n## Plots\n\n" + "\n".join(
+            f"![{path.stem}]({path.relative_to(out).as_posix()})\n\n*{caption}*\n"
+            for path, caption in figures
+        )
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write_text(out / "report.html", _html(markdown, out))
     log.info("report of %d runs written to %s", len(summaries), out)
     return out
+
+
+def header(summaries: list[dict[str, Any]], out_dir: Path) -> str:
+    """What the report covers, in markdown: how many runs finished when, the command that made them (rebuilt from
+    their `.hydra/hydra.yaml`), the keys they sweep, the hardware, the versions, the config they share and links
+    to their run dirs (relative to out_dir, where the report is written)."""
+    flats, varying = [flat_config(s) for s in summaries], varying_keys(summaries)
+    finished = sorted(Path(s["run_dir"], "summary.json").stat().st_mtime for s in summaries)
+    when = " to ".join(
+        dict.fromkeys(
+            datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") for t in (finished[0], finished[-1])
+        )
+    )
+    groups = {comparison_group(s, varying) for s in summaries}
+    lines = [
+        "# kvexp report",
+        "",
+        f"- **Runs**: {len(summaries)} in {len(groups)} comparison group(s), finished {when} (summary.json times)",
+    ]
+    command = _command(summaries)
+    if command:
+        lines.append(f"- **Command** (rebuilt from the runs' `.hydra/hydra.yaml`): `{command}`")
+    # Swept: two values or more (not a key only some methods have); a model's or dataset's details
+    # (architecture, hub id ...) vary with its name: the name says it.
+    implied = tuple(f"{root}." for root in ("model", "dataset") if f"{root}.name" in varying)
+    swept = [
+        k
+        for k in varying
+        if len(_values(flats, k)) > 1 and (not k.startswith(implied) or k.endswith(".name"))
+    ]
+    if swept:
+        lines.append("- **Swept**: " + "; ".join(f"`{k}` = {', '.join(_values(flats, k))}" for k in swept))
+    hardware = sorted({k for f in flats for k in f if k.startswith("hardware.")})
+    if hardware:
+        parts = [f"{k.split('.', 1)[1]}={' / '.join(_values(flats, k))}" for k in hardware]
+        lines.append("- **Hardware**: " + ", ".join(p for p in parts if not p.endswith("=")))
+    versions = [s["versions"] for s in summaries if s.get("versions")]
+    if versions:
+        names = list(dict.fromkeys(k for v in versions for k in v))
+        lines.append(
+            "- **Versions**: "
+            + ", ".join(f"{k} {' / '.join(dict.fromkeys(str(v.get(k)) for v in versions))}" for k in names)
+        )
+    shared: dict[str, list[str]] = defaultdict(list)  # config root -> key=value, for the keys no run changes
+    for key in sorted({k for f in flats for k in f} - set(varying)):
+        if not key.startswith("hardware.") and flats[0].get(key) is not None:
+            root, _, rest = key.partition(".")
+            shared[root].append(f"{rest or root}={_short(flats[0][key])}")
+    if shared:
+        lines += ["", "## Config shared by every run", "", "*Null values left out.*", ""]
+        lines += [f"- **{root}**: `{' '.join(items)}`" for root, items in shared.items()]
+    labels = label_keys(summaries)
+    lines += ["", "## Run dirs", ""]
+    for s in summaries:
+        link = Path(os.path.relpath(s["run_dir"], out_dir)).as_posix()
+        lines.append(
+            f"- [{link}]({link}): {s['model']}, {s['dataset']}, {run_label(s, labels)}, budget {budget_label(s)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _values(flats: list[dict[str, Any]], key: str) -> list[str]:
+    """The distinct values of a config key over the runs, in run order (runs without it left out)."""
+    return list(dict.fromkeys(_short(f[key]) for f in flats if f.get(key) is not None))
+
+
+def _command(summaries: list[dict[str, Any]]) -> str | None:
+    """`python -m kvexp` with every override the runs were made with, a key's values comma-joined as a sweep
+    takes them, from each run dir's `.hydra/hydra.yaml`; None when no run dir holds one."""
+    task: dict[str, list[str]] = defaultdict(list)
+    hydra: dict[str, list[str]] = defaultdict(list)
+    multirun = False
+    for s in summaries:
+        path = Path(s["run_dir"], ".hydra", "hydra.yaml")
+        if not path.is_file():
+            continue
+        record = yaml.safe_load(path.read_text())["hydra"]
+        multirun |= record.get("mode") == "MULTIRUN"
+        for overrides, kind in ((task, "task"), (hydra, "hydra")):
+            for item in record["overrides"][kind]:
+                key, _, value = item.partition("=")
+                if key != "hydra.mode" and value not in overrides[key]:
+                    overrides[key].append(value)
+    if not task and not hydra:
+        return None
+    multirun |= any(len(values) > 1 for values in task.values())
+    args = [f"{k}={','.join(v)}" for k, v in (*task.items(), *hydra.items())]
+    return " ".join(["python -m kvexp", *(["-m"] if multirun else []), *args])
 
 
 def _fieldnames(table: list[dict]) -> list[str]:
@@ -577,16 +755,15 @@ def _fieldnames(table: list[dict]) -> list[str]:
     return list(names)
 
 
-def _html(markdown: str, figures: list[Path]) -> str:
-    """The markdown tables as HTML tables and the figures inline (base64), so the file opens anywhere offline."""
+def _html(markdown: str, out_dir: Path) -> str:
+    """The report's markdown as HTML, the figures inline (base64), so the file opens anywhere offline."""
     body = []
     lines = markdown.splitlines()
     i = 0
     while i < len(lines):
         line = lines[i]
-        if line.startswith("### "):
-            body.append(f"<h3>{html.escape(line[4:])}</h3>")
-        elif line.startswith("|"):
+        image = re.fullmatch(r"!\[(.*)\]\((.+)\)", line)
+        if line.startswith("|"):
             block = []
             while i < len(lines) and lines[i].startswith("|"):
                 block.append([html.escape(c.strip()) for c in lines[i].strip("|").split("|")])
@@ -600,17 +777,39 @@ def _html(markdown: str, figures: list[Path]) -> str:
                 + "</table>"
             )
             continue
+        if line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            body.append(f"<ul>{''.join(items)}</ul>")
+            continue
+        if image:
+            data = base64.b64encode((out_dir / image[2]).read_bytes()).decode()
+            body.append(
+                f'<figure><img alt="{html.escape(image[1])}" src="data:image/png;base64,{data}"></figure>'
+            )
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line:
+            body.append(f"<p>{_inline(line)}</p>")
         i += 1
-    for path in figures:
-        data = base64.b64encode(path.read_bytes()).decode()
-        body.append(
-            f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(path.stem)}</figcaption></figure>'
-        )
     style = (
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
+        "code{background:#f4f4f4}"
     )
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>kvexp report</title><style>{style}</style></head><body><h1>kvexp report</h1>{''.join(body)}</body></html>"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>kvexp report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def _inline(text: str) -> str:
+    """Markdown's inline marks the report uses (code, bold, italics, links) as HTML."""
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"\*(.+?)\*", r"<em>\1</em>", text)
+    return re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvexp.report import collect, pareto_front, rows, tables, write_report
+from kvexp.report import collect, pareto_front, plots, rows, tables, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,35 +33,107 @@ def test_tables_from_run_dirs(tmp_path):
         (tmp_path / str(i) / "summary.json").write_text(json.dumps(_summary(method, ppl, acc, 256)))
     text = tables(collect(tmp_path))
     assert "### wikitext2, budget 256 (m, 1999 tokens scored)" in text
-    assert "| full (baseline) | 1.0000 | 0.0200 | 50.00 | 10.00 | 50.00% | 1999 |" in text
-    assert "| h2o | 0.5000 | 0.0100 | 100.00 | 11.00 | 45.00% | 256 |" in text
+    assert "| full (baseline) | 1.0000 | 20.00 | 50.00 | 10.00 | 50.00% | 1999 |" in text  # TPOT in ms
+    assert "| h2o | 0.5000 | 10.00 | 100.00 | 11.00 | 45.00% | 256 |" in text
     assert "| h2o | +100.0% | -50.0% | +10.0% | -10.0% |" in text  # throughput, TPOT, PPL, accuracy
     assert "| knorm | +100.0% | -50.0% | +50.0% | -20.0% |" in text
 
 
 def test_analysis_notebook_runs_on_finished_runs(tmp_path, monkeypatch):
-    """notebooks/budget_vs_perplexity.ipynb executes top to bottom on run dirs (headless backend)."""
-    from pathlib import Path
+    """notebooks/budget_vs_perplexity.ipynb on a real Jupyter kernel, over the finished runs of two tiny models:
+    one curve per (model, method), each point the perplexity its own run's summary.json holds, each model's %
+    changes against its own full cache, one figure file per model; the runs are found from the repository root
+    (not only from notebooks/) and, through KVEXP_RUNS, from any folder."""
+    from collections import defaultdict
 
-    import matplotlib
+    import nbformat
+    import pytest
+    from ipykernel.kernelspec import write_kernel_spec
+    from nbclient import NotebookClient
 
-    matplotlib.use("Agg")
-    for i, (method, budget, ppl) in enumerate([("h2o", 256, 11.0), ("h2o", 512, 10.5), ("knorm", 256, 15.0)]):
-        summary = _summary(method, ppl, 0.4, budget)
-        summary["budget"]["tokens"] = budget
-        (tmp_path / str(i)).mkdir()
-        (tmp_path / str(i) / "summary.json").write_text(json.dumps(summary))
-    notebook = json.loads(
-        (Path(__file__).parents[1] / "notebooks" / "budget_vs_perplexity.ipynb").read_text()
+    from kvexp.app import train_or_eval
+    from tests.test_config import _compose
+
+    notebook = nbformat.read(ROOT / "notebooks" / "budget_vs_perplexity.ipynb", as_version=4)
+    assert all(not c.outputs for c in notebook.cells if c.cell_type == "code")  # the repo stores no outputs
+    # A checkout of its own (the notebook looks for pyproject.toml, conf/ and kvexp/ upwards; kvexp/ is the real
+    # package, which a kernel started there imports), its outputs/ holding two models' runs in two sweep folders.
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("pyproject.toml", "conf", "kvexp"):
+        (checkout / name).symlink_to(ROOT / name)
+    text = tmp_path / "doc.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 12)
+    multiruns = checkout / "outputs" / "kvexp" / "multiruns"
+    sweeps = {model: multiruns / model for model in ("tiny_llama", "tiny_qwen2")}
+    expected = defaultdict(list)  # (model, method) -> [(budget, perplexity)], from the runs' summary.json
+    baseline = {}  # model -> its full cache's perplexity
+    for model, sweep in sweeps.items():
+        for method, budget in [("streaming_llm", 32), ("streaming_llm", 64), ("knorm", 32)]:
+            cfg = _compose(
+                f"model={model}", f"method={method}", f"budget={budget}", "dataset=text_file",
+                f"dataset.path={text}", "eval.max_tokens=100", "eval.chunk_size=10", "cache_dir=null",
+            )  # fmt: skip
+            train_or_eval(cfg, sweep / f"{method}_{budget}")
+            summary = json.loads((sweep / f"{method}_{budget}" / "summary.json").read_text())
+            expected[(model, method)].append((budget, summary["metrics_after"]["perplexity"]))
+            baseline[model] = summary["metrics_before"]["perplexity"]
+    assert baseline["tiny_llama"] != baseline["tiny_qwen2"]  # else a shared baseline would go unnoticed
+    # A kernel running this very interpreter, whatever kernels the machine has registered.
+    write_kernel_spec(tmp_path / "jupyter" / "kernels" / "kvexp-test")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter" / "runtime"))
+    # Appended in memory: what the notebook built and drew, printed as JSON for the test to read back.
+    dump = nbformat.v4.new_code_cell(
+        "import json\n"
+        "drawn = {\n"
+        "    group: [[line.get_label(), [*map(float, line.get_xdata())], [*map(float, line.get_ydata())]]\n"
+        "            for line in fig.axes[0].get_lines()]\n"
+        "    for group, fig in figures.items()\n"
+        "}\n"
+        "print(json.dumps({\n"
+        "    'summaries': len(summaries), 'figures_dir': str(FIGURES), 'full': full, 'lines': drawn,\n"
+        "    'curves': [[*key, points] for key, points in curves.items()],\n"
+        "    'changes': [[*key, points] for key, points in changes.items()],\n"
+        "}))"
     )
-    code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
-    code[0] = code[0].replace('Path("../outputs")', f"Path({str(tmp_path)!r})")
-    scope: dict = {}
-    for source in code:
-        exec(compile(source, "notebook", "exec"), scope)
-    assert len(scope["summaries"]) == 3
-    assert sorted(scope["curves"][("wikitext2", "h2o")]) == [(256, 11.0), (512, 10.5)]
-    assert scope["full"] == {"wikitext2": 10.0}
+
+    def execute(cwd: Path) -> dict:
+        cwd.mkdir(exist_ok=True)
+        nb = nbformat.from_dict({**notebook, "cells": [*notebook.cells, dump]})
+        resources = {"metadata": {"path": str(cwd)}}  # the kernel's working folder
+        NotebookClient(nb, kernel_name="kvexp-test", timeout=120, resources=resources).execute()
+        return json.loads(nb.cells[-1].outputs[0]["text"])
+
+    monkeypatch.delenv("KVEXP_RUNS", raising=False)
+    monkeypatch.delenv("KVEXP_FIGURES", raising=False)
+    found = execute(checkout)  # at the repository root: reads <root>/outputs, writes <root>/outputs/figures
+    monkeypatch.setenv("KVEXP_RUNS", os.pathsep.join(str(sweep) for sweep in sweeps.values()))
+    monkeypatch.setenv("KVEXP_FIGURES", str(tmp_path / "figures"))
+    named = execute(tmp_path / "elsewhere")  # outside any checkout, told where the runs are
+    groups = {"tiny_llama": "text_file_model-tiny_llama", "tiny_qwen2": "text_file_model-tiny_qwen2"}
+    for result, figures_dir in [(found, checkout / "outputs" / "figures"), (named, tmp_path / "figures")]:
+        assert result["summaries"] == 6 and Path(result["figures_dir"]) == figures_dir
+        curves = {(model, label): [tuple(p) for p in pts] for _, model, _, label, pts in result["curves"]}
+        assert curves == {key: sorted(points) for key, points in expected.items()}
+        assert all(group == groups[model] for group, model, *_ in result["curves"])  # a group per model
+        assert result["full"] == {groups[model]: ppl for model, ppl in baseline.items()}
+        for _, model, _, label, points in result["changes"]:  # against the model's own full cache
+            budgets, ppls = zip(*sorted(expected[(model, label)]), strict=True)
+            assert [b for b, _ in points] == list(budgets)
+            ref = baseline[model]
+            assert [c for _, c in points] == pytest.approx([100 * (ppl - ref) / ref for ppl in ppls])
+        for model, group in groups.items():  # what the figure draws, every line named by its model
+            lines = {label: (x, y) for label, x, y in result["lines"][group]}
+            assert lines.pop(f"{model}: full cache")[1] == [baseline[model]] * 2
+            assert lines == {
+                f"{model}: {method}": tuple(map(list, zip(*sorted(points), strict=True)))
+                for (m, method), points in expected.items()
+                if m == model
+            }
+        files = sorted(figures_dir.iterdir())
+        assert [f.name for f in files] == [f"budget_vs_perplexity_{groups[m]}.png" for m in sorted(groups)]
+        assert all(f.read_bytes().startswith(b"\x89PNG") for f in files)
 
 
 def test_generation_metrics_get_columns_and_changes(tmp_path):
@@ -74,7 +146,7 @@ def test_generation_metrics_get_columns_and_changes(tmp_path):
     (tmp_path / "0" / "summary.json").write_text(json.dumps(summary))
     text = tables(collect(tmp_path))
     assert "### xsum, budget 256 (m, 10 samples)" in text
-    assert "| full (baseline) | 1.0000 | 0.0200 | 50.00 | 40.00% | 30.00% | 1999 |" in text
+    assert "| full (baseline) | 1.0000 | 20.00 | 50.00 | 40.00% | 30.00% | 1999 |" in text
     assert "| snapkv | +100.0% | -50.0% | -25.0% | -10.0% |" in text
     row = rows(collect(tmp_path))[0]
     assert row["rouge.rouge1_before"] == 0.40 and row["rouge.rougeL_after"] == 0.27
@@ -113,7 +185,7 @@ def test_write_report_files(tmp_path):
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(plots)  # self-contained: every plot inline
     assert "<th>PPL</th>" in page and "<td>h2o</td>" in page
-    assert (out / "report.md").read_text() == tables(collect(tmp_path))
+    assert tables(collect(tmp_path)) in (out / "report.md").read_text()
 
 
 def test_multirun_ends_with_its_report(tmp_path):
@@ -188,7 +260,7 @@ def test_each_model_is_compared_with_its_own_full_cache(tmp_path):
     assert text.count("### wikitext2, budget 64") == 2
     llama, qwen = text.split("### wikitext2, budget 64 (tiny_qwen2")
     assert "(tiny_llama, 1999 tokens scored)" in llama and "| h2o | +100.0% | -50.0% | +10.0% |" in llama
-    assert "| full (baseline) | 1.0000 | 0.0200 | 50.00 | 20.00 |" in qwen
+    assert "| full (baseline) | 1.0000 | 20.00 | 50.00 | 20.00 |" in qwen
     assert "| h2o | +100.0% | -50.0% | -0.1% |" in qwen  # 19.98 vs 20.0, not vs tiny_llama's 10.0
     assert "| knorm | +100.0% | -50.0% | +10.0% |" in qwen
     table = rows(summaries)
@@ -308,3 +380,142 @@ def test_a_rerun_sweep_reuses_jobs_by_config_and_reports_only_its_own(tmp_path):
     with open(sweep / "results.csv") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["knorm"]  # not the older h2o job beside it
     assert "| h2o" not in (sweep / "report.md").read_text()
+
+
+def _hydra_record(run_dir, task, hydra):
+    """The .hydra/hydra.yaml Hydra writes into a job's run dir: the keys the report reads (JSON is YAML)."""
+    (run_dir / ".hydra").mkdir()
+    record = {"hydra": {"mode": "MULTIRUN", "overrides": {"hydra": hydra, "task": task}}}
+    (run_dir / ".hydra" / "hydra.yaml").write_text(json.dumps(record))
+
+
+def test_report_header_names_command_config_hardware_dates_versions_and_run_dirs(tmp_path):
+    """report.md and report.html open with what made the runs: the sweep's command rebuilt from the jobs'
+    overrides, the swept keys (not the details a model name implies), hardware, the date range, the versions,
+    the config every run shares, and relative links to the run dirs."""
+    from datetime import datetime
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    start = datetime(2025, 1, 2, 3, 4).timestamp()
+    for i, (model, method) in enumerate(
+        [("tiny_llama", "h2o"), ("tiny_llama", "knorm"), ("tiny_qwen2", "h2o"), ("tiny_qwen2", "knorm")]
+    ):
+        summary = _configured(model, method, 11.0, 10.0)
+        summary["versions"] = {
+            "kvexp": "0.1.0",
+            "torch": "2.5.0",
+            "transformers": "4.46.0",
+            "python": "3.11.7",
+        }
+        (sweep / str(i)).mkdir()
+        (sweep / str(i) / "summary.json").write_text(json.dumps(summary))
+        os.utime(sweep / str(i) / "summary.json", (start + 3600 * i, start + 3600 * i))
+        task = [f"model={model}", f"method={method}", "budget=64"]
+        _hydra_record(sweep / str(i), task, [f"hydra.sweep.dir={sweep}", "hydra.mode=MULTIRUN"])
+    out = write_report([sweep], tmp_path / "report", with_plots=False)
+    md = (out / "report.md").read_text()
+    assert md.startswith("# kvexp report\n")
+    assert "4 in 2 comparison group(s), finished 2025-01-02 03:04 to 2025-01-02 06:04" in md
+    command = (
+        f"python -m kvexp -m model=tiny_llama,tiny_qwen2 method=h2o,knorm budget=64 hydra.sweep.dir={sweep}"
+    )
+    assert f"`{command}`" in md
+    assert "- **Swept**: `method.name` = h2o, knorm; `model.name` = tiny_llama, tiny_qwen2\n" in md
+    assert "- **Hardware**: dtype=float32, num_threads=2\n" in md
+    assert "- **Versions**: kvexp 0.1.0, torch 2.5.0, transformers 4.46.0, python 3.11.7\n" in md
+    assert (
+        "- **eval**: `chunk_size=1 max_tokens=256`" in md
+        and "- **budget**: `allocation=uniform tokens=64`" in md
+    )
+    assert "- [../sweep/0](../sweep/0): tiny_llama, wikitext2, h2o, budget 64\n" in md
+    assert "- [../sweep/3](../sweep/3): tiny_qwen2, wikitext2, knorm, budget 64\n" in md
+    assert md.index("## Run dirs") < md.index("### wikitext2, budget 64")
+    page = (out / "report.html").read_text()
+    assert "<h1>kvexp report</h1>" in page and f"<code>{command}</code>" in page
+    assert '<a href="../sweep/0">../sweep/0</a>' in page
+
+
+def test_tables_and_plots_have_captions_naming_what_is_compared(tmp_path):
+    """A caption over each table and under each plot says what is compared with which baseline, in units."""
+    _write(tmp_path, [_configured("m", "h2o", 11.0, 10.0, budget=b) for b in (64, 128)])
+    out = write_report([tmp_path])
+    md = (out / "report.md").read_text()
+    assert (
+        "*Each run at budget 64: TTFT in s, TPOT in ms (as the console prints them), decoding throughput in "
+        "tokens/s, quality after compression, tokens held in the KV cache. `full (baseline)`: the full cache, "
+        "from the full-cache pass of run `0`.*\n\n| method |"
+    ) in md
+    assert (
+        "*% change of each run against the full cache: quality against `full (baseline)` above (lower PPL"
+        in md
+    )
+    figures = sorted((out / "plots").glob("*.png"))
+    for path in figures:  # every plot in report.md, its caption under it
+        assert f"![{path.stem}](plots/{path.name})\n\n*wikitext2" in md
+    assert "*wikitext2: perplexity of each method, one bar per budget; dashed line: the full cache" in md
+    page = (out / "report.html").read_text()
+    assert page.count("<figure>") == len(figures) > 0
+    assert "<p><em>wikitext2: perplexity against the compression ratio, one line per method" in page
+
+
+def test_perplexity_axes_fit_the_data_and_accuracy_starts_at_zero(tmp_path, monkeypatch):
+    """Perplexities of 10 to 15 on an axis from 0 hide their differences: the axis fits them with a margin."""
+    from matplotlib.figure import Figure
+
+    limits, savefig = {}, Figure.savefig
+
+    def spy(fig, path, **kwargs):
+        limits[Path(path).name] = fig.axes[0].get_ylim()
+        return savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    summaries = _write(tmp_path, [_configured("m", "h2o", 11.0, 10.0), _configured("m", "knorm", 15.0, 10.0)])
+    plots(rows(summaries), tmp_path / "plots")
+    low, high = limits["wikitext2_perplexity_by_method.png"]
+    assert 9.0 < low < 10.0 and 15.0 < high < 16.0  # the full cache's 10.0 to knorm's 15.0, a margin around
+    assert limits["wikitext2_accuracy_by_method.png"][0] == 0.0
+
+
+def test_timings_are_in_the_units_the_console_prints(tmp_path):
+    """The console prints TTFT in s and TPOT in ms; the report's columns say and use the same units."""
+    from kvexp.app import format_table
+
+    summary = _summary("h2o", 11.0, 0.45, 256, tpot_ms=12.5)
+    summary["metrics_after"]["documents"] = 1
+    summary["kv_cache"].update({"compression_ratio": 0.87, "bytes_kept": 1, "bytes_full": 8})
+    summary["timing"]["compress_share"] = 0.1
+    console = format_table(summary)
+    units = dict(line.split()[:2] for line in console.splitlines() if line.startswith(("TTFT", "TPOT")))
+    assert units == {"TTFT": "s", "TPOT": "ms"}
+    assert "12.5" in next(line for line in console.splitlines() if line.startswith("TPOT"))
+    text = tables(_write(tmp_path, [summary]))
+    assert "| method | TTFT (s) | TPOT (ms) | throughput (tok/s) |" in text
+    assert (
+        "| h2o | 0.5000 | 12.50 | 80.00 |" in text and "| full (baseline) | 1.0000 | 20.00 | 50.00 |" in text
+    )
+    assert rows(collect(tmp_path))[0]["tpot_ms"] == 12.5  # results.csv names its units too
+
+
+def test_a_full_run_is_the_baseline_row_not_a_row_beside_it(tmp_path):
+    """method=full in a sweep is the full cache: one `full (baseline)` row with that run's own quality and
+    timings, no second `full` row, no % change of it against itself; without any full-cache pass in the other
+    runs (eval.compare_to_full=false) it is still their baseline."""
+    full = _configured("m", "full", 10.0, 10.0, throughput=40.0)
+    full["metrics_after"]["accuracy"] = 0.5
+    full["kv_cache"]["tokens_kept"] = 1999
+    full["timing"]["tpot_ms"] = 25.0
+    (tmp_path / "a").mkdir()
+    text = tables(_write(tmp_path / "a", [_configured("m", "h2o", 11.0, 10.0), full]))
+    assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| full")] == [
+        "full (baseline)"
+    ]
+    assert "| full (baseline) | 0.5000 | 25.00 | 40.00 | 10.00 | 50.00% | 1999 |" in text
+    assert "the full cache, from the method=full run `1`" in text
+    assert "| h2o | +100.0% | -50.0% | +10.0% | -20.0% |" in text
+    alone = _configured("m", "h2o", 11.0, 10.0)
+    alone["metrics_before"], alone["timing_full"] = None, None
+    full["metrics_before"], full["timing_full"] = None, None
+    (tmp_path / "b").mkdir()
+    text = tables(_write(tmp_path / "b", [alone, full]))
+    assert "| full (baseline) | 0.5000 | 25.00 |" in text and "| h2o | - | - | +10.0% | -20.0% |" in text
