@@ -33,8 +33,10 @@ from kvexp.tasks.generation import (
     run_generation,
     score_results,
 )
+from kvexp.tasks.generation import warm_up as warm_up_generation
 from kvexp.tasks.longbench import check_longbench, load_longbench, prompt_limit
 from kvexp.tasks.perplexity import DocumentResult, aggregate, peak_memory, resolve_budget, score_document
+from kvexp.tasks.perplexity import warm_up as warm_up_perplexity
 from kvexp.tasks.prompt import check_prompt, prompt_inputs, prompt_samples, run_prompts
 from kvexp.tasks.qa import check_qa_jsonl, qa_jsonl_samples
 from kvexp.tasks.retrieval import check_retrieval, retrieval_samples
@@ -285,6 +287,8 @@ def _evaluate_perplexity(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
             f"model.max_context={cfg.model.max_context}; set eval.max_tokens <= {cfg.model.max_context + 1}"
         )
 
+    if cfg.eval.warmup:
+        warm_up_perplexity(model, samples[0][1], cfg.eval.chunk_size)
     before, comparable = (
         _full_cache_results(cfg, model, samples) if cfg.eval.compare_to_full else (None, True)
     )
@@ -341,7 +345,8 @@ def _evaluate_generation(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
     method = method_from_config(cfg.method)
     settings = _generation_settings(cfg)
     layers = model.config.num_hidden_layers
-
+    if cfg.eval.warmup:
+        warm_up_generation(model, tokenizer, prompts[0], settings)
     before, comparable = (
         _full_cache_generation(cfg, model, tokenizer, samples, prompts, settings)
         if cfg.eval.compare_to_full

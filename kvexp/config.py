@@ -105,7 +105,6 @@ class PromptDatasetConfig(GenerationDatasetConfig):
     prompt: str | None = None  # one prompt (taken verbatim: normalize_overrides quotes it)
     prompt_file: str | None = None  # or one prompt per line (blank lines skipped); neither: standard input
     layout: str = "auto"  # auto | side_by_side | stacked: how the two answers are printed
-    warmup: bool = True  # an untimed 2-token run of both caches first, so timings exclude first-call overhead
 
 
 @dataclass
@@ -174,6 +173,7 @@ class EvalConfig:
     beyond_context: bool = False  # perplexity past model.max_context: RoPE models only, set knowingly
     chunk_size: int = 1  # tokens fed per step; 1 = exact token-by-token streaming
     compare_to_full: bool = True  # also evaluate the full cache on the same samples (metrics_before)
+    warmup: bool = True  # an untimed short run first, so no timing includes the process's first-call overhead
     # Generation tasks (kvexp.tasks.generation):
     protocol: str = "query_agnostic"  # query_agnostic | query_aware
     chat_template: bool | None = (

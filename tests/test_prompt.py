@@ -23,7 +23,7 @@ BASE = (
     "dataset=prompt",
     "cache_dir=null",
     "dataset.layout=stacked",
-    "dataset.warmup=false",
+    "eval.warmup=false",
 )
 
 

@@ -16,7 +16,7 @@ Each prompt is answered with the full cache (unless `eval.compare_to_full=false`
 right after the other in this process, and the pair is printed at once with each answer's KV figures from that
 very run (`cache.stats()`: tokens kept, the mean over layers and KV heads, of the tokens seen; the KV bytes held)
 and its time (seconds from the prompt to the last token, tokens/s, time to first token). The full-cache answers
-are never taken from `cache_dir` (their timings would be another run's). `dataset.warmup` runs both caches once,
+are never taken from `cache_dir` (their timings would be another run's). `eval.warmup` runs both caches once,
 untimed, for 2 tokens before the first prompt, so its timings exclude the process's first-call overhead.
 
 The prompts: `dataset.prompt` (one, verbatim), `dataset.prompt_file` (one per line, blank lines skipped), or,
@@ -39,15 +39,13 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 from kvexp.tasks.generation import (
     UNSCORED,
     GenerationResult,
     GenerationSample,
     PromptEncoder,
-    generate_answer,
     run_generation,
+    warm_up,
 )
 
 LAYOUTS = ("auto", "side_by_side", "stacked")
@@ -181,8 +179,10 @@ def run_prompts(cfg) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for i, text in enumerate(texts):
         sample = prompt_sample(text, i, cfg.dataset)
         prompt = encoder.encode(sample, cfg.eval.max_new_tokens)
-        if i == 0 and cfg.dataset.warmup:
-            _warm_up(model, tokenizer, prompt, method, budget_for, settings, engine)
+        if i == 0 and cfg.eval.warmup:  # both caches, so neither pays the first-call overhead in its times
+            warm_up(model, tokenizer, prompt, settings)
+            budget = budget_for(prompt.compressed_tokens(settings["protocol"]))
+            warm_up(model, tokenizer, prompt, settings, method, budget, **engine)
         # Both caches sample with seed + i, as run_generation's sample i would.
         decoding = dataclasses.replace(settings["decoding"], seed=settings["decoding"].seed + i)
         run = {**settings, "decoding": decoding}
@@ -217,23 +217,6 @@ def run_prompts(cfg) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         for s, a, b in zip_longest(samples, after, before)
     ]
     return summary, rows
-
-
-def _warm_up(model, tokenizer, prompt, method, budget_for, settings, engine) -> None:
-    """Both caches once for 2 tokens, untimed, without touching the RNG streams the timed runs draw from."""
-    common = {
-        "max_new_tokens": 2,
-        "protocol": settings["protocol"],
-        "decoding": settings["decoding"],
-        "prefill_chunk_size": settings["prefill_chunk_size"],
-    }
-    devices = list(range(torch.cuda.device_count())) if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        generate_answer(model, tokenizer, prompt, "full", None, **common)
-        generate_answer(
-            model, tokenizer, prompt, method, budget_for(prompt.compressed_tokens(settings["protocol"])),
-            **common, **engine,
-        )  # fmt: skip
 
 
 def _label(method, budget: Mapping, protocol: str, result: GenerationResult) -> str:
