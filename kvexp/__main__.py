@@ -1,6 +1,5 @@
 """`python -m kvexp [overrides]`: one experiment; `python -m kvexp -m a=1,2`: a sweep (Hydra multirun)."""
 
-import os
 import sys
 
 import hydra
@@ -8,6 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from kvexp.callbacks import exit_on_user_error
 from kvexp.config import normalize_overrides
 
 
@@ -22,11 +22,9 @@ def main(cfg: DictConfig) -> float:
     try:
         summary = train_or_eval(cfg)
     except (ValueError, NonFiniteMetricError) as err:  # a user error or a failed run: one line, no traceback
-        full = os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().verbose
-        if full or HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep records the failed job itself
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep records the failed job itself
             raise
-        print(f"kvexp: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        exit_on_user_error(err, bool(HydraConfig.get().verbose))
     print(format_table(summary))
     return summary["objective"]  # what a sweeper (e.g. Optuna) optimizes: the task's main metric
 

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -61,6 +62,8 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
     inputs = _dataset_inputs(cfg)
     config_hash = _config_hash(cfg, inputs)
     sweep = _sweep_dir() if output_dir is None else None
+    if sweep is None:
+        check_run_dir(cfg, out, config_hash)
     finished = _find_finished(out, sweep, config_hash) if cfg.resume and inputs is not None else None
     if finished is not None:
         where, summary = finished
@@ -102,7 +105,7 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
 
 
 # Options that change neither what is computed nor its results: a finished run with other values is reused.
-_HASH_EXCLUDED = ("logger", "resume", "objective", "tags")
+_HASH_EXCLUDED = ("logger", "resume", "objective", "tags", "overwrite")
 
 
 def _config_hash(cfg: DictConfig, inputs: str | None = "") -> str:
@@ -174,6 +177,58 @@ def _find_finished(out: Path, sweep: Path | None, config_hash: str) -> tuple[Pat
         if summary is not None:
             return directory, summary
     return None
+
+
+def job_subdir(num: str, root: DictConfig) -> str:
+    """A sweep job's run dir name (`hydra.sweep.subdir`): the dir of the sweep holding this config's results (the
+    job resumes there, so the .hydra/config.yaml Hydra writes agrees with its summary.json), else the job number,
+    or `<num>-<config hash>` when that dir holds another config's results (a job never overwrites them)."""
+    try:
+        content = OmegaConf.to_container(root, resolve=False)
+        content.pop("hydra", None)
+        cfg = OmegaConf.create(content)
+        config_hash = _config_hash(cfg, _dataset_inputs(cfg))
+        sweep = Path(str(root.hydra.sweep.dir))
+    except Exception as err:  # a config that does not even hash fails in validation, with its own message
+        log.debug("job dir by config hash unavailable (%s); using the job number", err)
+        return str(num)
+    held = {d.name: _held_hash(d) for d in sorted(sweep.iterdir()) if d.is_dir()} if sweep.is_dir() else {}
+    mine = [name for name, h in held.items() if h == config_hash]
+    if mine:
+        return mine[0]
+    return str(num) if held.get(str(num)) is None else f"{num}-{config_hash[:8]}"
+
+
+def _held_hash(run_dir: Path) -> str | None:
+    """The config hash of the results a run dir holds (None: it holds none)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("config_hash")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def prepare_run_dir(cfg: DictConfig, out: Path) -> None:
+    """Before a single run's dir is created: validate (a bad value leaves no dir behind), then refuse a dir holding
+    another config's results, or, with `overwrite=true`, delete it, so the run never leaves a dir that disagrees
+    with itself (Hydra's .hydra/config.yaml of one config beside another's summary.json)."""
+    validate(cfg)
+    try:
+        check_run_dir(cfg, out, _config_hash(cfg, _dataset_inputs(cfg)))
+    except ValueError:
+        if not cfg.overwrite:
+            raise
+        log.warning("overwrite=true: deleting %s, which held another config's results", out)
+        shutil.rmtree(out)
+
+
+def check_run_dir(cfg: DictConfig, out: Path, config_hash: str) -> None:
+    """A run never writes into a dir holding another config's results, unless `overwrite=true`."""
+    held = _held_hash(out)
+    if held is not None and held != config_hash and not cfg.overwrite:
+        raise ValueError(
+            f"{out} holds the results of another config (summary.json, config hash {held}; this one is "
+            f"{config_hash}): choose another hydra.run.dir, or overwrite=true to replace them"
+        )
 
 
 def _record_sweep_job(sweep: Path | None, config_hash: str, run_dir: Path) -> None:

@@ -5,14 +5,38 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+
+def exit_on_user_error(err: BaseException, verbose: bool) -> NoReturn:
+    """A user error or a failed run as one line on stderr, exit status 1; the traceback with HYDRA_FULL_ERROR=1 or
+    hydra.verbose=true."""
+    if verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"kvexp: {err}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+class RunDirCallback(Callback):
+    """A single run's checks before Hydra creates its dir (kvexp.app.prepare_run_dir): a bad value or a dir holding
+    another config's results fails with one line and leaves nothing behind."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from kvexp.app import NonFiniteMetricError, prepare_run_dir
+
+        task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        try:
+            prepare_run_dir(task, Path(str(config.hydra.run.dir)))
+        except (ValueError, NonFiniteMetricError) as err:
+            exit_on_user_error(err, bool(config.hydra.verbose))
 
 
 class ReportCallback(Callback):

@@ -202,6 +202,9 @@ class KVExpConfig:
     tags: list[str] = field(default_factory=list)
     objective: str | None = None  # the metrics_after key returned to sweepers (null: the task's main metric)
     resume: bool = True  # skip a run whose dir holds summary.json of the same resolved config
+    overwrite: bool = (
+        False  # run into a hydra.run.dir holding another config's results (they are deleted first)
+    )
     cache_dir: str | None = "outputs/.cache"  # full-cache results reused across a sweep (null: off)
 
 
@@ -216,7 +219,17 @@ ConfigStore.instance().store(name="base_prompt", node=PromptDatasetConfig)
 ConfigStore.instance().store(name="base_python_code", node=PythonCodeDatasetConfig)
 ConfigStore.instance().store(name="base_lm_eval", node=LmEvalDatasetConfig)
 
-_NUMERIC_GROUP_CHOICE = re.compile(r"([+~]?budget)=(\d+(?:,\d+)*)")
+
+def _job_subdir(num: str, *, _root_: DictConfig) -> str:
+    """`${kvexp_job_subdir:${hydra.job.num}}` (conf/config.yaml's hydra.sweep.subdir): see kvexp.app.job_subdir."""
+    from kvexp.app import job_subdir
+
+    return job_subdir(num, _root_)
+
+
+OmegaConf.register_new_resolver("kvexp_job_subdir", _job_subdir, replace=True)
+
+_NUMERIC_GROUP_CHOICE = re.compile(r"([+~]?budget)=([\d.]+(?:,[\d.]+)*)")
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:

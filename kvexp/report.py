@@ -56,7 +56,7 @@ LOWER_IS_BETTER = {"perplexity"}
 NOT_QUALITY = {"tokens", "documents", "samples", "nll", "new_tokens"}  # nll: perplexity again; counts
 # Config keys that do not change the full-cache result: the compressor's (they label rows) and bookkeeping.
 COMPRESSOR_KEYS = ("method", "budget", "engine")
-BOOKKEEPING_KEYS = ("logger", "resume", "objective", "tags", "cache_dir", "task_name")
+BOOKKEEPING_KEYS = ("logger", "resume", "objective", "tags", "cache_dir", "task_name", "overwrite")
 # Budget keys the tables are split by (the other budget keys, e.g. the allocation, label rows).
 BUDGET_SPLIT = ("budget.tokens", "budget.keep_ratio")
 _CONFIG_ROOTS = ("model", "dataset", "method", "budget", "engine", "eval", "hardware", "train")

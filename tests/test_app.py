@@ -481,3 +481,32 @@ def test_a_warm_up_runs_before_anything_is_timed(task, text_file, tmp_path, monk
     calls.clear()
     train_or_eval(_compose(*base, "eval.warmup=false"), tmp_path / "b")
     assert [name for name, _ in calls] == [timed, timed]
+
+
+def test_a_run_dir_never_holds_two_configs(text_file, tmp_path):
+    """A single run validates before Hydra creates its dir (a bad value leaves none behind), refuses a dir holding
+    another config's results (its .hydra record and summary.json stay as they were) unless overwrite=true, which
+    deletes them first; the same config into its own dir resumes."""
+    run_dir = tmp_path / "run"
+    base = ("model=tiny_llama", "budget=32", "dataset=text_file", f"dataset.path={text_file}", "eval.max_tokens=40",
+            "eval.chunk_size=8", "cache_dir=null", f"hydra.run.dir={run_dir}")  # fmt: skip
+    bad = _cli(*base, "method=knorm", "budget.tokens=0")
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("kvexp: budget.tokens must be a positive")
+    assert not run_dir.exists()
+    assert _cli(*base, "method=knorm").returncode == 0
+    written = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "kvexp.log"}
+    other = _cli(*base, "method=h2o")
+    assert other.returncode == 1 and len(other.stderr.strip().splitlines()) == 1
+    assert (
+        f"kvexp: {run_dir} holds the results of another config" in other.stderr
+        and "overwrite=true" in other.stderr
+    )
+    assert {
+        p: p.read_bytes() for p in written
+    } == written  # .hydra/config.yaml still knorm's, beside its summary
+    again = _cli(*base, "method=knorm")
+    assert again.returncode == 0 and "already holds this config's results" in again.stdout + again.stderr
+    assert _cli(*base, "method=h2o", "overwrite=true").returncode == 0
+    assert json.loads((run_dir / "summary.json").read_text())["method"]["name"] == "h2o"
+    assert "name: h2o\n" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert not (run_dir / "samples.csv").read_text().count("knorm")

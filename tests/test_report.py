@@ -374,8 +374,15 @@ def test_a_rerun_sweep_reuses_jobs_by_config_and_reports_only_its_own(tmp_path):
     swapped = run("knorm,h2o")
     assert (swapped.stdout + swapped.stderr).count("already holds this config's results") == 2
     assert {job: (sweep / job / "summary.json").read_text() for job in ("0", "1")} == written
+    for job in ("0", "1"):  # each job resumed in the dir holding its results: Hydra's record agrees with them
+        assert f"name: {methods_in(job)}\n" in (sweep / job / ".hydra" / "config.yaml").read_text()
     with open(sweep / "results.csv") as f:
         assert sorted(r["method"] for r in csv.DictReader(f)) == ["h2o", "knorm"]
+    run("tova")  # job 0 of another config: beside h2o's dir 0, never over it
+    (tova,) = [d.name for d in sweep.iterdir() if d.name.startswith("0-")]
+    assert methods_in(tova) == "tova" and len(tova) == 10
+    assert {job: (sweep / job / "summary.json").read_text() for job in ("0", "1")} == written
+    assert "name: h2o\n" in (sweep / "0" / ".hydra" / "config.yaml").read_text()
     run("knorm")
     with open(sweep / "results.csv") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["knorm"]  # not the older h2o job beside it
