@@ -510,3 +510,21 @@ def test_a_run_dir_never_holds_two_configs(text_file, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["method"]["name"] == "h2o"
     assert "name: h2o\n" in (run_dir / ".hydra" / "config.yaml").read_text()
     assert not (run_dir / "samples.csv").read_text().count("knorm")
+
+
+def test_evaluate_perplexity_has_the_clis_length_cap_and_progress(capsys):
+    """The Python API ran a 2,084-token text to its end, silently, for minutes: it now takes the CLI's defaults
+    (the first 2048 tokens, a progress bar) and refuses more positions than the model has."""
+    from tests.conftest import load
+
+    model, tok = load("tiny_llama")
+    text = "abcdefghij" * 300  # 3000 byte tokens + <bos>
+    result = evaluate_perplexity(model, tok, text, "streaming_llm", 64, chunk_size=256, sink_tokens=4)
+    assert result["metrics"]["tokens"] == 2047
+    assert "doc0 [streaming_llm]" in capsys.readouterr().err  # tqdm's bar, on stderr
+    quiet = evaluate_perplexity(model, tok, text[:100], "full", chunk_size=32, progress=False)
+    assert quiet["metrics"]["tokens"] == 100 and capsys.readouterr().err == ""
+    with pytest.raises(
+        ValueError, match=r"feed 3000 positions, more than the model's 2048; pass max_tokens <= 2049"
+    ):
+        evaluate_perplexity(model, tok, text, max_tokens=None)

@@ -270,6 +270,34 @@ def test_bad_files_fail_before_the_model_loads_naming_the_file(tmp_path):
     assert "weights_only" not in str(failure.value)  # torch's advice to load unsafely is not passed on
 
 
+def test_empty_files_and_empty_splits_fail_before_the_model_loads_naming_the_option(tmp_path):
+    """An empty JSONL, an empty text file and a split selecting no rows used to fail after the model loaded, as
+    "no samples" or "no document has the 2 tokens perplexity needs"."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(
+        ValueError, match=r"dataset.path='.*empty.jsonl' holds no records \(dataset qa_jsonl\)"
+    ):
+        validate(_compose("dataset=qa_jsonl", f"dataset.path={empty}"))
+    with pytest.raises(
+        ValueError, match=r"dataset.path='.*empty.jsonl' is empty: dataset pg19 has no documents"
+    ):
+        validate(_compose("dataset=pg19", f"dataset.path={empty}"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n")
+    with pytest.raises(ValueError, match=r"dataset.path='.*blank.txt' is empty"):
+        validate(_compose("dataset=text_file", f"dataset.path={blank}"))
+    with pytest.raises(ValueError, match=r"dataset.split='test\[50%:10%\]' selects no rows"):
+        validate(_compose("dataset.split='test[50%:10%]'"))
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"context": "c", "question": "q", "answers": ["a"]}\n')
+    with pytest.raises(
+        ValueError, match=r"dataset.split='test\[1:\]' selects none of the 1 records of dataset.path"
+    ):
+        validate(_compose("dataset=qa_jsonl", f"dataset.path={one}", "dataset.split='test[1:]'"))
+    validate(_compose("dataset=qa_jsonl", f"dataset.path={one}", "dataset.split='test[:1]'"))
+
+
 def test_help_is_quick_and_lists_only_choices():
     """`python -m kvexp --help` imports neither torch nor transformers (the config code needs neither), and the
     dataset schemas (`base_<kind>`) are no choices of the dataset group."""

@@ -68,6 +68,12 @@ class Source:
     label: str
     stand_in: Embedded | None = None
 
+    def option(self, dataset: Mapping) -> str:
+        """The option that named this file, for messages: `dataset.path=...` or `dataset.local_file=...`."""
+        if self.kind == "path":
+            return f"dataset.path={str(dataset['path'])!r}"
+        return f"dataset.local_file={dataset.get('local_file')!r} ({self.path})"
+
 
 def data_dir() -> Path | None:
     """The local evaluation-data folder from ``$KVEXP_DATA_DIR``, or None when unset."""
@@ -267,10 +273,16 @@ def check_dataset(dataset: Mapping) -> None:
     source = locate(dataset, announce=False)  # raises when there is no data at all
     if source.kind == "path" and not source.path.is_file():
         raise ValueError(f"dataset.path={str(dataset['path'])!r} does not exist or is not a file")
-    if name == "text_file":
-        read_text(source.path)  # a binary or non-UTF-8 file fails here, before the model loads
+    if (
+        name == "text_file" and not read_text(source.path).strip()
+    ):  # a binary or non-UTF-8 file fails here too
+        raise ValueError(f"dataset.path={str(dataset['path'])!r} is empty: perplexity needs text")
     if source.kind in ("path", "data_dir", "embedded") and name != "text_file":
-        split_bounds(dataset.get("split"), n_rows=1)  # validates the split spec early
+        check_split(dataset.get("split"))
+        if source.path is not None and source.path.is_file() and not _has_content(source.path):
+            raise ValueError(
+                f"{source.option(dataset)} is empty: dataset {name} has no documents to evaluate"
+            )
 
 
 def load_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
@@ -462,6 +474,22 @@ def load_hub_split(dataset: Mapping):
     return load_dataset(
         dataset["hub_id"], dataset.get("hub_config"), split=dataset.get("split") or LOCAL_SPLIT
     )
+
+
+def check_split(split: str | None) -> None:
+    """The split spec parses and selects rows (before any file is read): `test[50%:10%]` or `test[:0]` do not."""
+    start, stop = split_bounds(split, n_rows=1_000_000)
+    if stop <= start:
+        raise ValueError(f"dataset.split={split!r} selects no rows: its start is not before its end")
+
+
+def _has_content(path: Path) -> bool:
+    """Whether the file holds anything but whitespace (reads up to the first such byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
 
 
 def split_bounds(split: str | None, n_rows: int) -> tuple[int, int]:

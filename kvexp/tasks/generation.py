@@ -47,6 +47,7 @@ from kvexp.methods import Method
 from kvexp.tasks import metrics
 from kvexp.tasks.data import (
     LOCAL_SPLIT,
+    check_split,
     from_hub,
     load_hub_split,
     locate,
@@ -510,10 +511,22 @@ def read_records(dataset: Mapping, max_samples: int | None) -> list[dict[str, An
 
 
 def check_records(dataset: Mapping) -> None:
-    """Before a model loads: the record dataset has a source, and a local file of it parses (every line)."""
+    """Before a model loads: the record dataset has a source, and a local file of it parses (every line), holds
+    records, and `dataset.split` selects some of them."""
     source = locate(dataset, announce=False)
-    if source.path is not None:
-        _read_rows(source.path, None, None)
+    if source.path is None:
+        return
+    split = dataset.get("split")
+    if split is not None:
+        check_split(split)
+    rows = _read_rows(source.path, None, None)
+    if not rows:
+        raise ValueError(f"{source.option(dataset)} holds no records (dataset {dataset.get('name')})")
+    start, stop = split_bounds(split, len(rows)) if split is not None else (0, len(rows))
+    if stop <= start:
+        raise ValueError(
+            f"dataset.split={split!r} selects none of the {len(rows)} records of {source.option(dataset)}"
+        )
 
 
 def _read_rows(path: Path, split: str | None, max_samples: int | None) -> list[dict[str, Any]]:

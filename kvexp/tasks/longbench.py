@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kvexp.tasks.data import Source, from_hub, locate, read_jsonl, split_bounds
+from kvexp.tasks.data import Source, check_split, from_hub, locate, read_jsonl, split_bounds
 from kvexp.tasks.generation import GenerationSample
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def check_longbench(dataset: Mapping) -> None:
     if dataset.get("max_length") is not None and int(dataset["max_length"]) < 2:
         raise ValueError(f"dataset.max_length={dataset['max_length']} must be null or >= 2 tokens")
     resolve_file(dataset)  # raises when no source has the task's data
-    split_bounds(dataset.get("split"), n_rows=1)  # validates the split spec early
+    check_split(dataset.get("split"))
 
 
 def prompt_limit(dataset: Mapping, model_max_context: int) -> int:

@@ -185,18 +185,27 @@ def evaluate_perplexity(
     budget: int | list[int] | None = None,
     *,
     chunk_size: int = 1,
-    max_tokens: int | None = None,
-    progress: bool = False,
+    max_tokens: int | None = 2048,
+    progress: bool = True,
     on_document: Callable[[DocumentResult], None] | None = None,
     **cache_kwargs,
 ) -> dict[str, Any]:
-    """Python API: streaming perplexity of `text` (one document or several) under `method` at `budget`."""
+    """Python API: streaming perplexity of `text` (one document or several) under `method` at `budget`.
+
+    The CLI's defaults: the first `max_tokens` tokens of each document (2048; None: all of it, within the model's
+    positions) and a progress bar per document (`progress=False` hides it)."""
     texts = [text] if isinstance(text, str) else text
+    positions = getattr(model.config, "max_position_embeddings", None)
     results = []
     for i, t in enumerate(texts):
         ids = tokenizer(t, return_tensors="pt").input_ids[:, :max_tokens]
         if ids.shape[1] < 2:
             raise ValueError(f"document {i} has {ids.shape[1]} token(s); perplexity needs at least 2")
+        if positions is not None and ids.shape[1] - 1 > positions:
+            raise ValueError(
+                f"document {i}: {ids.shape[1]} tokens feed {ids.shape[1] - 1} positions, more than the model's "
+                f"{positions}; pass max_tokens <= {positions + 1}"
+            )
         result = score_document(model, ids, method, budget, chunk_size, f"doc{i}", progress, **cache_kwargs)
         results.append(result)
         if on_document is not None:
