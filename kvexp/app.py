@@ -36,13 +36,27 @@ from kvexp.tasks.generation import (
 )
 from kvexp.tasks.generation import warm_up as warm_up_generation
 from kvexp.tasks.longbench import check_longbench, load_longbench, prompt_limit
-from kvexp.tasks.perplexity import DocumentResult, aggregate, peak_memory, resolve_budget, score_document
+from kvexp.tasks.perplexity import (
+    DocumentResult,
+    aggregate,
+    peak_memory,
+    perplexity,
+    resolve_budget,
+    score_document,
+)
 from kvexp.tasks.perplexity import warm_up as warm_up_perplexity
 from kvexp.tasks.prompt import check_prompt, prompt_inputs, prompt_samples, run_prompts
 from kvexp.tasks.qa import check_qa_jsonl, qa_jsonl_samples
 from kvexp.tasks.retrieval import check_retrieval, retrieval_samples
 from kvexp.tasks.summarization import check_summarization, summarization_samples
-from kvexp.tracking import atomic_write_csv, atomic_write_json, make_logger
+from kvexp.tracking import (
+    ACTIVE_LOGGER,
+    WandbLogger,
+    atomic_write_csv,
+    atomic_write_json,
+    log_progress,
+    make_logger,
+)
 from kvexp.train import run_trainer
 
 log = logging.getLogger(__name__)
@@ -70,6 +84,28 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
         log.info("resume: %s already holds this config's results (hash %s); skipped", where, config_hash)
         _record_sweep_job(sweep, config_hash, where)
         return {**summary, "objective": _objective(cfg, summary)}
+    logger = _start_wandb(cfg, out)  # the W&B run exists while the job goes (progress, a crash's exit code)
+    token, exit_code = (
+        ACTIVE_LOGGER.set(logger),
+        1,
+    )  # a job that raises (a crash, a failed run) ends its run with 1
+    try:
+        summary = _evaluate_and_write(cfg, out, sweep, config_hash, logger)
+        exit_code = None
+    finally:
+        ACTIVE_LOGGER.reset(token)
+        if logger is not None:
+            logger.finish(exit_code=exit_code)
+    return {
+        **summary,
+        "objective": _objective(cfg, summary),
+    }  # a bad objective= fails after the results are safe
+
+
+def _evaluate_and_write(
+    cfg: DictConfig, out: Path, sweep: Path | None, config_hash: str, logger: WandbLogger | None
+) -> dict[str, Any]:
+    """Evaluate (training first with `train=`), write summary.json and samples.csv, log the summary to W&B."""
     torch.manual_seed(cfg.seed)
     if cfg.train.name == "none":
         summary, rows = TASKS[cfg.dataset.task](cfg)
@@ -90,7 +126,10 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
     atomic_write_csv(out / "samples.csv", rows)
     atomic_write_json(out / "summary.json", summary)
     _record_sweep_job(sweep, config_hash, out)
-    _log_to_wandb(cfg, out, summary, rows)
+    if logger is not None:
+        logger.log_summary({k: v for k, v in summary.items() if k != "config"})
+        if logger.log_samples:
+            logger.log_table("samples", rows)
     log.info("results written to %s", out)
     if non_finite:
         raise NonFiniteMetricError(
@@ -98,10 +137,7 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
             f"(its results are in {out}, marked failed). Typical causes: float16 overflow (try "
             "hardware.dtype=float32 or bfloat16) or a diverged model."
         )
-    return {
-        **summary,
-        "objective": _objective(cfg, summary),
-    }  # a bad objective= fails after the results are safe
+    return summary
 
 
 # Options that change neither what is computed nor its results: a finished run with other values is reused.
@@ -347,19 +383,13 @@ def _evaluate_perplexity(cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str
     before, comparable = (
         _full_cache_results(cfg, model, samples) if cfg.eval.compare_to_full else (None, True)
     )
-    after = [
-        score_document(
-            model,
-            ids,
-            method,
-            resolve_budget(cfg.budget, ids.shape[1], model.config.num_hidden_layers),
-            cfg.eval.chunk_size,
-            doc_id,
-            True,
-            **_engine(cfg),
+    after = []
+    for doc_id, ids in samples:
+        budget = resolve_budget(cfg.budget, ids.shape[1], model.config.num_hidden_layers)
+        after.append(
+            score_document(model, ids, method, budget, cfg.eval.chunk_size, doc_id, True, **_engine(cfg))
         )
-        for doc_id, ids in samples
-    ]
+        _document_progress("compressed", after)
     agg_before = aggregate(before) if before is not None else None
     agg_after = aggregate(after)
     resolved = [r.kv.get("tokens_kept") for r in after]
@@ -589,9 +619,25 @@ def _full_cache_results(cfg: DictConfig, model, samples) -> tuple[list[DocumentR
     reused = _reuse(path)
     if reused is not None:
         return [DocumentResult(**r) for r in reused[0]], reused[1]
-    results = [score_document(model, ids, "full", None, cfg.eval.chunk_size, i, True) for i, ids in samples]
+    results = []
+    for i, ids in samples:
+        results.append(score_document(model, ids, "full", None, cfg.eval.chunk_size, i, True))
+        _document_progress("full", results)
     _store(path, [dataclasses.asdict(r) for r in results])
     return results, True
+
+
+def _document_progress(cache: str, results: list[DocumentResult]) -> None:
+    """The job's W&B run gets one point per document: `<cache>/documents`, its perplexity, the running one."""
+    last = results[-1]
+    running = perplexity(sum(r.nll for r in results) / sum(r.tokens for r in results))
+    log_progress(
+        {
+            f"{cache}/documents": len(results),
+            f"{cache}/perplexity": last.perplexity,
+            f"{cache}/running_perplexity": running,
+        }
+    )
 
 
 # Who timed a full-cache result: timings are comparable only within one process (same machine, threads, load).
@@ -763,31 +809,23 @@ def _tpot_ms(result: GenerationResult) -> float | None:
     return 1000 * sum(result.step_s) / len(result.step_s) if result.step_s else None
 
 
-def _log_to_wandb(cfg: DictConfig, out: Path, summary: dict, rows: list[dict]) -> None:
+def _start_wandb(cfg: DictConfig, out: Path) -> WandbLogger | None:
+    """The job's W&B run (None for logger=none), created before evaluation: the resolved config as its config,
+    typed by method, tagged with method, budget, model, dataset and the run's tags; one group per sweep."""
     job_name, group = None, None
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         job_name = hc.job.override_dirname or None
         if hc.mode == RunMode.MULTIRUN:
             group = Path(hc.sweep.dir).name
-    budget = summary["budget"]
-    budget_tag = (
-        f"budget={budget['tokens']}" if budget.get("tokens") else f"keep_ratio={budget.get('keep_ratio')}"
-    )
+    budget = cfg.budget
+    budget_tag = f"budget={budget.tokens}" if budget.tokens else f"keep_ratio={budget.keep_ratio}"
     tags = [cfg.method.name, budget_tag, f"model={cfg.model.name}", f"dataset={cfg.dataset.name}", *cfg.tags]
     logger_cfg = {
         **OmegaConf.to_container(cfg.logger),
         "job_type": cfg.logger.get("job_type") or cfg.method.name,
     }
-    logger = make_logger(logger_cfg, summary["config"], out, job_name, group, tags)
-    if logger is None:
-        return
-    try:
-        logger.log_summary({k: v for k, v in summary.items() if k != "config"})
-        if logger.log_samples:
-            logger.log_table("samples", rows)
-    finally:
-        logger.finish()
+    return make_logger(logger_cfg, OmegaConf.to_container(cfg, resolve=True), out, job_name, group, tags)
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,17 @@ log = logging.getLogger(__name__)
 
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")  # auto: online with an API key, else offline
+
+# The W&B run of the job in progress (set by kvexp.app.train_or_eval for the whole job): evaluation loops report
+# progress to it, and a trainer logs its curves into it rather than opening a run of its own.
+ACTIVE_LOGGER: ContextVar[WandbLogger | None] = ContextVar("kvexp_active_logger", default=None)
+
+
+def log_progress(values: Mapping[str, float]) -> None:
+    """One history step of the job's W&B run, if it has one (per document, sample or training step)."""
+    logger = ACTIVE_LOGGER.get()
+    if logger is not None:
+        logger.log_progress(values)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -181,16 +193,17 @@ class WandbLogger:
         log.info("W&B run %s (%s) in %s", getattr(self.run, "id", "?"), mode, output_dir / "wandb")
 
     def log_summary(self, summary: Mapping) -> None:
-        """Flattened scalar metrics into the run summary (run tables and sweeps) and one history step."""
+        """Flattened scalars (numbers, strings, booleans) into the run summary: what run tables, sweeps and
+        parallel-coordinates plots read; no history step, so no one-point charts."""
         if self.run is None:
             log.warning("W&B run already finished; summary not logged")
             return
-        scalars = {k: s for k, v in flatten(summary).items() if (s := _scalar(v)) is not None}
-        if not scalars:
-            return
-        self.run.log(scalars)
-        for key, value in scalars.items():
-            self.run.summary[key] = value
+        self.run.summary.update({k: s for k, v in flatten(summary).items() if (s := _scalar(v)) is not None})
+
+    def log_progress(self, values: Mapping[str, float]) -> None:
+        """One history step while the run goes (per document or sample): the live curves."""
+        if self.run is not None:
+            self.run.log(dict(values))
 
     def log_table(self, name: str, rows: list[dict]) -> None:
         """``rows`` (e.g. per-document results) as a wandb.Table; columns are the union of keys."""

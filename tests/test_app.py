@@ -528,3 +528,65 @@ def test_evaluate_perplexity_has_the_clis_length_cap_and_progress(capsys):
         ValueError, match=r"feed 3000 positions, more than the model's 2048; pass max_tokens <= 2049"
     ):
         evaluate_perplexity(model, tok, text, max_tokens=None)
+
+
+class _RecordingLogger:
+    """Stands in for the W&B logger: what train_or_eval does with its run, in order."""
+
+    log_samples = True
+
+    def __init__(self, events, config):
+        self.events = events
+        events.append(("init", config))
+
+    def log_progress(self, values):
+        self.events.append(("progress", dict(values)))
+
+    def log_summary(self, summary):
+        self.events.append(("summary", summary))
+
+    def log_table(self, name, rows):
+        self.events.append(("table", name))
+
+    def finish(self, exit_code=None):
+        self.events.append(("finish", exit_code))
+
+
+def test_the_wandb_run_exists_while_the_job_goes(text_file, tmp_path, monkeypatch):
+    """The run is created before evaluation with the config as config, gets a point per document of each cache,
+    the summary at the end, and a crashed job closes it with exit code 1 (it used to be created after the
+    evaluation: nothing visible during a long run, nothing at all from a crash)."""
+    events = []
+    monkeypatch.setattr(kvexp.app, "make_logger", lambda cfg, config, *a: _RecordingLogger(events, config))
+    real = kvexp.app.score_document
+    monkeypatch.setattr(
+        kvexp.app, "score_document", lambda *a, **kw: events.append(("score", a[2])) or real(*a, **kw)
+    )
+    base = ("model=tiny_llama", "method=knorm", "budget=32", "dataset=text_file", f"dataset.path={text_file}",
+            "dataset.split_documents=true", "eval.max_tokens=40", "eval.chunk_size=8", "logger=wandb_offline",
+            "cache_dir=null", "eval.warmup=false")  # fmt: skip
+    summary = train_or_eval(_compose(*base), tmp_path / "a")
+    kinds = [e[0] for e in events]
+    assert kinds == ["init", "score", "progress", "score", "progress", "summary", "table", "finish"]
+    assert events[0][1]["method"] == {
+        "name": "knorm",
+        "keep_ratio": None,
+        "prune_after": 2048,
+        "skip_layers": [],
+    }
+    full, compressed = events[2][1], events[4][1]
+    assert full["full/documents"] == 1 and full["full/perplexity"] == summary["metrics_before"]["perplexity"]
+    assert compressed["compressed/perplexity"] == summary["metrics_after"]["perplexity"]
+    assert "config" not in events[5][1] and events[5][1]["metrics_after"] == summary["metrics_after"]
+    assert events[-1] == ("finish", None)
+
+    events.clear()
+
+    def crashing(cfg):
+        kvexp.tracking.log_progress({"compressed/documents": 1})
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setitem(kvexp.app.TASKS, "perplexity", crashing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_or_eval(_compose(*base, "method=h2o"), tmp_path / "b")
+    assert events[1:] == [("progress", {"compressed/documents": 1}), ("finish", 1)]

@@ -194,3 +194,28 @@ def test_auto_mode_is_online_only_with_an_api_key(tmp_path, monkeypatch):
     (tmp_path / ".netrc").unlink()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert has_wandb_api_key()
+
+
+def test_summary_goes_to_the_run_summary_and_progress_to_its_history(tmp_path):
+    """Strings and config-like values logged as history made one-point charts: the summary (strings included)
+    goes to run.summary only; progress points are the history."""
+
+    class Run:
+        def __init__(self):
+            self.summary, self.history = {}, []
+
+        def log(self, values):
+            self.history.append(values)
+
+        def finish(self, exit_code=None):
+            self.exit_code = exit_code
+
+    logger = WandbLogger(logger_cfg("wandb", mode="disabled"), {"a": 1}, tmp_path, None, None, [])
+    logger.run.finish()
+    run = logger.run = Run()
+    logger.log_summary(
+        {"metrics_after": {"perplexity": 12.5}, "method": {"name": "h2o"}, "budget": {"tokens": None}}
+    )
+    assert run.summary == {"metrics_after/perplexity": 12.5, "method/name": "h2o"} and run.history == []
+    logger.log_progress({"compressed/documents": 1, "compressed/perplexity": 12.0})
+    assert run.history == [{"compressed/documents": 1, "compressed/perplexity": 12.0}]

@@ -56,6 +56,7 @@ from kvexp.tasks.data import (
     split_bounds,
 )
 from kvexp.tasks.perplexity import kv_totals
+from kvexp.tracking import log_progress
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +362,17 @@ def score_results(samples: Sequence[GenerationSample], results: Sequence[Generat
         result.scores = score_prediction(sample, result.prediction)
 
 
+def _sample_progress(
+    cache: str, samples: Sequence[GenerationSample], results: list[GenerationResult]
+) -> None:
+    """The job's W&B run gets one point per sample: `<cache>/samples` and the running mean primary score."""
+    scored = [primary_score(s, r.scores) for s, r in zip(samples, results, strict=True) if r.scores]
+    values = {f"{cache}/samples": len(results), f"{cache}/new_tokens": results[-1].new_tokens}
+    if scored:
+        values[f"{cache}/running_score"] = sum(scored) / len(scored)
+    log_progress(values)
+
+
 def primary_score(sample: GenerationSample, scores: Mapping[str, float]) -> float:
     return scores[PRIMARY_SCORE.get(sample.metric, next(iter(scores)))]
 
@@ -462,7 +474,8 @@ def run_generation(
                 **cache_kwargs,
             )
         )
-    score_results(samples, results)
+        results[-1].scores = score_prediction(sample, results[-1].prediction)
+        _sample_progress("full" if name == "full" else "compressed", samples[: i + 1], results)
     return results
 
 

@@ -400,7 +400,7 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
     from kvexp.config import method_from_config
     from kvexp.models import load_model
     from kvexp.tasks.perplexity import resolve_budget
-    from kvexp.tracking import atomic_write_csv, make_logger
+    from kvexp.tracking import ACTIVE_LOGGER, atomic_write_csv, make_logger
     from kvexp.train.data import check_disjoint, load_training_texts, token_windows
 
     t = cfg.train
@@ -434,7 +434,8 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
     if t.resume_from is not None:
         step, rows = distiller.resume(Path(str(t.resume_from)))
         log.info("resumed from %s at step %d", t.resume_from, step)
-    logger = make_logger(cfg.logger, cfg, run_dir, "train", None, ["train", cfg.method.name])
+    job_logger = ACTIVE_LOGGER.get()  # the job's run (train_or_eval), else one of its own
+    logger = job_logger or make_logger(cfg.logger, cfg, run_dir, "train", None, ["train", cfg.method.name])
     start_step, started = step, time.perf_counter()
     try:
         while step < total:
@@ -448,7 +449,7 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
             rows.append(row)
             atomic_write_csv(run_dir / LOG_FILE, rows)
             if logger is not None:
-                logger.run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+                logger.log_progress({f"train/{k}": v for k, v in row.items()})
             if step % int(t.get("log_every") or 1) == 0:
                 log.info(
                     "step %d/%d loss %.4f (kl %.4f, ce %.4f)", step, total, row["loss"], row["kl"], row["ce"]
@@ -456,7 +457,7 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
             if t.save_every is not None and step % int(t.save_every) == 0 and step < total:
                 distiller.save(checkpoint_dir / f"step-{step}", step, rows)
     finally:
-        if logger is not None:
+        if logger is not None and logger is not job_logger:
             logger.finish()
     found = distiller.save(checkpoint_dir, step, rows)
     trained_steps = [r for r in rows if r["step"] > start_step]
