@@ -112,6 +112,8 @@ def _evaluate_and_write(
     else:
         summary, rows = _train_then_evaluate(cfg, out)
     summary["config_hash"] = config_hash
+    summary["machine"] = _machine(cfg)
+    summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if nothing_compressed(summary):
         summary["nothing_compressed"] = True
         log.warning(
@@ -594,6 +596,13 @@ def _full_cache_path(cfg: DictConfig, content: dict[str, Any]) -> Path | None:
         ).encode()
     ).hexdigest()[:24]
     return Path(cfg.cache_dir) / "full" / f"{key}.json"
+
+
+def _machine(cfg: DictConfig) -> dict[str, Any]:
+    """Where the run was timed: the host, the device (GPU name, else the CPU's) and torch's thread count."""
+    cuda = cfg.hardware.device in ("cuda", "auto") and torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    return {"host": socket.gethostname(), "device": device, "threads": torch.get_num_threads()}
 
 
 def _versions() -> dict[str, str]:

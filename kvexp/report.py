@@ -649,6 +649,12 @@ def write_report(dirs: list[str | Path], out_dir: str | Path | None = None, with
     atomic_write_csv(out / "results.csv", table, fieldnames=_fieldnames(table))
     markdown = header(summaries, out) + "\n## Tables\n\n" + tables(summaries)
     figures = plots(table, out / "plots") if with_plots else []
+    current = {path for path, _ in figures}
+    for stale in (out / "plots").glob(
+        "*.png"
+    ):  # an earlier report's figures: gone, not shown or uploaded again
+        if stale not in current:
+            stale.unlink()
     if figures:
         markdown += "\n## Plots\n\n" + "\n".join(
             f"![{path.stem}]({path.relative_to(out).as_posix()})\n\n*{caption}*\n"
@@ -665,7 +671,12 @@ def header(summaries: list[dict[str, Any]], out_dir: Path) -> str:
     their `.hydra/hydra.yaml`), the keys they sweep, the hardware, the versions, the config they share and links
     to their run dirs (relative to out_dir, where the report is written)."""
     flats, varying = [flat_config(s) for s in summaries], varying_keys(summaries)
-    finished = sorted(Path(s["run_dir"], "summary.json").stat().st_mtime for s in summaries)
+    finished = sorted(
+        datetime.fromisoformat(s["finished"]).timestamp()
+        if s.get("finished")
+        else Path(s["run_dir"], "summary.json").stat().st_mtime
+        for s in summaries
+    )  # summary.json's `finished`, else (older runs) the file's time
     when = " to ".join(
         dict.fromkeys(
             datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") for t in (finished[0], finished[-1])
@@ -694,6 +705,11 @@ def header(summaries: list[dict[str, Any]], out_dir: Path) -> str:
     if hardware:
         parts = [f"{k.split('.', 1)[1]}={' / '.join(_values(flats, k))}" for k in hardware]
         lines.append("- **Hardware**: " + ", ".join(p for p in parts if not p.endswith("=")))
+    machines = sorted(
+        {f"{m['host']} ({m['device']}, {m['threads']} threads)" for s in summaries if (m := s.get("machine"))}
+    )
+    if machines:
+        lines.append("- **Machine**: " + "; ".join(machines))
     versions = [s["versions"] for s in summaries if s.get("versions")]
     if versions:
         names = list(dict.fromkeys(k for v in versions for k in v))

@@ -57,6 +57,17 @@ def test_cli_end_to_end_writes_summary_and_samples(tmp_path, text_file):
     assert "perplexity" in proc.stdout  # the before/after table
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) >= SUMMARY_KEYS
+    import socket
+    from datetime import datetime
+
+    assert summary["machine"]["host"] == socket.gethostname() and summary["machine"]["threads"] >= 1
+    assert (
+        abs(
+            datetime.fromisoformat(summary["finished"]).timestamp()
+            - (run_dir / "summary.json").stat().st_mtime
+        )
+        < 5
+    )
     assert summary["method"] == {"name": "streaming_llm", "sink_tokens": 4}
     assert summary["metrics_after"]["tokens"] == 119  # first token is context only
     kv = summary["kv_cache"]

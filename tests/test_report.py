@@ -186,6 +186,11 @@ def test_write_report_files(tmp_path):
     assert page.count("data:image/png;base64,") == len(plots)  # self-contained: every plot inline
     assert "<th>PPL</th>" in page and "<td>h2o</td>" in page
     assert tables(collect(tmp_path)) in (out / "report.md").read_text()
+    # Rewritten without the 512 runs: the 512 heatmap of the earlier report is gone, not shown or uploaded again.
+    (tmp_path / "1" / "summary.json").unlink()
+    write_report([tmp_path])
+    assert not (out / "plots" / "wikitext2_heatmap_512.png").exists()
+    assert (out / "plots" / "wikitext2_heatmap_256.png").exists()
 
 
 def test_multirun_ends_with_its_report(tmp_path):
@@ -415,6 +420,7 @@ def test_report_header_names_command_config_hardware_dates_versions_and_run_dirs
             "transformers": "4.46.0",
             "python": "3.11.7",
         }
+        summary["machine"] = {"host": "node7", "device": "x86_64", "threads": 2}
         (sweep / str(i)).mkdir()
         (sweep / str(i) / "summary.json").write_text(json.dumps(summary))
         os.utime(sweep / str(i) / "summary.json", (start + 3600 * i, start + 3600 * i))
@@ -431,6 +437,7 @@ def test_report_header_names_command_config_hardware_dates_versions_and_run_dirs
     assert "- **Swept**: `method.name` = h2o, knorm; `model.name` = tiny_llama, tiny_qwen2\n" in md
     assert "- **Hardware**: dtype=float32, num_threads=2\n" in md
     assert "- **Versions**: kvexp 0.1.0, torch 2.5.0, transformers 4.46.0, python 3.11.7\n" in md
+    assert "- **Machine**: node7 (x86_64, 2 threads)\n" in md
     assert (
         "- **eval**: `chunk_size=1 max_tokens=256`" in md
         and "- **budget**: `allocation=uniform tokens=64`" in md
