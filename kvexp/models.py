@@ -326,6 +326,11 @@ def model_shape(model: Mapping) -> tuple[int, int] | None:
     A ValueError names the option when the model cannot be found at all."""
     source = model.get("source")
     if source == "tiny":
+        if model.get("path") or model.get("gguf_file"):
+            raise ValueError(
+                f"model.path / model.gguf_file: model {model.get('name')} is a tiny random model (model.source=tiny) "
+                "and reads no file; for a file use model.source=gguf or hub"
+            )
         cfg, _ = _tiny_config(model)
     elif source == "gguf":
         meta = gguf_metadata(gguf_path(model))

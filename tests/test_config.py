@@ -185,6 +185,10 @@ def test_a_lone_keep_ratio_replaces_the_default_token_budget():
             ["budget.per_layer=[8,8]"],
             r"budget.per_layer has 2 entries; model smollm2_135m has 30 layers and 3",
         ),
+        (
+            ["model=tiny_llama", "model.path=/some/model"],
+            r"model.path / model.gguf_file: .*tiny random model",
+        ),
     ],
 )
 def test_bad_values_fail_early_naming_the_option(overrides, match):
