@@ -242,7 +242,8 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     together with either, both stay and validation asks for one. `dataset.prompt=<text>` is quoted too, so a
     prompt is taken verbatim (commas, brackets, `!`, `=`, `${`), not as a sweep or a syntax error.
     A method parameter (`method.<key>=v`) becomes `++method.<key>=v` (set, or add): its keys differ per method, so a
-    misspelt one reaches `build_method`, which names the keys the method has (Hydra would advise `+method.<key>`).
+    misspelt one reaches `build_method`, which names the keys the method has (Hydra would advise `+method.<key>`);
+    so does a schedule's parameter (`budget.allocation_params.<key>=v`, checked by the schedule).
     """
     normalized = []
     for override in overrides:
@@ -252,7 +253,7 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
         key, _, value = override.partition("=")
         if key.lstrip("+") == "dataset.prompt" and value != "null" and not _quoted(value):
             override = f"{key}={_quote(value)}"
-        if key.startswith("method."):
+        if key.startswith(("method.", "budget.allocation_params.")):
             override = f"++{override}"
         normalized.append(override)
     keys = [o.split("=", 1)[0].lstrip("+~") for o in normalized]

@@ -100,6 +100,15 @@ def test_a_misspelt_method_key_names_the_methods_keys():
     assert _compose(*normalize_overrides(["method.sink_tokens=8"])).method.sink_tokens == 8
     cfg = _compose(*normalize_overrides(["method=think", "method.evict.window_size=16"]))
     assert cfg.method.evict.window_size == 16
+    schedule = normalize_overrides(["budget.allocation=pyramid", "budget.allocation_params.beta=0"])
+    with pytest.raises(
+        ValueError, match=r"budget.allocation=pyramid, budget.allocation_params: pyramid: beta must"
+    ):
+        validate(_compose(*schedule))
+    with pytest.raises(ValueError, match=r"allocation 'pyramid' has no parameter\(s\) \['gamma'\]"):
+        validate(
+            _compose(*normalize_overrides(["budget.allocation=pyramid", "budget.allocation_params.gamma=2"]))
+        )
 
 
 def test_a_lone_keep_ratio_replaces_the_default_token_budget():
@@ -189,6 +198,8 @@ def test_a_lone_keep_ratio_replaces_the_default_token_budget():
             ["model=tiny_llama", "model.path=/some/model"],
             r"model.path / model.gguf_file: .*tiny random model",
         ),
+        (["train=distill", "train.learning_rate=abc"], r"train.learning_rate='abc' must be a number"),
+        (["train=distill", "train.lora.rank=1.5"], r"train.lora.rank=1.5 must be an integer"),
     ],
 )
 def test_bad_values_fail_early_naming_the_option(overrides, match):

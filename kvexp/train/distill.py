@@ -45,6 +45,21 @@ STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.csv"
 
 
+# Numeric options and their kind: a string there fails naming the option, not as float('abc') does.
+_NUMBERS = {
+    **dict.fromkeys(
+        ("temperature", "distillation_weight", "learning_rate", "weight_decay", "max_grad_norm", "lora.dropout"),
+        "a number",
+    ),
+    **dict.fromkeys(
+        ("warmup_steps", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "max_length",
+         "chunk_size", "save_every", "log_every", "lora.rank", "lora.alpha", "data.max_documents",
+         "data.shuffle_seed"),
+        "an integer",
+    ),
+}  # fmt: skip
+
+
 # -- options ----------------------------------------------------------------------------------------------------------
 def check(cfg: DictConfig) -> None:
     """Validate `cfg.train.*` before any model loads; messages name the option and what is allowed."""
@@ -52,6 +67,12 @@ def check(cfg: DictConfig) -> None:
     from kvexp.train.data import DATA_SOURCES
 
     t = cfg.train
+    for name, kind in _NUMBERS.items():
+        value = OmegaConf.select(t, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if kind == "an integer" else int | float):
+            raise ValueError(f"train.{name}={value!r} must be {kind}")
     if t.get("trainable") not in TRAINABLE:
         raise ValueError(f"train.trainable={t.get('trainable')!r}: expected one of {TRAINABLE}")
     if t.get("precision") not in PRECISIONS:
