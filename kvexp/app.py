@@ -77,7 +77,7 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
     config_hash = _config_hash(cfg, inputs)
     sweep = _sweep_dir() if output_dir is None else None
     if sweep is None:
-        check_run_dir(cfg, out, config_hash)
+        check_run_dir(cfg, out, inputs)
     finished = _find_finished(out, sweep, config_hash) if cfg.resume and inputs is not None else None
     if finished is not None:
         where, summary = finished
@@ -146,15 +146,17 @@ def _evaluate_and_write(
 _HASH_EXCLUDED = ("logger", "resume", "objective", "tags", "overwrite")
 
 
-def _config_hash(cfg: DictConfig, inputs: str | None = "") -> str:
+def _config_hash(cfg: DictConfig, inputs: str | None = "", versions: dict[str, str] | None = None) -> str:
     """sha256 (16 hex digits) of the resolved config without the bookkeeping options, with `inputs` and the
-    versions of kvexp, torch, transformers and Python."""
+    versions of kvexp, torch, transformers and Python (these ones, or `versions`)."""
     content = OmegaConf.to_container(cfg, resolve=True)
     for key in _HASH_EXCLUDED:
         content.pop(key, None)
     if inputs:
         content["dataset_inputs"] = inputs
-    content["versions"] = _versions()  # another kvexp, torch or transformers may give other results
+    content["versions"] = (
+        versions or _versions()
+    )  # another kvexp, torch or transformers may give other results
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -225,24 +227,38 @@ def job_subdir(num: str, root: DictConfig) -> str:
         content = OmegaConf.to_container(root, resolve=False)
         content.pop("hydra", None)
         cfg = OmegaConf.create(content)
-        config_hash = _config_hash(cfg, _dataset_inputs(cfg))
+        inputs = _dataset_inputs(cfg)
         sweep = Path(str(root.hydra.sweep.dir))
+        dirs = sorted(d for d in sweep.iterdir() if d.is_dir()) if sweep.is_dir() else []
+        mine = [d.name for d in dirs if _held(d) is not None and _other_config(cfg, d, inputs) is None]
     except Exception as err:  # a config that does not even hash fails in validation, with its own message
         log.debug("job dir by config hash unavailable (%s); using the job number", err)
         return str(num)
-    held = {d.name: _held_hash(d) for d in sorted(sweep.iterdir()) if d.is_dir()} if sweep.is_dir() else {}
-    mine = [name for name, h in held.items() if h == config_hash]
     if mine:
         return mine[0]
-    return str(num) if held.get(str(num)) is None else f"{num}-{config_hash[:8]}"
+    if _held(sweep / str(num)) is None:
+        return str(num)
+    return f"{num}-{_config_hash(cfg, inputs)[:8]}"
 
 
-def _held_hash(run_dir: Path) -> str | None:
-    """The config hash of the results a run dir holds (None: it holds none)."""
+def _held(run_dir: Path) -> dict[str, Any] | None:
+    """The summary a run dir holds (None: none)."""
     try:
-        return json.loads((run_dir / "summary.json").read_text()).get("config_hash")
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads((run_dir / "summary.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
+
+
+def _other_config(cfg: DictConfig, run_dir: Path, inputs: str | None) -> str | None:
+    """The config hash of another config's results in `run_dir`; None when it holds none, or this config's (under
+    any kvexp / torch / transformers versions: a rerun with new software replaces its own results)."""
+    held = _held(run_dir)
+    if held is None or held.get("config_hash") is None:
+        return None
+    versions = held.get("versions")
+    if held["config_hash"] in (_config_hash(cfg, inputs), versions and _config_hash(cfg, inputs, versions)):
+        return None
+    return held["config_hash"]
 
 
 def prepare_run_dir(cfg: DictConfig, out: Path) -> None:
@@ -250,22 +266,19 @@ def prepare_run_dir(cfg: DictConfig, out: Path) -> None:
     another config's results, or, with `overwrite=true`, delete it, so the run never leaves a dir that disagrees
     with itself (Hydra's .hydra/config.yaml of one config beside another's summary.json)."""
     validate(cfg)
-    try:
-        check_run_dir(cfg, out, _config_hash(cfg, _dataset_inputs(cfg)))
-    except ValueError:
-        if not cfg.overwrite:
-            raise
+    if cfg.overwrite and _other_config(cfg, out, _dataset_inputs(cfg)) is not None:
         log.warning("overwrite=true: deleting %s, which held another config's results", out)
         shutil.rmtree(out)
+    check_run_dir(cfg, out, _dataset_inputs(cfg))
 
 
-def check_run_dir(cfg: DictConfig, out: Path, config_hash: str) -> None:
+def check_run_dir(cfg: DictConfig, out: Path, inputs: str | None) -> None:
     """A run never writes into a dir holding another config's results, unless `overwrite=true`."""
-    held = _held_hash(out)
-    if held is not None and held != config_hash and not cfg.overwrite:
+    other = _other_config(cfg, out, inputs)
+    if other is not None and not cfg.overwrite:
         raise ValueError(
-            f"{out} holds the results of another config (summary.json, config hash {held}; this one is "
-            f"{config_hash}): choose another hydra.run.dir, or overwrite=true to replace them"
+            f"{out} holds the results of another config (summary.json, config hash {other}; this one is "
+            f"{_config_hash(cfg, inputs)}): choose another hydra.run.dir, or overwrite=true to replace them"
         )
 
 

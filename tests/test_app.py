@@ -311,9 +311,19 @@ def test_resume_skips_a_finished_run_of_the_same_config_only(text_file, tmp_path
     assert calls == [] and (out / "summary.json").read_text() == written
     assert again["objective"] == first["metrics_after"]["accuracy"]
     train_or_eval(_compose(*overrides, "resume=false"), out)
-    train_or_eval(_compose(*overrides[:-2], "eval.chunk_size=4", "cache_dir=null"), out)  # another config
+    other = (
+        *overrides[:-2],
+        "eval.chunk_size=4",
+        "cache_dir=null",
+    )  # another config: refused in this dir ...
+    with pytest.raises(ValueError, match=r"run holds the results of another config .*overwrite=true"):
+        train_or_eval(_compose(*other), out)
+    assert len(calls) == 1
+    train_or_eval(_compose(*other, "overwrite=true"), out)  # ... unless asked
     assert len(calls) == 2
-    train_or_eval(_compose(*overrides), out)  # back to the first config (its summary was overwritten)
+    train_or_eval(
+        _compose(*overrides, "overwrite=true"), out
+    )  # back to the first config (its summary was replaced)
     train_or_eval(_compose(*overrides), out)  # ... now finished: skipped
     assert len(calls) == 3
     monkeypatch.setattr(kvexp.app, "_versions", lambda: {"torch": "0.0-other"})
@@ -517,7 +527,10 @@ def test_a_run_dir_never_holds_two_configs(text_file, tmp_path):
     } == written  # .hydra/config.yaml still knorm's, beside its summary
     again = _cli(*base, "method=knorm")
     assert again.returncode == 0 and "already holds this config's results" in again.stdout + again.stderr
+    (run_dir / "checkpoint").mkdir()
+    (run_dir / "checkpoint" / "adapter.safetensors").write_bytes(b"knorm's")  # e.g. a trained run's checkpoint
     assert _cli(*base, "method=h2o", "overwrite=true").returncode == 0
+    assert not (run_dir / "checkpoint").exists()  # deleted with the rest, not left beside h2o's results
     assert json.loads((run_dir / "summary.json").read_text())["method"]["name"] == "h2o"
     assert "name: h2o\n" in (run_dir / ".hydra" / "config.yaml").read_text()
     assert not (run_dir / "samples.csv").read_text().count("knorm")
