@@ -277,7 +277,7 @@ def check_run_dir(cfg: DictConfig, out: Path, inputs: str | None) -> None:
     other = _other_config(cfg, out, inputs)
     if other is not None and not cfg.overwrite:
         raise ValueError(
-            f"{out} holds the results of another config (summary.json, config hash {other}; this one is "
+            f"{out} holds the results of another config (or other inputs) (summary.json, config hash {other}; this one is "
             f"{_config_hash(cfg, inputs)}): choose another hydra.run.dir, or overwrite=true to replace them"
         )
 

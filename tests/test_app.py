@@ -528,7 +528,9 @@ def test_a_run_dir_never_holds_two_configs(text_file, tmp_path):
     again = _cli(*base, "method=knorm")
     assert again.returncode == 0 and "already holds this config's results" in again.stdout + again.stderr
     (run_dir / "checkpoint").mkdir()
-    (run_dir / "checkpoint" / "adapter.safetensors").write_bytes(b"knorm's")  # e.g. a trained run's checkpoint
+    (run_dir / "checkpoint" / "adapter.safetensors").write_bytes(
+        b"knorm's"
+    )  # e.g. a trained run's checkpoint
     assert _cli(*base, "method=h2o", "overwrite=true").returncode == 0
     assert not (run_dir / "checkpoint").exists()  # deleted with the rest, not left beside h2o's results
     assert json.loads((run_dir / "summary.json").read_text())["method"]["name"] == "h2o"

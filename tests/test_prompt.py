@@ -219,7 +219,9 @@ def test_the_config_hash_covers_the_prompt_and_the_prompt_files_text(tmp_path, m
     _run(tmp_path, *overrides)  # the same file: resumed
     assert len(calls) == 1
     path.write_text("second\n")
-    _, written, _ = _run(tmp_path, *overrides)  # the same config, another text: run again
+    with pytest.raises(ValueError, match=r"holds the results of another config \(or other inputs\)"):
+        _run(tmp_path, *overrides)  # the same config, another text: not over the first text's results ...
+    _, written, _ = _run(tmp_path, *overrides, "overwrite=true")  # ... unless asked: run again
     assert len(calls) == 2 and written["prompts"][0]["prompt"] == "second"
 
 
