@@ -18,7 +18,7 @@ from typing import Any
 
 _EXPORTS = {
     "KVCache": "kvexp.engine",
-    "make_cache": "kvexp.engine",
+    "make_cache": "kvexp.methods",
     "build_method": "kvexp.methods",
     "list_methods": "kvexp.methods",
     "load_model": "kvexp.models",

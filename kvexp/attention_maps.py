@@ -112,8 +112,8 @@ def write_attention_maps(
 
 
 def main() -> None:
+    from kvexp.data import data_dir
     from kvexp.models import load_model_by_name
-    from kvexp.tasks.data import data_dir
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from kvexp.engine import make_cache, use_kvexp_attention
+from kvexp.engine import use_kvexp_attention
+from kvexp.methods import make_cache
 from kvexp.models import load_model_by_name
 from kvexp.tasks.data import load_documents
 from kvexp.tasks.perplexity import score_document

@@ -36,6 +36,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from kvexp.data import hub_reachable
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,7 +353,6 @@ def model_shape(model: Mapping) -> tuple[int, int] | None:
 
 def _hub_config(model: Mapping) -> PretrainedConfig | None:
     """The hub model's config from a local directory or the hub cache, else the hub when reachable."""
-    from kvexp.tasks.data import hub_reachable
 
     kw = dict(revision=model.get("revision"), trust_remote_code=bool(model.get("trust_remote_code")))
     for local in (True, False):

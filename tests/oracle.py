@@ -11,7 +11,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from kvexp.engine import make_cache
+from kvexp.methods import make_cache
 
 ORACLE = "kvexp_oracle"
 _MASKS: dict[int, torch.Tensor] = {}  # layer_idx -> [B, Hkv, T, T] bool (query index, key index)

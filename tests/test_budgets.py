@@ -10,8 +10,7 @@ from omegaconf import OmegaConf
 from kvexp.app import train_or_eval
 from kvexp.budgets import ALLOCATIONS, allocate
 from kvexp.config import validate
-from kvexp.engine import make_cache
-from kvexp.methods import build_method
+from kvexp.methods import build_method, make_cache
 from kvexp.methods.adakv import adaptive_counts
 from kvexp.tasks.perplexity import resolve_budget
 from tests.conftest import load

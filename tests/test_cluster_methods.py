@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from kvexp.budgets import allocate
-from kvexp.engine import make_cache
 from kvexp.engine.cache import CacheOptions, CompressedLayer, KVCache
-from kvexp.methods import build_method
+from kvexp.methods import build_method, make_cache
 from kvexp.methods.adaptive_kmeans import centroid_update_weights
 from kvexp.methods.merging import fold
 from kvexp.methods.pooling_merge import log_age_groups

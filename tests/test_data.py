@@ -17,21 +17,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvexp.data import EMBEDDED, HAYSTACK_BOOK, PG19_BOOK, WIKITEXT2
-from kvexp.tasks import data as data_module
-from kvexp.tasks.data import (
-    DATASETS,
+from kvexp.data import (
+    EMBEDDED,
     GUTENBERG_CORPUS,
-    Document,
-    check_dataset,
+    HAYSTACK_BOOK,
+    HUB_PROBE_SECONDS,
+    PG19_BOOK,
+    WIKITEXT2,
     data_dir,
     hub_reachable,
-    load_documents,
-    locate,
     read_corpus,
     required_data_file,
-    stdlib_dir,
 )
+from kvexp.tasks import data as data_module
+from kvexp.tasks.data import DATASETS, Document, check_dataset, load_documents, locate, stdlib_dir
 
 CONF = Path(__file__).parents[1] / "conf" / "dataset"
 DATA = Path(os.environ["KVEXP_DATA_DIR"]) if os.environ.get("KVEXP_DATA_DIR") else None
@@ -186,7 +185,7 @@ def test_unreachable_hub_costs_seconds(monkeypatch):
     hub_reachable.cache_clear()
     start = time.perf_counter()
     assert hub_reachable() is False
-    assert time.perf_counter() - start < data_module.HUB_PROBE_SECONDS + 1
+    assert time.perf_counter() - start < HUB_PROBE_SECONDS + 1
 
 
 def test_wikitext2_single_document_is_the_joined_rows():

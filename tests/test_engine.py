@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from kvexp.engine import make_cache
 from kvexp.engine.cache import rotate_keys
 from kvexp.methods import METHODS as REGISTRY
+from kvexp.methods import make_cache
 from tests.conftest import load
 from tests.oracle import Visibility, max_logprob_error, oracle_logits, streamed_logits
 

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kvexp.engine import make_cache
 from kvexp.engine.attention import kvexp_attention
-from kvexp.methods import build_method
+from kvexp.methods import build_method, make_cache
 from kvexp.methods import dynamickv as dynamickv_module
 from kvexp.methods import razor_attention as razor_module
 from kvexp.methods.dynamickv import share_with_caps

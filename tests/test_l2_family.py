@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvexp.engine import make_cache
+from kvexp.methods import make_cache
 from tests.conftest import load
 
 T = 24

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from kvexp.app import train_or_eval
 from kvexp.config import validate
-from kvexp.engine import make_cache
-from kvexp.methods import build_method
+from kvexp.methods import build_method, make_cache
 from kvexp.methods.learned import EPS, FEATURES, entry_features, load_scorer
 from kvexp.train import learned_scorer
 from tests.conftest import load

@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvexp.engine import make_cache
 from kvexp.engine.attention import kvexp_attention
 from kvexp.engine.cache import CacheOptions, CompressedLayer, KVCache
-from kvexp.methods import build_method
+from kvexp.methods import build_method, make_cache
 from kvexp.methods.cam import successors
 from kvexp.tasks.data import load_documents
 from tests.conftest import load

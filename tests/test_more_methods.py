@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from kvexp.engine import make_cache
 from kvexp.engine.cache import Rotary
+from kvexp.methods import make_cache
 from kvexp.methods.scoring import prerope_queries
 from tests.conftest import load
 

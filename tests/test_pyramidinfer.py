@@ -18,8 +18,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvexp.budgets import allocate
-from kvexp.engine import make_cache
-from kvexp.methods import build_method
+from kvexp.methods import build_method, make_cache
 from kvexp.models import load_model
 from kvexp.tasks.generation import admit_uncompressed
 from tests.conftest import ROOT, load

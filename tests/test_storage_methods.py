@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvexp.engine import make_cache
-from kvexp.methods import METHODS, build_method
+from kvexp.methods import METHODS, build_method, make_cache
 from kvexp.methods.kivi import (
     channel_params,
     codes,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel
 
@@ -17,9 +18,11 @@ from kvexp.engine.cache import (
     KVCache,
     Rotary,
     Storage,
-    StoredEntries,
+    StoringMethod,
 )
-from kvexp.methods import Method, build_method
+
+if TYPE_CHECKING:
+    from kvexp.methods.base import Method
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ __all__ = [
     "CompressedLayer",
     "KVCache",
     "Storage",
-    "StoredEntries",
+    "StoringMethod",
     "make_cache",
     "use_kvexp_attention",
 ]
@@ -60,7 +63,7 @@ def _check_model(model: PreTrainedModel) -> None:
 
 def make_cache(
     model: PreTrainedModel,
-    method: str | Method = "full",
+    method: Method,
     budget: int | list[int] | None = None,
     *,
     head_budgets: list[list[int]] | None = None,
@@ -69,17 +72,17 @@ def make_cache(
     positions: str = "original",
     recorder: Callable | None = None,
     differentiable: bool = False,
-    **method_params,
 ) -> KVCache:
-    """A fresh compressed cache for `model` (which is switched to kvexp attention).
+    """A fresh compressed cache for `model` (which is switched to kvexp attention), run by the `method` object
+    (`kvexp.make_cache` / `kvexp.methods.make_cache` also take a method's name and parameters).
 
     `budget`: kept entries per KV head, one int for every layer or a list with one per layer (None: no budget).
     `head_budgets`: per layer, one budget per KV head (real memory saving: the layer is as long as its longest
     head). `slack`: compress only once a layer exceeds budget + slack. `when`: "always" or "prefill" (only
     multi-token steps compress). `positions`: "original" or "rerotate". `differentiable`: training mode (copy-on-write
     buffers, no-grad scoring; see kvexp/engine/cache.py), dense K/V methods only.
-    A storage method (`StoredEntries`: KIVI, ZACK, ThinK) stores every layer's entries encoded and hands token
-    eviction to its `evict` method, which the layers get as their method.
+    A storage method (`StoringMethod`: KIVI, ZACK, ThinK) stores every layer's entries encoded and hands token
+    eviction to its `evictor`, which the layers get as their method.
     """
     _check_model(model)
     if when not in WHEN_OPTIONS:
@@ -88,8 +91,11 @@ def make_cache(
         raise ValueError(f"positions must be one of {POSITION_OPTIONS}, got {positions!r}")
     if slack < 0:
         raise ValueError(f"slack must be >= 0, got {slack}")
-    method = build_method(method, **method_params) if isinstance(method, str) else method
-    stored = method if isinstance(method, StoredEntries) else None
+    if isinstance(method, str):
+        raise TypeError(
+            f"kvexp.engine.make_cache takes a method object, got {method!r}; kvexp.make_cache builds one by name"
+        )
+    stored = method if isinstance(method, StoringMethod) else None
     evictor = stored.evictor if stored is not None else method
     if stored is not None and positions == "rerotate":
         raise ValueError(

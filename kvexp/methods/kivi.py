@@ -2,8 +2,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvexp.engine.cache import Storage, StoredEntries, TokenWindow, token_slots
+from kvexp.engine.cache import Storage
 from kvexp.methods.base import Method, register
+from kvexp.methods.storage import StoredEntries, TokenWindow, token_slots
 
 BITS = (2, 4)
 

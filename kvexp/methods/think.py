@@ -2,9 +2,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvexp.engine.cache import Storage, StoredEntries, TokenWindow, token_slots
+from kvexp.engine.cache import Storage
 from kvexp.methods.base import Method, register
 from kvexp.methods.scoring import reduce_group
+from kvexp.methods.storage import StoredEntries, TokenWindow, token_slots
 
 
 def channel_scores(queries: torch.Tensor, keys: torch.Tensor, live: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoTokenizer
 from transformers.masking_utils import AttentionMaskInterface
 
-from kvexp.engine.cache import Storage, StoredEntries
+from kvexp.data import read_corpus, required_data_file
+from kvexp.engine.cache import Storage
 from kvexp.methods.base import Method, register
 from kvexp.methods.razor_attention import _fingerprint
+from kvexp.methods.storage import StoredEntries
 from kvexp.models import tiny_tokenizer
-from kvexp.tasks.data import read_corpus, required_data_file
 
 log = logging.getLogger(__name__)
 

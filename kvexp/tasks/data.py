@@ -14,30 +14,30 @@ Every dataset is looked up in one order (`locate`), and the run's log names the 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import re
-import socket
 import sysconfig
-import threading
 import tokenize
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
-from kvexp.data import EMBEDDED, HAYSTACK_BOOK, PYTHON_CODE, Embedded
+from kvexp.data import (
+    DATA_DIR_ENV,
+    EMBEDDED,
+    PYTHON_CODE,
+    Embedded,
+    data_dir,
+    hub_reachable,
+    read_jsonl,
+    read_text,
+)
 
 log = logging.getLogger(__name__)
 
-DATA_DIR_ENV = "KVEXP_DATA_DIR"
 DATASETS = ("wikitext2", "pg19", "text_file", "python_code")
-HUB_PROBE_SECONDS = 3.0
-# The default training and calibration corpus under $KVEXP_DATA_DIR: public-domain Gutenberg books as JSONL.
-GUTENBERG_CORPUS = "gutenberg/books.jsonl"
 
 # The local files hold the test split only; `dataset.split` may still slice it ("test[:100]").
 LOCAL_SPLIT = "test"
@@ -73,106 +73,6 @@ class Source:
         if self.kind == "path":
             return f"dataset.path={str(dataset['path'])!r}"
         return f"dataset.local_file={dataset.get('local_file')!r} ({self.path})"
-
-
-def data_dir() -> Path | None:
-    """The local evaluation-data folder from ``$KVEXP_DATA_DIR``, or None when unset."""
-    value = os.environ.get(DATA_DIR_ENV)
-    return Path(value).expanduser() if value else None
-
-
-def required_data_file(name: str, option: str) -> Path:
-    """The file `name` (absolute, or relative to $KVEXP_DATA_DIR) that option `option` names; a ValueError
-    naming the option when it cannot be found. The default training / calibration corpus
-    (`GUTENBERG_CORPUS`) falls back to the embedded public-domain novel, named in the log."""
-    path = Path(name).expanduser()
-    if not path.is_absolute():
-        root = data_dir()
-        if (root is None or not (root / path).is_file()) and name == GUTENBERG_CORPUS:
-            log.warning(
-                "%s=%s is not under $%s (%s); using %s",
-                option,
-                name,
-                DATA_DIR_ENV,
-                root,
-                HAYSTACK_BOOK.description,
-            )
-            return HAYSTACK_BOOK.path
-        if root is None:
-            raise ValueError(
-                f"{option}={name!r} is relative to ${DATA_DIR_ENV}, which is not set; set it or give an absolute path"
-            )
-        path = root / path
-    if not path.is_file():
-        raise ValueError(f"{option}: {path} does not exist")
-    return path
-
-
-def read_jsonl(path: Path, text: str | None = None) -> list[dict[str, Any]]:
-    """The objects of a JSONL file (blank lines skipped); a line that is not a JSON object fails naming the file
-    and the line. `text`: the file's content when already read."""
-    if text is None:
-        text = read_text(path)
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})"
-            ) from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
-def read_text(path: Path) -> str:
-    """A UTF-8 text file; anything else fails naming the file and where it stops being UTF-8."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); give a text file"
-        ) from err
-
-
-def read_corpus(path: Path, text_field: str = "text") -> list[tuple[str, str]]:
-    """(id, text) of a text corpus: JSONL records with `text_field` (id: `file`, `id` or the line number), or
-    a plain-text file (`.txt`) as one document."""
-    if path.suffix == ".txt":
-        return [(path.name, read_text(path))]
-    return [(str(r.get("file") or r.get("id") or i), r[text_field]) for i, r in enumerate(read_jsonl(path))]
-
-
-@functools.cache
-def hub_reachable() -> bool:
-    """Whether the Hugging Face hub answers a TCP connection within a few seconds (False when HF_HUB_OFFLINE or
-    HF_DATASETS_OFFLINE is set). The probe runs once per process, in a thread, so a hanging DNS lookup costs
-    at most HUB_PROBE_SECONDS."""
-    if any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    ):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    reached: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
-            reached.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(HUB_PROBE_SECONDS)
-    if not reached:
-        log.info("the Hugging Face hub (%s) is not reachable: using local or embedded data only", host)
-    return bool(reached)
 
 
 def _split_name(split: str | None) -> str:

@@ -42,8 +42,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvexp.engine import KVCache, make_cache
-from kvexp.methods import Method
+from kvexp.data import read_jsonl, read_text
+from kvexp.engine import KVCache
+from kvexp.methods import Method, make_cache
 from kvexp.tasks import metrics
 from kvexp.tasks.data import (
     LOCAL_SPLIT,
@@ -51,8 +52,6 @@ from kvexp.tasks.data import (
     from_hub,
     load_hub_split,
     locate,
-    read_jsonl,
-    read_text,
     split_bounds,
 )
 from kvexp.tasks.perplexity import kv_totals

@@ -56,8 +56,8 @@ from lm_eval.models.utils import (
 )
 from tqdm.auto import tqdm
 
-from kvexp.engine import KVCache, make_cache
-from kvexp.methods import Method
+from kvexp.engine import KVCache
+from kvexp.methods import Method, make_cache
 from kvexp.tasks.perplexity import resolve_budget, score_document
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kvexp.tasks.data import Source, check_split, from_hub, locate, read_jsonl, split_bounds
+from kvexp.data import read_jsonl
+from kvexp.tasks.data import Source, check_split, from_hub, locate, split_bounds
 from kvexp.tasks.generation import GenerationSample
 
 log = logging.getLogger(__name__)

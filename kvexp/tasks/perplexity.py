@@ -18,8 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvexp.budgets import allocate
-from kvexp.engine import make_cache
-from kvexp.methods import Method
+from kvexp.methods import Method, make_cache
 
 
 @dataclass

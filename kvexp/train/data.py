@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kvexp.tasks.data import DATA_DIR_ENV, read_corpus, required_data_file
+from kvexp.data import DATA_DIR_ENV, read_corpus, required_data_file
 
 log = logging.getLogger(__name__)
 

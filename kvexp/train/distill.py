@@ -111,7 +111,7 @@ def check(cfg: DictConfig) -> None:
             f"train=distill needs a compressing method and a budget (method={cfg.method.name}, budget.tokens="
             f"{budget.get('tokens')}): with nothing compressed there is nothing to distill"
         )
-    from kvexp.engine.cache import StoredEntries
+    from kvexp.methods.storage import StoredEntries
 
     if cfg.method.name in METHODS and issubclass(METHODS[cfg.method.name], StoredEntries):
         raise ValueError(
@@ -176,7 +176,7 @@ def student_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stream `inputs` [B, T] through a fresh differentiable compressed cache in chunks: (logits [B, T, V],
     compressed [T] bool: the positions whose step attended to an already compressed cache)."""
-    from kvexp.engine import make_cache
+    from kvexp.methods import make_cache
 
     cache = make_cache(model, method, budget, differentiable=True, **engine)
     logits, compressed = [], []
@@ -191,7 +191,7 @@ def student_forward(
 @torch.no_grad()
 def teacher_forward(model, inputs: torch.Tensor) -> torch.Tensor:
     """The full-cache logits [B, T, V] of `inputs` (one pass through an uncompressed kvexp cache)."""
-    from kvexp.engine import make_cache
+    from kvexp.methods import make_cache
 
     return model(inputs, past_key_values=make_cache(model, "full")).logits
 

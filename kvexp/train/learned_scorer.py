@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from kvexp.data import read_corpus
 from kvexp.methods.learned import (
     CHECKPOINT_FILE,
     EPS,
@@ -42,7 +43,6 @@ from kvexp.methods.learned import (
     save_scorer,
 )
 from kvexp.methods.scoring import reduce_group
-from kvexp.tasks.data import read_corpus
 from kvexp.train import Trained
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def check(cfg: DictConfig) -> None:
 
 
 def _data_path(name: str) -> Path:
-    from kvexp.tasks.data import required_data_file
+    from kvexp.data import required_data_file
 
     return required_data_file(name, "train.data_file")
 

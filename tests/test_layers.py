@@ -1,0 +1,91 @@
+"""The package's layers point one way: engine <- methods <- tasks / train <- app (docs/design.md#layers)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "kvexp"
+
+# Lower layers first; a module may import its own layer and those before it. `data` (the shipped data and the
+# readers every layer uses) and `tracking` (atomic writes, the W&B run) import nothing of kvexp.
+RANK = {"data": 0, "tracking": 0, "engine": 1, "budgets": 1, "models": 1, "methods": 2}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def _runtime_imports(path: Path, top_level_only: bool) -> set[str]:
+    """The kvexp modules `path` imports when it runs (`if TYPE_CHECKING:` blocks left out), at module level only
+    or anywhere (function-local imports too)."""
+    tree = ast.parse(path.read_text())
+    nodes, found = list(tree.body), set()
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        if not top_level_only or isinstance(node, ast.If | ast.Try):
+            nodes += [n for n in ast.iter_child_nodes(node) if isinstance(n, ast.stmt)]
+    modules = _modules()
+    resolved = set()
+    for name in found:
+        while name.startswith("kvexp") and name not in modules:
+            name = name.rsplit(".", 1)[0]
+        if name in modules:
+            resolved.add(name)
+    return resolved
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[1] if "." in module else "kvexp"
+
+
+def test_importing_the_engine_loads_nothing_else_of_kvexp():
+    probe = "import sys, kvexp.engine; print(sorted(m for m in sys.modules if m.startswith('kvexp')))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert eval(out) == ["kvexp", "kvexp.engine", "kvexp.engine.attention", "kvexp.engine.cache"]
+
+
+def test_lower_layers_import_nothing_above_them():
+    """data / tracking <- engine, budgets, models <- methods: no import (function-local ones included) reaches up
+    to a later layer or into tasks, train or the app."""
+    wrong = []
+    for module, path in _modules().items():
+        layer = _layer(module)
+        if layer not in RANK:
+            continue
+        for imported in _runtime_imports(path, top_level_only=False):
+            target = _layer(imported)  # "kvexp": the package itself, which loads its exports lazily
+            if target != "kvexp" and RANK.get(target, 99) > RANK[layer]:
+                wrong.append(f"{module} -> {imported}")
+    assert wrong == []
+
+
+def test_module_level_imports_have_no_cycles():
+    modules = _modules()
+    graph = {m: _runtime_imports(p, top_level_only=True) - {m} for m, p in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = 1
+        for nxt in sorted(graph[module]):
+            if state.get(nxt) == 1:
+                return [*path, module, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, module])):
+                return cycle
+        state[module] = 2
+        return None
+
+    cycles = [c for m in sorted(modules) if m not in state and (c := visit(m, []))]
+    assert cycles == []
