@@ -366,6 +366,17 @@ def _hub_config(model: Mapping) -> PretrainedConfig | None:
     return None
 
 
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """sha256 of the model's config and a strided sample of its first and last weights: same model, same hash (what
+    RazorAttention's probe and ZACK's calibration are cached by)."""
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    params = list(model.parameters())
+    for p in (params[0], params[-1]):
+        flat = p.detach().flatten()
+        digest.update(flat[:: max(1, flat.numel() // 4096)].double().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_checkpoint(net: PreTrainedModel, checkpoint: str) -> PreTrainedModel:
     """Trained weights on top of the loaded model (`model.checkpoint`, written by `train=distill`): a peft adapter
     directory (holding adapter_config.json) is loaded and merged into the weights; a safetensors file is loaded

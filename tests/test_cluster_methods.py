@@ -16,9 +16,9 @@ from kvexp.budgets import allocate
 from kvexp.engine.cache import CacheOptions, CompressedLayer, KVCache
 from kvexp.methods import build_method, make_cache
 from kvexp.methods.adaptive_kmeans import centroid_update_weights
+from kvexp.methods.clustering import farthest_points, silhouette, weighted_kmeans
 from kvexp.methods.merging import fold
 from kvexp.methods.pooling_merge import log_age_groups
-from kvexp.methods.semantic_cluster import farthest_points, silhouette, weighted_kmeans
 from tests.conftest import load
 from tests.test_engine import _ids
 

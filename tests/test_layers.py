@@ -89,3 +89,31 @@ def test_module_level_imports_have_no_cycles():
 
     cycles = [c for m in sorted(modules) if m not in state and (c := visit(m, []))]
     assert cycles == []
+
+
+def test_no_method_imports_another_methods_private_names():
+    """Shared machinery lives in support modules (base, scoring, merging, clustering, storage), not behind a
+    method's private names (zack used razor_attention's `_fingerprint`)."""
+    private = []
+    for module, path in _modules().items():
+        if _layer(module) != "methods":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvexp."):
+                private += [f"{module}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
+
+
+def test_only_the_engine_assigns_layer_budgets():
+    """Budgets change through the cache (`KVCache.admit`, ...), not by a task writing `layer.budget`."""
+    import re
+
+    writes = [
+        f"{module}:{number}"
+        for module, path in _modules().items()
+        if _layer(module)
+        not in ("engine", "methods")  # methods: d2o and dynamickv, until the allocation hook
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\.budget *[+-]?= ", line)
+    ]
+    assert writes == []

@@ -20,7 +20,6 @@ from transformers.masking_utils import AttentionMaskInterface
 from kvexp.budgets import allocate
 from kvexp.methods import build_method, make_cache
 from kvexp.models import load_model
-from kvexp.tasks.generation import admit_uncompressed
 from tests.conftest import ROOT, load
 from tests.oracle import Visibility, max_logprob_error, oracle_logits, streamed_logits
 
@@ -240,7 +239,7 @@ def test_a_question_admitted_uncompressed_is_not_pruned():
     cache = make_cache(model, "pyramidinfer", budget=12, decay_ratio=0.5)
     with torch.no_grad():
         model(_ids(model, 30, seed=9), past_key_values=cache, logits_to_keep=1)
-        admit_uncompressed(cache, 8)
+        cache.admit(8)
         model(_ids(model, 8, seed=10), past_key_values=cache, logits_to_keep=1)
     for layer in cache.layers:
         assert layer.new_tokens == 8 and set(range(30, 38)) <= set(layer.positions[0, 0].tolist())

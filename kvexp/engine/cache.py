@@ -569,6 +569,16 @@ class KVCache(Cache):
         for layer in layers:
             layer.cache = self
 
+    def admit(self, tokens: int) -> None:
+        """Raise every compressed layer's budget (and per-head budgets) by `tokens` before a step of that many
+        tokens, so that step cannot trigger a compression: the layers stay observed (methods see its queries) but
+        keep all of it; later steps compress to the raised budget (the query-agnostic protocol's question)."""
+        for layer in self.layers:
+            if layer.budget is not None:
+                layer.budget += tokens
+                if layer.head_budgets is not None:
+                    layer.head_budgets = [b + tokens for b in layer.head_budgets]
+
     def physical_lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]
 

@@ -8,7 +8,7 @@ from typing import Any
 from kvexp import engine
 from kvexp.methods.base import METHODS, Method, build_method, list_methods, register
 
-_SUPPORT = {"base", "scoring", "merging", "storage"}  # shared machinery, not methods
+_SUPPORT = {"base", "scoring", "merging", "storage", "clustering"}  # shared machinery, not methods
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SUPPORT:
         importlib.import_module(f"{__name__}.{_module.name}")

@@ -4,9 +4,7 @@ from typing import Any
 import torch
 
 from kvexp.methods.base import Method, TrainableMergedBias, register
-from kvexp.methods.merging import fold, reject_rerotate
-from kvexp.methods.scoring import GQA_REDUCTIONS, reduce_group, remember_queries, window_attention
-from kvexp.methods.semantic_cluster import (
+from kvexp.methods.clustering import (
     farthest_points,
     gather_rows,
     group_targets,
@@ -15,6 +13,8 @@ from kvexp.methods.semantic_cluster import (
     newest,
     top_ranked,
 )
+from kvexp.methods.merging import fold, reject_rerotate
+from kvexp.methods.scoring import GQA_REDUCTIONS, reduce_group, remember_queries, window_attention
 
 
 def centroid_update_weights(

@@ -5,9 +5,9 @@ import torch
 
 from kvexp.budgets import allocate
 from kvexp.methods.base import Method, register
+from kvexp.methods.clustering import group_targets, keep_counts
 from kvexp.methods.merging import fold, reject_rerotate
 from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention
-from kvexp.methods.semantic_cluster import group_targets, keep_counts
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,3 @@
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -7,6 +6,7 @@ import torch
 
 from kvexp.methods.base import Method, register
 from kvexp.methods.scoring import write_slots
+from kvexp.models import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +36,11 @@ def copy_task_scores(attentions: list[torch.Tensor], length: int, offset: int, k
     return scores[0], scores[1]
 
 
-def _fingerprint(model) -> str:
-    """The model's config and a strided sample of its first and last weights: same model, same hash."""
-    digest = hashlib.sha256(model.config.to_json_string().encode())
-    params = list(model.parameters())
-    for p in (params[0], params[-1]):
-        flat = p.detach().flatten()
-        digest.update(flat[:: max(1, flat.numel() // 4096)].double().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def probe_scores(model, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The copy-task probe (`copy_task_scores`) on `model`, run once per model and setting: [BOS] + a block
     of `length` distinct random token ids (seeded) + the same block again, eager attention for the weights."""
-    key = f"{_fingerprint(model)}:{length}:{seed}"
+    key = f"{model_fingerprint(model)}:{length}:{seed}"
     if key not in _PROBED:
         vocab = model.get_input_embeddings().num_embeddings
         if length > vocab:

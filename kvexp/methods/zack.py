@@ -11,9 +11,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from kvexp.data import read_corpus, required_data_file
 from kvexp.engine.cache import Storage
 from kvexp.methods.base import Method, register
-from kvexp.methods.razor_attention import _fingerprint
 from kvexp.methods.storage import StoredEntries
-from kvexp.models import tiny_tokenizer
+from kvexp.models import model_fingerprint, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +184,7 @@ class ZACK(StoredEntries, Method):
         tag = hashlib.sha256(
             f"{path.name}:{path.stat().st_size}:{self.calibration_tokens}".encode()
         ).hexdigest()
-        key = f"{_fingerprint(model)[:24]}-{tag[:12]}"
+        key = f"{model_fingerprint(model)[:24]}-{tag[:12]}"
         if key == self._model_key:
             return
         cached = (

@@ -231,17 +231,6 @@ def _forward(model, ids: torch.Tensor, cache: KVCache, chunk_size: int | None) -
     return logits[:, -1].float()
 
 
-def admit_uncompressed(cache: KVCache, tokens: int) -> None:
-    """Raise every compressed layer's budget (and per-head budgets) by `tokens` before a step of that many tokens,
-    so that step cannot trigger a compression: the layers stay observed (methods see its queries) but keep all of
-    it. Later steps compress to the raised budget."""
-    for layer in cache.layers:
-        if layer.budget is not None:
-            layer.budget += tokens
-            if layer.head_budgets is not None:
-                layer.head_budgets = [b + tokens for b in layer.head_budgets]
-
-
 @torch.no_grad()
 def warm_up(
     model,
@@ -291,7 +280,7 @@ def generate_answer(
     else:
         logits = _forward(model, context, cache, prefill_chunk_size)
         if question.shape[1]:
-            admit_uncompressed(cache, question.shape[1])
+            cache.admit(question.shape[1])
             logits = _forward(model, question, cache, None)
     token = _pick(logits, decoding, generator)
     if model.device.type == "cuda":

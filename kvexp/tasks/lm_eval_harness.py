@@ -96,7 +96,7 @@ class CompressedLM(TemplateLM):
                 f"chunk_size must be >= 1 and prefill_chunk_size null or >= 1, got {chunk_size}, {prefill_chunk_size}"
             )
         self.model, self.tokenizer = model, tokenizer
-        self.method, self.budget = method, budget
+        self.method, self.budget_config = method, budget
         self.chunk_size, self.prefill_chunk_size = chunk_size, prefill_chunk_size
         self._max_length = max_length or resolve_max_length(model.config, tokenizer)
         self.progress = progress
@@ -309,9 +309,9 @@ class CompressedLM(TemplateLM):
 
     # -- shared -------------------------------------------------------------------------------------------------
     def _budget(self, tokens: int) -> int | list[int] | None:
-        if isinstance(self.budget, Mapping):
-            return resolve_budget(self.budget, tokens, self.model.config.num_hidden_layers)
-        return self.budget
+        if isinstance(self.budget_config, Mapping):
+            return resolve_budget(self.budget_config, tokens, self.model.config.num_hidden_layers)
+        return self.budget_config
 
     def _cache(self, context_tokens: int) -> KVCache:
         return make_cache(self.model, self.method, self._budget(context_tokens), **self.cache_kwargs)
