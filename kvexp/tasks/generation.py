@@ -231,7 +231,6 @@ def _forward(model, ids: torch.Tensor, cache: KVCache, chunk_size: int | None) -
     return logits[:, -1].float()
 
 
-@torch.no_grad()
 def warm_up(
     model,
     tokenizer,
@@ -249,6 +248,7 @@ def warm_up(
         generate_answer(model, tokenizer, prompt, method, budget, max_new_tokens=2, **common, **cache_kwargs)
 
 
+@torch.no_grad()
 def generate_answer(
     model,
     tokenizer,

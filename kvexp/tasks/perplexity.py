@@ -69,7 +69,6 @@ def resolve_budget(budget: Any, document_tokens: int, num_layers: int) -> int | 
     return allocate(allocation, mean, num_layers, **dict(budget.get("allocation_params") or {}))
 
 
-@torch.no_grad()
 def warm_up(model, input_ids: torch.Tensor, chunk_size: int = 1, tokens: int = 32) -> None:
     """The full cache over the first `tokens` tokens, untimed: the process's first-call overhead (kernel and
     allocator set-up, lazy imports) stays out of the first timed run (else the full cache, timed first, looks
@@ -77,6 +76,7 @@ def warm_up(model, input_ids: torch.Tensor, chunk_size: int = 1, tokens: int = 3
     score_document(model, input_ids[:, : max(2, tokens)], "full", None, chunk_size)
 
 
+@torch.no_grad()
 def score_document(
     model,
     input_ids: torch.Tensor,  # [1, T]
