@@ -10,8 +10,8 @@ import torch
 
 from kvexp.app import train_or_eval
 from kvexp.config import method_from_config
-from kvexp.engine.cache import StoredEntries
 from kvexp.methods import METHODS, build_method, make_cache
+from kvexp.methods.storage import StoredEntries
 from kvexp.models import load_model
 from kvexp.tasks.perplexity import evaluate_perplexity
 from kvexp.train import distill
