@@ -13,11 +13,8 @@ from kvexp.config import normalize_overrides
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from kvexp.app import (  # torch loads here, not for --help
-        NonFiniteMetricError,
-        format_table,
-        train_or_eval,
-    )
+    from kvexp.app import NonFiniteMetricError, train_or_eval  # torch loads here, not for --help
+    from kvexp.report import format_table
 
     try:
         summary = train_or_eval(cfg)

@@ -639,6 +639,80 @@ def _slug(text: str) -> str:
 
 
 # -- the report ---------------------------------------------------------------------------------------------------
+def format_table(summary: dict[str, Any]) -> str:
+    """A readable before/after table of quality and cost (and, for generation, scores per reported group)."""
+    before, after = summary["metrics_before"] or {}, summary["metrics_after"]
+    timing, full_timing = summary["timing"], summary.get("timing_full") or {}
+    kv = summary["kv_cache"]
+    label = f"{summary['method']['name']}"
+    if summary.get("task", "perplexity") == "perplexity":
+        rows = [
+            ("perplexity", before.get("perplexity"), after["perplexity"]),
+            ("next-token accuracy", before.get("accuracy"), after["accuracy"]),
+            ("tokens evaluated", before.get("tokens"), after["tokens"]),
+            ("KV tokens kept (mean)", kv["tokens_seen"] / max(after["documents"], 1), kv["tokens_kept"]),
+        ]
+    elif summary["task"] == "lm_eval":  # lm-eval's metrics, flattened to task/metric
+        rows = [(k, before.get(k), v) for k, v in after.items() if isinstance(v, float | int)]
+        rows.append(("KV tokens kept (mean)", kv["tokens_seen"], kv["tokens_kept"]))
+    else:
+        rows = [
+            (f"{f} {k}", before.get(f, {}).get(k), v)
+            for f, scores in _families(after)
+            for k, v in scores.items()
+        ]
+        rows += [
+            ("samples", before.get("samples"), after["samples"]),
+            ("answer tokens (mean)", before.get("new_tokens"), after["new_tokens"]),
+            ("KV tokens kept (mean)", kv["tokens_seen"] / max(after["samples"], 1), kv["tokens_kept_mean"]),
+        ]
+    timed = full_timing.get("comparable", True)  # full-cache timings from another process are not compared
+    rows += [
+        ("TTFT s", full_timing.get("ttft_s") if timed else None, timing["ttft_s"]),
+        ("TPOT ms", full_timing.get("tpot_ms") if timed else None, timing["tpot_ms"]),
+        (
+            "throughput tok/s",
+            full_timing.get("throughput_tok_s") if timed else None,
+            timing["throughput_tok_s"],
+        ),
+    ]
+    for grouping, groups in after.get("by", {}).items():  # the first score of each family, per group
+        for value, scores in groups.items():
+            for family, values in _families(scores):
+                key = next(iter(values))
+                b = before.get("by", {}).get(grouping, {}).get(value, {}).get(family, {}).get(key)
+                rows.append((f"{key} {grouping}={value}", b, values[key]))
+    width, name_width = max(len(label), 12), max(24, *(len(name) + 2 for name, _, _ in rows))
+    lines = [f"{'':{name_width}}{'full':>14}{label:>{width + 2}}{'change':>10}"]
+    for name, b, a in rows:
+        change = f"{100 * (a - b) / b:+.1f}%" if isinstance(a, float | int) and b not in (None, 0) else ""
+        lines.append(f"{name:{name_width}}{_fmt(b):>14}{_fmt(a):>{width + 2}}{change:>10}")
+    if not timed:
+        lines.append(
+            "full-cache timings come from another run (reused results): not compared; rerun with cache_dir=null"
+        )
+    if summary.get("nothing_compressed"):
+        lines.append("NOTHING COMPRESSED: the budget is at or above the evaluated length (see the log)")
+    lines.append(
+        f"compression ratio {kv['compression_ratio']:.3f}; KV bytes {kv['bytes_kept']:,} kept of {kv['bytes_full']:,}; "
+        f"{100 * timing['compress_share']:.1f}% of the time inside the method"
+    )
+    return "\n".join(lines)
+
+
+def _families(metrics: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """The (metric family, {score: mean}) entries of a generation metrics dict."""
+    return [(k, v) for k, v in metrics.items() if isinstance(v, dict) and k != "by"]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def write_report(dirs: list[str | Path], out_dir: str | Path | None = None, with_plots: bool = True) -> Path:
     """results.csv, report.md, plots/ and a self-contained report.html for the runs under `dirs`."""
     summaries = collect(*dirs)

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import kvexp.app
-from kvexp.app import format_table, train_or_eval
+from kvexp.app import train_or_eval
 from kvexp.config import validate
 from kvexp.data import WIKITEXT2
+from kvexp.report import format_table
 from kvexp.tasks.perplexity import evaluate_perplexity
 from tests.conftest import load
 from tests.oracle import Visibility, oracle_logits

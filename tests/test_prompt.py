@@ -13,6 +13,7 @@ import kvexp.models
 from kvexp import app, make_cache
 from kvexp.app import _config_hash, train_or_eval
 from kvexp.config import validate
+from kvexp.report import format_table
 from kvexp.tasks.prompt import format_pair, prompt_sample, stdin_prompts
 from tests.conftest import load
 from tests.test_config import _compose
@@ -82,7 +83,7 @@ def test_a_prompt_run_prints_both_labelled_answers_and_writes_them(tmp_path, cap
         full["answer"],
         compressed["answer"],
     )
-    assert "answer tokens (mean)" in app.format_table(summary)
+    assert "answer tokens (mean)" in format_table(summary)
 
 
 def test_greedy_compressed_answer_is_make_cache_greedy_decoding(tmp_path):

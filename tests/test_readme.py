@@ -248,7 +248,7 @@ def test_readme_python_blocks_run():
 
 def test_make_run_output_shows_rows_the_run_prints():
     """The quick start's table: the default method's column and rows `python -m kvexp` really prints."""
-    from kvexp.app import format_table
+    from kvexp.report import format_table
 
     (text,) = [text for lang, _, text in fenced_blocks(README) if lang == "text"]
     header, *rows = text.splitlines()

@@ -493,7 +493,7 @@ def test_perplexity_axes_fit_the_data_and_accuracy_starts_at_zero(tmp_path, monk
 
 def test_timings_are_in_the_units_the_console_prints(tmp_path):
     """The console prints TTFT in s and TPOT in ms; the report's columns say and use the same units."""
-    from kvexp.app import format_table
+    from kvexp.report import format_table
 
     summary = _summary("h2o", 11.0, 0.45, 256, tpot_ms=12.5)
     summary["metrics_after"]["documents"] = 1
