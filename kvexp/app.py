@@ -78,17 +78,14 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
     sweep = _sweep_dir() if output_dir is None else None
     if sweep is None:
         check_run_dir(cfg, out, inputs)
-    finished = _find_finished(out, sweep, config_hash) if cfg.resume and inputs is not None else None
-    if finished is not None:
-        where, summary = finished
-        log.info("resume: %s already holds this config's results (hash %s); skipped", where, config_hash)
-        _record_sweep_job(sweep, config_hash, where)
+    summary = _finished_summary(out, config_hash) if cfg.resume and inputs is not None else None
+    if summary is not None:
+        log.info("resume: %s already holds this config's results (hash %s); skipped", out, config_hash)
+        _record_sweep_job(sweep, config_hash, out)
         return {**summary, "objective": _objective(cfg, summary)}
     logger = _start_wandb(cfg, out)  # the W&B run exists while the job goes (progress, a crash's exit code)
-    token, exit_code = (
-        ACTIVE_LOGGER.set(logger),
-        1,
-    )  # a job that raises (a crash, a failed run) ends its run with 1
+    token = ACTIVE_LOGGER.set(logger)
+    exit_code = 1  # a job that raises (a crash, a failed run) ends its W&B run with 1
     try:
         summary = _evaluate_and_write(cfg, out, sweep, config_hash, logger)
         exit_code = None
@@ -167,15 +164,11 @@ def _dataset_inputs(cfg: DictConfig) -> str | None:
     return entry.inputs(cfg.dataset) if entry is not None and entry.inputs is not None else ""
 
 
-def _finished_summary(out: Path, config_hash: str, quiet: bool = False) -> dict[str, Any] | None:
-    """The summary.json in `out` when it was written for `config_hash` (else None: the run is (re)done)."""
-    try:
-        summary = json.loads((out / "summary.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if summary.get("config_hash") != config_hash:
-        if not quiet:
-            log.info("resume: %s holds results of another config", out)
+def _finished_summary(out: Path, config_hash: str) -> dict[str, Any] | None:
+    """The summary.json in `out` when it was written for `config_hash` (else None: the run is (re)done). A sweep
+    job already runs in the dir holding its results (`job_subdir`), so its own dir is the only place to look."""
+    summary = _held(out)
+    if summary is None or summary.get("config_hash") != config_hash:
         return None
     if summary.get("failed"):
         log.info("resume: %s holds a failed run (%s); running again", out, summary["failed"]["reason"])
@@ -203,19 +196,6 @@ def _sweep_dir() -> Path | None:
     """The multirun's sweep dir when this job is part of one."""
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().sweep.dir)
-    return None
-
-
-def _find_finished(out: Path, sweep: Path | None, config_hash: str) -> tuple[Path, dict[str, Any]] | None:
-    """This config's finished summary: in `out`, else (in a sweep) in whichever job dir of the sweep holds it,
-    so a re-run that lists its jobs in another order or subset reuses them rather than redoing them."""
-    candidates = [out]
-    if sweep is not None and sweep.is_dir():
-        candidates += sorted(d for d in sweep.iterdir() if d.is_dir() and d != out)
-    for directory in candidates:
-        summary = _finished_summary(directory, config_hash, quiet=directory != out)
-        if summary is not None:
-            return directory, summary
     return None
 
 
