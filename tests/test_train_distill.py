@@ -11,7 +11,7 @@ import torch
 from kvexp.app import train_or_eval
 from kvexp.config import method_from_config
 from kvexp.methods import METHODS, build_method, make_cache
-from kvexp.methods.storage import StoredEntries
+from kvexp.methods.storage import StorageMethod
 from kvexp.models import load_model
 from kvexp.tasks.perplexity import evaluate_perplexity
 from kvexp.train import distill
@@ -113,7 +113,7 @@ def test_gradients_reach_lora_and_the_compressor_through_merged_entries(name):
     assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
 
 
-DENSE_METHODS = sorted(n for n, cls in METHODS.items() if n != "full" and not issubclass(cls, StoredEntries))
+DENSE_METHODS = sorted(n for n, cls in METHODS.items() if n != "full" and not issubclass(cls, StorageMethod))
 
 
 @pytest.mark.parametrize("name", DENSE_METHODS)

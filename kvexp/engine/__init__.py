@@ -16,9 +16,11 @@ from kvexp.engine.cache import (
     CacheOptions,
     CompressedLayer,
     KVCache,
+    Reallocation,
     Rotary,
+    Selection,
     Storage,
-    StoringMethod,
+    SupportsStorage,
 )
 
 if TYPE_CHECKING:
@@ -30,8 +32,10 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "CompressedLayer",
     "KVCache",
+    "Reallocation",
+    "Selection",
     "Storage",
-    "StoringMethod",
+    "SupportsStorage",
     "make_cache",
     "use_kvexp_attention",
 ]
@@ -81,8 +85,8 @@ def make_cache(
     head). `slack`: compress only once a layer exceeds budget + slack. `when`: "always" or "prefill" (only
     multi-token steps compress). `positions`: "original" or "rerotate". `differentiable`: training mode (copy-on-write
     buffers, no-grad scoring; see kvexp/engine/cache.py), dense K/V methods only.
-    A storage method (`StoringMethod`: KIVI, ZACK, ThinK) stores every layer's entries encoded and hands token
-    eviction to its `evictor`, which the layers get as their method.
+    A storage method (`SupportsStorage`: KIVI, ZACK, ThinK) stores every layer's entries encoded and hands token
+    selection to its `evictor` (`layer.evictor`).
     """
     _check_model(model)
     if when not in WHEN_OPTIONS:
@@ -95,7 +99,7 @@ def make_cache(
         raise TypeError(
             f"kvexp.engine.make_cache takes a method object, got {method!r}; kvexp.make_cache builds one by name"
         )
-    stored = method if isinstance(method, StoringMethod) else None
+    stored = method if isinstance(method, SupportsStorage) else None
     evictor = stored.evictor if stored is not None else method
     if stored is not None and positions == "rerotate":
         raise ValueError(
@@ -128,7 +132,7 @@ def make_cache(
     layers = []
     for i, layer_budget in enumerate(evictor.layer_budgets(budgets)):
         heads = head_budgets[i] if head_budgets is not None and layer_budget is not None else None
-        layers.append(CompressedLayer(i, layer_budget, evictor, options, head_budgets=heads, stored=stored))
+        layers.append(CompressedLayer(i, layer_budget, method, options, head_budgets=heads))
     if any(layer.budget is not None for layer in layers):
         evictor.prepare(model)
     if stored is not None:

@@ -22,7 +22,6 @@ Position and mask contracts:
 
 from __future__ import annotations
 
-import time
 from contextvars import ContextVar
 
 import torch
@@ -138,16 +137,7 @@ def kvexp_attention(
         )
         out = out.reshape(batch, heads, q, -1).transpose(1, 2)
 
-    if layer.storage is not None:
-        layer.storage.observe(layer, query)
-    if layer.method.observes and layer.budget is not None:
-        layer.scaling = scaling if scaling is not None else dim**-0.5
-        start = time.perf_counter()
-        with layer.no_grad_if_differentiable():
-            layer.method.observe(layer, query)
-        layer.observe_seconds += time.perf_counter() - start
-    layer.compress()
-    layer.end_step()
+    layer.after_attention(query, scaling if scaling is not None else dim**-0.5)
     return out.contiguous(), None
 
 

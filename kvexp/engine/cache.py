@@ -19,13 +19,29 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
 * Per-head budgets: each KV head keeps its own number of live entries; the layer is as long as its longest
   head and the shorter heads are padded with dead (-inf) slots, recompacted at every compression.
 * Method side state (`state[name]`, `[B, Hkv, L_phys]`) moves with the same indices as K/V.
-* Merging methods (`method.merges`) see each compression's decision before compaction: `method.merge(layer,
-  kept, evicted)` may rewrite the kept slots' K/V/bias/state (never their number), then the kept slots stay.
-* A layer's budget is set when the cache is made; a method may reassign it once at its first compression
-  (DynamicKV's prefill-time layer allocation), keeping the cache's total.
-* Storage axis (KIVI, ZACK, ThinK): a `StoredEntries` method gives each layer a `Storage` and hands its `evict`
-  method to the layer as `layer.method` (token eviction is the evictor's, unchanged; without a budget nothing is
-  evicted and the storage alone compresses). Such a layer holds no dense K/V: the storage's per-slot encodings
+* A compression asks the method to `score` the slots; it answers scores or a `Selection` (scores plus the merge
+  plan it made while scoring). Merging methods (`method.merges`) see the decision before compaction:
+  `method.merge(layer, kept, evicted, selection)` may rewrite the kept slots' K/V/bias/state (never their
+  number), then the kept slots stay.
+* Budgets change only through the cache: a layer's budget is set when the cache is made; `KVCache.admit(n)` raises
+  every budget before a step that must not compress (the query-agnostic protocol's question); a method that
+  allocates across layers (`method.allocates`: DynamicKV, D2O) returns a `Reallocation` from `allocate` after
+  its `observe`, and `KVCache.reallocate` applies it: new budgets for named layers, which it compresses at once
+  if their step in this forward already ran, and the current layer's compression deferred if asked. When the
+  method calls its allocation final, the cache checks that the budgets total no more than before.
+* Per-run method state (an allocation in progress, a threshold, a merge count, a seeded generator) lives in
+  scratch space the cache owns, `layer.scratch(method)` / `cache.scratch(method)`, freed with the cache: two
+  caches made from one method object share nothing. A method object holds only its hyperparameters (and what it
+  learns from the model itself in `prepare`).
+* Per step, per layer (the attention function calls them in this order): the step's new entries are written
+  (`update`), their positions and padding recorded, the attention runs over every slot, then `after_attention`:
+  the storage sees the queries, the method observes them, allocates across layers, the layer compresses if it is
+  over budget, and a storage encodes (`end_step`).
+* Who selects: `layer.method` is the method the cache was made with; `layer.evictor` is the one that scores,
+  observes, merges and allocates: the method itself, or for a storage method its `evictor`.
+* Storage axis (KIVI, ZACK, ThinK): a storage method (`SupportsStorage`; kvexp.methods.storage.StorageMethod)
+  gives each layer a `Storage` and leaves token selection to its `evictor` (`layer.evictor`; without a budget
+  nothing is evicted and the storage alone compresses). Such a layer holds no dense K/V: the storage's per-slot encodings
   (`storage.slots`, [B, Hkv, capacity, ...]) move with the slots like bias and state (resize, compaction, batch
   operations); what it holds outside the slots (full-precision windows indexed by token, KIVI's per-group key
   scales) it manages itself, by token index, never by physical slot. Each step decodes the layer once into a
@@ -53,7 +69,7 @@ import math
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -97,6 +113,28 @@ class CacheOptions:
     )
     rotary: Rotary | None = None  # the model's RoPE (None without RoPE); required for positions="rerotate"
     differentiable: bool = False  # training: copy-on-write buffers and no-grad scoring (module docstring)
+
+
+@dataclass
+class Selection:
+    """A method's answer at one compression: which entries stay and, for a merging method, the plan it made while
+    scoring, which the engine hands to its `merge` with the kept / evicted masks."""
+
+    scores: torch.Tensor  # [B, Hkv, L_phys]: higher = keep; each KV head keeps its top entries
+    groups: torch.Tensor | None = None  # [B, Hkv, L_phys] long: the slot each slot merges into (-1: none)
+    weights: torch.Tensor | None = None  # [B, Hkv, L_phys]: each slot's weight in that merge
+
+
+@dataclass
+class Reallocation:
+    """A method's cross-layer budget decision at one layer's step (`Method.allocate`), applied by
+    `KVCache.reallocate`."""
+
+    budgets: dict[int, int] = field(default_factory=dict)  # layer index -> its new budget
+    defer: bool = (
+        False  # the current layer does not compress in this step; a later reallocation naming it does
+    )
+    final: bool = False  # the allocation is complete: the budgets must total no more than they did before it
 
 
 def _take_slots(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -171,7 +209,7 @@ class Storage:
 
 
 @runtime_checkable
-class StoringMethod(Protocol):
+class SupportsStorage(Protocol):
     """What the engine needs of a storage method (kvexp.methods.storage.StoredEntries: KIVI, ZACK, ThinK): the
     token-selection method its layers run (`evictor`) and one `Storage` per layer."""
 
@@ -192,7 +230,6 @@ class CompressedLayer(DynamicLayer):
         method: Method,
         options: CacheOptions,
         head_budgets: list[int] | None = None,
-        stored: StoringMethod | None = None,
     ):
         super().__init__()
         if head_budgets is not None and (budget is None or max(head_budgets) != budget):
@@ -200,11 +237,12 @@ class CompressedLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.budget = budget
         self.head_budgets = head_budgets
-        self.method = method
+        self.method = method  # the method the cache was made with
+        # The token-selection method: the method itself, or a storage method's `evictor` (KIVI, ZACK and ThinK
+        # store the entries; their `evict` node chooses which stay).
+        self.evictor: Method = method.evictor if isinstance(method, SupportsStorage) else method
         self.options = options
-        # The storage method whose `make_storage` holds this layer's K/V (None: dense K/V buffers).
-        self.stored = stored
-        self.storage: Storage | None = None
+        self.storage: Storage | None = None  # a storage method's encoded K/V (None: dense K/V buffers)
         self.seen = 0  # logical tokens seen
         self.length = 0  # physical slots in use
         self.new_tokens = 0  # tokens written by the current step (the last `new_tokens` slots)
@@ -216,6 +254,12 @@ class CompressedLayer(DynamicLayer):
         # The last queries this layer saw ([B, H, w, D], positions [B, w]), kept by window-scoring methods.
         self.query_window: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scaling: float | None = None  # the attention's logit scale, set when a method observes
+        self.deferred = False  # a cross-layer allocation holds this layer's compression until it decides
+        self._scratch: dict[int, dict[str, Any]] = {}
+
+    def scratch(self, owner: object) -> dict[str, Any]:
+        """Per-run state `owner` (a method) keeps for this layer; freed with the cache, cleared by `reset`."""
+        return self._scratch.setdefault(id(owner), {})
 
     # -- storage --------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -223,11 +267,11 @@ class CompressedLayer(DynamicLayer):
         self.batch, self.kv_heads, _, self.head_dim = key_states.shape
         self.value_dim = value_states.shape[-1]
         self.capacity = 0
-        if self.stored is None:
+        if self.evictor is self.method:
             self._k = key_states.new_empty(self.batch, self.kv_heads, 0, self.head_dim)
             self._v = value_states.new_empty(self.batch, self.kv_heads, 0, self.value_dim)
         else:
-            self.storage = self.stored.make_storage(self, key_states, value_states)
+            self.storage = self.method.make_storage(self, key_states, value_states)
         self._bias = torch.zeros(self.batch, self.kv_heads, 0, dtype=torch.float32, device=self.device)
         self._pos = torch.zeros(self.batch, self.kv_heads, 0, dtype=torch.long, device=self.device)
         self._state: dict[str, torch.Tensor] = {}
@@ -237,24 +281,24 @@ class CompressedLayer(DynamicLayer):
         self._refresh_views()
 
     def state_names(self) -> tuple[str, ...]:
-        names = tuple(self.method.state_names)
+        names = tuple(self.evictor.state_names)
         return (*names, "rope_pos") if self.options.positions == "rerotate" else names
 
-    def _held(self) -> list[torch.Tensor]:
+    def _kv_buffers(self) -> list[torch.Tensor]:
         """The per-slot K/V buffers: dense keys and values, or the storage's encodings."""
         return [self._k, self._v] if self.storage is None else list(self.storage.slots.values())
 
     def _buffers(self) -> list[torch.Tensor]:
-        return [*self._held(), self._bias, self._pos, *self._state.values()]
+        return [*self._kv_buffers(), self._bias, self._pos, *self._state.values()]
 
     def _set_buffers(self, tensors: list[torch.Tensor]) -> None:
-        held = len(self._held())
+        kv = len(self._kv_buffers())
         if self.storage is None:
-            self._k, self._v = tensors[:held]
+            self._k, self._v = tensors[:kv]
         else:
-            self.storage.slots = dict(zip(self.storage.slots, tensors[:held], strict=True))
-        self._bias, self._pos = tensors[held : held + 2]
-        self._state = dict(zip(self._state, tensors[held + 2 :], strict=True))
+            self.storage.slots = dict(zip(self.storage.slots, tensors[:kv], strict=True))
+        self._bias, self._pos = tensors[kv : kv + 2]
+        self._state = dict(zip(self._state, tensors[kv + 2 :], strict=True))
         self._refresh_views()
 
     def _refresh_views(self) -> None:
@@ -313,7 +357,7 @@ class CompressedLayer(DynamicLayer):
         self._bias[:, :, self.length : end] = 0.0
         self._pos[:, :, self.length : end] = torch.arange(self.seen, self.seen + q, device=self.device)
         for name, t in self._state.items():
-            t[:, :, self.length : end] = self.method.initial_state(name)
+            t[:, :, self.length : end] = self.evictor.initial_state(name)
         if "rope_pos" in self._state:
             self._state["rope_pos"][:, :, self.length : end] = self._pos[:, :, self.length : end].float()
         self.length, self.seen, self.new_tokens = end, self.seen + q, q
@@ -357,7 +401,7 @@ class CompressedLayer(DynamicLayer):
     def attention_bias(self) -> torch.Tensor:
         """The bias the attention adds to the logits [B, Hkv, L_phys]: `bias`, plus the method's `bias_offset`
         (trainable corrections of merged entries) when it has one."""
-        offset = self.method.bias_offset(self)
+        offset = self.evictor.bias_offset(self)
         return self.bias if offset is None else self.bias + offset
 
     def no_grad_if_differentiable(self):
@@ -374,7 +418,7 @@ class CompressedLayer(DynamicLayer):
     @property
     def slot_bytes(self) -> int:
         """Bytes one slot holds across the batch and the KV heads: its K and V, or a storage's per-slot encodings."""
-        return sum(_bytes_per_slot(t) for t in self._held())
+        return sum(_bytes_per_slot(t) for t in self._kv_buffers())
 
     @property
     def dense_slot_bytes(self) -> int:
@@ -391,7 +435,7 @@ class CompressedLayer(DynamicLayer):
 
     # -- compression --------------------------------------------------------------------------------------------
     def over_budget(self) -> bool:
-        if self.budget is None or self.length <= self.budget + self.options.slack:
+        if self.budget is None or self.deferred or self.length <= self.budget + self.options.slack:
             return False
         return self.options.when == "always" or self.new_tokens > 1
 
@@ -403,15 +447,16 @@ class CompressedLayer(DynamicLayer):
         # Differentiable mode: fresh buffers before anything writes into the slots this step's attention read
         # (a score may fold entries itself, as razor_attention's compensation token; so may merge and kill).
         self._copy_on_write()
-        n, target = self.length, self.method.target_size(self)
+        n, target = self.length, self.evictor.target_size(self)
         with self.no_grad_if_differentiable():
-            scores = self.method.score(self).float()
+            selection = self.evictor.score(self)
+        if not isinstance(selection, Selection):
+            selection = Selection(selection)
+        scores = selection.scores.float()
         if self.has_bias:
             scores = scores.masked_fill(~self.live(), float("-inf"))
-        was_live = self.live() if self.method.merges else None
-        counts = self.method.head_counts(self, scores, target)  # dynamic per-head budgets (AdaKV) or None
-        if counts is None and self.head_budgets is not None:
-            counts = torch.tensor(self.head_budgets, device=self.device).expand(self.batch, -1)
+        was_live = self.live() if self.evictor.merges else None
+        counts = self._head_counts(scores, target)
         kill = None
         if counts is None:
             # Usually a step evicts a handful of entries: select those (topk with a small k), not the kept set.
@@ -428,7 +473,7 @@ class CompressedLayer(DynamicLayer):
         if was_live is not None:
             # Merge before killing: a killed slot is an evicted entry to the merge, not a survivor with weight 0.
             survivors = kept & was_live if kill is None else kept & was_live & ~kill
-            self.method.merge(self, survivors, was_live & ~survivors)
+            self.evictor.merge(self, survivors, was_live & ~survivors, selection)
         if kill is not None:
             self._bias[:, :, :n].masked_fill_(kill, float("-inf"))
             self.has_bias = True
@@ -438,6 +483,45 @@ class CompressedLayer(DynamicLayer):
         self.compressions += 1
         self.compress_seconds += time.perf_counter() - start
 
+    def _head_counts(self, scores: torch.Tensor | None, target: int) -> torch.Tensor | None:
+        """Live entries each KV head keeps at this compression [B, Hkv]: the method's dynamic per-head counts
+        (AdaKV), else the cache's per-head budgets; None: `target` for every head."""
+        counts = self.evictor.head_counts(self, scores, target)
+        if counts is None and self.head_budgets is not None:
+            counts = torch.tensor(self.head_budgets, device=self.device).expand(self.batch, -1)
+        return counts
+
+    def keep_counts(self) -> torch.Tensor:
+        """[B, Hkv] live entries each KV head keeps at the compression running now, for a method that plans its
+        merges while scoring (its per-head counts may not depend on its own scores)."""
+        target = self.evictor.target_size(self)
+        counts = self._head_counts(None, target)
+        if counts is None:
+            counts = torch.tensor(target, device=self.device)
+        return counts.expand(self.batch, self.kv_heads)
+
+    def after_attention(self, query: torch.Tensor, scaling: float) -> None:
+        """The rest of the step once its attention ran over every slot (the per-step order): the storage and the
+        method see the queries [B, H, q, D], the method may reallocate budgets across layers, the layer compresses
+        if it is over budget, and a storage encodes."""
+        if self.storage is not None:
+            self.storage.observe(self, query)
+        method = self.evictor
+        if (method.observes or method.allocates) and self.budget is not None:
+            start = time.perf_counter()
+            plan = None
+            with self.no_grad_if_differentiable():
+                if method.observes:
+                    self.scaling = scaling
+                    method.observe(self, query)
+                if method.allocates:
+                    plan = method.allocate(self)
+            self.observe_seconds += time.perf_counter() - start
+            if plan is not None:
+                self.cache.reallocate(self, plan)
+        self.compress()
+        self.end_step()
+
     def end_step(self) -> None:
         """After the step's attention and compression (called by the attention function): a storage encodes what
         left its full-precision windows, and the step's dense copy is dropped."""
@@ -445,7 +529,7 @@ class CompressedLayer(DynamicLayer):
             return
         if self.has_bias and bool(((self.bias != 0) & self.live()).any()):
             raise RuntimeError(
-                f"layer {self.layer_idx}: the evictor {self.method.name!r} wrote merged entries (bias ln n), which a "
+                f"layer {self.layer_idx}: the evictor {self.evictor.name!r} wrote merged entries (bias ln n), which a "
                 "storage method cannot hold; use an eviction method as method.evict"
             )
         self.storage.commit(self)
@@ -526,6 +610,8 @@ class CompressedLayer(DynamicLayer):
         self.seen = self.length = self.new_tokens = self.peak_length = 0
         self.has_bias = False
         self.query_window = None
+        self.deferred = False
+        self._scratch = {}
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -566,8 +652,41 @@ class KVCache(Cache):
         # Optional observer called by the attention function before each layer's attention with
         # (layer, query_length): for the masking-oracle test, plots and debugging.
         self.recorder = recorder
+        self._scratch: dict[int, dict[str, Any]] = {}
         for layer in layers:
             layer.cache = self
+        self.allocated = self.budget_total()  # what a final reallocation may spend (admit raises it)
+
+    def scratch(self, owner: object) -> dict[str, Any]:
+        """Per-run state `owner` (a method) keeps for the whole cache (a cross-layer allocation in progress)."""
+        return self._scratch.setdefault(id(owner), {})
+
+    def budget_total(self) -> int:
+        """The layers' budgets summed (uncompressed layers left out)."""
+        return sum(layer.budget for layer in self.layers if layer.budget is not None)
+
+    def reallocate(self, layer: CompressedLayer, plan: Reallocation) -> None:
+        """Apply a method's cross-layer decision made at `layer`'s step: set the named layers' budgets, compress
+        those other than `layer` (their step in this forward already ran; `layer` compresses right after),
+        and defer `layer`'s own compression if asked. A final plan may not raise the budgets' total."""
+        for i, budget in plan.budgets.items():
+            other = self.layers[i]
+            if other.budget is None or other.head_budgets is not None or budget < 0:
+                raise ValueError(
+                    f"{layer.evictor.name}: layer {i} cannot take budget {budget} (it needs a budget of its own "
+                    "and no per-head budgets)"
+                )
+            other.budget, other.deferred = budget, False
+        layer.deferred = plan.defer
+        if plan.final:
+            total = self.budget_total()
+            if total > self.allocated:
+                raise RuntimeError(
+                    f"{layer.evictor.name}: the allocation raised the budgets' total from {self.allocated} to {total}"
+                )
+        for i in plan.budgets:
+            if i != layer.layer_idx:
+                self.layers[i].compress()
 
     def admit(self, tokens: int) -> None:
         """Raise every compressed layer's budget (and per-head budgets) by `tokens` before a step of that many
@@ -576,6 +695,7 @@ class KVCache(Cache):
         for layer in self.layers:
             if layer.budget is not None:
                 layer.budget += tokens
+                self.allocated += tokens
                 if layer.head_budgets is not None:
                     layer.head_budgets = [b + tokens for b in layer.head_budgets]
 
@@ -610,5 +730,5 @@ class KVCache(Cache):
             "bytes_allocated": bytes_allocated,
             "compress_seconds": sum(layer.compress_seconds for layer in layers),
             "compressions": sum(layer.compressions for layer in layers),
-            "method_stats": (layers[0].stored or layers[0].method).statistics(layers),
+            "method_stats": layers[0].method.statistics(layers),
         }

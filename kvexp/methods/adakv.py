@@ -3,6 +3,7 @@ from typing import Any
 
 import torch
 
+from kvexp.engine import Reallocation, Selection
 from kvexp.methods.base import METHODS, Method, build_method, register
 
 
@@ -87,6 +88,10 @@ class AdaKV(Method):
     def state_names(self) -> tuple[str, ...]:
         return self._scorer.state_names
 
+    @property
+    def allocates(self) -> bool:
+        return self._scorer.allocates
+
     def validate(self, budget: int | None) -> None:
         if not 0.0 <= self.floor_alpha <= 1.0:
             raise ValueError(f"method.floor_alpha must be in [0, 1], got {self.floor_alpha}")
@@ -112,5 +117,8 @@ class AdaKV(Method):
     def observe(self, layer, query: torch.Tensor) -> None:
         self._scorer.observe(layer, query)
 
-    def score(self, layer) -> torch.Tensor:
+    def allocate(self, layer) -> Reallocation | None:
+        return self._scorer.allocate(layer)
+
+    def score(self, layer) -> torch.Tensor | Selection:
         return self._scorer.score(layer)

@@ -3,12 +3,12 @@ from typing import Any
 
 import torch
 
+from kvexp.engine import Selection
 from kvexp.methods.base import Method, TrainableMergedBias, register
 from kvexp.methods.clustering import (
     farthest_points,
     gather_rows,
     group_targets,
-    keep_counts,
     nearest_center,
     newest,
     top_ranked,
@@ -100,7 +100,6 @@ class AdaptiveKMeans(TrainableMergedBias, Method):
     gqa: str = "mean"
     checkpoint: str | None = None
     merged_state = "centroid"
-    _pending: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
     _trained: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -159,14 +158,14 @@ class AdaptiveKMeans(TrainableMergedBias, Method):
     def observe(self, layer, query: torch.Tensor) -> None:
         remember_queries(layer, query, self.lookback(layer.budget))
 
-    def score(self, layer) -> torch.Tensor:
+    def score(self, layer) -> Selection:
         reject_rerotate(layer, self.name)
         live, positions = layer.live(), layer.positions
         clusters = self.clusters(layer.budget)
         centroid = live & (layer.state("centroid") > 0)
         sinks = live & ~centroid & (positions < self.sink_tokens)
         tokens = live & ~centroid & ~sinks
-        exact = newest(tokens, positions, keep_counts(layer, self) - sinks.sum(-1) - clusters)
+        exact = newest(tokens, positions, layer.keep_counts() - sinks.sum(-1) - clusters)
         old = tokens & ~exact
         attention = reduce_group(window_attention(layer).sum(dim=3), self.gqa)  # [B, Hkv, n]
         # Attention-guided pruning; enough tokens are retained to open every missing cluster.
@@ -190,13 +189,13 @@ class AdaptiveKMeans(TrainableMergedBias, Method):
         center_slots = center.float().topk(min(clusters, layer.length), dim=-1)
         choice, _ = nearest_center(keys, gather_rows(keys, center_slots.indices), center_slots.values > 0)
         join = center_slots.indices.gather(2, choice)  # [B, Hkv, n] the slot of each token's nearest centroid
-        self._pending[layer.layer_idx] = torch.where(center, slots, torch.where(retained, join, -1))
         # Kept: sinks, the exact window and every centroid; the old tokens go (merged or pruned). Should a row
         # have fewer (heavy padding), the engine keeps its highest-attention old tokens as exact tokens.
-        return torch.where(live & ~old | is_open, float("inf"), attention)
+        scores = torch.where(live & ~old | is_open, float("inf"), attention)
+        return Selection(scores, groups=torch.where(center, slots, torch.where(retained, join, -1)))
 
-    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
-        target = group_targets(self._pending.pop(layer.layer_idx), evicted)
+    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor, selection: Selection) -> None:
+        target = group_targets(selection.groups, evicted)
         centroid = layer.state("centroid")
         with torch.no_grad():  # the weights are decisions (no gradient); the merged K/V carry it in training
             queries, query_positions = layer.query_window  # [B, H, w, D], [B, w]

@@ -1,9 +1,11 @@
 """The method protocol and the registry.
 
 A method is a small dataclass: hyperparameters as typed fields with the reference defaults, and `score` giving
-`[B, Hkv, L_phys]` (higher = keep). The engine owns everything shared: when compression runs, top-k per KV head
-(per-head budgets included), the in-place compaction of K/V/bias/positions/state, dead-slot handling and
-re-rotation. Scores are over physical slots, whose order is not temporal; use `layer.positions` for time.
+`[B, Hkv, L_phys]` (higher = keep), or a `Selection` that adds the merge plan. The engine owns everything shared:
+when compression runs, top-k per KV head (per-head budgets included), the in-place compaction of
+K/V/bias/positions/state, dead-slot handling, re-rotation, budget changes (`allocate` returns them, the cache
+applies them) and per-run state (`layer.scratch(self)`, `layer.cache.scratch(self)`): a method object holds no
+state of a run. Scores are over physical slots, whose order is not temporal; use `layer.positions` for time.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from kvexp.models import check_safetensors
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from kvexp.engine.cache import CompressedLayer
+    from kvexp.engine.cache import CompressedLayer, Reallocation, Selection
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -38,6 +40,7 @@ class Method:
     observes: ClassVar[bool] = False  # True: `observe` runs after every attention step (statistics)
     state_names: ClassVar[tuple[str, ...]] = ()  # per-slot side state the engine moves with K/V
     merges: ClassVar[bool] = False  # True: `merge` folds the entries a compression drops into kept ones
+    allocates: ClassVar[bool] = False  # True: `allocate` runs after every observed step (cross-layer budgets)
 
     def validate(self, budget: int | None) -> None:
         """Raise ValueError for hyperparameters that cannot work with this budget (before any model runs)."""
@@ -77,13 +80,22 @@ class Method:
         """Record statistics from this step's rotated queries [B, H, q, D] after its attention, before any
         compression (methods with `observes`; `layer.scaling` holds the attention's logit scale)."""
 
-    def score(self, layer: CompressedLayer) -> torch.Tensor:
+    def allocate(self, layer: CompressedLayer) -> Reallocation | None:
+        """Budgets for other layers from per-layer statistics, decided at this layer's step after `observe`
+        (methods with `allocates`); the cache applies them (`KVCache.reallocate`). None: no change."""
+        return None
+
+    def score(self, layer: CompressedLayer) -> torch.Tensor | Selection:
+        """Per-slot scores [B, Hkv, L_phys] (higher = keep), or a `Selection` carrying the merge plan too."""
         raise NotImplementedError(f"method {self.name!r} does not score entries")
 
-    def merge(self, layer: CompressedLayer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
+    def merge(
+        self, layer: CompressedLayer, kept: torch.Tensor, evicted: torch.Tensor, selection: Selection
+    ) -> None:
         """Fold the `evicted` entries into `kept` ones ([B, Hkv, L_phys] bool masks over live slots), in place
         on `layer.keys` / `values` / `bias` / `state(...)`, before the engine compacts the kept slots (methods
-        with `merges`). A kept slot that comes to stand for n tokens carries bias ln n (docs/design.md#storage)."""
+        with `merges`); `selection` is what this compression's `score` returned. A kept slot that comes to stand
+        for n tokens carries bias ln n (docs/design.md#storage)."""
 
     def statistics(self, layers: list[CompressedLayer]) -> dict[str, Any]:
         """Method-specific figures for the run's summary (cluster quality, merge counts); empty by default."""
@@ -157,6 +169,15 @@ class TrainableMergedBias:
             return None
         merged = layer.state(self.merged_state) > 0  # [B, Hkv, L_phys]
         return delta[layer.layer_idx].to(layer.device)[None, :, None] * merged
+
+
+def seeded_generator(owner: Method, layer: CompressedLayer, seed: int) -> torch.Generator:
+    """The run's random generator for `owner` on the layer's device: one per cache, seeded with `seed` when the cache
+    first draws, shared by its layers (they draw in layer order), so a run repeats exactly whatever ran before."""
+    generators = layer.cache.scratch(owner).setdefault("generators", {})
+    if layer.device not in generators:
+        generators[layer.device] = torch.Generator(device=layer.device).manual_seed(seed)
+    return generators[layer.device]
 
 
 def skip_layers(budgets: list[int | None], skip: list[int], name: str) -> list[int | None]:

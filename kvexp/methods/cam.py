@@ -1,10 +1,10 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import torch
 
-from kvexp.methods.base import register
+from kvexp.engine import Selection
+from kvexp.methods.base import register, seeded_generator
 from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention
 from kvexp.methods.streaming_llm import StreamingLLM
 
@@ -57,10 +57,6 @@ class CaM(StreamingLLM):
     sampling: str = "bernoulli"
     seed: int = 0
     gqa: str = "mean"
-    _generators: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> RNG
-    _merge_counts: WeakKeyDictionary = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
-    )  # CompressedLayer -> [evicted tokens with a window, sum of their p, merges drawn]
 
     def validate(self, budget: int | None) -> None:
         super().validate(budget)
@@ -74,7 +70,7 @@ class CaM(StreamingLLM):
     def observe(self, layer, query: torch.Tensor) -> None:
         accumulate_attention(layer, query, "acc", self.gqa)
 
-    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
+    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor, selection: Selection) -> None:
         # The window of an evicted token: the `merge_budget` tokens after it among this step's live ones, i.e.
         # the next kept tokens when it is evicted alone (a step of one token), as in the streaming code. In a
         # step that evicts several, shares landing on tokens evicted in the same step go with them (no cascade),
@@ -91,12 +87,13 @@ class CaM(StreamingLLM):
         mergeable = evicted & (size > 0)
         probability = ratio.masked_fill(~mergeable, 0.0)
         drawn = (
-            torch.bernoulli(probability, generator=self._generator(probability.device))
+            torch.bernoulli(probability, generator=seeded_generator(self, layer, self.seed))
             if self.sampling == "bernoulli"
             else probability
         )
         counts = torch.stack((mergeable.sum().float(), probability.sum(), drawn.sum())).detach()
-        self._merge_counts[layer] = self._merge_counts.get(layer, 0) + counts
+        scratch = layer.scratch(self)  # [evicted tokens with a window, sum of their p, merges drawn]
+        scratch["merge_counts"] = scratch.get("merge_counts", 0) + counts
         share = (drawn / size.clamp_min(1.0))[..., None] * layer.values.float()  # [B, Hkv, L, Dv]
         dim = share.shape[-1]
         steps = torch.zeros(*share.shape[:2], layer.length + 1, dim, device=share.device)
@@ -109,7 +106,9 @@ class CaM(StreamingLLM):
     def statistics(self, layers) -> dict[str, Any]:
         """How often merges fire: evicted tokens that had a window, their mean merge probability p, and the merges
         drawn (under `sampling=expectation`, the sum of p), summed over layers, heads and the run's steps."""
-        counted = [self._merge_counts[layer] for layer in layers if layer in self._merge_counts]
+        counted = [
+            layer.scratch(self)["merge_counts"] for layer in layers if "merge_counts" in layer.scratch(self)
+        ]
         if not counted:
             return {"evicted_tokens": 0, "merge_probability_mean": None, "merges": 0}
         evicted, probability, merges = sum(counted).tolist()
@@ -118,8 +117,3 @@ class CaM(StreamingLLM):
             "merge_probability_mean": probability / evicted if evicted else None,
             "merges": merges,
         }
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]

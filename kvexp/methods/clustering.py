@@ -8,20 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from kvexp.methods.base import Method
-
-
-def keep_counts(layer, method: Method) -> torch.Tensor:
-    """Live entries each KV head keeps at this compression [B, Hkv], as the engine's selection decides it: the
-    method's own per-head counts, else the per-head budgets, else the method's target size."""
-    target = method.target_size(layer)
-    counts = method.head_counts(layer, None, target)
-    if counts is None:
-        counts = torch.tensor(
-            layer.head_budgets if layer.head_budgets is not None else target, device=layer.device
-        )
-    return counts.expand(layer.batch, layer.kv_heads)
-
 
 def newest(mask: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, n] bool: per row, the `count` [B, Hkv] slots of `mask` holding the latest positions."""

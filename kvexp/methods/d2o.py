@@ -1,9 +1,9 @@
 from dataclasses import dataclass, field
-from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
 
+from kvexp.engine import Reallocation, Selection
 from kvexp.methods.base import register, skip_layers
 from kvexp.methods.dynamickv import share_with_caps
 from kvexp.methods.h2o import H2O
@@ -27,7 +27,8 @@ def attention_variance(columns: torch.Tensor, live: torch.Tensor) -> float:
 
 @dataclass
 class _Allocation:
-    """One cache's layer allocation, made in the first forward in which a compressing layer is over budget."""
+    """One cache's layer allocation (in its scratch), made in the first forward in which a compressing layer is
+    over budget."""
 
     step: int  # `layer.seen` during that forward
     base: dict[int, int]  # every allocated layer's budget before the allocation
@@ -66,20 +67,12 @@ class D2O(H2O):
     name = "d2o"
     description = "H2O + variance-based layer budgets; evicted tokens merged by cosine above an EMA threshold (Wan et al. 2025)"
     merges = True
+    allocates = True
     sink_tokens: int = 4
     alpha: float = 0.5
     beta: float = 0.5
     layer_allocation: bool = True
     skip_layers: list[int] = field(default_factory=lambda: [0, 1, -1])
-    _allocations: WeakKeyDictionary = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
-    )  # KVCache -> _Allocation
-    _thresholds: WeakKeyDictionary = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
-    )  # CompressedLayer -> tau [B]
-    _columns: WeakKeyDictionary = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
-    )  # CompressedLayer -> per-query-head attention received [B, Hkv, G, L], kept until the allocation
 
     def validate(self, budget: int | None) -> None:
         super().validate(budget)
@@ -97,31 +90,59 @@ class D2O(H2O):
     def observe(self, layer, query: torch.Tensor) -> None:
         sums = column_sums(layer, query)  # [B, Hkv, G, L]
         layer.state("acc").add_(reduce_group(sums, self.gqa))
-        if not self.layer_allocation:
+        allocation = layer.cache.scratch(self).get("allocation")
+        if not self.layer_allocation or (allocation is not None and allocation.done):
             return
-        allocation = self._allocations.get(layer.cache)
-        if allocation is not None and allocation.done:
-            return
-        # Until its first compression a layer only appends slots, so per-query-head sums line up by slot.
-        previous = self._columns.get(layer)
+        # Until its first compression a layer only appends slots, so per-query-head sums line up by slot: the
+        # attention each key received [B, Hkv, G, L], kept until the allocation.
+        previous = layer.scratch(self).get("columns")
         if previous is not None:
             sums = sums + F.pad(previous, (0, sums.shape[-1] - previous.shape[-1]))
-        self._columns[layer] = sums
-        self._allocate(layer)
+        layer.scratch(self)["columns"] = sums
+
+    def allocate(self, layer) -> Reallocation | None:
+        """Defer each layer's compression in the allocating forward; at its last allocated layer, share the total
+        by softmax(-sigma_l): every allocated layer gets its budget and compresses."""
+        if not self.layer_allocation:
+            return None
+        shared = layer.cache.scratch(self)
+        allocation = shared.get("allocation")
+        if allocation is None:
+            if layer.head_budgets is not None or not layer.over_budget():
+                return None
+            base = {
+                i: other.budget
+                for i, other in enumerate(layer.cache.layers)
+                if other.budget is not None and other.head_budgets is None
+            }
+            allocation = shared["allocation"] = _Allocation(step=layer.seen, base=base)
+        if allocation.done or allocation.step != layer.seen or layer.layer_idx not in allocation.base:
+            return None
+        if layer.layer_idx != max(allocation.base):
+            return Reallocation(defer=True)  # compressed at the last layer, once every layer's sigma is known
+        members = sorted(allocation.base)
+        layers = [layer.cache.layers[i] for i in members]
+        sigma = torch.tensor([attention_variance(m.scratch(self).pop("columns"), m.live()) for m in layers])
+        weights = torch.softmax(-sigma, dim=0).tolist()
+        total = sum(allocation.base.values())
+        # One token each, then the rest in proportion (share_with_caps floors; no cap: a streamed layer grows).
+        sizes = share_with_caps(total - len(members), weights, [total] * len(members))
+        allocation.done = True
+        return Reallocation({i: size + 1 for i, size in zip(members, sizes, strict=True)}, final=True)
 
     def score(self, layer) -> torch.Tensor:
         reject_rerotate(layer, self.name)
         return protect_sinks(super().score(layer), layer.positions, self.sink_tokens)
 
-    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
+    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor, selection: Selection) -> None:
         similarity, nearest = most_similar(layer.keys, evicted, kept)
         found = evicted & (nearest >= 0)
         if not bool(found.any()):
             return
         mean = torch.where(found, similarity, 0.0).sum(dim=(1, 2)) / found.sum(dim=(1, 2)).clamp_min(1)  # [B]
-        tau = self._thresholds.get(layer)
+        tau = layer.scratch(self).get("threshold")
         tau = mean if tau is None else self.alpha * tau + self.beta * mean
-        self._thresholds[layer] = tau
+        layer.scratch(self)["threshold"] = tau
         merged = found & (similarity >= tau[:, None, None])
         # The reference's scatter mean of {k_c} and {u_e k_e}: scale the evicted rows (dropped after this merge)
         # by u, then an unweighted mean over each kept token and its members; no bias (calibrate=False).
@@ -136,40 +157,7 @@ class D2O(H2O):
     def statistics(self, layers) -> dict:
         return {
             "merge_threshold_per_layer": [
-                float(self._thresholds[layer].mean()) if layer in self._thresholds else None
+                float(tau.mean()) if (tau := layer.scratch(self).get("threshold")) is not None else None
                 for layer in layers
             ]
         }
-
-    def _allocate(self, layer) -> None:
-        """Defer this layer's compression in the allocating forward; at its last allocated layer, share the
-        total by softmax(-sigma_l) and compress the others (this one is compressed by the engine right after)."""
-        cache = layer.cache
-        allocation = self._allocations.get(cache)
-        if allocation is None:
-            if layer.head_budgets is not None or not layer.over_budget():
-                return
-            base = {
-                i: other.budget
-                for i, other in enumerate(cache.layers)
-                if other.budget is not None and other.head_budgets is None
-            }
-            allocation = self._allocations[cache] = _Allocation(step=layer.seen, base=base)
-        if allocation.done or allocation.step != layer.seen or layer.layer_idx not in allocation.base:
-            return
-        if layer.layer_idx != max(allocation.base):
-            layer.budget = None  # compressed at the last layer, once every layer's sigma is known
-            return
-        members = sorted(allocation.base)
-        sigma = torch.tensor(
-            [attention_variance(self._columns.pop(cache.layers[i]), cache.layers[i].live()) for i in members]
-        )
-        weights = torch.softmax(-sigma, dim=0).tolist()
-        total = sum(allocation.base.values())
-        # One token each, then the rest in proportion (share_with_caps floors; no cap: a streamed layer grows).
-        sizes = share_with_caps(total - len(members), weights, [total] * len(members))
-        for i, size in zip(members, sizes, strict=True):
-            cache.layers[i].budget = size + 1
-        for i in members[:-1]:
-            cache.layers[i].compress()
-        allocation.done = True

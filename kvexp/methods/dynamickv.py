@@ -1,9 +1,9 @@
 import math
 from dataclasses import dataclass, field
-from weakref import WeakKeyDictionary
 
 import torch
 
+from kvexp.engine import Reallocation
 from kvexp.methods.base import register
 from kvexp.methods.snapkv import SnapKV
 
@@ -37,7 +37,8 @@ def share_with_caps(total: int, weights: list[float], caps: list[int]) -> list[i
 
 @dataclass
 class _Allocation:
-    """One cache's layer allocation, run during the first multi-token forward in which a layer compresses."""
+    """One cache's layer allocation (in its scratch), run during the first multi-token forward in which a layer
+    compresses."""
 
     step: int  # `layer.seen` during that forward
     last: int  # the layer of the final round: the last layer with a budget
@@ -76,14 +77,12 @@ class DynamicKV(SnapKV):
     name = "dynamickv"
     description = "task-aware layer budgets: global top-k over the prefill's window votes (Zhou et al. 2025)"
     state_names = ("votes",)  # the allocating forward's votes, for truncating a layer again later in it
+    allocates = True
     window_size: int = 8
     kernel_size: int = 7
     pooling: str = "avgpool"
     ratio_max: float = 10
     interval: int = 4
-    _allocations: WeakKeyDictionary = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
-    )  # KVCache -> _Allocation
 
     def validate(self, budget: int | None) -> None:
         super().validate(budget)
@@ -94,25 +93,29 @@ class DynamicKV(SnapKV):
         if self.interval < 1:
             raise ValueError(f"method.interval must be >= 1, got {self.interval}")
 
-    def observe(self, layer, query: torch.Tensor) -> None:
-        super().observe(layer, query)
+    def allocate(self, layer) -> Reallocation | None:
+        """In the allocating forward: this layer's tentative size, and every `interval` layers a round that
+        re-budgets the layers so far (the cache truncates the earlier ones)."""
         allocation = self._allocating(layer)
         if allocation is None:
-            return
+            return None
+        budgets = {}
         if layer.head_budgets is None and layer.over_budget():
-            self._join(layer, allocation)
+            budgets[layer.layer_idx] = self._join(layer, allocation)
         if layer.layer_idx == allocation.last or (layer.layer_idx + 1) % self.interval == 0:
-            self._round(layer, allocation)
+            budgets.update(self._round(layer, allocation))
+        return Reallocation(budgets, final=allocation.done) if budgets or allocation.done else None
 
     def score(self, layer) -> torch.Tensor:
-        allocation = self._allocations.get(layer.cache)
+        allocation = layer.cache.scratch(self).get("allocation")
         if allocation is not None and allocation.step == layer.seen and layer.layer_idx in allocation.cap:
             return layer.state("votes")  # the prefill's votes, also when a later round truncates this layer
         return super().score(layer)
 
     def _allocating(self, layer):
         """The allocation this forward runs (started by its first compressing layer), or None."""
-        allocation = self._allocations.get(layer.cache)
+        shared = layer.cache.scratch(self)
+        allocation = shared.get("allocation")
         if allocation is None and layer.new_tokens > 1 and layer.head_budgets is None and layer.over_budget():
             budgeted = [
                 (i, other.budget) for i, other in enumerate(layer.cache.layers) if other.budget is not None
@@ -122,13 +125,13 @@ class DynamicKV(SnapKV):
                 last=budgeted[-1][0],
                 base={i: budget - self.window_size for i, budget in budgeted},
             )
-            self._allocations[layer.cache] = allocation
+            shared["allocation"] = allocation
         if allocation is None or allocation.done or allocation.step != layer.seen:
             return None
         return allocation
 
-    def _join(self, layer, allocation: _Allocation) -> None:
-        """Score the layer and set its tentative size T + window (the engine compresses it right after)."""
+    def _join(self, layer, allocation: _Allocation) -> int:
+        """Score the layer; its tentative budget T + window (the engine compresses it right after)."""
         votes = super().score(layer)  # [B, Hkv, n], the window +inf
         layer.state("votes").copy_(votes)
         candidates = votes.masked_fill(~(layer.live() & votes.isfinite()), float("-inf"))
@@ -137,11 +140,11 @@ class DynamicKV(SnapKV):
         allocation.cap[layer.layer_idx] = min(
             int(self.ratio_max * allocation.base[layer.layer_idx]), per_head
         )
-        layer.budget = allocation.cap[layer.layer_idx] + self.window_size
+        return allocation.cap[layer.layer_idx] + self.window_size
 
-    def _round(self, layer, allocation: _Allocation) -> None:
-        """Re-budget the participants so far by a global top-k over their votes; truncate the earlier ones."""
-        members = sorted(allocation.votes)
+    def _round(self, layer, allocation: _Allocation) -> dict[int, int]:
+        """New budgets of the participants so far from a global top-k over their votes."""
+        members, budgets = sorted(allocation.votes), {}
         if members:
             votes = torch.cat([allocation.votes[i] for i in members])
             rows = layer.batch * layer.kv_heads
@@ -156,10 +159,8 @@ class DynamicKV(SnapKV):
             sizes = share_with_caps(total, counts.tolist(), [allocation.cap[i] for i in members])
             for i, size in zip(members, sizes, strict=True):
                 allocation.cap[i] = size
-                other = layer.cache.layers[i]
-                other.budget = size + self.window_size
-                if i != layer.layer_idx:
-                    other.compress()  # this layer's own compression follows its attention
+                budgets[i] = size + self.window_size
         if layer.layer_idx == allocation.last:
             allocation.done = True
             allocation.votes.clear()
+        return budgets

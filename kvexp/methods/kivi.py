@@ -4,7 +4,7 @@ import torch
 
 from kvexp.engine.cache import Storage
 from kvexp.methods.base import Method, register
-from kvexp.methods.storage import StoredEntries, TokenWindow, token_slots
+from kvexp.methods.storage import StorageMethod, TokenWindow, token_slots
 
 BITS = (2, 4)
 
@@ -200,7 +200,7 @@ class KIVIStorage(Storage):
 
 @register
 @dataclass
-class KIVI(StoredEntries, Method):
+class KIVI(StorageMethod, Method):
     """KIVI (Liu et al., ICML 2024, arXiv 2402.02750): tuning-free asymmetric 2/4-bit KV quantization.
 
     Uniform min/max (zero-point) quantization `x_hat = round((x - min) / s) s + min`, `s = (max - min) / (2^b - 1)`.

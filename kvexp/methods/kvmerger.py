@@ -1,10 +1,10 @@
 import math
 from dataclasses import dataclass, field
-from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
 
+from kvexp.engine import Selection
 from kvexp.methods.base import Method, register, skip_layers
 from kvexp.methods.merging import fold, reject_rerotate
 from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention
@@ -46,9 +46,6 @@ class KVMerger(Method):
     calibrate: bool = False
     skip_layers: list[int] = field(default_factory=lambda: [0, 1, -1])
     gqa: str = "mean"
-    _plans: WeakKeyDictionary = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
-    )  # CompressedLayer -> (target, weight) from `score`, used by the `merge` that follows it
 
     def validate(self, budget: int | None) -> None:
         if not 0.0 <= self.protect_ratio <= 0.5:
@@ -64,19 +61,19 @@ class KVMerger(Method):
     def observe(self, layer, query: torch.Tensor) -> None:
         accumulate_attention(layer, query, "acc", self.gqa)
 
-    def score(self, layer) -> torch.Tensor:
+    def score(self, layer) -> Selection:
         """Accumulated attention, -inf for the members each set folds into its pivot: exactly the head's budget
-        stays. The plan is kept for `merge`, which the engine calls right after its selection."""
+        stays; the sets and their weights go to `merge` in the selection."""
         reject_rerotate(layer, self.name)
         budgets = layer.head_budgets if layer.head_budgets is not None else [layer.budget] * layer.kv_heads
         counts = torch.tensor(budgets, device=layer.device).expand(layer.batch, -1)
         target, dropped = merging_sets(layer, counts, self.protect_ratio)
-        self._plans[layer] = (target, self._weights(layer, target))
-        return layer.state("acc").masked_fill(dropped, float("-inf"))
+        scores = layer.state("acc").masked_fill(dropped, float("-inf"))
+        return Selection(scores, groups=target, weights=self._weights(layer, target))
 
-    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
-        target, weight = self._plans.pop(layer)
-        fold(layer, target, value_weight=weight, key_weight=weight, calibrate=self.calibrate)
+    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor, selection: Selection) -> None:
+        weight = selection.weights
+        fold(layer, selection.groups, value_weight=weight, key_weight=weight, calibrate=self.calibrate)
 
     def _weights(self, layer, target: torch.Tensor) -> torch.Tensor:
         """Gaussian-kernel weights [B, Hkv, L] of each set member around its pivot (1 for the pivot)."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
-from weakref import WeakKeyDictionary, WeakSet
+from weakref import WeakSet
 
 import torch
 import torch.nn.functional as F
@@ -225,9 +225,6 @@ class Learned(Method):
     recent_ratio: float = 0.25
     recent_size: int | None = None
     gqa: str = "mean"
-    _pending: WeakKeyDictionary = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
-    )
     _hooked: WeakSet = field(default_factory=WeakSet, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -286,19 +283,19 @@ class Learned(Method):
 
     def capture(self, layer, hidden: torch.Tensor) -> None:
         """Attention pre-hook's work: project this step's attention-input hidden states [B, q, d] for `layer`."""
-        owner = layer.method  # this method, or a wrapper holding it (prefill_decoding, a storage's evictor)
+        owner = layer.evictor  # this method, or a wrapper holding it (prefill_decoding)
         if layer.budget is None or (isinstance(owner, Learned) and owner is not self):
             return
         if "hidden0" not in layer.state_names():
             return
         with torch.no_grad():
-            self._pending[layer] = self.scorer.project(layer.layer_idx, hidden.float())
+            layer.scratch(self)["projected"] = self.scorer.project(layer.layer_idx, hidden.float())
 
     def observe(self, layer, query: torch.Tensor) -> None:
         accumulate_attention(layer, query, "acc", self.gqa)
         if self.scorer is None or self.scorer.hidden_features == 0:
             return
-        projected = self._pending.pop(layer, None)  # [B, q, Hkv, P]
+        projected = layer.scratch(self).pop("projected", None)  # [B, q, Hkv, P]
         q = layer.new_tokens
         if projected is None or projected.shape[1] != q:
             raise RuntimeError(

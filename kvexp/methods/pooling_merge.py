@@ -1,11 +1,12 @@
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from kvexp.budgets import allocate
+from kvexp.engine import Selection
 from kvexp.methods.base import Method, register
-from kvexp.methods.clustering import group_targets, keep_counts
+from kvexp.methods.clustering import group_targets
 from kvexp.methods.merging import fold, reject_rerotate
 from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention
 
@@ -98,7 +99,6 @@ class PoolingMerge(Method):
     initial_local_window: int | None = None
     skip_prefill_compression: bool = False
     gqa: str = "mean"
-    _pending: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def observes(self) -> bool:  # only `best` needs attention
@@ -172,20 +172,20 @@ class PoolingMerge(Method):
     def observe(self, layer, query: torch.Tensor) -> None:
         accumulate_attention(layer, query, "acc", self.gqa)
 
-    def score(self, layer) -> torch.Tensor:
+    def score(self, layer) -> Selection:
         reject_rerotate(layer, self.name)
         live, positions = layer.live(), layer.positions
         sinks = live & (positions < self.sink_tokens)
         region = live & ~sinks
-        groups = keep_counts(layer, self) - sinks.sum(-1)
+        groups = layer.keep_counts() - sinks.sum(-1)
         planned = log_age_groups(positions, layer.state("tokens"), region, groups, layer.seen)
-        self._pending[layer.layer_idx] = planned
         slots = torch.arange(layer.length, device=layer.device)
         # Sinks and group slots stay; should the engine keep more, the newest of the rest.
-        return torch.where(sinks | (planned == slots), float("inf"), positions.float())
+        scores = torch.where(sinks | (planned == slots), float("inf"), positions.float())
+        return Selection(scores, groups=planned)
 
-    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
-        target = group_targets(self._pending.pop(layer.layer_idx), evicted)
+    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor, selection: Selection) -> None:
+        target = group_targets(selection.groups, evicted)
         if self.seq_pooling_type == "best":
             acc = layer.state("acc")
             members, index = target >= 0, target.clamp_min(0)

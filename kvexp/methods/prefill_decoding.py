@@ -3,6 +3,7 @@ from typing import Any
 
 import torch
 
+from kvexp.engine import Reallocation, Selection
 from kvexp.methods.base import Method, build_method, register
 
 
@@ -29,6 +30,7 @@ class PrefillDecoding(Method):
         }
         # Instance-level values of the ClassVars the engine reads: the union of both sub-methods'.
         self.observes = any(m.observes for m in self._methods.values())
+        self.allocates = any(m.allocates for m in self._methods.values())
         self.state_names = tuple(dict.fromkeys(n for m in self._methods.values() for n in m.state_names))
         if any(not m.compresses for m in self._methods.values()):
             raise ValueError(
@@ -55,11 +57,18 @@ class PrefillDecoding(Method):
             if method.observes:
                 method.observe(layer, query)
 
+    def allocate(self, layer) -> Reallocation | None:
+        plans = [m.allocate(layer) for m in self._methods.values() if m.allocates]
+        plans = [plan for plan in plans if plan is not None]
+        if len(plans) > 1:
+            raise RuntimeError("method.prefill and method.decoding both reallocated budgets in the same step")
+        return plans[0] if plans else None
+
     def target_size(self, layer) -> int:
         return self._active(layer).target_size(layer)
 
     def head_counts(self, layer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
         return self._active(layer).head_counts(layer, scores, target)
 
-    def score(self, layer) -> torch.Tensor:
+    def score(self, layer) -> torch.Tensor | Selection:
         return self._active(layer).score(layer)

@@ -4,7 +4,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -74,12 +73,6 @@ class PyramidInfer(Method):
     decay_ratio: float = 0.9
     sink_tokens: int = 4
     distance_weight: float = 1.2
-    _steps: WeakKeyDictionary = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
-    )  # KVCache -> _Step of the forward running now
-    _outputs: WeakKeyDictionary = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
-    )  # KVCache -> logits_to_keep of the forward about to run
 
     def validate(self, budget: int | None) -> None:
         if not 0 <= self.recent_ratio < 1:
@@ -129,7 +122,7 @@ class PyramidInfer(Method):
     def observe(self, layer, query: torch.Tensor) -> None:
         sinks, window = self.protected(layer)
         remember_queries(layer, query, window)
-        step = self._steps.get(layer.cache)
+        step = layer.cache.scratch(self).get("step")
         prunes = step is not None and layer.new_tokens > 1 and layer.layer_idx + 1 < len(layer.cache.layers)
         if prunes or layer.over_budget():
             layer.state("score").copy_(self._rank(layer, sinks, window))
@@ -216,8 +209,8 @@ def _hook_once(module: nn.Module, hook: Callable) -> None:
 
 def _method_of(cache) -> PyramidInfer | None:
     """The cache's PyramidInfer method, or None: the hooks do nothing for any other cache or method."""
-    if isinstance(cache, KVCache) and cache.layers and isinstance(cache.layers[0].method, PyramidInfer):
-        return cache.layers[0].method
+    if isinstance(cache, KVCache) and cache.layers and isinstance(cache.layers[0].evictor, PyramidInfer):
+        return cache.layers[0].evictor
     return None
 
 
@@ -226,7 +219,7 @@ def _note_outputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("past_key_values")
     method = _method_of(cache)
     if method is not None:
-        method._outputs[cache] = kwargs.get("logits_to_keep", 0)
+        cache.scratch(method)["outputs"] = kwargs.get("logits_to_keep", 0)  # of the forward about to run
 
 
 def _enter_layer(layer_idx: int, module: nn.Module, args: tuple, kwargs: dict):
@@ -237,15 +230,16 @@ def _enter_layer(layer_idx: int, module: nn.Module, args: tuple, kwargs: dict):
     if method is None:
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
+    scratch = cache.scratch(method)
     if layer_idx == 0:  # a new forward
-        wanted, length = method._outputs.pop(cache, 0), hidden.shape[1]
+        wanted, length = scratch.pop("outputs", 0), hidden.shape[1]
         outputs = min(wanted, length) if isinstance(wanted, int) and wanted > 0 else length
         if outputs < length:
-            method._steps[cache] = _Step(length, outputs)
+            scratch["step"] = _Step(length, outputs)  # the forward running now
         else:
-            method._steps.pop(cache, None)
+            scratch.pop("step", None)
         return None
-    step = method._steps.get(cache)
+    step = scratch.get("step")
     if step is None:
         return None
     chosen = step.chosen.pop(layer_idx - 1, None)

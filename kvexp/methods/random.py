@@ -1,8 +1,8 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, register, seeded_generator
 
 
 @register
@@ -13,11 +13,7 @@ class Random(Method):
     name = "random"
     description = "keep a uniformly random subset (seeded lower bound)"
     seed: int = 0
-    _generators: dict = field(default_factory=dict, init=False, repr=False)
 
     def score(self, layer) -> torch.Tensor:
-        if layer.device not in self._generators:
-            self._generators[layer.device] = torch.Generator(device=layer.device).manual_seed(self.seed)
-        return torch.rand(
-            layer.positions.shape, generator=self._generators[layer.device], device=layer.device
-        )
+        generator = seeded_generator(self, layer, self.seed)
+        return torch.rand(layer.positions.shape, generator=generator, device=layer.device)

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
+from kvexp.engine import Selection
 from kvexp.methods.base import Method, TrainableMergedBias, register
 from kvexp.methods.clustering import (
     gather_rows,
     group_targets,
-    keep_counts,
     nearest_center,
     newest,
     silhouette,
@@ -60,8 +60,6 @@ class SemanticCluster(TrainableMergedBias, Method):
     silhouette_sample: int = 256
     checkpoint: str | None = None
     merged_state = "cluster"
-    _pending: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _quality: dict[int, list[float]] = field(default_factory=dict, init=False, repr=False, compare=False)
     _trained: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -90,12 +88,12 @@ class SemanticCluster(TrainableMergedBias, Method):
     def initial_state(self, name: str) -> float:
         return 1.0 if name == "tokens" else 0.0
 
-    def score(self, layer) -> torch.Tensor:
+    def score(self, layer) -> Selection:
         reject_rerotate(layer, self.name)
         live, positions = layer.live(), layer.positions
         clusters = self.clusters(layer.budget)
         sinks = live & (positions < self.sink_tokens)
-        exact = keep_counts(layer, self) - sinks.sum(-1) - clusters
+        exact = layer.keep_counts() - sinks.sum(-1) - clusters
         pool = live & ~sinks & ~newest(live & ~sinks, positions, exact)
         keys, tokens = layer.keys.float(), layer.state("tokens")
         held = pool & (layer.state("cluster") > 0)
@@ -107,7 +105,7 @@ class SemanticCluster(TrainableMergedBias, Method):
             members = pool[..., None] & (label[..., None] == torch.arange(clusters, device=label.device))
             rep_d2, rep = d2.masked_fill(~members, float("inf")).min(dim=2)  # [B, Hkv, K]
             valid = rep_d2.isfinite()
-            self._record(layer.layer_idx, silhouette(keys, pool, label, clusters, self.silhouette_sample))
+            self._record(layer, silhouette(keys, pool, label, clusters, self.silhouette_sample))
         else:  # the clusters stay; the new old tokens join their nearest one
             rep = held.float().topk(clusters, dim=-1).indices  # [B, Hkv, K]: the cluster slots
             valid = torch.ones_like(rep, dtype=torch.bool)
@@ -118,31 +116,30 @@ class SemanticCluster(TrainableMergedBias, Method):
             label = torch.where(held, own_cluster, label)
         own = d2.gather(3, label[..., None])[..., 0]  # [B, Hkv, n]
         is_rep = torch.zeros_like(label).scatter_add_(2, rep, valid.long()) > 0
-        self._pending[layer.layer_idx] = torch.where(pool, rep.gather(2, label), -1)
         # Sinks, the window and one representative per cluster stay; if a cluster came out empty (fewer distinct
         # keys than K) the engine keeps the pool slots nearest their centroid instead, unmerged.
-        return torch.where(live & ~pool | is_rep, float("inf"), -own)
+        scores = torch.where(live & ~pool | is_rep, float("inf"), -own)
+        return Selection(scores, groups=torch.where(pool, rep.gather(2, label), -1))
 
-    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
-        target = group_targets(self._pending.pop(layer.layer_idx), evicted)
+    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor, selection: Selection) -> None:
+        target = group_targets(selection.groups, evicted)
         fold(layer, target)
         layer.state("cluster").copy_(target == torch.arange(layer.length, device=layer.device))
 
-    def _record(self, layer_idx: int, scores: torch.Tensor) -> None:
+    def _record(self, layer, scores: torch.Tensor) -> None:
+        """Add one clustering's mean silhouette to the layer's running [sum, count]."""
         scores = scores[scores.isfinite()]
         if scores.numel():
-            total = self._quality.setdefault(layer_idx, [0.0, 0])
+            total = layer.scratch(self).setdefault("silhouette", [0.0, 0])
             total[0] += scores.mean().item()
             total[1] += 1
 
     def statistics(self, layers) -> dict[str, Any]:
-        per_layer = [
-            self._quality[i][0] / self._quality[i][1] if i in self._quality else None
-            for i in (layer.layer_idx for layer in layers)
-        ]
+        quality = [layer.scratch(self).get("silhouette") for layer in layers]
+        per_layer = [q[0] / q[1] if q is not None else None for q in quality]
         measured = [s for s in per_layer if s is not None]
         return {
             "silhouette": sum(measured) / len(measured) if measured else None,
             "silhouette_per_layer": per_layer,
-            "clusterings": sum(q[1] for q in self._quality.values()),
+            "clusterings": sum(q[1] for q in quality if q is not None),
         }

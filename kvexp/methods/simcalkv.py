@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvexp.engine import Selection
 from kvexp.methods.base import Method, register
 from kvexp.methods.merging import fold, most_similar, reject_rerotate
 from kvexp.methods.scoring import (
@@ -104,7 +105,7 @@ class SimCalKV(Method):
         scores = protect_sinks(layer.state("acc"), layer.positions, self.sink_tokens)
         return protect_recent(scores, layer.positions, layer.seen, self.recent_size)
 
-    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor) -> None:
+    def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor, selection: Selection) -> None:
         similarity, nearest = most_similar(layer.keys, evicted, kept)
         slots = torch.arange(layer.length, device=layer.device).expand_as(nearest)
         target = torch.where(kept, slots, torch.where(similarity > self.similarity_threshold, nearest, -1))

@@ -1,6 +1,6 @@
-"""Storage methods' shared parts (KIVI, ZACK, ThinK): `StoredEntries`, the method side of the storage axis, and
+"""Storage methods' shared parts (KIVI, ZACK, ThinK): `StorageMethod`, the method side of the storage axis, and
 the full-precision token windows they keep beside their encoded slots. The engine's side is `Storage` (one layer's
-encoded K/V) and the `StoringMethod` protocol (kvexp/engine/cache.py)."""
+encoded K/V) and the `SupportsStorage` protocol (kvexp/engine/cache.py)."""
 
 from __future__ import annotations
 
@@ -70,11 +70,11 @@ def token_slots(
 
 
 @dataclass
-class StoredEntries:
-    """The method side of the storage axis (KIVI, ZACK, ThinK), mixed into a `Method` (`class KIVI(StoredEntries,
+class StorageMethod:
+    """The method side of the storage axis (KIVI, ZACK, ThinK), mixed into a `Method` (`class KIVI(StorageMethod,
     Method)`): it keeps every entry in an encoded form (`make_storage`, one `Storage` per layer) and leaves which
     entries to keep to `evict`, a method node built like any method (`{name: snapkv, window_size: 32}`;
-    `{name: full}` keeps everything). `make_cache` gives the layers the evictor as their method, its budgets and its
+    `{name: full}` keeps everything). The layers select with the evictor (`layer.evictor`), its budgets and its
     `prepare`; this object only stores. It needs no budget (`compresses` is False): without one the storage alone
     compresses, with one the evictor evicts and the storage encodes what is kept.
     """
@@ -90,7 +90,7 @@ class StoredEntries:
             evictor = build_method(**node)
         except ValueError as err:
             raise ValueError(f"method.evict: {err}") from err
-        if isinstance(evictor, StoredEntries):
+        if isinstance(evictor, StorageMethod):
             raise ValueError(
                 f"method.evict={node['name']} is a storage method; it must be an eviction method"
             )

@@ -5,7 +5,7 @@ import torch
 from kvexp.engine.cache import Storage
 from kvexp.methods.base import Method, register
 from kvexp.methods.scoring import reduce_group
-from kvexp.methods.storage import StoredEntries, TokenWindow, token_slots
+from kvexp.methods.storage import StorageMethod, TokenWindow, token_slots
 
 
 def channel_scores(queries: torch.Tensor, keys: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class ThinKStorage(Storage):
 
 @register
 @dataclass
-class ThinK(StoredEntries, Method):
+class ThinK(StorageMethod, Method):
     """ThinK (Xu et al., ICLR 2025, arXiv 2407.21018): query-driven key channel pruning, stored thinner.
 
     Each KV head scores its key channels by `mean_t q_{t,i}^2 * mean_j k_{j,i}^2` over the last `window_size`

@@ -1,5 +1,4 @@
 from dataclasses import dataclass, field
-from weakref import WeakKeyDictionary
 
 import torch
 
@@ -92,9 +91,6 @@ class UNComp(SnapKV):
     window_size: int = 8
     group_weights: list[float] = field(default_factory=lambda: [0.5, 1.5])
     top_eigen: int | None = None
-    _budgets: WeakKeyDictionary = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
-    )  # CompressedLayer -> [Hkv] budgets
 
     def validate(self, budget: int | None) -> None:
         super().validate(budget)
@@ -108,8 +104,9 @@ class UNComp(SnapKV):
     def head_counts(self, layer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
         if layer.head_budgets is not None:
             return None
-        if layer not in self._budgets:
+        scratch = layer.scratch(self)
+        if "budgets" not in scratch:  # [Hkv], from the layer's first compression
             keys = prerope_keys(layer).masked_fill(~layer.live()[..., None], 0.0)
             entropy = truncated_entropy(keys, self.top_eigen).mean(dim=0)  # [Hkv]
-            self._budgets[layer] = group_budgets(entropy, self.group_weights, layer.budget, self.window_size)
-        return self._budgets[layer].clamp_max(layer.length).expand(layer.batch, -1)
+            scratch["budgets"] = group_budgets(entropy, self.group_weights, layer.budget, self.window_size)
+        return scratch["budgets"].clamp_max(layer.length).expand(layer.batch, -1)

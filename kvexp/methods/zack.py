@@ -11,7 +11,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from kvexp.data import read_corpus, required_data_file
 from kvexp.engine.cache import Storage
 from kvexp.methods.base import Method, register
-from kvexp.methods.storage import StoredEntries
+from kvexp.methods.storage import StorageMethod
 from kvexp.models import model_fingerprint, tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class ZACKStorage(Storage):
 
 @register
 @dataclass
-class ZACK(StoredEntries, Method):
+class ZACK(StorageMethod, Method):
     """ZACK (Zhang & Shen, arXiv 2408.04107): KV dimensionality compression with offline SVD bases.
 
     Calibration (once per model, cached in `calibration_cache`): one forward over the first `calibration_tokens`

@@ -111,9 +111,9 @@ def check(cfg: DictConfig) -> None:
             f"train=distill needs a compressing method and a budget (method={cfg.method.name}, budget.tokens="
             f"{budget.get('tokens')}): with nothing compressed there is nothing to distill"
         )
-    from kvexp.methods.storage import StoredEntries
+    from kvexp.methods.storage import StorageMethod
 
-    if cfg.method.name in METHODS and issubclass(METHODS[cfg.method.name], StoredEntries):
+    if cfg.method.name in METHODS and issubclass(METHODS[cfg.method.name], StorageMethod):
         raise ValueError(
             f"train=distill: method={cfg.method.name} stores encoded entries, which the differentiable engine mode "
             "cannot train through; use an eviction or merging method"
