@@ -1,4 +1,4 @@
-"""A method object is its hyperparameters: a run's state lives in the cache's scratch space (docs/design.md#ownership).
+"""A method object is its hyperparameters: a run's state lives in the cache's scratch space (docs/design.md#who-owns-what).
 
 Two caches made from one method object, stepped in turn, must give exactly what each gives alone, and after a
 run the method object must be what a fresh one is after `prepare` (what it learns from the model itself).
