@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvexp.methods import make_cache
+from kvexp.methods import build_method, make_cache
 from tests.conftest import load
 
 T = 24
@@ -145,6 +145,21 @@ def test_pyramid_kv_decay_budgets_per_layer_and_selection(setup, decay, min_size
         assert torch.equal(layer.positions.sort(dim=-1).values, expected)
 
 
+def test_pyramid_kv_decay_profiles_follow_the_kvcompress_formulas():
+    build = lambda **p: build_method("pyramid_kv_decay", **p)  # noqa: E731
+    # 6 layers, base 512, floor 128: linear steps (512 - 128) / 5 = 76.8 per layer, floored by int().
+    assert build(profile="linear", min_size=128).layer_budgets([512] * 6) == [512, 435, 358, 281, 204, 128]
+    assert build(profile="exponential", min_size=64).layer_budgets([512] * 4) == [512, 460, 414, 373]
+    assert build(profile="constant", min_size=64).layer_budgets([512] * 3) == [512] * 3
+    assert build(profile="linear", min_size=100, skip_layers=[-1]).layer_budgets([200] * 3) == [
+        200,
+        150,
+        None,
+    ]
+    with pytest.raises(ValueError, match="method.profile must be one of"):
+        build(profile="cosine").validate(512)
+
+
 CONFIGS = [
     ("fix_size_l2", {"recent_ratio": 0.25, "skip_layers": []}),
     ("fix_size_l2", {"strategy": "random", "skip_layers": [1]}),
@@ -152,6 +167,7 @@ CONFIGS = [
     ("snapkv_lite", {"window_size": 4, "kernel_size": 3}),
     ("adaptive_l2", {}),
     ("pyramid_kv_decay", {"layer_decay": 0.8, "min_size": 4}),
+    ("pyramid_kv_decay", {"profile": "linear", "min_size": 4}),
 ]
 
 
