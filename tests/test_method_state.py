@@ -25,12 +25,12 @@ def _ids(model, seed: int) -> torch.Tensor:
     return torch.randint(3, model.config.vocab_size, (1, PROMPT + DECODE), generator=g)
 
 
+@torch.no_grad()  # on a generator: grad mode is off inside each step only, not while it is suspended
 def _steps(model, cache, ids):
     """A prefill, then one decode step at a time; yields each forward's logits."""
-    with torch.no_grad():
-        yield model(ids[:, :PROMPT], past_key_values=cache).logits
-        for t in range(PROMPT, ids.shape[1]):
-            yield model(ids[:, t : t + 1], past_key_values=cache).logits
+    yield model(ids[:, :PROMPT], past_key_values=cache).logits
+    for t in range(PROMPT, ids.shape[1]):
+        yield model(ids[:, t : t + 1], past_key_values=cache).logits
 
 
 def _same(a, b) -> bool:
