@@ -9,12 +9,12 @@ from omegaconf import DictConfig
 
 from kvexp.callbacks import exit_on_user_error
 from kvexp.config import normalize_overrides
+from kvexp.report import format_table
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from kvexp.app import NonFiniteMetricError, train_or_eval  # torch loads here, not for --help
-    from kvexp.report import format_table
 
     try:
         summary = train_or_eval(cfg)

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from kvexp.data import data_dir
+from kvexp.models import load_model_by_name
 from kvexp.tracking import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -112,9 +114,6 @@ def write_attention_maps(
 
 
 def main() -> None:
-    from kvexp.data import data_dir
-    from kvexp.models import load_model_by_name
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

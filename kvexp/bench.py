@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from kvexp.engine import use_kvexp_attention
 from kvexp.methods import make_cache
-from kvexp.models import load_model_by_name
+from kvexp.models import load_model_by_name, peak_memory
 from kvexp.tasks.data import load_documents
 from kvexp.tasks.perplexity import score_document
 from kvexp.tracking import atomic_write_json, atomic_write_text
@@ -168,8 +168,6 @@ def p3_memory(args) -> dict[str, dict[str, float]]:
 def _p3_case(args) -> None:
     """One P3 measurement (run in its own process by p3_memory); prints one JSON line."""
     import psutil
-
-    from kvexp.tasks.perplexity import peak_memory
 
     model, tokenizer = load_model_by_name(args.model, args.hardware)
     ids = _tokens(tokenizer, args.context).to(model.device)

@@ -1,4 +1,5 @@
-"""Per-layer budget allocations: how a cache's total of `num_layers * budget` entries is split over the layers.
+"""A budget config as make_cache's budget for one document (`resolve_budget`), and per-layer budget allocations:
+how a cache's total of `num_layers * budget` entries is split over the layers.
 
 `budget` is the mean per-layer budget (kept entries per KV head, protected tokens included, as everywhere in
 kvexp). docs/design.md#budgets: an allocation redistributes that total, is explicit and reported, and never exceeds
@@ -15,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 
 def allocate(name: str, budget: int, num_layers: int, **params: float) -> list[int]:
@@ -33,6 +35,25 @@ def allocate(name: str, budget: int, num_layers: int, **params: float) -> list[i
             f"allocation {name!r} has no parameter(s) {unknown}; its parameters are: {allowed or 'none'}"
         )
     return schedule(budget, num_layers, **params)
+
+
+def resolve_budget(budget: Any, document_tokens: int, num_layers: int) -> int | list[int] | None:
+    """A budget config (tokens | keep_ratio | per_layer | per_head) as make_cache's budget for one document.
+
+    A non-uniform `allocation` splits the mean budget over the `num_layers` layers.
+    """
+    if budget is None:
+        return None
+    if budget.get("per_layer") is not None:
+        return list(budget["per_layer"])
+    if budget.get("keep_ratio") is not None:
+        mean = max(1, int(budget["keep_ratio"] * document_tokens))
+    else:
+        mean = budget.get("tokens")
+    allocation = budget.get("allocation", "uniform")
+    if mean is None or allocation == "uniform":
+        return mean
+    return allocate(allocation, mean, num_layers, **dict(budget.get("allocation_params") or {}))
 
 
 def _uniform(budget: int, num_layers: int) -> list[int]:

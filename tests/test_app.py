@@ -12,6 +12,10 @@ import pytest
 import torch
 
 import kvexp.app
+import kvexp.tasks.base
+import kvexp.tasks.full_cache
+import kvexp.tasks.registry
+import kvexp.tracking
 from kvexp.app import train_or_eval
 from kvexp.config import validate
 from kvexp.data import WIKITEXT2
@@ -265,21 +269,21 @@ def test_summarization_run_reports_a_rouge_dict(tmp_path):
 def test_chat_template_follows_eval_then_the_dataset(overrides, template, expected):
     from types import SimpleNamespace
 
-    from kvexp.app import _use_chat_template
+    from kvexp.tasks.registry import use_chat_template
 
-    assert _use_chat_template(_compose(*overrides), SimpleNamespace(chat_template=template)) is expected
+    assert use_chat_template(_compose(*overrides), SimpleNamespace(chat_template=template)) is expected
 
 
 def test_a_dataset_that_templates_itself_is_never_wrapped_again(monkeypatch):
     import dataclasses
     from types import SimpleNamespace
 
-    from kvexp import app
+    from kvexp.tasks import registry
 
-    entry = dataclasses.replace(app.GENERATION_DATASETS["qa_jsonl"], own_template=True)
-    monkeypatch.setitem(app.GENERATION_DATASETS, "qa_jsonl", entry)
+    entry = dataclasses.replace(registry.DATASETS["qa_jsonl"], own_template=True)
+    monkeypatch.setitem(registry.DATASETS, "qa_jsonl", entry)
     cfg = _compose("dataset=qa_jsonl", "eval.chat_template=true")
-    assert app._use_chat_template(cfg, SimpleNamespace(chat_template="{{ x }}")) is False
+    assert registry.use_chat_template(cfg, SimpleNamespace(chat_template="{{ x }}")) is False
 
 
 def test_generation_full_cache_answers_are_shared_across_a_sweep(qa_file, tmp_path):
@@ -307,7 +311,9 @@ def test_resume_skips_a_finished_run_of_the_same_config_only(text_file, tmp_path
     first = train_or_eval(_compose(*overrides), out)
     written = (out / "summary.json").read_text()
     calls = []
-    monkeypatch.setitem(kvexp.app.TASKS, "perplexity", lambda cfg: calls.append(cfg) or (first, []))
+    monkeypatch.setattr(
+        kvexp.tasks.registry.TASKS["perplexity"], "evaluate", lambda cfg: calls.append(cfg) or (first, [])
+    )
     again = train_or_eval(_compose(*overrides, "logger=none", "objective=accuracy"), out)  # bookkeeping only
     assert calls == [] and (out / "summary.json").read_text() == written
     assert again["objective"] == first["metrics_after"]["accuracy"]
@@ -327,7 +333,7 @@ def test_resume_skips_a_finished_run_of_the_same_config_only(text_file, tmp_path
     )  # back to the first config (its summary was replaced)
     train_or_eval(_compose(*overrides), out)  # ... now finished: skipped
     assert len(calls) == 3
-    monkeypatch.setattr(kvexp.app, "_versions", lambda: {"torch": "0.0-other"})
+    monkeypatch.setattr(kvexp.tasks.base, "versions", lambda: {"torch": "0.0-other"})
     train_or_eval(_compose(*overrides), out)  # another torch: the result may differ, so it is redone
     assert len(calls) == 4
 
@@ -354,7 +360,9 @@ def test_objective_names_a_metric_of_the_run(text_file, tmp_path):
 def test_wandb_run_is_typed_by_method_and_tagged_with_budget_model_dataset(text_file, tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(
-        kvexp.app, "make_logger", lambda cfg, config, out, job, group, tags: seen.update(cfg=cfg, tags=tags)
+        kvexp.tracking,
+        "make_logger",
+        lambda cfg, config, out, job, group, tags: seen.update(cfg=cfg, tags=tags),
     )
     cfg = _compose(
         "model=tiny_llama", "method=recent_only", "budget=32", "dataset=text_file", f"dataset.path={text_file}",
@@ -372,14 +380,14 @@ def test_a_non_finite_metric_fails_the_run_but_keeps_its_results(text_file, tmp_
         "model=tiny_llama", "method=knorm", "budget=32", "dataset=text_file", f"dataset.path={text_file}",
         "eval.max_tokens=40", "eval.chunk_size=8", "cache_dir=null",
     )  # fmt: skip
-    real = kvexp.app.TASKS["perplexity"]
+    real = kvexp.tasks.registry.TASKS["perplexity"].evaluate
 
     def overflowing(cfg):
         summary, rows = real(cfg)
         summary["metrics_after"]["perplexity"] = summary["objective"] = float("nan")
         return summary, rows
 
-    monkeypatch.setitem(kvexp.app.TASKS, "perplexity", overflowing)
+    monkeypatch.setattr(kvexp.tasks.registry.TASKS["perplexity"], "evaluate", overflowing)
     out = tmp_path / "run"
     with pytest.raises(kvexp.app.NonFiniteMetricError, match=r"metrics_after\.perplexity=nan.*marked failed"):
         train_or_eval(_compose(*overrides), out)
@@ -387,7 +395,7 @@ def test_a_non_finite_metric_fails_the_run_but_keeps_its_results(text_file, tmp_
     assert written["metrics_after"]["perplexity"] is None and written["objective"] is None
     assert written["failed"]["metrics"] == {"metrics_after.perplexity": None, "objective": None}
     assert (out / "samples.csv").is_file()
-    monkeypatch.setitem(kvexp.app.TASKS, "perplexity", real)
+    monkeypatch.setattr(kvexp.tasks.registry.TASKS["perplexity"], "evaluate", real)
     again = train_or_eval(_compose(*overrides), out)  # a failed run is redone, not resumed
     assert math.isfinite(again["objective"]) and "failed" not in json.loads(
         (out / "summary.json").read_text()
@@ -454,7 +462,7 @@ def test_reused_full_cache_timings_from_another_process_are_not_compared(text_fi
     same_process = train_or_eval(_compose(*base, "method=h2o"), tmp_path / "b")
     assert first["timing_full"]["comparable"] and same_process["timing_full"]["comparable"]
     assert same_process["metrics_before"] == first["metrics_before"]
-    monkeypatch.setattr(kvexp.app, "_TIMED_IN", "another-host:1:2")  # a later invocation
+    monkeypatch.setattr(kvexp.tasks.full_cache, "_TIMED_IN", "another-host:1:2")  # a later invocation
     later = train_or_eval(_compose(*base, "method=streaming_llm"), tmp_path / "c")
     assert later["timing_full"]["comparable"] is False and later["metrics_before"] == first["metrics_before"]
     table = format_table(later)
@@ -468,8 +476,8 @@ def test_reused_full_cache_timings_from_another_process_are_not_compared(text_fi
     # no -96.9% throughput against another process's full cache
     assert "| streaming_llm | - | - | +0.0% |" in report
     # another torch (or kvexp, transformers) version is another result: nothing reused
-    versions = {**kvexp.app._versions(), "torch": "0.0-other"}
-    monkeypatch.setattr(kvexp.app, "_versions", lambda: versions)
+    versions = {**kvexp.tasks.base.versions(), "torch": "0.0-other"}
+    monkeypatch.setattr(kvexp.tasks.base, "versions", lambda: versions)
     fresh = train_or_eval(_compose(*base, "method=knorm", "resume=false"), tmp_path / "d")
     assert fresh["timing_full"]["comparable"] is True
     assert len(list((tmp_path / "cache" / "full").glob("*.json"))) == 2
@@ -481,9 +489,9 @@ def test_a_warm_up_runs_before_anything_is_timed(task, text_file, tmp_path, monk
     TPOT on a tiny model) that the compressed run, timed after it, escapes: an untimed full-cache run comes first."""
     calls = []
     for name in ("score_document", "run_generation", "warm_up_perplexity", "warm_up_generation"):
-        real = getattr(kvexp.app, name)
+        real = getattr(kvexp.tasks.registry, name)
         monkeypatch.setattr(
-            kvexp.app,
+            kvexp.tasks.registry,
             name,
             lambda *a, _name=name, _real=real, **kw: (
                 calls.append((_name, a[4] if _name == "run_generation" else a[2])) or _real(*a, **kw)
@@ -584,10 +592,14 @@ def test_the_wandb_run_exists_while_the_job_goes(text_file, tmp_path, monkeypatc
     the summary at the end, and a crashed job closes it with exit code 1 (it used to be created after the
     evaluation: nothing visible during a long run, nothing at all from a crash)."""
     events = []
-    monkeypatch.setattr(kvexp.app, "make_logger", lambda cfg, config, *a: _RecordingLogger(events, config))
-    real = kvexp.app.score_document
     monkeypatch.setattr(
-        kvexp.app, "score_document", lambda *a, **kw: events.append(("score", a[2])) or real(*a, **kw)
+        kvexp.tracking, "make_logger", lambda cfg, config, *a: _RecordingLogger(events, config)
+    )
+    real = kvexp.tasks.registry.score_document
+    monkeypatch.setattr(
+        kvexp.tasks.registry,
+        "score_document",
+        lambda *a, **kw: events.append(("score", a[2])) or real(*a, **kw),
     )
     base = ("model=tiny_llama", "method=knorm", "budget=32", "dataset=text_file", f"dataset.path={text_file}",
             "dataset.split_documents=true", "eval.max_tokens=40", "eval.chunk_size=8", "logger=wandb_offline",
@@ -613,7 +625,7 @@ def test_the_wandb_run_exists_while_the_job_goes(text_file, tmp_path, monkeypatc
         kvexp.tracking.log_progress({"compressed/documents": 1})
         raise RuntimeError("out of memory")
 
-    monkeypatch.setitem(kvexp.app.TASKS, "perplexity", crashing)
+    monkeypatch.setattr(kvexp.tasks.registry.TASKS["perplexity"], "evaluate", crashing)
     with pytest.raises(RuntimeError, match="out of memory"):
         train_or_eval(_compose(*base, "method=h2o"), tmp_path / "b")
     assert events[1:] == [("progress", {"compressed/documents": 1}), ("finish", 1)]

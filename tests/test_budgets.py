@@ -8,11 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from kvexp.app import train_or_eval
-from kvexp.budgets import ALLOCATIONS, allocate
+from kvexp.budgets import ALLOCATIONS, allocate, resolve_budget
 from kvexp.config import validate
 from kvexp.methods import build_method, make_cache
 from kvexp.methods.adakv import adaptive_counts
-from kvexp.tasks.perplexity import resolve_budget
 from tests.conftest import load
 from tests.test_config import _compose
 from tests.test_engine import _check_oracle, _ids

@@ -8,8 +8,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import kvexp.config  # noqa: F401  (schemas)
-from kvexp.config import method_from_config, normalize_overrides, validate
+from kvexp.config import normalize_overrides, validate
 from kvexp.methods import METHODS
+from kvexp.tasks.base import method_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -91,6 +91,31 @@ def test_module_level_imports_have_no_cycles():
     assert cycles == []
 
 
+# The app's modules: what runs a config (and the config code itself), above every task and trainer.
+APP = (
+    "kvexp.app",
+    "kvexp.run_dir",
+    "kvexp.config",
+    "kvexp.callbacks",
+    "kvexp.report",
+    "kvexp.bench",
+    "kvexp.__main__",
+)
+
+
+def test_tasks_and_trainers_never_import_the_app():
+    """A task or a trainer gets what it needs from the config it is given: no import of the app's modules
+    (function-local ones included), so the app's registries and helpers never loop back through them."""
+    wrong = [
+        f"{module} -> {imported}"
+        for module, path in _modules().items()
+        if _layer(module) in ("tasks", "train")
+        for imported in _runtime_imports(path, top_level_only=False)
+        if imported in APP
+    ]
+    assert wrong == []
+
+
 def test_no_method_imports_another_methods_private_names():
     """Shared machinery lives in support modules (base, scoring, merging, clustering, storage), not behind a
     method's private names (zack used razor_attention's `_fingerprint`)."""

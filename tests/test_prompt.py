@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import kvexp.models
-from kvexp import app, make_cache
-from kvexp.app import _config_hash, train_or_eval
+from kvexp import make_cache
+from kvexp.app import train_or_eval
 from kvexp.config import validate
 from kvexp.report import format_table
+from kvexp.run_dir import config_hash
+from kvexp.tasks import registry
 from kvexp.tasks.prompt import format_pair, prompt_sample, stdin_prompts
 from tests.conftest import load
 from tests.test_config import _compose
@@ -185,7 +187,7 @@ def test_bad_input_fails_before_the_model_loads(overrides, option, tmp_path, mon
     (tmp_path / "file.txt").write_text("a prompt\n")
     paths = {"file": tmp_path / "file.txt", "missing": tmp_path / "nope.txt", "empty": tmp_path / "empty.txt"}
     monkeypatch.setattr(kvexp.models, "load_model", lambda *a: pytest.fail("the model loaded"))
-    monkeypatch.setattr(app, "load_model", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr(registry, "load_model", lambda *a: pytest.fail("the model loaded"))
     cfg = _compose(*BASE, *(o.format(**paths) for o in overrides))
     with pytest.raises(ValueError, match=re.escape(option)) as err:
         validate(cfg)
@@ -206,16 +208,16 @@ def test_a_prompt_is_taken_verbatim_from_the_command_line():
 
 
 def test_the_config_hash_covers_the_prompt_and_the_prompt_files_text(tmp_path, monkeypatch):
-    assert _config_hash(_compose(*BASE, "dataset.prompt=a")) != _config_hash(
+    assert config_hash(_compose(*BASE, "dataset.prompt=a")) != config_hash(
         _compose(*BASE, "dataset.prompt=b")
     )
     path = tmp_path / "prompts.txt"
     path.write_text("first\n")
     overrides = (f"dataset.prompt_file={path}", "method=streaming_llm", "budget=32", "eval.max_new_tokens=2")
     calls = []
-    entry = app.GENERATION_DATASETS["prompt"]
-    counted = dataclasses.replace(entry, run=lambda cfg: calls.append(cfg) or entry.run(cfg))
-    monkeypatch.setitem(app.GENERATION_DATASETS, "prompt", counted)
+    entry = registry.DATASETS["prompt"]
+    counted = dataclasses.replace(entry, run=lambda cfg, setup: calls.append(cfg) or entry.run(cfg, setup))
+    monkeypatch.setitem(registry.DATASETS, "prompt", counted)
     _run(tmp_path, *overrides)
     _run(tmp_path, *overrides)  # the same file: resumed
     assert len(calls) == 1

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from kvexp.app import train_or_eval
-from kvexp.config import method_from_config
 from kvexp.methods import METHODS, build_method, make_cache
 from kvexp.methods.storage import StorageMethod
 from kvexp.models import load_model
+from kvexp.tasks.base import method_from_config
 from kvexp.tasks.perplexity import evaluate_perplexity
 from kvexp.train import distill
 from kvexp.train.data import check_disjoint, load_training_texts, token_windows

@@ -1,4 +1,5 @@
-"""Where a dataset's data comes from, and the documents for perplexity (WikiText-2, PG-19, text files, Python).
+"""Where a dataset's data comes from, a dataset's registry entry (`Dataset`), and the perplexity datasets
+(WikiText-2, PG-19, text files, Python) with their documents.
 
 Every dataset is looked up in one order (`locate`), and the run's log names the source once:
 
@@ -37,8 +38,6 @@ from kvexp.data import (
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("wikitext2", "pg19", "text_file", "python_code")
-
 # The local files hold the test split only; `dataset.split` may still slice it ("test[:100]").
 LOCAL_SPLIT = "test"
 
@@ -56,6 +55,40 @@ class Document:
 
     id: str
     text: str
+
+
+@dataclass
+class Dataset:
+    """A dataset's entry in the registry (kvexp.tasks.registry.DATASETS, by `dataset.name`): the `task` that
+    evaluates it, `check(dataset)` before any model loads, and `load`, its samples in its task's terms:
+    perplexity `(dataset, max_samples) -> documents`; generation `(dataset, encoder, max_samples, seed) ->
+    samples`, where `encoder` tokenizes samples exactly as the runner will (tasks that size their context in
+    tokens use it) and `seed` drives generated data.
+
+    `own_template`: the loader applies the chat template itself (LongBench's rule), so the runner never wraps its
+    samples again. `run(cfg, setup)`: a loop of the dataset's own over samples (dataset=prompt answers each
+    prompt as it is read), returning the task's Results. `inputs(dataset)`: a digest of what the dataset reads
+    besides its config (a prompt file's text), part of the config hash; None from it: unknown before the run
+    (standard input), never resumed.
+    """
+
+    task: str
+    check: Callable[[Mapping], None]
+    load: Callable[..., list]
+    own_template: bool = False
+    run: Callable[..., Any] | None = None
+    inputs: Callable[[Mapping], str | None] | None = None
+
+
+def registered(datasets: Mapping[str, Dataset], dataset: Mapping, task: str) -> Dataset:
+    """The entry of `dataset.name` among the `task` datasets of `datasets`; a ValueError naming them otherwise."""
+    entry = datasets.get(dataset.get("name"))
+    if entry is None or entry.task != task:
+        names = [name for name, d in datasets.items() if d.task == task]
+        raise ValueError(
+            f"dataset.name={dataset.get('name')!r} is not a {task} dataset; allowed values: {names}"
+        )
+    return entry
 
 
 @dataclass(frozen=True)
@@ -159,30 +192,8 @@ def from_hub(dataset: Mapping, source: Source, load: Callable[[], T], stand_in: 
 
 
 def check_dataset(dataset: Mapping) -> None:
-    """Reject a bad dataset config before any model is loaded, naming the option to fix."""
-    name = dataset.get("name")
-    if name not in DATASETS:
-        raise ValueError(
-            f"dataset.name={name!r} is not a perplexity dataset; allowed values: {list(DATASETS)}"
-        )
-    if name == "python_code":
-        _python_files(dataset)  # raises for a bad folder, a missing file or an empty selection
-        return
-    if name == "text_file" and not dataset.get("path"):
-        raise ValueError("dataset.name='text_file' needs dataset.path=<a utf-8 text file>")
-    source = locate(dataset, announce=False)  # raises when there is no data at all
-    if source.kind == "path" and not source.path.is_file():
-        raise ValueError(f"dataset.path={str(dataset['path'])!r} does not exist or is not a file")
-    if (
-        name == "text_file" and not read_text(source.path).strip()
-    ):  # a binary or non-UTF-8 file fails here too
-        raise ValueError(f"dataset.path={str(dataset['path'])!r} is empty: perplexity needs text")
-    if source.kind in ("path", "data_dir", "embedded") and name != "text_file":
-        check_split(dataset.get("split"))
-        if source.path is not None and source.path.is_file() and not _has_content(source.path):
-            raise ValueError(
-                f"{source.option(dataset)} is empty: dataset {name} has no documents to evaluate"
-            )
+    """Reject a bad perplexity dataset config before any model is loaded, naming the option to fix."""
+    registered(DATASETS, dataset, "perplexity").check(dataset)
 
 
 def load_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
@@ -190,28 +201,81 @@ def load_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
     check_dataset(dataset)
     if max_samples is not None and max_samples < 0:
         raise ValueError(f"max_samples={max_samples} must be >= 0 or null")
-    name = dataset["name"]
-    if name == "python_code":
-        docs = _python_documents(dataset, max_samples)
-        log.info("dataset python_code: %d file(s) from %s", len(docs), _python_files(dataset)[0])
-        return docs
-    source = locate(dataset)
-    if name == "text_file":
-        assert source.path is not None  # check_dataset guarantees dataset.path
-        docs = [Document(id=source.path.name, text=read_text(source.path))]
-    elif name == "wikitext2":
-        rows = _wikitext_rows(dataset, source)
-        docs = (
-            _wikitext_articles(rows)
-            if dataset.get("split_documents")
-            else [Document("wikitext2", "\n\n".join(rows))]
-        )
-    else:  # pg19
-        docs = _pg19_books(dataset, source)
+    return DATASETS[dataset["name"]].load(dataset, max_samples)
+
+
+def _check_file(dataset: Mapping) -> Source:
+    """The dataset's source; a `dataset.path` must be a file."""
+    source = locate(dataset, announce=False)  # raises when there is no data at all
+    if source.kind == "path" and not source.path.is_file():
+        raise ValueError(f"dataset.path={str(dataset['path'])!r} does not exist or is not a file")
+    return source
+
+
+def _check_corpus(dataset: Mapping) -> None:
+    """wikitext2, pg19: a source, and a local file that `dataset.split` can slice and that holds something."""
+    source = _check_file(dataset)
+    if source.kind in ("path", "data_dir", "embedded"):
+        check_split(dataset.get("split"))
+        if source.path is not None and source.path.is_file() and not _has_content(source.path):
+            raise ValueError(
+                f"{source.option(dataset)} is empty: dataset {dataset.get('name')} has no documents to evaluate"
+            )
+
+
+def _check_text_file(dataset: Mapping) -> None:
+    if not dataset.get("path"):
+        raise ValueError("dataset.name='text_file' needs dataset.path=<a utf-8 text file>")
+    source = _check_file(dataset)
+    if not read_text(source.path).strip():  # a binary or non-UTF-8 file fails here too
+        raise ValueError(f"dataset.path={str(dataset['path'])!r} is empty: perplexity needs text")
+
+
+def _check_python_code(dataset: Mapping) -> None:
+    _python_files(dataset)  # raises for a bad folder, a missing file or an empty selection
+
+
+def _first(dataset: Mapping, docs: list[Document], max_samples: int | None) -> list[Document]:
+    """The first `max_samples` documents (None: all), counted in the log."""
     if max_samples is not None:
         docs = docs[:max_samples]
-    log.info("dataset %s: %d document(s)", name, len(docs))
+    log.info("dataset %s: %d document(s)", dataset["name"], len(docs))
     return docs
+
+
+def _text_file_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
+    source = locate(dataset)
+    assert source.path is not None  # check_dataset guarantees dataset.path
+    return _first(dataset, [Document(id=source.path.name, text=read_text(source.path))], max_samples)
+
+
+def _wikitext2_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
+    rows = _wikitext_rows(dataset, locate(dataset))
+    docs = (
+        _wikitext_articles(rows)
+        if dataset.get("split_documents")
+        else [Document("wikitext2", "\n\n".join(rows))]
+    )
+    return _first(dataset, docs, max_samples)
+
+
+def _pg19_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
+    return _first(dataset, _pg19_books(dataset, locate(dataset)), max_samples)
+
+
+def _python_code_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
+    docs = _python_documents(dataset, max_samples)
+    log.info("dataset python_code: %d file(s) from %s", len(docs), _python_files(dataset)[0])
+    return docs
+
+
+# The perplexity datasets (part of kvexp.tasks.registry.DATASETS), here beside their loaders for load_documents.
+DATASETS: dict[str, Dataset] = {
+    "wikitext2": Dataset("perplexity", _check_corpus, _wikitext2_documents),
+    "pg19": Dataset("perplexity", _check_corpus, _pg19_documents),
+    "text_file": Dataset("perplexity", _check_text_file, _text_file_documents),
+    "python_code": Dataset("perplexity", _check_python_code, _python_code_documents),
+}
 
 
 def _wikitext_rows(dataset: Mapping, source: Source) -> list[str]:

@@ -46,6 +46,7 @@ from kvexp.data import read_jsonl, read_text
 from kvexp.engine import KVCache
 from kvexp.methods import Method, make_cache
 from kvexp.tasks import metrics
+from kvexp.tasks.base import Loaded, kv_totals
 from kvexp.tasks.data import (
     LOCAL_SPLIT,
     check_split,
@@ -54,7 +55,6 @@ from kvexp.tasks.data import (
     locate,
     split_bounds,
 )
-from kvexp.tasks.perplexity import kv_totals
 from kvexp.tracking import log_progress
 
 log = logging.getLogger(__name__)
@@ -82,25 +82,6 @@ class GenerationSample:
         default_factory=dict
     )  # depth, length, task name, ... (copied to samples.csv)
     stop: list[str] = field(default_factory=list)  # generation ends at the first of these (e.g. "\n")
-
-
-@dataclass
-class GenerationDataset:
-    """A registry entry: how to check a dataset config before any model loads, and how to load its samples.
-
-    `load(dataset, encoder, max_samples, seed)`: `encoder` tokenizes samples exactly as the runner will (tasks
-    that size their context in tokens use it); `seed` drives generated data. `own_template`: the loader applies
-    the chat template itself (LongBench's rule), so the runner never wraps its samples again. `run(cfg)`: a
-    dataset with its own loop over samples (dataset=prompt answers each prompt as it is read) returns the
-    summary and rows itself. `inputs(dataset)`: a digest of what the dataset reads besides its config (a prompt
-    file's text), part of the config hash; None from it: unknown before the run (standard input), never resumed.
-    """
-
-    load: Callable[[Mapping, PromptEncoder, int | None, int], list[GenerationSample]]
-    check: Callable[[Mapping], None]
-    own_template: bool = False
-    run: Callable[[Any], tuple[dict[str, Any], list[dict[str, Any]]]] | None = None
-    inputs: Callable[[Mapping], str | None] | None = None
 
 
 @dataclass
@@ -166,6 +147,16 @@ class PromptEncoder:
                 )
                 context = context[: room // 2] + context[len(context) - (room - room // 2) :]
         return Prompt(torch.tensor([context]), torch.tensor([question], dtype=torch.long))
+
+
+@dataclass
+class GenerationSetup(Loaded):
+    """A generation run's model, method and samples (kvexp.tasks.base.Loaded), their prompts as the `encoder`
+    built them, and run_generation's decoding `settings` (protocol, decoding, max_new_tokens, prefill_chunk_size)."""
+
+    encoder: PromptEncoder
+    prompts: list[Prompt]
+    settings: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -420,6 +411,67 @@ def aggregate_generation(
         },
         "objective": sum(primary_score(s, r.scores) for s, r in scored) / len(scored) if scored else None,
     }
+
+
+def generation_cost(before, after, agg_before, agg_after) -> dict[str, float | None]:
+    """The SimCalKV study's summary fields: KV memory saved per sample, seconds and tokens/s per sample before/after."""
+    saving = sum(r.kv.get("bytes_full", 0) - r.kv.get("bytes_kept", 0) for r in after) / len(after) / 2**20
+    time_after, tput_after = agg_after["timing"]["sample_s"], agg_after["timing"]["throughput_tok_s"]
+    time_before = agg_before["timing"]["sample_s"] if before is not None else None
+    tput_before = agg_before["timing"]["throughput_tok_s"] if before is not None else None
+    return {
+        "avg_memory_saving_MB": saving,
+        "time_before": time_before,
+        "time_after": time_after,
+        "avg_time_saving_s": time_before - time_after if time_before is not None else None,
+        "throughput_before": tput_before,
+        "throughput_after": tput_after,
+        "avg_throughput_improvement_tokens_s": tput_after - tput_before if tput_before is not None else None,
+    }
+
+
+def generation_rows(
+    samples: Sequence[GenerationSample],
+    before: Sequence[GenerationResult] | None,
+    after: Sequence[GenerationResult],
+) -> list[dict[str, Any]]:
+    """One row per sample: its meta (length, depth, ...), answers, predictions and scores before/after, cost."""
+    rows = []
+    for i, (sample, a) in enumerate(zip(samples, after, strict=True)):
+        b = before[i] if before is not None else None
+        row = {
+            "id": a.id,
+            **sample.meta,
+            "context_tokens": a.context_tokens,
+            "question_tokens": a.question_tokens,
+        }
+        row["answers"] = " | ".join(sample.answers)
+        row["prediction_before"] = b.prediction if b else None
+        row["prediction_after"] = a.prediction
+        for key in a.scores:
+            row[f"{key}_before"] = b.scores[key] if b else None
+            row[f"{key}_after"] = a.scores[key]
+        row.update(
+            {
+                "new_tokens_before": b.new_tokens if b else None,
+                "new_tokens_after": a.new_tokens,
+                "kept_tokens": a.kv["tokens_kept"],
+                "compression_ratio": a.kv["compression_ratio"],
+                "kv_bytes_kept": a.kv.get("bytes_kept"),
+                "kv_bytes_full": a.kv.get("bytes_full"),
+                "ttft_s_before": b.ttft_s if b else None,
+                "ttft_s_after": a.ttft_s,
+                "tpot_ms_before": _tpot_ms(b) if b else None,
+                "tpot_ms_after": _tpot_ms(a),
+                "compress_s": a.kv.get("compress_seconds", 0.0),
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def _tpot_ms(result: GenerationResult) -> float | None:
+    return 1000 * sum(result.step_s) / len(result.step_s) if result.step_s else None
 
 
 def run_generation(

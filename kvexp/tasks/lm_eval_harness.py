@@ -56,9 +56,10 @@ from lm_eval.models.utils import (
 )
 from tqdm.auto import tqdm
 
+from kvexp.budgets import resolve_budget
 from kvexp.engine import KVCache
 from kvexp.methods import Method, make_cache
-from kvexp.tasks.perplexity import resolve_budget, score_document
+from kvexp.tasks.perplexity import score_document
 
 log = logging.getLogger(__name__)
 
@@ -469,6 +470,38 @@ def cost_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "compress_share": compress_s / seconds if seconds else 0.0,
         "ttft_s": sum(r["ttft_s"] for r in generated) / len(generated) if generated else None,
         "tpot_ms": sum(r["tpot_ms"] for r in decoded) / len(decoded) if decoded else None,
+    }
+
+
+_COST = (
+    "requests", "cache_runs", "kv_tokens_seen", "kv_tokens_kept", "kv_bytes_full", "kv_bytes_kept", "compression_ratio",
+    "total_s", "compress_s", "compress_share", "ttft_s", "tpot_ms",
+)  # fmt: skip
+
+
+def summary_aggregate(result: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """evaluate_lm_eval's flat metrics in the metrics / kv_cache / timing shape of the other tasks' aggregates."""
+    if result is None:
+        return None
+    total = result.get("total_s") or 0.0
+    return {
+        "metrics": {k: v for k, v in result.items() if k not in _COST},
+        "kv_cache": {
+            "tokens_seen": result.get("kv_tokens_seen"),
+            "tokens_kept": result.get("kv_tokens_kept"),
+            "compression_ratio": result.get("compression_ratio"),
+            "bytes_full": result.get("kv_bytes_full"),
+            "bytes_kept": result.get("kv_bytes_kept"),
+            "bytes_peak": result.get("kv_bytes_kept"),
+        },
+        "timing": {
+            "ttft_s": result.get("ttft_s"),
+            "tpot_ms": result.get("tpot_ms"),
+            "throughput_tok_s": result.get("requests", 0) / total if total else None,
+            "total_s": total,
+            "compress_s": result.get("compress_s"),
+            "compress_share": result.get("compress_share"),
+        },
     }
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from kvexp.data import read_jsonl
 from kvexp.tasks.data import Source, check_split, from_hub, locate, split_bounds
-from kvexp.tasks.generation import GenerationSample
+from kvexp.tasks.generation import GenerationSample, PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -341,3 +341,10 @@ def load_longbench(
     samples = [build_sample(task, r, i, tokenizer, max_length, chat) for i, r in enumerate(records)]
     log.info("LongBench %s: %d sample(s), prompt limit %s tokens", task, len(samples), max_length)
     return samples
+
+
+def longbench_samples(
+    dataset: Mapping, encoder: PromptEncoder, max_samples: int | None, seed: int
+) -> list[GenerationSample]:
+    """The registry loader: `load_longbench` with prompts cut to fit the model (`prompt_limit`)."""
+    return load_longbench(dataset, encoder.tokenizer, prompt_limit(dataset, encoder.max_context), max_samples)

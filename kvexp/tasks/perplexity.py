@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 import torch
 from tqdm.auto import tqdm
 
-from kvexp.budgets import allocate
 from kvexp.methods import Method, make_cache
+from kvexp.tasks.base import kv_totals
+from kvexp.tracking import log_progress
 
 
 @dataclass
@@ -48,25 +48,6 @@ def perplexity(mean_nll: float) -> float:
         return math.exp(mean_nll)
     except OverflowError:
         return math.inf
-
-
-def resolve_budget(budget: Any, document_tokens: int, num_layers: int) -> int | list[int] | None:
-    """A budget config (tokens | keep_ratio | per_layer | per_head) as make_cache's budget for one document.
-
-    A non-uniform `allocation` splits the mean budget over the `num_layers` layers (kvexp.budgets).
-    """
-    if budget is None:
-        return None
-    if budget.get("per_layer") is not None:
-        return list(budget["per_layer"])
-    if budget.get("keep_ratio") is not None:
-        mean = max(1, int(budget["keep_ratio"] * document_tokens))
-    else:
-        mean = budget.get("tokens")
-    allocation = budget.get("allocation", "uniform")
-    if mean is None or allocation == "uniform":
-        return mean
-    return allocate(allocation, mean, num_layers, **dict(budget.get("allocation_params") or {}))
 
 
 def warm_up(model, input_ids: torch.Tensor, chunk_size: int = 1, tokens: int = 32) -> None:
@@ -120,20 +101,6 @@ def score_document(
     )
 
 
-def kv_totals(results: Sequence) -> dict[str, Any]:
-    """The cache figures summed over per-sample results (each with a `kv` stats dict and `kv_peak_bytes`)."""
-    seen = sum(r.kv["tokens_seen"] for r in results)
-    kept = sum(r.kv["tokens_kept"] for r in results)
-    return {
-        "tokens_seen": seen,
-        "tokens_kept": kept,
-        "compression_ratio": 1.0 - kept / seen if seen else 0.0,
-        "bytes_full": sum(r.kv.get("bytes_full", 0) for r in results),
-        "bytes_kept": sum(r.kv.get("bytes_kept", 0) for r in results),
-        "bytes_peak": max(r.kv_peak_bytes for r in results),
-    }
-
-
 def aggregate(results: list[DocumentResult]) -> dict[str, Any]:
     """Corpus-level metrics (token-weighted perplexity) and cost figures over documents."""
     tokens = sum(r.tokens for r in results)
@@ -161,19 +128,40 @@ def aggregate(results: list[DocumentResult]) -> dict[str, Any]:
     }
 
 
-def peak_memory(device: torch.device) -> dict[str, Any]:
-    """Peak memory: the CUDA allocator's peak on GPU; the process's peak RSS on CPU (process-wide, monotonic)."""
-    if device.type == "cuda":
-        return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device)}
-    info = psutil.Process().memory_info()
-    peak = getattr(info, "peak_wset", None) or _ru_maxrss()
-    return {"rss_bytes": info.rss, "peak_rss_bytes": peak}
+def document_progress(cache: str, results: list[DocumentResult]) -> None:
+    """The job's W&B run gets one point per document: `<cache>/documents`, its perplexity, the running one."""
+    last = results[-1]
+    running = perplexity(sum(r.nll for r in results) / sum(r.tokens for r in results))
+    log_progress(
+        {
+            f"{cache}/documents": len(results),
+            f"{cache}/perplexity": last.perplexity,
+            f"{cache}/running_perplexity": running,
+        }
+    )
 
 
-def _ru_maxrss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def document_rows(before: list[DocumentResult] | None, after: list[DocumentResult]) -> list[dict[str, Any]]:
+    """samples.csv: one row per document, its perplexity and accuracy before/after, its cache and its time."""
+    rows = []
+    for i, a in enumerate(after):
+        b = before[i] if before is not None else None
+        rows.append(
+            {
+                "id": a.id,
+                "tokens": a.tokens,
+                "perplexity_before": b.perplexity if b else None,
+                "perplexity_after": a.perplexity,
+                "accuracy_before": b.accuracy if b else None,
+                "accuracy_after": a.accuracy,
+                "kept_tokens": a.kv["tokens_kept"],
+                "compression_ratio": a.kv["compression_ratio"],
+                "first_step_s": a.first_step_s,
+                "ms_per_step": 1000 * sum(a.step_s) / len(a.step_s) if a.step_s else None,
+                "compress_s": a.kv.get("compress_seconds", 0.0),
+            }
+        )
+    return rows
 
 
 def evaluate_perplexity(

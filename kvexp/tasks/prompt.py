@@ -39,10 +39,15 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import IO, Any
 
+from omegaconf import DictConfig
+
+from kvexp.budgets import resolve_budget
+from kvexp.tasks.base import Results, engine_options
 from kvexp.tasks.generation import (
     UNSCORED,
     GenerationResult,
     GenerationSample,
+    GenerationSetup,
     PromptEncoder,
     run_generation,
     warm_up,
@@ -149,27 +154,20 @@ def prompt_samples(
     return [prompt_sample(t, i, dataset) for i, t in enumerate(texts[:max_samples])]
 
 
-def run_prompts(cfg) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Load the model once; answer each prompt with the full cache and the method, print the pair as it is
-    done; then the generation task's summary and rows over all prompts (plus `prompts`: texts and answers)."""
-    from kvexp import app  # app imports this module for its dataset registry
-    from kvexp.config import method_from_config
-    from kvexp.models import load_model
-    from kvexp.tasks.perplexity import resolve_budget
-
-    configured = configured_prompts(cfg.dataset)
-    model, tokenizer = load_model(cfg.model, cfg.hardware)
-    encoder = PromptEncoder(tokenizer, app._use_chat_template(cfg, tokenizer), cfg.model.max_context)
-    method = method_from_config(cfg.method)
-    settings = app._generation_settings(cfg)
-    engine = app._engine(cfg)
+def run_prompts(cfg: DictConfig, setup: GenerationSetup) -> Results:
+    """dataset=prompt's own loop (its registry entry's `run`; the model is loaded once): answer each prompt with the
+    full cache and the method, printing the pair as it is done; the generation task then summarizes them all,
+    plus `prompts` (each prompt with both answers)."""
+    model, tokenizer, method = setup.model, setup.tokenizer, setup.method
+    encoder, settings = setup.encoder, setup.settings
+    engine = engine_options(cfg)
     layers = model.config.num_hidden_layers
 
     def budget_for(tokens: int):
         return resolve_budget(cfg.budget, tokens, layers)  # keep_ratio: of the compressed prompt
 
-    texts: Iterable[str] = configured
-    if configured is None:
+    texts: Iterable[str] | None = configured_prompts(cfg.dataset)
+    if texts is None:
         if sys.stdin.isatty():
             print("Type a prompt and press Enter; Ctrl-D ends the session.", file=sys.stderr, flush=True)
         texts = stdin_prompts()
@@ -204,10 +202,7 @@ def run_prompts(cfg) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "dataset=prompt: standard input held no prompt (type one per line, or give dataset.prompt / "
             "dataset.prompt_file)"
         )
-    summary, rows = app._generation_summary(
-        cfg, method, encoder, settings, samples, before or None, after, model.device
-    )
-    summary["prompts"] = [
+    prompts = [
         {
             "id": s.id,
             "prompt": s.context,
@@ -216,7 +211,7 @@ def run_prompts(cfg) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         }
         for s, a, b in zip_longest(samples, after, before)
     ]
-    return summary, rows
+    return Results(samples, before or None, after, extra={"prompts": prompts})
 
 
 def _label(method, budget: Mapping, protocol: str, result: GenerationResult) -> str:

@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 
 from kvexp.data import HAYSTACK_BOOK
 from kvexp.models import REPO
-from kvexp.tasks.data import DATASETS, load_documents, locate
+from kvexp.tasks.data import DATASETS as TEXT_DATASETS
+from kvexp.tasks.data import load_documents, locate
 from kvexp.tasks.generation import GenerationSample, PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,9 @@ def check_retrieval(dataset: Mapping) -> None:
         if dataset.get(key, 1) < 1:
             raise ValueError(f"dataset.{key} must be >= 1, got {dataset.get(key)}")
     haystack = dataset.get("haystack")
-    if haystack not in HAYSTACKS and haystack not in DATASETS:
+    if haystack not in HAYSTACKS and haystack not in TEXT_DATASETS:
         raise ValueError(
-            f"dataset.haystack={haystack!r} is not allowed; choose one of {list(HAYSTACKS + DATASETS)}"
+            f"dataset.haystack={haystack!r} is not allowed; choose one of {[*HAYSTACKS, *TEXT_DATASETS]}"
         )
     if dataset.get("path") and haystack not in ("book", "essays"):
         raise ValueError(
@@ -142,7 +143,7 @@ def haystack_text(dataset: Mapping, min_chars: int) -> str:
     haystack = dataset.get("haystack")
     if haystack == "repeat":
         text = " ".join([NOISE] * (min_chars // len(NOISE) + 1))
-    elif haystack in DATASETS:
+    elif haystack in TEXT_DATASETS:
         config = OmegaConf.load(REPO / "conf" / "dataset" / f"{haystack}.yaml")
         text = "\n\n".join(d.text for d in load_documents(config, None))
     else:

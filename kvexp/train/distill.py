@@ -34,7 +34,16 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from kvexp.budgets import resolve_budget
+from kvexp.methods import make_cache
+from kvexp.methods.base import METHODS, Method, load_method_parameters, save_method_parameters
+from kvexp.methods.storage import StorageMethod
+from kvexp.models import load_model
+from kvexp.tasks.base import method_from_config
+from kvexp.tasks.data import load_documents
+from kvexp.tracking import ACTIVE_LOGGER, atomic_write_csv, make_logger
 from kvexp.train import Trained
+from kvexp.train.data import DATA_SOURCES, check_disjoint, load_training_texts, token_windows
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +72,6 @@ _NUMBERS = {
 # -- options ----------------------------------------------------------------------------------------------------------
 def check(cfg: DictConfig) -> None:
     """Validate `cfg.train.*` before any model loads; messages name the option and what is allowed."""
-    from kvexp.methods.base import METHODS, Method
-    from kvexp.train.data import DATA_SOURCES
-
     t = cfg.train
     for name, kind in _NUMBERS.items():
         value = OmegaConf.select(t, name)
@@ -111,8 +117,6 @@ def check(cfg: DictConfig) -> None:
             f"train=distill needs a compressing method and a budget (method={cfg.method.name}, budget.tokens="
             f"{budget.get('tokens')}): with nothing compressed there is nothing to distill"
         )
-    from kvexp.methods.storage import StorageMethod
-
     if cfg.method.name in METHODS and issubclass(METHODS[cfg.method.name], StorageMethod):
         raise ValueError(
             f"train=distill: method={cfg.method.name} stores encoded entries, which the differentiable engine mode "
@@ -176,8 +180,6 @@ def student_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stream `inputs` [B, T] through a fresh differentiable compressed cache in chunks: (logits [B, T, V],
     compressed [T] bool: the positions whose step attended to an already compressed cache)."""
-    from kvexp.methods import make_cache
-
     cache = make_cache(model, method, budget, differentiable=True, **engine)
     logits, compressed = [], []
     for start in range(0, inputs.shape[1], chunk_size):
@@ -191,8 +193,6 @@ def student_forward(
 @torch.no_grad()
 def teacher_forward(model, inputs: torch.Tensor) -> torch.Tensor:
     """The full-cache logits [B, T, V] of `inputs` (one pass through an uncompressed kvexp cache)."""
-    from kvexp.methods import make_cache
-
     return model(inputs, past_key_values=make_cache(model, "full")).logits
 
 
@@ -313,9 +313,6 @@ class Distiller:
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save(self, directory: Path, step: int, log_rows: list[dict]) -> dict[str, Any]:
         """Write the trained parts and the trainer state into `directory`; returns where the evaluation finds them."""
-        from kvexp.methods.base import save_method_parameters
-        from kvexp.tracking import atomic_write_csv
-
         directory.mkdir(parents=True, exist_ok=True)
         found: dict[str, Any] = {"model_checkpoint": None, "method_overrides": {}}
         if self.trainable == "lora":
@@ -362,8 +359,6 @@ class Distiller:
 
             load_model(self.model, str(directory / "model.safetensors"))
         else:
-            from kvexp.methods.base import load_method_parameters
-
             saved = load_method_parameters(self.method.name, directory / "compressor.safetensors")
             with torch.no_grad():
                 for name, param in self.method.trainable_parameters(self.model).items():
@@ -418,12 +413,6 @@ def micro_batch(windows: torch.Tensor, index: int, batch_size: int, seed: int) -
 
 def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
     """Distill as `cfg.train` says; the checkpoint goes under `checkpoint_dir` (the run dir's `checkpoint/`)."""
-    from kvexp.config import method_from_config
-    from kvexp.models import load_model
-    from kvexp.tasks.perplexity import resolve_budget
-    from kvexp.tracking import ACTIVE_LOGGER, atomic_write_csv, make_logger
-    from kvexp.train.data import check_disjoint, load_training_texts, token_windows
-
     t = cfg.train
     run_dir = checkpoint_dir.parent
     model, tokenizer = load_model(cfg.model, cfg.hardware)
@@ -433,8 +422,6 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
 
     docs = load_training_texts(t.data)
     if cfg.dataset.get("task", "perplexity") == "perplexity":
-        from kvexp.tasks.data import load_documents
-
         evaluated = load_documents(cfg.dataset, cfg.eval.max_samples)
         check_disjoint(docs, [(d.id, d.text) for d in evaluated])
     needed = None if t.max_steps is None else int(t.max_steps) * accum * batch_size

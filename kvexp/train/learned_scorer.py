@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from kvexp.data import read_corpus
+from kvexp.data import read_corpus, required_data_file
 from kvexp.methods.learned import (
     CHECKPOINT_FILE,
     EPS,
@@ -43,6 +43,8 @@ from kvexp.methods.learned import (
     save_scorer,
 )
 from kvexp.methods.scoring import reduce_group
+from kvexp.models import load_model
+from kvexp.tasks.base import method_from_config
 from kvexp.train import Trained
 
 log = logging.getLogger(__name__)
@@ -117,8 +119,6 @@ def check(cfg: DictConfig) -> None:
 
 
 def _data_path(name: str) -> Path:
-    from kvexp.data import required_data_file
-
     return required_data_file(name, "train.data_file")
 
 
@@ -336,9 +336,6 @@ def agreement(
 
 
 def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
-    from kvexp.config import method_from_config
-    from kvexp.models import load_model
-
     t = cfg.train
     method = method_from_config(cfg.method)
     model, tokenizer = load_model(cfg.model, cfg.hardware)

@@ -1,0 +1,173 @@
+"""What every task shares: the `Task` interface a run dispatches to (kvexp.tasks.registry.TASKS), the method and
+engine options a config gives, and the summary.json keys every task writes (docs/usage.md#outputs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+from kvexp.methods import Method, build_method
+from kvexp.models import peak_memory
+
+
+@dataclass
+class Loaded:
+    """What a task's `load` prepares: the model, its tokenizer, the method and the samples (none for a dataset
+    that reads them as it goes, or for lm-eval, which reads its own)."""
+
+    model: Any
+    tokenizer: Any
+    method: Method
+    samples: list[Any]
+
+
+@dataclass
+class Results:
+    """What a task's `run` measured: the samples, the full cache's results (None: `eval.compare_to_full=false`)
+    and the compressed cache's; whether the full cache was timed in this process (None: the task does not say);
+    summary keys of the dataset's own, written last (dataset=prompt: the answers, `prompts`)."""
+
+    samples: list[Any]
+    before: Any
+    after: Any
+    comparable: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A `dataset.task`. `check` runs in kvexp.config.validate, before any model loads; `evaluate` loads the model,
+    the method and the samples, runs them through both caches, and returns the summary and the samples.csv rows."""
+
+    @abstractmethod
+    def check(self, cfg: DictConfig) -> None:
+        """Reject a bad dataset or task option, naming it."""
+
+    @abstractmethod
+    def load(self, cfg: DictConfig) -> Loaded:
+        """The model, the method and the samples."""
+
+    @abstractmethod
+    def run(self, cfg: DictConfig, loaded: Loaded) -> Results:
+        """The samples through the full cache (unless `eval.compare_to_full=false`), then the compressed one."""
+
+    @abstractmethod
+    def aggregate(self, cfg: DictConfig, loaded: Loaded, results: Results) -> dict[str, Any]:
+        """The summary: `build_summary`'s keys, then the task's own, its `objective` last."""
+
+    @abstractmethod
+    def rows(self, results: Results) -> list[dict[str, Any]]:
+        """The samples.csv rows: one per sample (lm-eval: per request)."""
+
+    def evaluate(self, cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The summary (full-cache timings from another process marked, the dataset's own keys last) and the rows."""
+        loaded = self.load(cfg)
+        results = self.run(cfg, loaded)
+        summary = self.aggregate(cfg, loaded, results)
+        if results.comparable is not None:
+            _mark_comparable(summary, results.comparable)
+        summary.update(results.extra)
+        return summary, self.rows(results)
+
+
+def method_from_config(method_cfg: DictConfig) -> Method:
+    """The method instance a `method` node describes (its `name` plus the dataclass parameters)."""
+    params = OmegaConf.to_container(method_cfg, resolve=True)
+    return build_method(params.pop("name"), **params)
+
+
+def engine_options(cfg: DictConfig) -> dict[str, Any]:
+    """make_cache's engine settings from the config."""
+    return {
+        "slack": cfg.engine.slack,
+        "when": cfg.engine.when,
+        "positions": cfg.engine.positions,
+        "head_budgets": OmegaConf.to_container(cfg.budget.per_head)
+        if cfg.budget.per_head is not None
+        else None,
+    }
+
+
+def kv_totals(results: Sequence) -> dict[str, Any]:
+    """The cache figures summed over per-sample results (each with a `kv` stats dict and `kv_peak_bytes`)."""
+    seen = sum(r.kv["tokens_seen"] for r in results)
+    kept = sum(r.kv["tokens_kept"] for r in results)
+    return {
+        "tokens_seen": seen,
+        "tokens_kept": kept,
+        "compression_ratio": 1.0 - kept / seen if seen else 0.0,
+        "bytes_full": sum(r.kv.get("bytes_full", 0) for r in results),
+        "bytes_kept": sum(r.kv.get("bytes_kept", 0) for r in results),
+        "bytes_peak": max(r.kv_peak_bytes for r in results),
+    }
+
+
+def build_summary(
+    cfg: DictConfig, loaded: Loaded, before: dict | None, after: dict, last_kv: dict, resolved: list
+) -> dict[str, Any]:
+    """The summary keys every task writes, from each cache's aggregate (`metrics`, `kv_cache`, `timing`; `before`:
+    the full cache's, or None); `last_kv` is the last sample's cache.stats(), `resolved` each sample's budget."""
+    method = loaded.method
+    return {
+        "model": cfg.model.name,
+        "method": {"name": method.name, **{f.name: getattr(method, f.name) for f in _init_fields(method)}},
+        "budget": {**OmegaConf.to_container(cfg.budget, resolve=True), "resolved_tokens": resolved},
+        "dataset": cfg.dataset.name,
+        "task": cfg.dataset.task,
+        "metrics_before": before["metrics"] if before else None,
+        "metrics_after": after["metrics"],
+        "kv_cache": {
+            **after["kv_cache"],
+            # The last sample's kept tokens per layer and per KV head (batch means): allocations made visible.
+            "tokens_kept_per_layer": last_kv.get("tokens_kept_per_layer"),
+            "tokens_kept_per_head": last_kv.get("tokens_kept_per_head"),
+            "method_stats": last_kv.get("method_stats"),  # e.g. cluster quality of a clustering method
+        },
+        "timing": after["timing"],
+        "timing_full": before["timing"] if before else None,
+        "memory": {**peak_memory(loaded.model.device), "kv_bytes_peak": after["kv_cache"]["bytes_peak"]},
+        "engine": OmegaConf.to_container(cfg.engine, resolve=True),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": versions(),
+        "seed": cfg.seed,
+    }
+
+
+def versions() -> dict[str, str]:
+    """What can change a result besides the config: kvexp's, torch's, transformers' and Python's versions."""
+    return {
+        "kvexp": version("kvexp"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _init_fields(method: Method) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(method) if f.init]
+
+
+# The summary fields that compare this run's time with the full cache's.
+_TIME_COMPARISONS = (
+    "time_before",
+    "avg_time_saving_s",
+    "throughput_before",
+    "avg_throughput_improvement_tokens_s",
+)
+
+
+def _mark_comparable(summary: dict[str, Any], comparable: bool) -> None:
+    """Mark full-cache timings reused from another process as not comparable (quality is reused as is):
+    `timing_full.comparable` false, and no time comparison fields."""
+    if summary.get("timing_full") is not None:
+        summary["timing_full"]["comparable"] = comparable
+    if not comparable:
+        summary.update({k: None for k in _TIME_COMPARISONS if k in summary})
