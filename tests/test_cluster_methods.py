@@ -159,6 +159,27 @@ def test_semantic_cluster_folds_old_tokens_into_count_weighted_centroids():
         assert torch.equal(layer.keys[0, 1, s], keys[0, 1, p]) and layer.bias[0, 1, s] == 0
 
 
+def test_semantic_cluster_evicting_form_keeps_each_clusters_representative_unchanged():
+    keys, values, near_a = _two_cluster_keys()
+    layer = _layer(
+        build_method("semantic_cluster", num_clusters=2, sink_tokens=1, fold=False), 8, keys, values
+    )
+    layer.compress()
+    assert bool((layer.bias == 0).all()) and bool((layer.state("tokens") == 1).all())
+    for h in range(KV_HEADS):
+        reps = []
+        for members in (near_a[h], [p for p in range(1, 9) if p not in near_a[h]]):
+            centroid = keys[0, h, members].mean(0)
+            reps.append(members[int((keys[0, h, members] - centroid).norm(dim=-1).argmin())])
+        assert sorted(layer.positions[0, h].tolist()) == sorted([0, *reps, 9, 10, 11, 12, 13])
+        for p in layer.positions[0, h].tolist():  # every kept entry is the token's own
+            s = _by_position(layer, h, p)
+            assert torch.equal(layer.keys[0, h, s], keys[0, h, p]) and torch.equal(
+                layer.values[0, h, s], values[0, h, p]
+            )
+        assert (layer.state("cluster")[0, h] > 0).sum() == 2  # the representatives stand for their clusters
+
+
 @pytest.mark.parametrize("cluster_every", [128, 2])
 def test_semantic_cluster_keeps_running_centroids_and_reports_the_silhouette(cluster_every):
     """Tokens leaving the window join their nearest cluster, or, at a period boundary, everything is re-clustered

@@ -98,3 +98,10 @@ def test_compare_all_runs_every_method_but_the_baseline_at_the_kvcompress_studys
         2000,
         1,
     )
+
+
+def test_the_semantic_cluster_policies_are_the_merging_and_the_studys_evicting_form():
+    merging = _compose("+policy=semantic_cluster_k32").method
+    evicting = _compose("+policy=semantic_cluster_k32_evict").method
+    assert (merging.name, merging.num_clusters, merging.fold) == ("semantic_cluster", 32, True)
+    assert (evicting.name, evicting.num_clusters, evicting.fold) == ("semantic_cluster", 32, False)

@@ -37,12 +37,14 @@ class SemanticCluster(TrainableMergedBias, Method):
     value = count-weighted mean (query-agnostic); a cluster of identical keys is exact. A cluster keeps its
     representative's position, older than the exact window, so it never enters it. K = `num_clusters`, or
     budget // 8 (the study's K32 at budget 256).
-    Deviations: the study evicts (keeps one representative per cluster, clustering the head-mean keys of the
-    whole cache); here every token is merged into a cluster of its own KV head, and only the tokens older than
-    the exact window are clustered. The silhouette of every re-clustering (scikit-learn's, of the clustered
-    slots' keys: at a prefill the tokens' own keys, later the clusters and the tokens that joined them; on a
-    strided sample of `silhouette_sample` slots when larger) is averaged per layer into `statistics`, over
-    every re-clustering this method instance ran.
+    `fold=false` is the study's evicting form: the same clusters, but each keeps its representative token as it
+    is (its own key and value, bias 0) and the other members are evicted; every entry then weighs 1 at the next
+    re-clustering.
+    Deviations: the study clusters the head-mean keys of the whole cache (one token set for all heads); here
+    each KV head clusters its own keys, and only the tokens older than the exact window are clustered. The
+    silhouette of every re-clustering (scikit-learn's, of the clustered slots' keys: at a prefill the tokens'
+    own keys, later the clusters and the tokens that joined them; on a strided sample of `silhouette_sample`
+    slots when larger) is averaged per layer into `statistics`, over the re-clusterings of the cache.
     Trainable (`train=distill trainable=compressor`): `merged_bias` [layers, KV heads], a learned logit correction
     added to every cluster entry's bias ln(tokens) in the attention (a refit of the merged entries' bias, learned end to
     end); 0 is the method above exactly. `checkpoint`: a trained parameters file; null: untrained.
@@ -58,6 +60,7 @@ class SemanticCluster(TrainableMergedBias, Method):
     iterations: int = 10
     sink_tokens: int = 0
     silhouette_sample: int = 256
+    fold: bool = True
     checkpoint: str | None = None
     merged_state = "cluster"
     _trained: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -123,7 +126,8 @@ class SemanticCluster(TrainableMergedBias, Method):
 
     def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor, selection: Selection) -> None:
         target = group_targets(selection.groups, evicted)
-        fold(layer, target)
+        if self.fold:
+            fold(layer, target)
         layer.state("cluster").copy_(target == torch.arange(layer.length, device=layer.device))
 
     def _record(self, layer, scores: torch.Tensor) -> None:
