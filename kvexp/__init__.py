@@ -4,6 +4,7 @@ import kvexp
 model, tokenizer = kvexp.load_model("smollm2_135m")
 kvexp.list_methods()
 cache = kvexp.make_cache(model, "streaming_llm", budget=256, sink_tokens=4)
+cache = kvexp.compress_cache(model, past_key_values, "knorm", budget=256)  # an existing transformers cache
 out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
 cache.stats()
 result = kvexp.evaluate_perplexity(model, tokenizer, text, method="knorm", budget=512)
@@ -19,6 +20,7 @@ from typing import Any
 _EXPORTS = {
     "KVCache": "kvexp.engine",
     "make_cache": "kvexp.methods",
+    "compress_cache": "kvexp.methods",
     "build_method": "kvexp.methods",
     "list_methods": "kvexp.methods",
     "load_model": "kvexp.models",

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 
 from kvexp.engine import attention  # noqa: F401  (registers the "kvexp" attention implementation)
 from kvexp.engine.attention import ATTN_IMPLEMENTATION
 from kvexp.engine.cache import (
+    ACTIVE_LAYER,
     POSITION_OPTIONS,
     WHEN_OPTIONS,
     CacheOptions,
@@ -36,6 +38,7 @@ __all__ = [
     "Selection",
     "Storage",
     "SupportsStorage",
+    "compress_cache",
     "make_cache",
     "use_kvexp_attention",
 ]
@@ -139,3 +142,43 @@ def make_cache(
         stored.prepare(model)  # e.g. ZACK's calibration: the storage works with or without a budget
     use_kvexp_attention(model)
     return KVCache(layers, recorder=recorder)
+
+
+def compress_cache(
+    model: PreTrainedModel,
+    past_key_values: Cache | tuple | list,
+    method: Method,
+    budget: int | list[int] | None = None,
+    **options: Any,
+) -> KVCache:
+    """A kvexp cache holding the entries of an existing transformers cache (a `DynamicCache`, or the legacy tuple
+    of one `(keys, values)` pair [B, Hkv, n, D] per layer), compressed at once by `method` to `budget`
+    (`make_cache`'s options apply); decoding continues with it as with any kvexp cache (`model` is switched to
+    kvexp attention). The entries are taken as one prefill at positions 0 .. n-1, without padding. Only methods
+    that score from the cached keys and values can do this: one that observes queries (attention statistics)
+    never saw them, and is refused.
+    """
+    if isinstance(past_key_values, KVCache):
+        raise ValueError("past_key_values is already a kvexp cache")
+    if isinstance(past_key_values, Cache):
+        entries = [(layer.keys, layer.values) for layer in past_key_values.layers]
+    else:
+        entries = [(keys, values) for keys, values in past_key_values]
+    cache = make_cache(model, method, budget, **options)
+    if len(entries) != len(cache.layers):
+        raise ValueError(f"past_key_values has {len(entries)} layers; the model has {len(cache.layers)}")
+    for layer, (keys, values) in zip(cache.layers, entries, strict=True):
+        if layer.budget is not None and layer.evictor.observes:
+            raise ValueError(
+                f"method={layer.evictor.name} scores with the queries' attention, which an existing cache does not "
+                "hold; compress while the model runs (make_cache) or use a method that scores keys and values"
+            )
+        layer.update(keys, values)
+        ACTIVE_LAYER.set(None)  # no attention follows this update
+        if layer.storage is not None and type(layer.storage).observe is not Storage.observe:
+            raise ValueError(
+                f"method={method.name} encodes with the queries, which an existing cache does not hold"
+            )
+        layer.compress()
+        layer.end_step()
+    return cache
