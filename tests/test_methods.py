@@ -69,6 +69,43 @@ def test_h2o_recent_ratio_splits_the_budget_and_accumulates_across_steps(setup):
     assert all(set(range(T - 2, T)) <= set(k[0, 0].tolist()) for k in kept)
 
 
+def test_h2o_global_mode_keeps_one_ranking_summed_over_layers_and_heads(setup):
+    model, ids, attn = setup
+    recent = 4
+    kept = _kept(model, ids, "h2o", recent_size=recent, per_layer=False)
+    ranking = sum(layer_attn.sum(dim=3).mean(dim=2).sum(dim=1) for layer_attn in attn)  # [1, T]
+    ranking[..., T - recent :] = float("inf")
+    expected = _top(ranking)  # [1, BUDGET]
+    for layer_kept in kept:
+        for head in range(layer_kept.shape[1]):
+            assert torch.equal(layer_kept[:, head], expected)  # the same tokens in every layer and head
+
+
+def test_h2o_global_mode_stays_one_token_set_while_decoding():
+    model, _ = load("tiny_llama")
+    ids = torch.randint(3, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
+    cache = make_cache(model, "h2o", budget=BUDGET, recent_ratio=0.2, per_layer=False)
+    with torch.no_grad():
+        model(ids[:, :20], past_key_values=cache)
+        for t in range(20, 40):
+            model(ids[:, t : t + 1], past_key_values=cache)
+            sets = {frozenset(layer.positions[0, h].tolist()) for layer in cache.layers for h in range(2)}
+            assert len(sets) == 1 and all(layer.length == BUDGET for layer in cache.layers)
+    assert not any(layer.deferred for layer in cache.layers)
+
+
+def test_h2o_without_attention_tracking_is_the_recency_part_alone(setup):
+    model, ids, _ = setup
+    cache = make_cache(model, "h2o", budget=BUDGET, recent_ratio=0.2, track_attention=False)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    for layer in cache.layers:
+        assert sorted(layer.positions[0, 0].tolist()) == list(range(T - BUDGET, T))
+        assert layer.observe_seconds == 0.0 and bool((layer.state("acc") == 0).all())  # nothing was tracked
+    with pytest.raises(ValueError, match="per_layer=false ranks tokens by their attention"):
+        make_cache(model, "h2o", budget=BUDGET, per_layer=False, track_attention=False)
+
+
 def test_observed_attention_normalizes_by_observers(setup):
     model, ids, attn = setup
     observers = torch.arange(T, 0, -1).float()  # key j is seen by queries j .. T-1

@@ -671,10 +671,14 @@ class KVCache(Cache):
         and defer `layer`'s own compression if asked. A final plan may not raise the budgets' total."""
         for i, budget in plan.budgets.items():
             other = self.layers[i]
-            if other.budget is None or other.head_budgets is not None or budget < 0:
+            if (
+                other.budget is None
+                or (other.head_budgets is not None and budget != other.budget)
+                or budget < 0
+            ):
                 raise ValueError(
-                    f"{layer.evictor.name}: layer {i} cannot take budget {budget} (it needs a budget of its own "
-                    "and no per-head budgets)"
+                    f"{layer.evictor.name}: layer {i} cannot take budget {budget} (it needs a budget of its own; "
+                    "per-head budgets stay as they are)"
                 )
             other.budget, other.deferred = budget, False
         layer.deferred = plan.defer

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from kvexp.engine import Reallocation, Selection
 from kvexp.methods.base import register, skip_layers
 from kvexp.methods.dynamickv import share_with_caps
-from kvexp.methods.h2o import H2O
+from kvexp.methods.h2o import HeavyHitters
 from kvexp.methods.merging import fold, most_similar, reject_rerotate
 from kvexp.methods.scoring import column_sums, protect_sinks, reduce_group
 
@@ -37,7 +37,7 @@ class _Allocation:
 
 @register
 @dataclass
-class D2O(H2O):
+class D2O(HeavyHitters):
     """D2O (Wan et al., *D2O: Dynamic Discriminative Operations for Efficient Long-Context Inference of LLMs*,
     ICLR 2025, arXiv 2406.13035; code AIoT-MLSys-Lab/D2O): H2O eviction with layer budgets from attention density,
     and evicted tokens merged into their most similar kept token instead of being discarded.
