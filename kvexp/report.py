@@ -27,6 +27,7 @@ import base64
 import html
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -214,6 +215,10 @@ def rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "tpot_ms_full": full_timing.get("tpot_ms"),
                 "throughput_tok_s_full": full_timing.get("throughput_tok_s"),
                 "compress_share": timing.get("compress_share"),
+                "eviction_ms_mean": timing.get("eviction_ms_mean"),
+                "eviction_ms_std": timing.get("eviction_ms_std"),
+                "kv_bytes_peak": (s.get("memory") or {}).get("kv_bytes_peak"),
+                "memory_peak_bytes": _peak_memory(s),
             }
         )
         for name, value in ((s["kv_cache"].get("method_stats")) or {}).items():
@@ -221,6 +226,21 @@ def rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[f"method_stats.{name}"] = value
         out.append(row)
     return out
+
+
+def _peak_memory(summary: dict[str, Any]) -> int | None:
+    """The run's peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU."""
+    memory = summary.get("memory") or {}
+    return memory.get("cuda_max_allocated_bytes") or memory.get("peak_rss_bytes")
+
+
+def _fmt_mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def _fmt_eviction(timing: dict[str, Any]) -> str:
+    mean, std = timing.get("eviction_ms_mean"), timing.get("eviction_ms_std")
+    return "-" if mean is None else f"{mean:.3f} ± {std:.3f}"
 
 
 def _fmt_metric(name: str, value: float | None) -> str:
@@ -268,16 +288,23 @@ def tables(summaries: list[dict[str, Any]]) -> str:
         metrics = _ordered({m for s in runs for m in quality_metrics(s["metrics_after"])})
         full = next((s for s in runs if s["method"]["name"] == "full"), None)
         first = next((s for s in runs if s.get("metrics_before")), None)
-        table = []  # (label, timing, quality values, kept, the same run's full-cache timing)
+        table = []  # (label, timing, quality values, kept, the same run's full-cache timing, its summary)
         source = None  # where the baseline row comes from
         if full is not None:  # the full cache's own run is the baseline: its quality and its own timings
             quality, kept = quality_metrics(full["metrics_after"]), full["kv_cache"]["tokens_kept"]
-            table.append(("full (baseline)", full["timing"], quality, kept, None))
+            table.append(("full (baseline)", full["timing"], quality, kept, None, full))
             source = f"the method=full run `{Path(full['run_dir']).name}`"
         elif first is not None:
             before = quality_metrics(first["metrics_before"])
             table.append(
-                ("full (baseline)", first["timing_full"], before, first["kv_cache"]["tokens_seen"], None)
+                (
+                    "full (baseline)",
+                    first["timing_full"],
+                    before,
+                    first["kv_cache"]["tokens_seen"],
+                    None,
+                    None,
+                )
             )
             source = f"the full-cache pass of run `{Path(first['run_dir']).name}`"
         for s in sorted((s for s in runs if s is not full), key=lambda s: run_label(s, labels)):
@@ -288,6 +315,7 @@ def tables(summaries: list[dict[str, Any]]) -> str:
                     quality_metrics(s["metrics_after"]),
                     s["kv_cache"]["tokens_kept"],
                     s.get("timing_full"),
+                    s,
                 )
             )
         scored = runs[0]["metrics_after"].get("tokens") or runs[0]["metrics_after"].get("samples")
@@ -297,18 +325,25 @@ def tables(summaries: list[dict[str, Any]]) -> str:
         baseline = f"`full (baseline)`: the full cache, from {source}." if source else "No full-cache result."
         out.append(
             f"*Each run at budget {budget}: TTFT in s, TPOT in ms (as the console prints them), decoding "
-            f"throughput in tokens/s, quality after compression, tokens held in the KV cache. {baseline}*\n"
+            f"throughput in tokens/s, quality after compression, tokens held in the KV cache, one eviction (a "
+            f"layer's compression) in ms as mean ± std over the run, the KV cache's peak bytes and the peak memory "
+            f"(the CUDA allocator's on GPU; on CPU the process's peak RSS, which never falls within one process). "
+            f"{baseline}*\n"
         )
         names = [_metric_title(m) for m in metrics]
         out.append(
-            "| method | TTFT (s) | TPOT (ms) | throughput (tok/s) | " + " | ".join(names) + " | KV kept |"
+            "| method | TTFT (s) | TPOT (ms) | throughput (tok/s) | "
+            + " | ".join(names)
+            + " | KV kept | eviction (ms) | KV peak (MB) | peak memory (MB) |"
         )
-        out.append("|---" * (5 + len(metrics)) + "|")
-        for name, timing, values, kept, _ in table:
+        out.append("|---" * (8 + len(metrics)) + "|")
+        for name, timing, values, kept, _, run in table:
             cells = [_fmt_metric(m, values.get(m)) for m in metrics]
+            kv_peak = (run.get("memory") or {}).get("kv_bytes_peak") if run else None
             out.append(
                 f"| {name} | {timing['ttft_s']:.4f} | {timing['tpot_ms'] or 0.0:.2f} | "
-                f"{timing['throughput_tok_s']:.2f} | " + " | ".join(cells) + f" | {kept:.0f} |"
+                f"{timing['throughput_tok_s']:.2f} | " + " | ".join(cells) + f" | {kept:.0f} | "
+                f"{_fmt_eviction(timing)} | {_fmt_mb(kv_peak)} | {_fmt_mb(_peak_memory(run) if run else None)} |"
             )
         if source and len(table) > 1:
             base_values = table[0][2]
@@ -321,7 +356,7 @@ def tables(summaries: list[dict[str, Any]]) -> str:
             )
             out.append("| method | throughput | TPOT | " + " | ".join(names) + " |")
             out.append("|---" * (3 + len(metrics)) + "|")
-            for name, timing, values, _, full_timing in table[1:]:
+            for name, timing, values, _, full_timing, _ in table[1:]:
                 # No full-cache timing in this run, or one from another process (n/c): "-".
                 full_timing = full_timing if full_timing and full_timing.get("comparable", True) else {}
                 changes = [
@@ -514,14 +549,34 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[tuple[Path, str]]:
             ax.scatter(*zip(*pts, strict=True))
             ax.set_xlabel("silhouette of the key clusters")
             ax.set_ylabel(main)
-            ax.set_title(f"{dataset}: cluster quality vs {main}")
+            r = pearson(pts)
+            ax.set_title(
+                f"{dataset}: cluster quality vs {main}" + (f" (r = {r:.2f})" if r is not None else "")
+            )
+            correlation = (
+                f" Pearson correlation r = {r:.3f} over {len(pts)} runs."
+                if r is not None
+                else " No correlation: fewer than 3 runs, or no spread."
+            )
             save(
                 fig,
                 f"{dataset}_cluster_quality",
-                f"{dataset}: {main} against the silhouette of the key clusters, one point per clustering run.",
+                f"{dataset}: {main} against the silhouette of the key clusters, one point per clustering run."
+                + correlation,
             )
     _swept_key_plots(table, save, plt)
     return written
+
+
+def pearson(points: list[tuple[float, float]]) -> float | None:
+    """Pearson's correlation coefficient of (x, y) points; None for fewer than 3 points or no spread in x or y."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxy = sum((x - mx) * (y - my) for x, y in points)
+    sxx, syy = sum((x - mx) ** 2 for x, _ in points), sum((y - my) ** 2 for _, y in points)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
 
 
 def _swept_key_plots(table: list[dict[str, Any]], save, plt) -> None:

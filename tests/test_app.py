@@ -649,3 +649,39 @@ def test_evaluation_builds_no_autograd_graph():
     finally:
         hook.remove()
     assert grad_modes and not any(grad_modes)
+
+
+def test_eviction_time_mean_and_std_over_every_compression():
+    """The H2O study's per-eviction overhead: mean and standard deviation of one layer compression's time, pooled
+    over the samples from their sums, as the single list of times would give."""
+    import statistics
+    from types import SimpleNamespace
+
+    from kvexp.tasks.base import eviction_times
+
+    times = [[0.001, 0.003], [0.002, 0.002, 0.006]]  # seconds of each compression, per sample
+    results = [
+        SimpleNamespace(
+            kv={
+                "compressions": len(t),
+                "compress_seconds": sum(t),
+                "compress_sq_seconds": sum(x * x for x in t),
+            }
+        )
+        for t in times
+    ]
+    flat = [x for t in times for x in t]
+    got = eviction_times(results)
+    assert got["eviction_ms_mean"] == pytest.approx(1000 * statistics.fmean(flat))
+    assert got["eviction_ms_std"] == pytest.approx(1000 * statistics.pstdev(flat))
+    assert eviction_times([SimpleNamespace(kv={"compressions": 0})]) == {
+        "eviction_ms_mean": None,
+        "eviction_ms_std": None,
+    }
+
+    model, tokenizer = load("tiny_llama")
+    result = evaluate_perplexity(model, tokenizer, "word " * 80, method="h2o", budget=16, progress=False)
+    kv, timing = result["documents"][0].kv, result["timing"]
+    assert kv["compressions"] > 0 and kv["compress_sq_seconds"] > 0
+    assert timing["eviction_ms_mean"] == pytest.approx(1000 * kv["compress_seconds"] / kv["compressions"])
+    assert timing["eviction_ms_std"] >= 0

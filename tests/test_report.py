@@ -457,8 +457,10 @@ def test_tables_and_plots_have_captions_naming_what_is_compared(tmp_path):
     md = (out / "report.md").read_text()
     assert (
         "*Each run at budget 64: TTFT in s, TPOT in ms (as the console prints them), decoding throughput in "
-        "tokens/s, quality after compression, tokens held in the KV cache. `full (baseline)`: the full cache, "
-        "from the full-cache pass of run `0`.*\n\n| method |"
+        "tokens/s, quality after compression, tokens held in the KV cache, one eviction (a layer's compression) "
+        "in ms as mean ± std over the run, the KV cache's peak bytes and the peak memory (the CUDA allocator's on "
+        "GPU; on CPU the process's peak RSS, which never falls within one process). `full (baseline)`: the full "
+        "cache, from the full-cache pass of run `0`.*\n\n| method |"
     ) in md
     assert (
         "*% change of each run against the full cache: quality against `full (baseline)` above (lower PPL"
@@ -533,3 +535,43 @@ def test_a_full_run_is_the_baseline_row_not_a_row_beside_it(tmp_path):
     (tmp_path / "b").mkdir()
     text = tables(_write(tmp_path / "b", [alone, full]))
     assert "| full (baseline) | 0.5000 | 25.00 |" in text and "| h2o | - | - | +10.0% | -20.0% |" in text
+
+
+def test_tables_show_eviction_time_and_peak_memory(tmp_path):
+    summary = _summary("h2o", 11.0, 0.45, 256)
+    summary["timing"].update({"eviction_ms_mean": 0.62, "eviction_ms_std": 0.022})
+    summary["memory"] = {"peak_rss_bytes": 300 * 2**20, "kv_bytes_peak": 3 * 2**20}
+    text = tables(_write(tmp_path, [summary]))
+    assert "| KV kept | eviction (ms) | KV peak (MB) | peak memory (MB) |" in text
+    assert "| 256 | 0.620 ± 0.022 | 3.0 | 300.0 |" in text
+    assert "| 1999 | - | - | - |" in text  # the full-cache pass: nothing evicted, no memory of its own
+    row = rows(collect(tmp_path))[0]
+    assert (row["eviction_ms_mean"], row["kv_bytes_peak"], row["memory_peak_bytes"]) == (
+        0.62,
+        3 * 2**20,
+        300 * 2**20,
+    )
+
+
+def test_pearson_by_hand():
+    from kvexp.report import pearson
+
+    # x = 1, 2, 3; y = 2, 4, 5: means 2 and 11/3; sxy = 3, sxx = 2, syy = 14/3 -> r = 3 / sqrt(28/3).
+    assert abs(pearson([(1, 2), (2, 4), (3, 5)]) - 3 / (28 / 3) ** 0.5) < 1e-12
+    assert pearson([(1, 2), (2, 4)]) is None and pearson([(1, 2), (1, 3), (1, 4)]) is None
+
+
+def test_the_cluster_quality_plot_states_the_silhouette_correlation(tmp_path):
+    summaries = []
+    for i, (silhouette, ppl) in enumerate([(0.2, 14.0), (0.4, 12.0), (0.6, 11.0)]):
+        s = _summary("semantic_cluster", ppl, 0.4, 64)
+        s["budget"]["tokens"] = 64 * (i + 1)
+        s["kv_cache"].update({"compression_ratio": 0.5, "method_stats": {"silhouette": silhouette}})
+        summaries.append(s)
+    table = rows(_write(tmp_path, summaries))
+    captions = dict((path.name, caption) for path, caption in plots(table, tmp_path / "plots"))
+    from kvexp.report import pearson
+
+    r = pearson([(0.2, 14.0), (0.4, 12.0), (0.6, 11.0)])
+    assert r < -0.9
+    assert f"Pearson correlation r = {r:.3f} over 3 runs." in captions["wikitext2_cluster_quality.png"]

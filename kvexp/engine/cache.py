@@ -248,6 +248,7 @@ class CompressedLayer(DynamicLayer):
         self.new_tokens = 0  # tokens written by the current step (the last `new_tokens` slots)
         self.has_bias = False  # False while every bias is 0: lets attention use the stock fast paths
         self.compress_seconds = 0.0
+        self.compress_sq_seconds = 0.0  # sum of squared compression times: their spread without a list
         self.observe_seconds = 0.0  # inside method.observe (statistics of every step): method cost too
         self.compressions = 0
         self.peak_length = 0
@@ -481,7 +482,9 @@ class CompressedLayer(DynamicLayer):
         if self.options.positions == "rerotate":
             self._rerotate()
         self.compressions += 1
-        self.compress_seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.compress_seconds += elapsed
+        self.compress_sq_seconds += elapsed * elapsed
 
     def _head_counts(self, scores: torch.Tensor | None, target: int) -> torch.Tensor | None:
         """Live entries each KV head keeps at this compression [B, Hkv]: the method's dynamic per-head counts
@@ -733,6 +736,7 @@ class KVCache(Cache):
             "bytes_kept": self.kept_bytes(),
             "bytes_allocated": bytes_allocated,
             "compress_seconds": sum(layer.compress_seconds for layer in layers),
+            "compress_sq_seconds": sum(layer.compress_sq_seconds for layer in layers),
             "compressions": sum(layer.compressions for layer in layers),
             "method_stats": layers[0].method.statistics(layers),
         }

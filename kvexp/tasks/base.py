@@ -4,6 +4,7 @@ engine options a config gives, and the summary.json keys every task writes (docs
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -107,6 +108,21 @@ def kv_totals(results: Sequence) -> dict[str, Any]:
         "bytes_full": sum(r.kv.get("bytes_full", 0) for r in results),
         "bytes_kept": sum(r.kv.get("bytes_kept", 0) for r in results),
         "bytes_peak": max(r.kv_peak_bytes for r in results),
+    }
+
+
+def eviction_times(results: Sequence) -> dict[str, float | None]:
+    """The time of one eviction (one layer's compression) over every compression of every sample (each result
+    with a `kv` stats dict): mean and standard deviation in ms, the H2O study's per-eviction overhead; None
+    when nothing was compressed."""
+    count = sum(r.kv.get("compressions", 0) for r in results)
+    if not count:
+        return {"eviction_ms_mean": None, "eviction_ms_std": None}
+    mean = sum(r.kv.get("compress_seconds", 0.0) for r in results) / count
+    squares = sum(r.kv.get("compress_sq_seconds", 0.0) for r in results) / count
+    return {
+        "eviction_ms_mean": 1000 * mean,
+        "eviction_ms_std": 1000 * math.sqrt(max(squares - mean * mean, 0.0)),
     }
 
 

@@ -46,7 +46,7 @@ from kvexp.data import read_jsonl, read_text
 from kvexp.engine import KVCache
 from kvexp.methods import Method, make_cache
 from kvexp.tasks import metrics
-from kvexp.tasks.base import Loaded, kv_totals
+from kvexp.tasks.base import Loaded, eviction_times, kv_totals
 from kvexp.tasks.data import (
     LOCAL_SPLIT,
     check_split,
@@ -408,6 +408,7 @@ def aggregate_generation(
             "sample_s": total_s / len(results),
             "compress_s": compress_s,
             "compress_share": compress_s / total_s if total_s else 0.0,
+            **eviction_times(results),
         },
         "objective": sum(primary_score(s, r.scores) for s, r in scored) / len(scored) if scored else None,
     }

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvexp.methods import Method, make_cache
-from kvexp.tasks.base import kv_totals
+from kvexp.tasks.base import eviction_times, kv_totals
 from kvexp.tracking import log_progress
 
 
@@ -124,6 +124,7 @@ def aggregate(results: list[DocumentResult]) -> dict[str, Any]:
             "total_s": total_s,
             "compress_s": compress_s,
             "compress_share": compress_s / total_s if total_s else 0.0,
+            **eviction_times(results),
         },
     }
 
