@@ -37,7 +37,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from kvexp.data import hub_reachable
+from kvexp.data import hub_reachable, hub_token
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,7 @@ def _load_hub(
         revision=model.get("revision"),
         trust_remote_code=bool(model.get("trust_remote_code")),
         local_files_only=Path(path).is_dir(),
+        token=hub_token(),
     )
     log.info("loading %s from %s", path, "local directory" if kw["local_files_only"] else "the hub")
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
@@ -370,7 +371,11 @@ def model_shape(model: Mapping) -> tuple[int, int] | None:
 def _hub_config(model: Mapping) -> PretrainedConfig | None:
     """The hub model's config from a local directory or the hub cache, else the hub when reachable."""
 
-    kw = dict(revision=model.get("revision"), trust_remote_code=bool(model.get("trust_remote_code")))
+    kw = dict(
+        revision=model.get("revision"),
+        trust_remote_code=bool(model.get("trust_remote_code")),
+        token=hub_token(),
+    )
     for local in (True, False):
         if not local and not hub_reachable():
             return None

@@ -125,6 +125,37 @@ def test_hub_source_from_local_dir(tmp_path: Path) -> None:
         load_model_by_name("tiny_llama", hardware="tpu")
 
 
+def test_gated_hub_models_get_hf_token_or_hf_api_key(tmp_path: Path, monkeypatch) -> None:
+    """$HF_TOKEN, else $HF_API_KEY (the studies' scripts use both), reaches every hub load."""
+    import transformers
+
+    from kvexp.data import hub_token
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_API_KEY", raising=False)
+    assert hub_token() is None  # huggingface_hub's own login then
+    monkeypatch.setenv("HF_API_KEY", "key")
+    assert hub_token() == "key"
+    monkeypatch.setenv("HF_TOKEN", "token")
+    assert hub_token() == "token"
+
+    model, tok = load_model_by_name("tiny_qwen3")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    monkeypatch.delenv("HF_TOKEN")
+    tokens = []
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        real = cls.from_pretrained
+
+        def spy(*args, _real=real, **kwargs):
+            tokens.append(kwargs.get("token"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    load_model_by_name(str(tmp_path))
+    assert tokens == ["key", "key"]
+
+
 def test_bad_source_and_architecture() -> None:
     cfg = model_cfg("tiny_llama")
     with pytest.raises(ValueError, match=r"model\.source.*tiny.*gguf.*hub"):

@@ -167,6 +167,15 @@ def read_corpus(path: Path, text_field: str = "text") -> list[tuple[str, str]]:
     return [(str(r.get("file") or r.get("id") or i), r[text_field]) for i, r in enumerate(read_jsonl(path))]
 
 
+TOKEN_ENVS = ("HF_TOKEN", "HF_API_KEY")
+
+
+def hub_token() -> str | None:
+    """The Hugging Face token for gated models and datasets: $HF_TOKEN, else $HF_API_KEY (the name some studies'
+    scripts use); None leaves it to huggingface_hub (a stored `hf auth login`)."""
+    return next((os.environ[name] for name in TOKEN_ENVS if os.environ.get(name)), None)
+
+
 @functools.cache
 def hub_reachable() -> bool:
     """Whether the Hugging Face hub answers a TCP connection within a few seconds (False when HF_HUB_OFFLINE or

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoTokenizer
 from transformers.masking_utils import AttentionMaskInterface
 
-from kvexp.data import read_corpus, required_data_file
+from kvexp.data import hub_token, read_corpus, required_data_file
 from kvexp.engine.cache import Storage
 from kvexp.methods.base import Method, register
 from kvexp.methods.storage import StorageMethod
@@ -97,7 +97,7 @@ def tokenizer_for(model):
     ggufs = sorted(Path(source).glob("*.gguf")) if Path(source).is_dir() else []
     if len(ggufs) == 1:
         return AutoTokenizer.from_pretrained(source, gguf_file=ggufs[0].name, local_files_only=True)
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, token=hub_token())
 
 
 def calibration_text(path: Path, characters: int) -> str:

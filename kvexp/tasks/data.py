@@ -32,6 +32,7 @@ from kvexp.data import (
     Embedded,
     data_dir,
     hub_reachable,
+    hub_token,
     read_jsonl,
     read_text,
 )
@@ -436,7 +437,10 @@ def load_hub_split(dataset: Mapping):
         dataset.get("split"),
     )
     return load_dataset(
-        dataset["hub_id"], dataset.get("hub_config"), split=dataset.get("split") or LOCAL_SPLIT
+        dataset["hub_id"],
+        dataset.get("hub_config"),
+        split=dataset.get("split") or LOCAL_SPLIT,
+        token=hub_token(),
     )
 
 

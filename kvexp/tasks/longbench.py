@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kvexp.data import read_jsonl
+from kvexp.data import hub_token, read_jsonl
 from kvexp.tasks.data import Source, check_split, from_hub, locate, split_bounds
 from kvexp.tasks.generation import GenerationSample, PromptEncoder
 
@@ -224,7 +224,7 @@ def _read_hub(dataset: Mapping, task: str) -> list[dict[str, Any]]:
         return _read_hub_archive(dataset["hub_id"], dataset["hub_file"], task)
     from datasets import load_dataset
 
-    return [dict(r) for r in load_dataset(dataset["hub_id"], task, split="test")]
+    return [dict(r) for r in load_dataset(dataset["hub_id"], task, split="test", token=hub_token())]
 
 
 def _stand_in(path: Path, task: str) -> list[dict[str, Any]]:
@@ -252,7 +252,7 @@ def _read_hub_archive(hub_id: str, hub_file: str, task: str) -> list[dict[str, A
     from huggingface_hub import hf_hub_download
 
     log.info("downloading %s from the hub dataset %s", hub_file, hub_id)
-    return read_archive(Path(hf_hub_download(hub_id, hub_file, repo_type="dataset")), task)
+    return read_archive(Path(hf_hub_download(hub_id, hub_file, repo_type="dataset", token=hub_token())), task)
 
 
 def split_prompt(task: str, record: Mapping[str, Any]) -> tuple[str, str]:

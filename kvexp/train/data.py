@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kvexp.data import DATA_DIR_ENV, read_corpus, required_data_file
+from kvexp.data import DATA_DIR_ENV, hub_token, read_corpus, required_data_file
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ def load_training_texts(data: Mapping) -> list[tuple[str, str]]:
     if source == "hub":
         from datasets import load_dataset
 
-        rows = load_dataset(data["hub_id"], data.get("hub_config"), split=data.get("split") or "train")
+        rows = load_dataset(
+            data["hub_id"], data.get("hub_config"), split=data.get("split") or "train", token=hub_token()
+        )
         field = data.get("text_field") or "text"
         # WikiText rows are lines; articles are joined, empty rows included, as the usual perplexity text.
         text = "".join(rows[field]) if data["hub_id"].endswith("wikitext") else None
