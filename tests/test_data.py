@@ -234,6 +234,25 @@ def test_pg19_user_path_overrides_local_file(tmp_path):
     assert docs == [Document("42", "a"), Document("7", "b")]  # hub rows have only the url
 
 
+def test_pg19_reads_a_local_parquet_file_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"short_book_title": "A", "url": "http://www.gutenberg.org/ebooks/42", "text": "a"},
+        {"short_book_title": "B", "url": "http://www.gutenberg.org/ebooks/7", "text": "b"},
+        {"short_book_title": "C", "url": "http://www.gutenberg.org/ebooks/9", "text": "c"},
+    ]  # emozilla/pg19-test's columns
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test.parquet")
+    docs = load_documents(
+        cfg("pg19", path=str(tmp_path / "test.parquet"), split="test[1:]"), max_samples=None
+    )
+    assert docs == [Document("7", "b"), Document("9", "c")]
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match="bad.parquet: not a readable Parquet file"):
+        load_documents(cfg("pg19", path=str(tmp_path / "bad.parquet")), max_samples=None)
+
+
 def test_text_file(tmp_path):
     f = tmp_path / "essay.txt"
     f.write_text("Grüße\n\nline two\n", encoding="utf-8")

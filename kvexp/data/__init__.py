@@ -149,6 +149,19 @@ def read_jsonl(path: Path, text: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file, or of a Parquet file (`.parquet`: the hub's own format, e.g. a downloaded
+    copy of emozilla/pg19-test); a file that is not what its name says fails naming it."""
+    if path.suffix != ".parquet":
+        return read_jsonl(path)
+    import pyarrow.parquet as pq  # installed with `datasets`
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from err
+
+
 def read_text(path: Path) -> str:
     """A UTF-8 text file; anything else fails naming the file and where it stops being UTF-8."""
     try:

@@ -33,7 +33,7 @@ from kvexp.data import (
     data_dir,
     hub_reachable,
     hub_token,
-    read_jsonl,
+    read_records,
     read_text,
 )
 
@@ -338,7 +338,7 @@ def _pg19_books(dataset: Mapping, source: Source) -> list[Document]:
     field = dataset.get("text_field") or "text"
 
     def read(path: Path, split: str | None) -> list[Mapping[str, Any]]:
-        records = read_jsonl(path)
+        records = read_records(path)
         start, stop = split_bounds(split, len(records)) if split is not None else (0, len(records))
         return records[start:stop]
 
