@@ -105,3 +105,11 @@ def test_the_semantic_cluster_policies_are_the_merging_and_the_studys_evicting_f
     evicting = _compose("+policy=semantic_cluster_k32_evict").method
     assert (merging.name, merging.num_clusters, merging.fold) == ("semantic_cluster", 32, True)
     assert (evicting.name, evicting.num_clusters, evicting.fold) == ("semantic_cluster", 32, False)
+
+
+def test_doc_types_scores_the_studys_qa_type_as_qa():
+    jobs = [job for job in sweep_jobs("doc_types") if "dataset=longbench" in job]
+    assert len(jobs) == 4  # one per policy
+    cfg = _compose("experiment=doc_types", *jobs[0])
+    assert (cfg.dataset.task, cfg.dataset.subset) == ("generation", "narrativeqa")
+    validate(cfg)
