@@ -601,37 +601,50 @@ def _swept_key_plots(table: list[dict[str, Any]], save, plt) -> None:
                 continue
             # One line per method, budget and value of every other key that varies here (named in the label).
             others = [k for k in keys if k != key and len({str(r.get(k)) for r in runs}) > 1]
-            series: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
-            full: dict[float, float] = {}
-            for r in runs:
-                if r.get(f"{main}_after") is None or r.get(key) is None:
+            # Against a key that changes the baseline (a length), the decode step's time too: quality and TPOT
+            # against length per method is the length-scaling study.
+            plotted = [(main, f"{main}_after", f"{main}_before")]
+            if not _is_compressor(key):
+                plotted.append(("tpot_ms", "tpot_ms", "tpot_ms_full"))
+            for metric, after, before in plotted:
+                series: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+                full: dict[float, float] = {}
+                for r in runs:
+                    if r.get(after) is None or r.get(key) is None:
+                        continue
+                    rest = tuple((k.rsplit(".", 1)[-1], r.get(k)) for k in others if r.get(k) is not None)
+                    series[(r["method"], r["budget"], rest)].append((r[key], r[after]))
+                    if not _is_compressor(key) and r.get(before) is not None:
+                        full[r[key]] = r[before]
+                if not series:
                     continue
-                rest = tuple((k.rsplit(".", 1)[-1], r.get(k)) for k in others if r.get(k) is not None)
-                series[(r["method"], r["budget"], rest)].append((r[key], r[f"{main}_after"]))
-                if not _is_compressor(key) and r.get(f"{main}_before") is not None:
-                    full[r[key]] = r[f"{main}_before"]
-            fig, ax = plt.subplots(figsize=(6, 4.5))
-            for (method, budget, rest), pts in sorted(series.items(), key=str):
-                label = f"{method} @ {budget}" + "".join(f", {k}={_short(v)}" for k, v in rest)
-                ax.plot(*zip(*sorted(pts), strict=True), marker="o", markersize=3, label=label)
-            if full:
-                ax.plot(
-                    *zip(*sorted(full.items()), strict=True),
-                    color="black",
-                    linestyle="--",
-                    label="full cache",
+                fig, ax = plt.subplots(figsize=(6, 4.5))
+                for (method, budget, rest), pts in sorted(series.items(), key=str):
+                    label = f"{method} @ {budget}" + "".join(f", {k}={_short(v)}" for k, v in rest)
+                    ax.plot(*zip(*sorted(pts), strict=True), marker="o", markersize=3, label=label)
+                if full:
+                    ax.plot(
+                        *zip(*sorted(full.items()), strict=True),
+                        color="black",
+                        linestyle="--",
+                        label="full cache",
+                    )
+                ax.set_xlabel(key)
+                ax.set_ylabel("TPOT (ms)" if metric == "tpot_ms" else metric)
+                ax.set_title(f"{dataset} ({model}): {metric} vs {key}")
+                ax.legend(fontsize=6, ncol=2)
+                what = (
+                    "the decode step's time (TPOT, ms; lower is better)"
+                    if metric == "tpot_ms"
+                    else f"{metric} ({_direction(metric)})"
                 )
-            ax.set_xlabel(key)
-            ax.set_ylabel(main)
-            ax.set_title(f"{dataset} ({model}): {main} vs {key}")
-            ax.legend(fontsize=6, ncol=2)
-            save(
-                fig,
-                f"{dataset}_{model}_{main}_vs_{key}",
-                f"{dataset} ({model}): {main} against the swept `{key}`, one line per method and budget"
-                + ("; dashed: the full cache at each value" if full else "")
-                + f" ({_direction(main)}).",
-            )
+                save(
+                    fig,
+                    f"{dataset}_{model}_{metric}_vs_{key}",
+                    f"{dataset} ({model}): {what} against the swept `{key}`, one line per method and budget"
+                    + ("; dashed: the full cache at each value" if full else "")
+                    + ".",
+                )
 
 
 def _direction(metric: str) -> str:

@@ -34,6 +34,12 @@ def test_every_group_option_composes(group, option, tmp_path):
     if option == "qa_jsonl":
         (tmp_path / "qa.jsonl").write_text('{"context": "c", "question": "q", "answer": "a"}\n')
         extra = [f"dataset.path={tmp_path / 'qa.jsonl'}"]
+    if (
+        option == "wikitext103"
+    ):  # nothing embedded: a local copy of its raw text (here the WikiText-2 file's format)
+        from kvexp.data import WIKITEXT2
+
+        extra = [f"dataset.path={WIKITEXT2.path}"]
     extra += ["method=full"] if option == "full" else []
     extra += ["eval.max_tokens=1024"] if option == "gpt2" else []  # its 1,024 learned positions
     cfg = _compose(f"{group}={option}", *extra)

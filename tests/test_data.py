@@ -195,6 +195,26 @@ def test_wikitext2_single_document_is_the_joined_rows():
     assert docs == [Document(id="wikitext2", text="\n\n".join(rows))]
 
 
+def test_wikitext103_reads_a_local_raw_file_and_is_labelled_wikitext103(tmp_path, monkeypatch):
+    cfg103 = cfg("wikitext103")
+    assert (cfg103["hub_id"], cfg103["hub_config"]) == ("wikitext", "wikitext-103-raw-v1")
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_bytes(WIKITEXT2.path.read_bytes()[:20000])  # the raw format of both WikiText releases
+    (doc,) = load_documents(cfg("wikitext103", path=str(raw)), max_samples=None)
+    assert doc.id == "wikitext103" and doc.text.lstrip("\n").startswith(" = Robert Boulter = ")
+    articles = load_documents(cfg("wikitext103", path=str(raw), split_documents=True), max_samples=None)
+    assert articles[0].id == "Robert Boulter"
+    # Nothing embedded for WikiText-103: offline and without a local file the run stops naming where to put one.
+    monkeypatch.delenv("KVEXP_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="dataset.path"):
+            check_dataset(cfg("wikitext103"))
+    finally:
+        hub_reachable.cache_clear()
+
+
 def test_wikitext2_articles():
     full = "\n\n".join(wikitext_rows())
     docs = load_documents(cfg("wikitext2", split_documents=True), max_samples=None)
@@ -263,7 +283,7 @@ def test_text_file(tmp_path):
 
 def test_check_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match=r"dataset\.name.*wikitext2"):
-        check_dataset(cfg("wikitext2", name="wikitext103"))
+        check_dataset(cfg("wikitext2", name="wikitext4"))  # not a dataset (wikitext103 is one now)
     with pytest.raises(ValueError, match=r"dataset\.path"):
         check_dataset(cfg("text_file"))
     with pytest.raises(ValueError, match=r"dataset\.path"):
@@ -277,7 +297,7 @@ def test_check_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="max_samples"):
         load_documents(cfg("pg19"), max_samples=-1)
     for name in DATASETS:
-        if name != "text_file":
+        if name not in ("text_file", "wikitext103"):  # those need a file of the user's (or the hub)
             check_dataset(cfg(name))
 
 

@@ -113,3 +113,23 @@ def test_doc_types_scores_the_studys_qa_type_as_qa():
     cfg = _compose("experiment=doc_types", *jobs[0])
     assert (cfg.dataset.task, cfg.dataset.subset) == ("generation", "narrativeqa")
     validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "preset,jobs,axes",
+    [
+        ("length_scaling", 35, {"eval.max_tokens": {"512", "1024", "2048", "4096", "8192"}}),
+        ("length_scaling_quick", 6, {"eval.max_tokens": {"128", "256", "512"}}),
+        (
+            "cluster_count",
+            24,
+            {"method.num_clusters": {"8", "16", "32", "64"}, "budget.tokens": {"256", "512", "1024"}},
+        ),
+        ("cluster_count_quick", 8, {"method.num_clusters": {"4", "8"}, "method.fold": {"false", "true"}}),
+    ],
+)
+def test_the_studies_axes_presets_sweep_their_axes(preset, jobs, axes):
+    swept = sweep_jobs(preset)
+    assert len(swept) == jobs
+    for key, values in axes.items():
+        assert {o.split("=", 1)[1] for job in swept for o in job if o.startswith(f"{key}=")} == values

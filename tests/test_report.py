@@ -301,6 +301,12 @@ def test_a_length_sweep_makes_one_group_per_length_and_a_plot_against_it(tmp_pat
     assert "| h2o | +100.0% | -50.0% | +4.8% |" in text  # 11.0 vs 10.5: the 512-token full cache
     out = write_report([tmp_path])
     assert (out / "plots" / "wikitext2_m_perplexity_vs_eval.max_tokens.png").exists()
+    # The length-scaling study's second axis: the decode step's time against length, the full cache dashed.
+    assert (out / "plots" / "wikitext2_m_tpot_ms_vs_eval.max_tokens.png").exists()
+    assert (
+        "wikitext2 (m): the decode step's time (TPOT, ms; lower is better) against the swept `eval.max_tokens`, "
+        "one line per method and budget; dashed: the full cache at each value."
+    ) in (out / "report.md").read_text()
 
 
 def test_timing_changes_use_the_full_cache_of_the_same_run(tmp_path):

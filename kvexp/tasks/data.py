@@ -250,12 +250,14 @@ def _text_file_documents(dataset: Mapping, max_samples: int | None) -> list[Docu
     return _first(dataset, [Document(id=source.path.name, text=read_text(source.path))], max_samples)
 
 
-def _wikitext2_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
+def _wikitext_documents(dataset: Mapping, max_samples: int | None) -> list[Document]:
+    """WikiText-2 or WikiText-103: the split as one document named after the dataset, or one per article."""
     rows = _wikitext_rows(dataset, locate(dataset))
+    name = str(dataset["name"])
     docs = (
-        _wikitext_articles(rows)
+        _wikitext_articles(rows, name)
         if dataset.get("split_documents")
-        else [Document("wikitext2", "\n\n".join(rows))]
+        else [Document(name, "\n\n".join(rows))]
     )
     return _first(dataset, docs, max_samples)
 
@@ -272,7 +274,8 @@ def _python_code_documents(dataset: Mapping, max_samples: int | None) -> list[Do
 
 # The perplexity datasets (part of kvexp.tasks.registry.DATASETS), here beside their loaders for load_documents.
 DATASETS: dict[str, Dataset] = {
-    "wikitext2": Dataset("perplexity", _check_corpus, _wikitext2_documents),
+    "wikitext2": Dataset("perplexity", _check_corpus, _wikitext_documents),
+    "wikitext103": Dataset("perplexity", _check_corpus, _wikitext_documents),
     "pg19": Dataset("perplexity", _check_corpus, _pg19_documents),
     "text_file": Dataset("perplexity", _check_text_file, _text_file_documents),
     "python_code": Dataset("perplexity", _check_python_code, _python_code_documents),
@@ -280,7 +283,7 @@ DATASETS: dict[str, Dataset] = {
 
 
 def _wikitext_rows(dataset: Mapping, source: Source) -> list[str]:
-    """The rows of the WikiText-2 test split: from the raw text (`.raw` / `.txt`: one row per line, a line
+    """The rows of a WikiText split (-2 or -103): from the raw text (`.raw` / `.txt`: one row per line, a line
     of only whitespace an empty row, as the hub's split has them), a JSON list of rows (or {"text": [...]}),
     or the hub."""
     field = dataset.get("text_field") or "text"
@@ -309,7 +312,7 @@ def _raw_rows(path: Path) -> list[str]:
     return [line if line.strip() else "" for line in lines]
 
 
-def _wikitext_articles(rows: Sequence[str]) -> list[Document]:
+def _wikitext_articles(rows: Sequence[str], name: str) -> list[Document]:
     """Split WikiText rows at level-1 titles; joining the articles with "\\n\\n" gives back the full text."""
     titles: list[tuple[int, str]] = []  # (row index, title)
     for i, row in enumerate(rows):
@@ -318,7 +321,7 @@ def _wikitext_articles(rows: Sequence[str]) -> list[Document]:
         if match and framed:
             titles.append((i, match.group(1)))
     if not titles:
-        return [Document("wikitext2", "\n\n".join(rows))] if rows else []
+        return [Document(name, "\n\n".join(rows))] if rows else []
     # Blank rows before the first title (one in the test split) belong to the first article; text there
     # (a split slice that starts mid-article) is a document of its own.
     first = titles[0][0]
