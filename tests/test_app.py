@@ -252,7 +252,7 @@ def test_summarization_run_reports_a_rouge_dict(tmp_path):
     )  # fmt: skip
     summary = train_or_eval(cfg, tmp_path / "out")
     for metrics in (summary["metrics_before"], summary["metrics_after"]):
-        assert set(metrics["rouge"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+        assert set(metrics["rouge"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "sentence_bleu"}
     assert summary["objective"] == summary["metrics_after"]["rouge"]["rougeL"]
 
 

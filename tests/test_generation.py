@@ -224,7 +224,9 @@ def test_scores_follow_the_sample_metric_family():
     ref = sentence_lines("The cat sat. It purred!")
     assert ref == "The cat sat.\nIt purred!"
     rouge = score_prediction(_sample(answers=[ref], metric="rouge"), "The cat sat. It purred!")
-    assert rouge == pytest.approx({"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0})
+    assert rouge == pytest.approx(
+        {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0, "sentence_bleu": 1.0}
+    )
     # rougeLsum is summary-level: the prediction's sentences are split onto lines like the reference's.
     swapped = score_prediction(_sample(answers=[ref], metric="rouge"), "It purred! The cat sat.")
     assert swapped["rougeLsum"] == 1.0 and swapped["rougeL"] < 1.0

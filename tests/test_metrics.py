@@ -69,6 +69,18 @@ def test_rouge_by_hand():
     assert got == pytest.approx({"rouge1": 5 / 6, "rouge2": 3 / 5, "rougeL": 5 / 6, "rougeLsum": 5 / 6})
 
 
+def test_sentence_bleu_by_hand():
+    from kvexp.tasks.metrics import sentence_bleu
+
+    # pred [the cat sat on the mat], ref [the cat lay on the mat]: n-gram precisions 5/6, 3/5, 1/4 (on the mat),
+    # 0/3 -> sacrebleu's exp smoothing 1/(2 x 3); equal lengths, no brevity penalty; BLEU = geometric mean.
+    expected = (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25
+    assert sentence_bleu("the cat sat on the mat", ["the cat lay on the mat"]) == pytest.approx(
+        expected, abs=1e-4
+    )
+    assert sentence_bleu("the cat sat on the mat", ["a dog", "the cat sat on the mat"]) == pytest.approx(1.0)
+
+
 def test_rouge_uses_the_stemmer():
     assert rouge("cats running", ["cat run"])["rouge1"] == pytest.approx(1.0)
 
@@ -91,7 +103,7 @@ def test_score_qa_and_rouge_dispatch():
     assert score("qa", "The pass key is 71432.", ["71432"]) == pytest.approx(
         {"accuracy": 1.0, "exact_match": 0.0, "f1": 2 * (1 / 4) / (1 + 1 / 4)}  # P = 1/4, R = 1
     )
-    assert set(score("rouge", "a", ["a"])) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert set(score("rouge", "a", ["a"])) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "sentence_bleu"}
     with pytest.raises(ValueError, match="metric='bleu'.*longbench_qa_f1"):
         score("bleu", "a", ["a"])
     with pytest.raises(ValueError, match="list of strings"):

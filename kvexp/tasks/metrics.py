@@ -9,7 +9,9 @@ Families:
 - "qa": {accuracy, exact_match, f1}. accuracy = `contains_answer` (the passkey/needle criterion).
 - "rouge": {rouge1, rouge2, rougeL, rougeLsum} F-measures from Google's `rouge-score` with the Porter
   stemmer. rougeLsum is the summary-level LCS over sentences that rouge-score takes to be the lines of the
-  text ("\\n"-separated); a prediction without newlines is one sentence, so rougeLsum == rougeL for it.
+  text ("\\n"-separated); a prediction without newlines is one sentence, so rougeLsum == rougeL for it. Beside
+  them `sentence_bleu`: sacrebleu's sentence BLEU against all the references at once (13a tokenization, `exp`
+  smoothing), / 100; its mean over samples is not corpus BLEU, hence the name.
 - "longbench_qa_f1", "longbench_rouge", "longbench_classification", "longbench_retrieval",
   "longbench_count", "longbench_code_sim": {score}, LongBench's `metrics.py` reproduced value for value
   (THUDM/LongBench, v1 `eval.py` + `metrics.py`), with its first-line post-processing when the sample
@@ -93,6 +95,13 @@ def rouge(prediction: str, references: Sequence[str]) -> dict[str, float]:
         for key in ROUGE_TYPES:
             best[key] = max(best[key], scores[key].fmeasure)
     return best
+
+
+def sentence_bleu(prediction: str, references: Sequence[str]) -> float:
+    """sacrebleu's sentence BLEU of the prediction against every reference (multi-reference), in [0, 1]."""
+    import sacrebleu
+
+    return sacrebleu.sentence_bleu(prediction, list(references)).score / 100
 
 
 # ---- LongBench (THUDM/LongBench v1, English tasks) ----
@@ -243,7 +252,7 @@ def score(metric: str, prediction: str, answers: Sequence[str], **kwargs: Any) -
             "f1": token_f1(prediction, answers),
         }
     if metric == "rouge":
-        return rouge(prediction, answers)
+        return {**rouge(prediction, answers), "sentence_bleu": sentence_bleu(prediction, answers)}
     scorer = _LONGBENCH.get(metric)
     if scorer is None:
         raise ValueError(f"metric={metric!r} is unknown; allowed values: {list(METRICS)}")
