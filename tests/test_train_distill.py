@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvexp.app import train_or_eval
+from kvexp.config import validate
 from kvexp.methods import METHODS, build_method, make_cache
 from kvexp.methods.storage import StorageMethod
 from kvexp.models import load_model
@@ -274,3 +275,29 @@ def test_train_or_eval_with_train_distill(files, tmp_path):
     assert (tmp_path / "out" / "checkpoint" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "out" / "train_log.csv").is_file()
     assert written["metrics_after"]["perplexity"] != written["metrics_untrained"]["perplexity"]
+
+
+def test_the_uncompressed_control_trains_the_plain_model_on_every_position(files):
+    cfg = _cfg(files, "train.use_compression=false", trainable="lora")
+    validate(cfg)
+    d = _distiller(cfg)
+    d.make_scheduler(3)
+    batch = torch.randint(4, 200, (1, 97), generator=torch.Generator().manual_seed(2))
+    first = d.step([batch])
+    assert first["positions"] == 96  # every position, not only those after a compression
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B = 0: the student is the teacher at first
+    assert d.step([batch])["kl"] > 0  # then it moves away from it, driven by the cross-entropy
+    validate(_cfg(files, "train.use_compression=false", method="full", trainable="lora"))  # the plain fine-tune
+    with pytest.raises(ValueError, match="train=distill needs a compressing method"):
+        validate(_cfg(files, method="full", trainable="lora"))
+    with pytest.raises(ValueError, match="use_compression=false trains without a compressed cache"):
+        validate(_cfg(files, "train.use_compression=false"))
+
+
+def test_the_uncompressed_control_runs_end_to_end_and_evaluates_with_the_method(files, tmp_path):
+    summary = train_or_eval(
+        _cfg(files, "train.use_compression=false", method="h2o", trainable="lora"), tmp_path / "run"
+    )
+    assert summary["train"]["steps"] == 3 and summary["method"]["name"] == "h2o"
+    assert summary["metrics_untrained"] != summary["metrics_after"]  # fine-tuned, then evaluated compressed
+    assert summary["kv_cache"]["compression_ratio"] > 0

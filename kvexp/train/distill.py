@@ -98,11 +98,37 @@ def check(cfg: DictConfig) -> None:
             raise ValueError(f"train.{name}={t[name]}: must be null or >= 1")
     if int(t.warmup_steps) < 0:
         raise ValueError(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+    if not isinstance(t.get("use_compression", True), bool):
+        raise ValueError(f"train.use_compression={t.get('use_compression')!r} must be true or false")
+    if not t.get("use_compression", True):
+        # The control: the same recipe on the plain model (full cache, every position counted); the run then
+        # evaluates the fine-tuned model with the configured method (method=full included).
+        if t.trainable == "compressor":
+            raise ValueError(
+                "train.use_compression=false trains without a compressed cache, so the compressor has nothing to "
+                "learn; use train.trainable=lora or all"
+            )
+    else:
+        _check_compressed_training(cfg)
     if int(t.max_length) < 2 * int(t.chunk_size):
         raise ValueError(
             f"train.max_length={t.max_length} must be at least 2 * train.chunk_size ({t.chunk_size}): a window "
             "needs positions after a compression"
         )
+    _check_lora(t)
+    source = (t.get("data") or {}).get("source")
+    if source not in DATA_SOURCES:
+        raise ValueError(f"train.data.source={source!r}: expected one of {DATA_SOURCES}")
+    if t.get("resume_from") is not None and not (Path(str(t.resume_from)) / STATE_FILE).is_file():
+        raise ValueError(
+            f"train.resume_from={t.resume_from!r}: no {STATE_FILE} there (a checkpoint dir of train=distill)"
+        )
+
+
+def _check_compressed_training(cfg: DictConfig) -> None:
+    """What distillation through a compressed cache needs: a compressing method and budget that compress within a
+    window, a dense (trainable-through) method, and parameters when the compressor is what is trained."""
+    t = cfg.train
     tokens = cfg.budget.get("tokens") if cfg.get("budget") is not None else None
     if tokens is not None and int(t.max_length) <= int(tokens):
         raise ValueError(
@@ -131,19 +157,15 @@ def check(cfg: DictConfig) -> None:
                 f"train.trainable=compressor: method={cfg.method.name} has no trainable parameters; methods with "
                 f"some: {trainable} (or use train.trainable=lora | all)"
             )
+
+
+def _check_lora(t: DictConfig) -> None:
     if t.trainable == "lora":
         lora = t.get("lora") or {}
         if int(lora.get("rank") or 0) < 1:
             raise ValueError(f"train.lora.rank={lora.get('rank')}: must be >= 1")
         if not lora.get("target_modules"):
             raise ValueError("train.lora.target_modules must list module names (e.g. [q_proj, v_proj])")
-    source = (t.get("data") or {}).get("source")
-    if source not in DATA_SOURCES:
-        raise ValueError(f"train.data.source={source!r}: expected one of {DATA_SOURCES}")
-    if t.get("resume_from") is not None and not (Path(str(t.resume_from)) / STATE_FILE).is_file():
-        raise ValueError(
-            f"train.resume_from={t.resume_from!r}: no {STATE_FILE} there (a checkpoint dir of train=distill)"
-        )
 
 
 def _check_precision(precision: str, device: str) -> None:
@@ -262,10 +284,15 @@ class Distiller:
         inputs, labels = batch[:, :-1], batch[:, 1:]
         teacher = self.teacher_logits(inputs)
         self.model.train()
+        compressing = bool(self.t.get("use_compression", True))
         with self._autocast():
-            student, compressed = student_forward(
-                self.model, self.method, self.budget, inputs, int(self.t.chunk_size), self.engine
-            )
+            if compressing:
+                student, compressed = student_forward(
+                    self.model, self.method, self.budget, inputs, int(self.t.chunk_size), self.engine
+                )
+            else:  # the uncompressed control: the same recipe, every position counted
+                student, _ = student_forward(self.model, "full", None, inputs, int(self.t.chunk_size), {})
+                compressed = torch.ones(inputs.shape[1], dtype=torch.bool, device=inputs.device)
         self.model.eval()
         counted = compressed[None, :].expand_as(labels) & (labels != _PAD)
         if not bool(counted.any()):
