@@ -600,7 +600,16 @@ def _swept_key_plots(table: list[dict[str, Any]], save, plt) -> None:
             ):
                 continue
             # One line per method, budget and value of every other key that varies here (named in the label).
-            others = [k for k in keys if k != key and len({str(r.get(k)) for r in runs}) > 1]
+            # A key varies when it takes two values among one method's runs (another method's parameters do not).
+            others = [
+                k
+                for k in keys
+                if k != key
+                and any(
+                    len({str(r.get(k)) for r in runs if r["method"] == m}) > 1
+                    for m in {r["method"] for r in runs}
+                )
+            ]
             # Against a key that changes the baseline (a length), the decode step's time too: quality and TPOT
             # against length per method is the length-scaling study.
             plotted = [(main, f"{main}_after", f"{main}_before")]

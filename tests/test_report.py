@@ -581,3 +581,37 @@ def test_the_cluster_quality_plot_states_the_silhouette_correlation(tmp_path):
     r = pearson([(0.2, 14.0), (0.4, 12.0), (0.6, 11.0)])
     assert r < -0.9
     assert f"Pearson correlation r = {r:.3f} over 3 runs." in captions["wikitext2_cluster_quality.png"]
+
+
+def test_swept_key_plot_labels_name_only_what_varies_within_a_method():
+    """A length sweep over two methods: each line is the method at its budget, without the other method's
+    parameters or its own fixed ones (they differ between methods, not within one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kvexp.report import _swept_key_plots
+
+    table = []
+    for method, params in (
+        ("h2o", {"method.recent_ratio": 0.5}),
+        ("streaming_llm", {"method.sink_tokens": 4}),
+    ):
+        for n, ppl in ((128, 20.0), (256, 22.0)):
+            table.append(
+                {"dataset": "wikitext2", "model": "m", "method": method, "budget": "64", "perplexity_after": ppl,
+                 "perplexity_before": 18.0, "eval.max_tokens": n, **params}
+            )  # fmt: skip
+    legends = {}
+
+    def save(fig, name, caption):
+        legends[name] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        plt.close(fig)
+
+    _swept_key_plots(table, save, plt)
+    assert legends["wikitext2_m_perplexity_vs_eval.max_tokens"] == [
+        "h2o @ 64",
+        "streaming_llm @ 64",
+        "full cache",
+    ]
