@@ -287,7 +287,9 @@ def test_the_uncompressed_control_trains_the_plain_model_on_every_position(files
     assert first["positions"] == 96  # every position, not only those after a compression
     assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B = 0: the student is the teacher at first
     assert d.step([batch])["kl"] > 0  # then it moves away from it, driven by the cross-entropy
-    validate(_cfg(files, "train.use_compression=false", method="full", trainable="lora"))  # the plain fine-tune
+    validate(
+        _cfg(files, "train.use_compression=false", method="full", trainable="lora")
+    )  # the plain fine-tune
     with pytest.raises(ValueError, match="train=distill needs a compressing method"):
         validate(_cfg(files, method="full", trainable="lora"))
     with pytest.raises(ValueError, match="use_compression=false trains without a compressed cache"):
