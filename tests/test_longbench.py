@@ -225,6 +225,7 @@ def test_local_file_under_the_data_dir(tmp_path, monkeypatch):
 def test_hub_archive_and_hub_dataset_paths(tmp_path, monkeypatch):
     """The hub loaders, with the download replaced by a local archive / rows (nothing leaves the machine)."""
     monkeypatch.delenv("KVEXP_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "tok")  # a gated dataset's token reaches both hub paths
     monkeypatch.setattr(data_module, "hub_reachable", lambda: True)
     archive = tmp_path / "data.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -236,15 +237,15 @@ def test_hub_archive_and_hub_dataset_paths(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_download(repo_id, filename, repo_type):
-        calls.append((repo_id, filename, repo_type))
+    def fake_download(repo_id, filename, repo_type, token):
+        calls.append((repo_id, filename, repo_type, token))
         return str(archive)
 
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     (s,) = load_longbench(cfg(subset="musique"), tiny_tokenizer(), None)
-    assert calls == [("THUDM/LongBench", "data.zip", "dataset")]
+    assert calls == [("THUDM/LongBench", "data.zip", "dataset", "tok")]
     assert s.context + s.question == PROMPTS["musique"]
 
     import datasets
@@ -253,7 +254,7 @@ def test_hub_archive_and_hub_dataset_paths(tmp_path, monkeypatch):
     (s,) = load_longbench(
         cfg(subset="trec", hub_id="someone/LongBench-parquet", hub_file=None), tiny_tokenizer(), None
     )
-    assert calls[-1] == (("someone/LongBench-parquet", "trec"), {"split": "test"})
+    assert calls[-1] == (("someone/LongBench-parquet", "trec"), {"split": "test", "token": "tok"})
     assert s.context + s.question == PROMPTS["trec"]
 
 
