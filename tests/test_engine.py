@@ -356,3 +356,31 @@ def test_plain_generate_after_make_cache_is_the_models_own(name):
     assert model.config._attn_implementation == "kvexp"
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False), plain)
     assert torch.equal(model.generate(ids[:1], max_new_tokens=5, do_sample=False), single)
+
+
+# Modes that make a method evict differently (or make a merging method evict) are proven like the methods.
+VARIANTS = [
+    ("h2o", {"per_layer": False}),  # one ranking for the whole cache, through the cache's reallocation
+    ("h2o", {"track_attention": False}),  # the recency part alone
+    ("pyramid_kv_decay", {"profile": "linear", "min_size": 4}),
+    ("pyramid_kv_decay", {"profile": "constant", "min_size": 4}),
+    ("semantic_cluster", {"fold": False, "num_clusters": 2}),  # the evicting form: no entry is rewritten
+]
+
+
+@pytest.mark.parametrize("method,params", VARIANTS)
+@pytest.mark.parametrize("chunk", [1, 7])
+@pytest.mark.parametrize("model_name", GQA_MODELS)
+def test_masking_oracle_of_method_variants(model_name, method, params, chunk):
+    model = load(model_name)[0]
+    cache = _check_oracle(model, _ids(model, 40), chunk, method=method, budget=12, **params)
+    assert cache.stats()["compressions"] > 0 and max(cache.physical_lengths()) <= 12
+
+
+@pytest.mark.parametrize("method,params", VARIANTS[:2])
+def test_masking_oracle_of_h2o_variants_with_per_head_budgets(method, params):
+    model = load("tiny_llama")[0]
+    heads, n_layers = _kv_heads(model), model.config.num_hidden_layers
+    head_budgets = [[6 + (3 * h + 5 * i) % 9 for h in range(heads)] for i in range(n_layers)]
+    cache = _check_oracle(model, _ids(model, 40), 2, method=method, head_budgets=head_budgets, **params)
+    assert cache.stats()["tokens_kept_per_head"] == [[float(b) for b in hb] for hb in head_budgets]
