@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kvexp.config import validate
 from kvexp.run_dir import check_run_dir, config_hash, finished_summary, record_sweep_job, sweep_dir
+from kvexp.tasks.base import objective
 from kvexp.tasks.registry import TASKS, dataset_inputs
 from kvexp.tracking import ACTIVE_LOGGER, WandbLogger, atomic_write_csv, atomic_write_json, start_wandb
 from kvexp.train import run_trainer
@@ -43,7 +44,7 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
     if summary is not None:
         log.info("resume: %s already holds this config's results (hash %s); skipped", out, digest)
         record_sweep_job(sweep, digest, out)
-        return {**summary, "objective": _objective(cfg, summary)}
+        return {**summary, "objective": objective(cfg, summary)}
     logger = start_wandb(cfg, out)  # the W&B run exists while the job goes (progress, a crash's exit code)
     token = ACTIVE_LOGGER.set(logger)
     exit_code = 1  # a job that raises (a crash, a failed run) ends its W&B run with 1
@@ -56,7 +57,7 @@ def train_or_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> dict
             logger.finish(exit_code=exit_code)
     return {
         **summary,
-        "objective": _objective(cfg, summary),
+        "objective": objective(cfg, summary),
     }  # a bad objective= fails after the results are safe
 
 
@@ -160,28 +161,3 @@ def non_finite_metrics(summary: dict[str, Any]) -> dict[str, float]:
     for name in ("metrics_after", "metrics_before", "metrics_untrained", "objective"):
         walk(summary.get(name), name)
     return found
-
-
-def _objective(cfg: DictConfig, summary: dict[str, Any]) -> Any:
-    """The value returned to sweepers: `objective=<metrics_after key>` (dotted into nested metrics, e.g.
-    `rouge.rouge1`, `qa.f1`), else the task's main metric (summary.json's `objective`)."""
-    if cfg.objective is None:
-        return summary["objective"]
-    value: Any = summary["metrics_after"]
-    for part in cfg.objective.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise ValueError(
-                f"objective={cfg.objective!r} is not a metric of this run; choose one of: "
-                f"{sorted(_metric_paths(summary['metrics_after']))}"
-            )
-        value = value[part]
-    return value
-
-
-def _metric_paths(metrics: dict[str, Any], prefix: str = "") -> list[str]:
-    """Every dotted path to a value in nested metrics ({"rouge": {"rouge1": ..}} -> ["rouge.rouge1"])."""
-    paths = []
-    for key, value in metrics.items():
-        path = f"{prefix}{key}"
-        paths += _metric_paths(value, f"{path}.") if isinstance(value, dict) else [path]
-    return paths

@@ -37,11 +37,12 @@ from typing import Any
 
 import yaml
 
+from kvexp.tasks.metrics import lower_is_better
 from kvexp.tracking import atomic_write_csv, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-# Quality metrics in display order; a metric is "higher is better" unless listed in LOWER_IS_BETTER.
+# Quality metrics in display order (a metric is "higher is better" unless kvexp.tasks.metrics.lower_is_better).
 QUALITY_ORDER = (
     "perplexity",
     "accuracy",
@@ -52,7 +53,6 @@ QUALITY_ORDER = (
     "rouge.rougeL",
     "rouge.rougeLsum",
 )
-LOWER_IS_BETTER = {"perplexity"}
 # Counters and bookkeeping that are not quality.
 NOT_QUALITY = {"tokens", "documents", "samples", "nll", "new_tokens"}  # nll: perplexity again; counts
 # Config keys that do not change the full-cache result: the compressor's (they label rows) and bookkeeping.
@@ -246,7 +246,7 @@ def _fmt_eviction(timing: dict[str, Any]) -> str:
 def _fmt_metric(name: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.2f}" if name in LOWER_IS_BETTER else f"{100 * value:.2f}%"
+    return f"{value:.2f}" if lower_is_better(name) else f"{100 * value:.2f}%"
 
 
 def _change(value: float | None, reference: float | None) -> str:
@@ -347,7 +347,7 @@ def tables(summaries: list[dict[str, Any]]) -> str:
             )
         if source and len(table) > 1:
             base_values = table[0][2]
-            lower = [_metric_title(m) for m in metrics if m in LOWER_IS_BETTER]
+            lower = [_metric_title(m) for m in metrics if lower_is_better(m)]
             out.append(
                 "\n*% change of each run against the full cache: quality against `full (baseline)` above"
                 + (f" (lower {', '.join(lower)} is better, higher for the rest)" if lower else "")
@@ -424,7 +424,7 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[tuple[Path, str]]:
             caption = f"{dataset}: {metric} of each method, one bar per budget"
             caption += "; dashed line: the full cache" if full is not None else ""
             caption += f" ({_direction(metric)}"
-            if metric in LOWER_IS_BETTER:  # a perplexity: bars from zero would hide its differences
+            if lower_is_better(metric):  # a perplexity: bars from zero would hide its differences
                 _fit_y(ax, [v for r in runs for v in (r.get(f"{metric}_after"), full) if v is not None])
                 caption += "; the axis fits the values, it does not start at zero"
             ax.set_ylabel(metric)
@@ -470,7 +470,7 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[tuple[Path, str]]:
             # Colour = harm (red: worse than the full cache, for every metric's direction); text = raw change.
             harm = [
                 [
-                    float("nan") if v is None else (v if metric in LOWER_IS_BETTER else -v)
+                    float("nan") if v is None else (v if lower_is_better(metric) else -v)
                     for v, metric in zip(row, metrics, strict=True)
                 ]
                 for row in grid
@@ -525,7 +525,7 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[tuple[Path, str]]:
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=m)
                 points += pts
-        front = pareto_front(points, lower_is_better=main in LOWER_IS_BETTER)
+        front = pareto_front(points, lower_is_better=lower_is_better(main))
         if front:
             ax.plot(*zip(*front, strict=True), color="black", linewidth=2, alpha=0.4, label="Pareto front")
         ax.set_xlabel("compression ratio (1 - kept / seen)")
@@ -657,7 +657,7 @@ def _swept_key_plots(table: list[dict[str, Any]], save, plt) -> None:
 
 
 def _direction(metric: str) -> str:
-    return "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+    return "lower is better" if lower_is_better(metric) else "higher is better"
 
 
 def _fit_y(ax, values: list[float]) -> None:

@@ -354,7 +354,7 @@ def test_objective_names_a_metric_of_the_run(text_file, tmp_path):
         train_or_eval(_compose(*overrides, "objective=rouge.rouge1"), tmp_path / "c")
     assert (tmp_path / "c" / "summary.json").exists()  # the results were written before the objective failed
     nested = {"metrics_after": {"rouge": {"rouge1": 0.3, "rougeL": 0.2}, "tokens": 5}, "objective": 0.3}
-    assert kvexp.app._objective(_compose(*overrides, "objective=rouge.rougeL"), nested) == 0.2
+    assert kvexp.tasks.base.objective(_compose(*overrides, "objective=rouge.rougeL"), nested) == 0.2
 
 
 def test_wandb_run_is_typed_by_method_and_tagged_with_budget_model_dataset(text_file, tmp_path, monkeypatch):

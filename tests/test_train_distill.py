@@ -1,6 +1,7 @@
 """train=distill: the differentiable engine mode, the distillation loss, checkpoints, resume, option checks, and the
 end-to-end train_or_eval run on a tiny random model."""
 
+import csv
 import json
 import random
 from pathlib import Path
@@ -14,9 +15,11 @@ from kvexp.methods import METHODS, build_method, make_cache
 from kvexp.methods.storage import StorageMethod
 from kvexp.models import load_model
 from kvexp.tasks.base import method_from_config
+from kvexp.tasks.metrics import lower_is_better
 from kvexp.tasks.perplexity import evaluate_perplexity
 from kvexp.train import distill
 from kvexp.train.data import check_disjoint, load_training_texts, token_windows
+from kvexp.train.evaluation import OBJECTIVE, TrainingEvaluator
 from tests.conftest import load
 from tests.test_config import _compose
 from tests.test_engine import SMALL_PARAMS
@@ -303,3 +306,133 @@ def test_the_uncompressed_control_runs_end_to_end_and_evaluates_with_the_method(
     assert summary["train"]["steps"] == 3 and summary["method"]["name"] == "h2o"
     assert summary["metrics_untrained"] != summary["metrics_after"]  # fine-tuned, then evaluated compressed
     assert summary["kv_cache"]["compression_ratio"] > 0
+
+
+# -- evaluation during training (train.eval_every) --------------------------------------------------------------------
+def _log(run_dir: Path) -> list[dict]:
+    with (run_dir / distill.LOG_FILE).open() as f:
+        return list(csv.DictReader(f))
+
+
+def _perplexity_with(checkpoint: Path) -> float:
+    """The run's evaluation (EVAL_TEXT, 120 tokens, chunk 8, budget 24) of a saved compressor, computed anew."""
+    model, tok = load("tiny_llama")
+    method = build_method("adaptive_kmeans", checkpoint=str(checkpoint))
+    result = evaluate_perplexity(
+        model, tok, EVAL_TEXT, method, 24, chunk_size=8, max_tokens=120, progress=False
+    )
+    return result["metrics"]["perplexity"]
+
+
+def test_evaluation_during_training_logs_each_evaluation_and_keeps_the_best_step(files, tmp_path):
+    cfg = _cfg(files, "train.max_steps=5", "train.eval_every=2", "train.save_every=2")
+    run = tmp_path / "run"
+    trained = distill.train(cfg, run / "checkpoint")
+    rows = _log(run)
+    evaluated = {int(r["step"]): float(r["eval/perplexity"]) for r in rows if r["eval/perplexity"]}
+    assert sorted(evaluated) == [2, 4, 5]  # every 2 steps and after the last
+    assert all(r["eval/objective"] == r["eval/perplexity"] for r in rows)  # the run's objective: perplexity
+    assert (
+        len(set(evaluated.values())) == 3
+    )  # training moved the compressor, so the choice below means something
+    # Each figure is the run's evaluation of that step's trained compressor, computed here anew from its checkpoint.
+    for step in (2, 4):
+        assert evaluated[step] == pytest.approx(
+            _perplexity_with(run / "checkpoint" / f"step-{step}" / "compressor.safetensors"), rel=1e-6
+        )
+    assert evaluated[5] == pytest.approx(
+        _perplexity_with(run / "checkpoint" / "compressor.safetensors"), rel=1e-6
+    )
+    best = min(evaluated, key=evaluated.get)  # lower perplexity is better
+    assert trained.metrics["best_step"] == best and trained.metrics["best_objective"] == pytest.approx(
+        evaluated[best]
+    )
+    assert trained.metrics["evaluations"] == 3 and trained.metrics["evaluated_checkpoint"] == "best"
+    assert trained.method_overrides["checkpoint"] == str(
+        run / "checkpoint" / "best" / "compressor.safetensors"
+    )
+    assert _perplexity_with(Path(trained.method_overrides["checkpoint"])) == pytest.approx(
+        evaluated[best], rel=1e-6
+    )
+    # The evaluations leave training as it was: the same losses as a run without them.
+    plain = tmp_path / "plain"
+    distill.train(_cfg(files, "train.max_steps=5"), plain / "checkpoint")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in _log(plain)]
+    assert "eval/perplexity" not in _log(plain)[0]
+    last = distill.train(
+        _cfg(files, "train.max_steps=5", "train.eval_every=2", "train.keep_best=false"),
+        tmp_path / "last" / "checkpoint",
+    )
+    assert last.method_overrides["checkpoint"] == str(
+        tmp_path / "last" / "checkpoint" / "compressor.safetensors"
+    )
+    assert last.metrics["best_step"] == best and last.metrics["evaluated_checkpoint"] == "last"
+
+
+@pytest.mark.parametrize("objective,best", [(None, 2), ("accuracy", 3)])
+def test_the_best_step_follows_the_objective_direction(files, objective, best):
+    extra = [f"objective={objective}"] if objective else []
+    evaluator = TrainingEvaluator(_cfg(files, "train.eval_every=1", *extra), None, None)
+    figures = [(1, 9.0, 0.3), (2, 7.0, 0.2), (3, 8.0, 0.4), (4, float("nan"), float("nan"))]
+    rows = [
+        {"step": s, "eval/perplexity": p, "eval/accuracy": a, OBJECTIVE: a if objective else p}
+        for s, p, a in figures
+    ]
+    evaluator.restore(rows)  # perplexity: lower is better; accuracy: higher; a NaN is never the best
+    assert evaluator.best[0] == best
+
+
+def test_metric_directions():
+    assert lower_is_better("perplexity") and lower_is_better("wikitext/word_perplexity,none")
+    assert lower_is_better("wikitext/bits_per_byte,none") and not lower_is_better("kvexp_recall/acc")
+    assert (
+        not lower_is_better("accuracy")
+        and not lower_is_better("rouge.rougeL")
+        and not lower_is_better("qa.f1")
+    )
+
+
+def test_resume_carries_the_best_step_on(files, tmp_path):
+    options = ("train.max_steps=4", "train.eval_every=2", "train.save_every=2")
+    first = distill.train(_cfg(files, *options), tmp_path / "a" / "checkpoint")
+    step2 = tmp_path / "a" / "checkpoint" / "step-2"
+    resumed = distill.train(
+        _cfg(files, *options, f"train.resume_from={step2}"), tmp_path / "c" / "checkpoint"
+    )
+    assert resumed.metrics["best_step"] == first.metrics["best_step"]
+    assert resumed.metrics["best_objective"] == pytest.approx(first.metrics["best_objective"], rel=1e-6)
+    assert (
+        resumed.metrics["evaluations"] == 2
+    )  # the resumed log's evaluation at step 2 and the new one at step 4
+    assert _perplexity_with(Path(resumed.method_overrides["checkpoint"])) == pytest.approx(
+        first.metrics["best_objective"], rel=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.eval_every=0", "train.eval_every"),
+        ("train.eval_max_samples=x", "train.eval_max_samples"),
+        ("train.keep_best=maybe", "train.keep_best"),
+        ("+train.eval_dataset.splitt=validation", r"train.eval_dataset: \['splitt'\]"),
+        ("+train.eval_dataset.name=wikitext2", "not its name or task"),
+        ("+train.eval_dataset.path=/nonexistent/valid.txt", "dataset.path"),
+    ],
+)
+def test_bad_evaluation_options_fail_before_any_model_loads(files, override, message):
+    with pytest.raises(ValueError, match=message):
+        train_or_eval(_cfg(files, "train.eval_every=2", override), "/nonexistent/never-created")
+
+
+def test_train_or_eval_evaluates_the_best_step_and_reports_it(files, tmp_path):
+    summary = train_or_eval(
+        _cfg(files, "train.max_steps=4", "train.eval_every=2", "train.eval_max_samples=1"), tmp_path / "out"
+    )
+    rows = _log(tmp_path / "out")
+    evaluated = {int(r["step"]): float(r["eval/perplexity"]) for r in rows if r["eval/perplexity"]}
+    best = min(evaluated, key=evaluated.get)
+    assert summary["train"]["best_step"] == best
+    assert summary["checkpoint"]["method"]["checkpoint"].endswith("best/compressor.safetensors")
+    # the run's evaluation (the same document here) of the kept step is the in-training figure of that step
+    assert summary["metrics_after"]["perplexity"] == pytest.approx(evaluated[best], rel=1e-6)

@@ -17,7 +17,8 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from kvexp.methods import Method, build_method
-from kvexp.models import peak_memory
+from kvexp.models import load_model, peak_memory
+from kvexp.tasks.metrics import lower_is_better
 
 
 @dataclass
@@ -29,6 +30,29 @@ class Loaded:
     tokenizer: Any
     method: Method
     samples: list[Any]
+
+
+@dataclass
+class Prepared:
+    """A model, its tokenizer and a method that are already in memory (a model being trained, and its method
+    with the trained parameters): `Task.evaluate` uses them instead of loading from the config."""
+
+    model: Any
+    tokenizer: Any
+    method: Method
+
+    def __iter__(
+        self,
+    ):  # model, tokenizer, method = prepared (not dataclasses.astuple: it deep-copies the model)
+        return iter((self.model, self.tokenizer, self.method))
+
+
+def prepare(cfg: DictConfig, given: Prepared | None = None) -> Prepared:
+    """The run's model, tokenizer and method: `given`, else loaded from `cfg.model`, `cfg.hardware`, `cfg.method`."""
+    if given is not None:
+        return given
+    model, tokenizer = load_model(cfg.model, cfg.hardware)  # sets threads, dtype, flush-denormal
+    return Prepared(model, tokenizer, method_from_config(cfg.method))
 
 
 @dataclass
@@ -52,9 +76,12 @@ class Task(ABC):
     def check(self, cfg: DictConfig) -> None:
         """Reject a bad dataset or task option, naming it."""
 
+    # Whether the task's main metric (its `objective` when `objective=` names none) is better when smaller.
+    lower_is_better: bool = False
+
     @abstractmethod
-    def load(self, cfg: DictConfig) -> Loaded:
-        """The model, the method and the samples."""
+    def load(self, cfg: DictConfig, given: Prepared | None = None) -> Loaded:
+        """The model, the method (`given`, else `prepare`d from the config) and the samples."""
 
     @abstractmethod
     def run(self, cfg: DictConfig, loaded: Loaded) -> Results:
@@ -68,15 +95,47 @@ class Task(ABC):
     def rows(self, results: Results) -> list[dict[str, Any]]:
         """The samples.csv rows: one per sample (lm-eval: per request)."""
 
-    def evaluate(self, cfg: DictConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The summary (full-cache timings from another process marked, the dataset's own keys last) and the rows."""
-        loaded = self.load(cfg)
+    def objective_lower_is_better(self, cfg: DictConfig, summary: dict[str, Any]) -> bool:
+        """Whether a smaller `objective(cfg, summary)` is better: the metric `objective=` names, else the task's."""
+        return lower_is_better(cfg.objective) if cfg.objective is not None else self.lower_is_better
+
+    def evaluate(
+        self, cfg: DictConfig, given: Prepared | None = None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The summary (full-cache timings from another process marked, the dataset's own keys last) and the rows;
+        `given`: evaluate a model and method already in memory (evaluation during training)."""
+        loaded = self.load(cfg, given)
         results = self.run(cfg, loaded)
         summary = self.aggregate(cfg, loaded, results)
         if results.comparable is not None:
             _mark_comparable(summary, results.comparable)
         summary.update(results.extra)
         return summary, self.rows(results)
+
+
+def objective(cfg: DictConfig, summary: dict[str, Any]) -> Any:
+    """The value returned to sweepers: `objective=<metrics_after key>` (dotted into nested metrics, e.g.
+    `rouge.rouge1`, `qa.f1`), else the task's main metric (summary.json's `objective`)."""
+    if cfg.objective is None:
+        return summary["objective"]
+    value: Any = summary["metrics_after"]
+    for part in cfg.objective.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(
+                f"objective={cfg.objective!r} is not a metric of this run; choose one of: "
+                f"{sorted(_metric_paths(summary['metrics_after']))}"
+            )
+        value = value[part]
+    return value
+
+
+def _metric_paths(metrics: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted path to a value in nested metrics ({"rouge": {"rouge1": ..}} -> ["rouge.rouge1"])."""
+    paths = []
+    for key, value in metrics.items():
+        path = f"{prefix}{key}"
+        paths += _metric_paths(value, f"{path}.") if isinstance(value, dict) else [path]
+    return paths
 
 
 def method_from_config(method_cfg: DictConfig) -> Method:

@@ -36,6 +36,15 @@ _PUNCTUATION = frozenset(string.punctuation)
 _NUMBER = re.compile(r"\d+")
 _PARAGRAPH_ID = re.compile(r"Paragraph (\d+)")
 
+# Metrics that are better when smaller, by the last part of their name (lm-eval's perplexity tasks included).
+LOWER_IS_BETTER = frozenset({"perplexity", "nll", "word_perplexity", "byte_perplexity", "bits_per_byte"})
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a metric — a name or a path: `rouge.rougeL`, lm-eval's `wikitext/word_perplexity,none` — is better
+    when smaller."""
+    return re.split(r"[./]", metric.split(",")[0])[-1] in LOWER_IS_BETTER
+
 
 def normalize_answer(s: str) -> str:
     """SQuAD's normalization: lower case, drop ASCII punctuation and the articles a/an/the, collapse spaces."""

@@ -15,9 +15,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from kvexp.budgets import resolve_budget
-from kvexp.models import load_model
 from kvexp.tasks import full_cache
-from kvexp.tasks.base import Loaded, Results, Task, build_summary, engine_options, method_from_config
+from kvexp.tasks.base import Loaded, Prepared, Results, Task, build_summary, engine_options, prepare
 from kvexp.tasks.data import DATASETS as TEXT_DATASETS
 from kvexp.tasks.data import Dataset, load_documents, registered
 from kvexp.tasks.generation import (
@@ -34,6 +33,7 @@ from kvexp.tasks.generation import (
 from kvexp.tasks.generation import warm_up as warm_up_generation
 from kvexp.tasks.lm_eval_harness import check_lm_eval_dataset, evaluate_lm_eval, summary_aggregate
 from kvexp.tasks.longbench import check_longbench, longbench_samples
+from kvexp.tasks.metrics import lower_is_better
 from kvexp.tasks.perplexity import DocumentResult, document_progress, document_rows, score_document
 from kvexp.tasks.perplexity import aggregate as aggregate_documents
 from kvexp.tasks.perplexity import warm_up as warm_up_perplexity
@@ -68,13 +68,14 @@ def dataset_inputs(cfg: DictConfig) -> str | None:
 class Perplexity(Task):
     """Streaming perplexity of each document, compressed and (by default) with the full cache."""
 
+    lower_is_better = True
+
     def check(self, cfg: DictConfig) -> None:
         registered(DATASETS, cfg.dataset, "perplexity").check(cfg.dataset)
 
-    def load(self, cfg: DictConfig) -> Loaded:
+    def load(self, cfg: DictConfig, given: Prepared | None = None) -> Loaded:
         documents = load_documents(cfg.dataset, cfg.eval.max_samples)
-        model, tokenizer = load_model(cfg.model, cfg.hardware)  # sets threads, dtype, flush-denormal
-        method = method_from_config(cfg.method)
+        model, tokenizer, method = prepare(cfg, given)
         samples = [
             (d.id, tokenizer(d.text, return_tensors="pt").input_ids[:, : cfg.eval.max_tokens])
             for d in documents
@@ -149,9 +150,9 @@ class Generation(Task):
                 f"dataset.lengths={list(lengths)} exceeds model.max_context={cfg.model.max_context} of {cfg.model.name}"
             )
 
-    def load(self, cfg: DictConfig) -> GenerationSetup:
+    def load(self, cfg: DictConfig, given: Prepared | None = None) -> GenerationSetup:
         entry = DATASETS[cfg.dataset.name]
-        model, tokenizer = load_model(cfg.model, cfg.hardware)
+        model, tokenizer, method = prepare(cfg, given)
         encoder = PromptEncoder(tokenizer, use_chat_template(cfg, tokenizer), cfg.model.max_context)
         samples, prompts = [], []
         if entry.run is None:  # a dataset with its own loop (dataset=prompt) reads its samples as it goes
@@ -161,7 +162,6 @@ class Generation(Task):
                     f"dataset={cfg.dataset.name}: no samples (check dataset.split and eval.max_samples)"
                 )
             prompts = [encoder.encode(s, cfg.eval.max_new_tokens) for s in samples]
-        method = method_from_config(cfg.method)
         return GenerationSetup(model, tokenizer, method, samples, encoder, prompts, generation_settings(cfg))
 
     def run(self, cfg: DictConfig, loaded: GenerationSetup) -> Results:
@@ -261,9 +261,9 @@ class LmEval(Task):
     def check(self, cfg: DictConfig) -> None:
         check_lm_eval_dataset(cfg.dataset)
 
-    def load(self, cfg: DictConfig) -> Loaded:
-        model, tokenizer = load_model(cfg.model, cfg.hardware)
-        return Loaded(model, tokenizer, method_from_config(cfg.method), [])  # lm-eval reads its own samples
+    def load(self, cfg: DictConfig, given: Prepared | None = None) -> Loaded:
+        model, tokenizer, method = prepare(cfg, given)
+        return Loaded(model, tokenizer, method, [])  # lm-eval reads its own samples
 
     def run(self, cfg: DictConfig, loaded: Loaded) -> Results:
         model, tokenizer, seed = loaded.model, loaded.tokenizer, cfg.seed
@@ -281,12 +281,22 @@ class LmEval(Task):
     def aggregate(self, cfg: DictConfig, loaded: Loaded, results: Results) -> dict[str, Any]:
         before, after = summary_aggregate(results.before), summary_aggregate(results.after)
         summary = build_summary(cfg, loaded, before, after, {}, [results.after.get("kv_tokens_kept")])
-        metrics = (v for k, v in results.after.items() if "/" in k and "stderr" not in k)  # task/metric
-        summary["objective"] = next(metrics, None)
+        summary["objective"] = results.after.get(_main_metric(results.after))
         return summary
+
+    def objective_lower_is_better(self, cfg: DictConfig, summary: dict[str, Any]) -> bool:
+        if cfg.objective is not None:
+            return super().objective_lower_is_better(cfg, summary)
+        main = _main_metric(summary["metrics_after"])
+        return main is not None and lower_is_better(main)
 
     def rows(self, results: Results) -> list[dict[str, Any]]:
         return results.samples
+
+
+def _main_metric(metrics: dict[str, Any]) -> str | None:
+    """lm-eval's main metric: the first `task/metric` key that is not a standard error."""
+    return next((k for k in metrics if "/" in k and "stderr" not in k), None)
 
 
 # `dataset.task` -> how a run evaluates it (kvexp.app dispatches here; kvexp.config.validate calls `check`).

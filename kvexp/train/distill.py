@@ -25,6 +25,7 @@ import contextlib
 import copy
 import logging
 import math
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +45,7 @@ from kvexp.tasks.data import load_documents
 from kvexp.tracking import ACTIVE_LOGGER, atomic_write_csv, make_logger
 from kvexp.train import Trained
 from kvexp.train.data import DATA_SOURCES, check_disjoint, load_training_texts, token_windows
+from kvexp.train.evaluation import OBJECTIVE, TrainingEvaluator, check_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.csv"
+BEST_DIR = "best"  # checkpoint/best/: the step with the best evaluation objective (train.eval_every)
 
 
 # Numeric options and their kind: a string there fails naming the option, not as float('abc') does.
@@ -116,6 +119,7 @@ def check(cfg: DictConfig) -> None:
             "needs positions after a compression"
         )
     _check_lora(t)
+    check_evaluation(cfg)
     source = (t.get("data") or {}).get("source")
     if source not in DATA_SOURCES:
         raise ValueError(f"train.data.source={source!r}: expected one of {DATA_SOURCES}")
@@ -341,18 +345,15 @@ class Distiller:
     def save(self, directory: Path, step: int, log_rows: list[dict]) -> dict[str, Any]:
         """Write the trained parts and the trainer state into `directory`; returns where the evaluation finds them."""
         directory.mkdir(parents=True, exist_ok=True)
-        found: dict[str, Any] = {"model_checkpoint": None, "method_overrides": {}}
+        found = self.found(directory)
         if self.trainable == "lora":
             self.peft.save_pretrained(str(directory / "adapter"))
-            found["model_checkpoint"] = str(directory / "adapter")
         elif self.trainable == "all":
             from safetensors.torch import save_model
 
             save_model(self.model, str(directory / "model.safetensors"))
-            found["model_checkpoint"] = str(directory / "model.safetensors")
         else:
             save_method_parameters(self.method, directory / "compressor.safetensors")
-            found["method_overrides"] = {"checkpoint": str(directory / "compressor.safetensors")}
         state = {
             "step": step,
             "optimizer": self.optimizer.state_dict(),
@@ -365,6 +366,16 @@ class Distiller:
         if log_rows:
             atomic_write_csv(directory / LOG_FILE, log_rows)
         return found
+
+    def found(self, directory: Path) -> dict[str, Any]:
+        """Where the evaluation finds the trained parts `save` wrote into `directory`."""
+        if self.trainable == "compressor":
+            return {
+                "model_checkpoint": None,
+                "method_overrides": {"checkpoint": str(directory / "compressor.safetensors")},
+            }
+        name = "adapter" if self.trainable == "lora" else "model.safetensors"
+        return {"model_checkpoint": str(directory / name), "method_overrides": {}}
 
     def resume(self, directory: Path) -> tuple[int, list[dict]]:
         """Load the trained parts and the trainer state a `save` wrote; returns (step, loss rows so far)."""
@@ -465,10 +476,13 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
 
     distiller = Distiller(cfg, model, method, budget, model.device)
     distiller.make_scheduler(total)
+    evaluator = TrainingEvaluator(cfg, tokenizer, method) if t.get("eval_every") is not None else None
     step, rows = 0, []
     if t.resume_from is not None:
         step, rows = distiller.resume(Path(str(t.resume_from)))
         log.info("resumed from %s at step %d", t.resume_from, step)
+        if evaluator is not None:
+            _resume_best(evaluator, distiller, rows, Path(str(t.resume_from)), step, checkpoint_dir)
     job_logger = ACTIVE_LOGGER.get()  # the job's run (train_or_eval), else one of its own
     logger = job_logger or make_logger(cfg.logger, cfg, run_dir, "train", None, ["train", cfg.method.name])
     start_step, started = step, time.perf_counter()
@@ -482,6 +496,11 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
             step += 1
             row = {"step": step, "lr": distiller.scheduler.get_last_lr()[0], **figures}
             rows.append(row)
+            if evaluator is not None and evaluator.due(step, total):
+                scores, improved = evaluator.evaluate(distiller.model, step)
+                row.update(scores)
+                if improved:
+                    distiller.save(checkpoint_dir / BEST_DIR, step, rows)
             atomic_write_csv(run_dir / LOG_FILE, rows)
             if logger is not None:
                 logger.log_progress({f"train/{k}": v for k, v in row.items()})
@@ -496,6 +515,9 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
             logger.finish()
     found = distiller.save(checkpoint_dir, step, rows)
     trained_steps = [r for r in rows if r["step"] > start_step]
+    best = evaluator.best if evaluator is not None else None
+    if best is not None and t.get("keep_best", True):
+        found = distiller.found(checkpoint_dir / BEST_DIR)  # the evaluation that follows uses the best step
     return Trained(
         model_checkpoint=found["model_checkpoint"],
         method_overrides=found["method_overrides"],
@@ -509,5 +531,51 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
             "loss_last": rows[-1]["loss"] if rows else None,
             "seconds": time.perf_counter() - started,
             "log": str(run_dir / LOG_FILE),
+            **(
+                {}
+                if evaluator is None
+                else {
+                    "evaluations": sum(isinstance(r.get(OBJECTIVE), int | float) for r in rows),
+                    "best_step": best[0] if best else None,
+                    "best_objective": best[1] if best else None,
+                    "evaluated_checkpoint": "best"
+                    if best is not None and t.get("keep_best", True)
+                    else "last",
+                }
+            ),
         },
     )
+
+
+def _resume_best(
+    evaluator: TrainingEvaluator,
+    distiller: Distiller,
+    rows: list[dict],
+    resumed: Path,
+    step: int,
+    checkpoint_dir: Path,
+) -> None:
+    """Carry a resumed run's best step on (from its log rows) with its parameters in this run's checkpoint/best/:
+    the resumed checkpoint itself when it is the best step, else the resumed run's checkpoint/best/ when that holds
+    the same step; otherwise (it was overwritten by a later best) the best is chosen afresh, with a warning."""
+    evaluator.restore(rows)
+    if evaluator.best is None:
+        return
+    best_step, target = evaluator.best[0], checkpoint_dir / BEST_DIR
+    if best_step == step:
+        distiller.save(target, step, rows)
+        return
+    source = (resumed.parent if resumed.name.startswith("step-") else resumed) / BEST_DIR
+    if (source / STATE_FILE).is_file() and torch.load(source / STATE_FILE, weights_only=False)[
+        "step"
+    ] == best_step:
+        if source.resolve() != target.resolve():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        return
+    log.warning(
+        "resume: the best evaluated step (%d) has no checkpoint in %s; the best is chosen among the evaluations "
+        "from here on",
+        best_step,
+        source,
+    )
+    evaluator.best = None
