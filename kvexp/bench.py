@@ -178,7 +178,7 @@ def _p3_case(args) -> None:
     _prefill(model, ids, cache, args.chunk)
     prefill_peak = _vm_hwm_bytes() if reset else None
     slot_bytes = cache.layers[0].slot_bytes
-    peak_kv = sum(layer.peak_length * layer.slot_bytes for layer in cache.layers)
+    peak_kv = sum(layer.peak_bytes for layer in cache.layers)
     window = (args.budget + args.chunk) * slot_bytes * len(cache.layers)
     print(json.dumps({
         "peak_kv_bytes": peak_kv, "kv_bytes_budget_plus_chunk": window, "peak_kv_ratio": peak_kv / window,

@@ -187,6 +187,8 @@ class EvalConfig:
     do_sample: bool = False  # greedy by default; sampling is seeded (seed + sample index)
     temperature: float = 1.0
     top_p: float = 1.0
+    num_beams: int = 1  # > 1: beam search (greedy), the cache's rows reordered with the beams
+    length_penalty: float = 1.0  # beam search: finished hypotheses score sum log p / length ** length_penalty
     prefill_chunk_size: int | None = None  # null: the context in one forward; N: chunks, compressed between
 
 
@@ -333,6 +335,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.chunk_size < 1:
         raise ValueError(f"eval.chunk_size must be >= 1, got {cfg.eval.chunk_size}")
     _check_generation_options(cfg.eval)
+    if cfg.eval.num_beams > 1 and cfg.dataset.task != "generation":
+        raise ValueError(
+            f"eval.num_beams={cfg.eval.num_beams}: beam search applies to generation tasks, not "
+            f"dataset.task={cfg.dataset.task}; leave eval.num_beams=1"
+        )
     for key in ("max_samples", "max_tokens"):
         value = cfg.eval[key]
         if value is not None and value < (2 if key == "max_tokens" else 1):
@@ -419,6 +426,13 @@ def _check_generation_options(ev: DictConfig) -> None:
         raise ValueError(f"eval.temperature must be > 0, got {ev.temperature}")
     if not 0.0 < ev.top_p <= 1.0:
         raise ValueError(f"eval.top_p must be in (0, 1], got {ev.top_p}")
+    if ev.num_beams < 1:
+        raise ValueError(f"eval.num_beams must be >= 1 (1: no beam search), got {ev.num_beams}")
+    if ev.num_beams > 1 and ev.do_sample:
+        raise ValueError(
+            f"eval.num_beams={ev.num_beams} with eval.do_sample=true: beam search here is greedy; set "
+            "eval.do_sample=false, or eval.num_beams=1 to sample"
+        )
 
 
 def _check_allocation(budget: DictConfig) -> None:

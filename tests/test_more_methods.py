@@ -252,11 +252,18 @@ def test_prerope_queries_undo_the_models_rope(model_name):
     assert torch.allclose(back, raw, atol=1e-4)
 
 
-def test_expected_attention_supports_batch_size_one_only():
+def test_expected_attention_keeps_its_statistics_per_batch_row():
     model, _ = load("tiny_llama")
-    cache = make_cache(model, "expected_attention", budget=BUDGET)
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="batch size 1"):
-        model(_ids(model).repeat(2, 1), past_key_values=cache)
+    rows = torch.cat([_ids(model), _ids(model).flip(1)])  # two different sequences in one batch
+    caches = [make_cache(model, "expected_attention", budget=BUDGET) for _ in range(3)]
+    with torch.no_grad():
+        together = _run(model, rows, caches[0])
+        alone = [_run(model, rows[i : i + 1], caches[1 + i]) for i in range(2)]
+    for layer, *single in zip(together.layers, *(c.layers for c in alone), strict=True):
+        scores = layer.method.score(layer)
+        for row, other in enumerate(single):
+            assert torch.equal(layer.positions[row], other.positions[0])
+            torch.testing.assert_close(scores[row], other.method.score(other)[0], rtol=1e-4, atol=1e-6)
 
 
 # -- validation ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kvexp.models
+import kvexp.tasks.base
 from kvexp import make_cache
 from kvexp.app import train_or_eval
 from kvexp.config import validate
@@ -187,7 +188,7 @@ def test_bad_input_fails_before_the_model_loads(overrides, option, tmp_path, mon
     (tmp_path / "file.txt").write_text("a prompt\n")
     paths = {"file": tmp_path / "file.txt", "missing": tmp_path / "nope.txt", "empty": tmp_path / "empty.txt"}
     monkeypatch.setattr(kvexp.models, "load_model", lambda *a: pytest.fail("the model loaded"))
-    monkeypatch.setattr(registry, "load_model", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr(kvexp.tasks.base, "load_model", lambda *a: pytest.fail("the model loaded"))
     cfg = _compose(*BASE, *(o.format(**paths) for o in overrides))
     with pytest.raises(ValueError, match=re.escape(option)) as err:
         validate(cfg)

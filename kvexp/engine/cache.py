@@ -32,7 +32,8 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
 * Per-run method state (an allocation in progress, a threshold, a merge count, a seeded generator) lives in
   scratch space the cache owns, `layer.scratch(method)` / `cache.scratch(method)`, freed with the cache: two
   caches made from one method object share nothing. A method object holds only its hyperparameters (and what it
-  learns from the model itself in `prepare`).
+  learns from the model itself in `prepare`). Layer scratch entries a method names in `row_scratch` are per batch
+  row ([B, ...]) and follow the rows in batch operations (beam reorder, repeat, select) like the slots do.
 * Per step, per layer (the attention function calls them in this order): the step's new entries are written
   (`update`), their positions and padding recorded, the attention runs over every slot, then `after_attention`:
   the storage sees the queries, the method observes them, allocates across layers, the layer compresses if it is
@@ -252,6 +253,9 @@ class CompressedLayer(DynamicLayer):
         self.observe_seconds = 0.0  # inside method.observe (statistics of every step): method cost too
         self.compressions = 0
         self.peak_length = 0
+        self.peak_bytes = (
+            0  # largest bytes the slots held (peak_length x slot_bytes when the batch never changes)
+        )
         # The last queries this layer saw ([B, H, w, D], positions [B, w]), kept by window-scoring methods.
         self.query_window: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scaling: float | None = None  # the attention's logit scale, set when a method observes
@@ -363,6 +367,7 @@ class CompressedLayer(DynamicLayer):
             self._state["rope_pos"][:, :, self.length : end] = self._pos[:, :, self.length : end].float()
         self.length, self.seen, self.new_tokens = end, self.seen + q, q
         self.peak_length = max(self.peak_length, end)
+        self.peak_bytes = max(self.peak_bytes, end * self.slot_bytes)
         self._refresh_views()
         if self.storage is not None:
             self.storage.write(self, key_states, value_states)
@@ -596,6 +601,11 @@ class CompressedLayer(DynamicLayer):
                 self.storage.index_batch(fn)
         if self.query_window is not None:
             self.query_window = tuple(fn(t) for t in self.query_window)
+        for owner in {id(self.method): self.method, id(self.evictor): self.evictor}.values():
+            scratch = self._scratch.get(id(owner), {})
+            for name in owner.row_scratch:  # per-row scratch tensors [B, ...] follow the rows too
+                if isinstance(scratch.get(name), torch.Tensor):
+                    scratch[name] = fn(scratch[name])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -610,7 +620,7 @@ class CompressedLayer(DynamicLayer):
         self.keys = self.values = None
         self.storage = None
         self.is_initialized = False
-        self.seen = self.length = self.new_tokens = self.peak_length = 0
+        self.seen = self.length = self.new_tokens = self.peak_length = self.peak_bytes = 0
         self.has_bias = False
         self.query_window = None
         self.deferred = False

@@ -41,6 +41,7 @@ class Method:
     state_names: ClassVar[tuple[str, ...]] = ()  # per-slot side state the engine moves with K/V
     merges: ClassVar[bool] = False  # True: `merge` folds the entries a compression drops into kept ones
     allocates: ClassVar[bool] = False  # True: `allocate` runs after every observed step (cross-layer budgets)
+    row_scratch: ClassVar[tuple[str, ...]] = ()  # layer scratch tensors [B, ...] that follow beam reorders
 
     def validate(self, budget: int | None) -> None:
         """Raise ValueError for hyperparameters that cannot work with this budget (before any model runs)."""

@@ -9,35 +9,22 @@ from kvexp.methods.base import Method, register
 from kvexp.methods.scoring import prerope_queries, step_queries
 
 
-@dataclass
-class QueryStats:
-    """Running moments of one layer's pre-RoPE queries per query head, merged step by step with Chan et al.'s
-    parallel update: a centred sum of squares in fp32 stays accurate where E[qq^T] - mu mu^T would cancel."""
-
-    count: int
-    mean: torch.Tensor  # [H, D]
-    m2: torch.Tensor | None  # [H, D, D] sum of (q - mean)(q - mean)^T; None without the covariance term
-
-    @classmethod
-    def empty(cls, heads: int, dim: int, device: torch.device, covariance: bool) -> QueryStats:
-        m2 = torch.zeros(heads, dim, dim, device=device) if covariance else None
-        return cls(0, torch.zeros(heads, dim, device=device), m2)
-
-    def add(self, queries: torch.Tensor) -> None:
-        """Merge queries [H, n, D] (fp32) into the moments."""
-        n = queries.shape[1]
-        total = self.count + n
-        batch_mean = queries.mean(dim=1)
-        delta = batch_mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        if self.m2 is not None:
-            centred = queries - batch_mean[:, None]
-            outer = delta[:, :, None] * delta[:, None, :]
-            self.m2 = self.m2 + centred.transpose(1, 2) @ centred + outer * (self.count * n / total)
-        self.count = total
-
-    def covariance(self) -> torch.Tensor | None:
-        return None if self.m2 is None else self.m2 / self.count  # biased, as the reference
+def add_query_moments(stats: dict, queries: torch.Tensor, covariance: bool) -> None:
+    """Merge queries [B, H, n, D] (fp32) into the running per-row moments in `stats` (`count`, `mean` [B, H, D],
+    `m2` [B, H, D, D]: the sum of (q - mean)(q - mean)^T, with the covariance term) by Chan et al.'s parallel
+    update: a centred sum of squares stays accurate in fp32 where E[qq^T] - mu mu^T would cancel."""
+    n, count = queries.shape[2], stats.get("count", 0)
+    total = count + n
+    batch_mean = queries.mean(dim=2)
+    mean = stats.get("mean", torch.zeros_like(batch_mean))
+    delta = batch_mean - mean
+    stats["mean"] = mean + delta * (n / total)
+    if covariance:
+        centred = queries - batch_mean[:, :, None]
+        outer = delta[..., :, None] * delta[..., None, :]
+        m2 = stats.get("m2", torch.zeros_like(outer))
+        stats["m2"] = m2 + centred.transpose(-1, -2) @ centred + outer * (count * n / total)
+    stats["count"] = total
 
 
 def mean_rotation(rotary: Rotary, start: int, steps: int, dim: int) -> torch.Tensor:
@@ -75,8 +62,7 @@ class ExpectedAttention(Method):
     model has one, as kvpress's `get_prerope_query_states`). Deviations: the statistics are running sums over
     every step (prefill, chunks, decode), so the method runs at any step, not once per prefill (kvpress's
     DecodingPress recomputes them from buffered hidden states); the softmax also excludes dead slots. The
-    statistics live on the layer (`layer.query_stats`), not in per-slot state, and are not moved by batch or
-    beam operations: batch size 1 only.
+    statistics are per batch row, in the layer's scratch space (`row_scratch`: they follow beam reorders).
     """
 
     name = "expected_attention"
@@ -84,6 +70,7 @@ class ExpectedAttention(Method):
         "expected attention of future queries modelled as a Gaussian, times value norms (Devoto et al. 2025)"
     )
     observes = True
+    row_scratch = ("mean", "m2")  # each row's query moments [B, H, D], [B, H, D, D]
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True
@@ -103,37 +90,29 @@ class ExpectedAttention(Method):
             raise ValueError(f"method.epsilon must be >= 0, got {self.epsilon}")
 
     def observe(self, layer, query: torch.Tensor) -> None:
-        if query.shape[0] != 1:
-            raise NotImplementedError(
-                f"method {self.name}: batch size 1 only (got {query.shape[0]}); its per-layer query statistics "
-                "are not moved by batch or beam operations"
-            )
-        if layer.seen == layer.new_tokens:  # the sequence's first step (a reset cache starts over too)
-            layer.query_stats = QueryStats.empty(
-                query.shape[1], query.shape[3], query.device, self.use_covariance
-            )
         query, positions = step_queries(layer, query)
-        queries = prerope_queries(query, positions, layer.options.rotary)[0]  # [H, q, D]
-        counted = positions[0] >= self.n_sink  # sink positions and padding (-1) left out
+        queries = prerope_queries(query, positions, layer.options.rotary)  # [B, H, q, D]
+        counted = positions[0] >= self.n_sink  # sink positions and padding (-1) left out (rows go in step)
         if counted.any():
-            layer.query_stats.add(queries[:, counted])
+            add_query_moments(layer.scratch(self), queries[:, :, counted], self.use_covariance)
 
     def score(self, layer) -> torch.Tensor:
-        stats = layer.query_stats
-        mean, cov = stats.mean, stats.covariance()
+        stats = layer.scratch(self)
+        mean = stats["mean"]  # [B, H, D]
+        cov = stats["m2"] / stats["count"] if self.use_covariance else None  # biased, as the reference
         rotary = layer.options.rotary
         if rotary is not None:
             start = int(layer.positions.max()) + 1  # the next token's position
             rotation = mean_rotation(rotary, start, self.n_future_positions, mean.shape[-1])
             mean = mean @ rotation.T
             cov = None if cov is None else rotation @ cov @ rotation.T
-        kv_heads, dim = layer.kv_heads, mean.shape[-1]
+        batch, kv_heads, dim = mean.shape[0], layer.kv_heads, mean.shape[-1]
         keys = layer.keys.float()  # [B, Hkv, n, D]
         scale = layer.scaling
-        logits = torch.einsum("hgd,bhnd->bhgn", mean.view(kv_heads, -1, dim), keys) * scale
+        logits = torch.einsum("bhgd,bhnd->bhgn", mean.view(batch, kv_heads, -1, dim), keys) * scale
         if self.use_covariance:
-            cov = cov.view(kv_heads, -1, dim, dim)
-            quadratic = torch.einsum("bhnd,hgde,bhne->bhgn", keys, cov, keys)
+            cov = cov.view(batch, kv_heads, -1, dim, dim)
+            quadratic = torch.einsum("bhnd,bhgde,bhne->bhgn", keys, cov, keys)
             logits = logits + quadratic * (scale * scale / 2)
         sinks = (layer.positions >= 0) & (layer.positions < self.n_sink)
         logits = logits.masked_fill((sinks | ~layer.live())[:, :, None], float("-inf"))

@@ -161,12 +161,15 @@ class GenerationSetup(Loaded):
 
 @dataclass(frozen=True)
 class Decoding:
-    """How answer tokens are chosen: greedy by default; sampling is seeded."""
+    """How answer tokens are chosen: greedy by default; sampling is seeded; `num_beams` > 1: beam search (with
+    `length_penalty`, transformers' default semantics)."""
 
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
 
 
 @dataclass
@@ -273,22 +276,13 @@ def generate_answer(
         if question.shape[1]:
             cache.admit(question.shape[1])
             logits = _forward(model, question, cache, None)
-    token = _pick(logits, decoding, generator)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    ttft = time.perf_counter() - start
-
-    tokens, steps, stopped = [int(token)], [], False
-    while len(tokens) < max_new_tokens and tokens[-1] not in eos and not stopped:
-        t0 = time.perf_counter()
-        logits = model(token[:, None], past_key_values=cache).logits[:, -1].float()
-        token = _pick(logits, decoding, generator)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        steps.append(time.perf_counter() - t0)
-        tokens.append(int(token))
-        if stop:
-            _, stopped = _cut(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+    if decoding.num_beams > 1:
+        search = BeamSearch(decoding.num_beams, decoding.length_penalty, max_new_tokens, eos, tokenizer, stop)
+        tokens, ttft, steps = search.run(model, cache, logits, start)
+    else:
+        tokens, ttft, steps = _sample_tokens(
+            model, tokenizer, cache, logits, start, decoding, generator, max_new_tokens, eos, stop
+        )
     text, _ = _cut(tokenizer.decode(tokens, skip_special_tokens=True), stop)
     return GenerationResult(
         id=sample_id,
@@ -301,11 +295,110 @@ def generate_answer(
         kv=cache.stats(),
         # Each layer's largest physical length (a one-forward prefill holds the whole context until it is
         # compressed; chunked prefill holds budget + chunk), summed over layers.
-        kv_peak_bytes=sum(
-            layer.peak_length * layer.slot_bytes for layer in cache.layers if layer.is_initialized
-        ),
+        kv_peak_bytes=sum(layer.peak_bytes for layer in cache.layers if layer.is_initialized),
         budget=budget,
     )
+
+
+def _synchronize(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _sample_tokens(
+    model, tokenizer, cache, logits, start, decoding, generator, max_new_tokens, eos, stop
+) -> tuple[list[int], float, list[float]]:
+    """Greedy or sampled decoding from the prompt's last logits [1, V]: (answer tokens, TTFT, later step times)."""
+    token = _pick(logits, decoding, generator)
+    _synchronize(model)
+    ttft = time.perf_counter() - start
+    tokens, steps, stopped = [int(token)], [], False
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos and not stopped:
+        t0 = time.perf_counter()
+        logits = model(token[:, None], past_key_values=cache).logits[:, -1].float()
+        token = _pick(logits, decoding, generator)
+        _synchronize(model)
+        steps.append(time.perf_counter() - t0)
+        tokens.append(int(token))
+        if stop:
+            _, stopped = _cut(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+    return tokens, ttft, steps
+
+
+@dataclass
+class BeamSearch:
+    """Beam search over the cache's batch rows, with transformers' semantics (`generate(num_beams=k)`, its default
+    `early_stopping=False`): each step ranks the top 2k (more with several EOS ids) continuations of the k running
+    beams by summed log-probability; a continuation that ends (EOS, `max_new_tokens`, a stop string) and ranks
+    within the first k becomes a finished hypothesis scored sum / length ** `length_penalty`, and the best k
+    finished are kept; the k best that go on become the next beams, and the cache rows are reordered to follow
+    them (`KVCache.reorder_cache`: every slot buffer, the method's per-slot state and its per-row scratch), so each
+    beam's cache is the one its own tokens would have built. The search ends when every candidate ended or no
+    running beam can still beat the worst of k finished hypotheses at its current length. The prompt is prefilled
+    once (batch 1); the first step copies its row to the k beams."""
+
+    beams: int
+    length_penalty: float
+    max_new_tokens: int
+    eos: set[int]
+    tokenizer: Any
+    stop: Sequence[str]
+
+    def ended(self, tokens: list[int]) -> bool:
+        if tokens[-1] in self.eos or len(tokens) >= self.max_new_tokens:
+            return True
+        return bool(self.stop) and _cut(self.tokenizer.decode(tokens, skip_special_tokens=True), self.stop)[1]
+
+    def run(
+        self, model, cache: KVCache, logits: torch.Tensor, start: float
+    ) -> tuple[list[int], float, list[float]]:
+        """From the prompt's last logits [1, V]: (the best hypothesis' tokens, TTFT, later step times)."""
+        k, device = self.beams, logits.device
+        width = max(2, 1 + len(self.eos)) * k  # candidates ranked per step: enough to keep k beams running
+        running: list[list[int]] = [[]]  # the beams' tokens so far (one empty beam before the first step)
+        running_scores = torch.zeros(1, device=device)  # [beams] summed log-probabilities
+        finished: list[list[int]] = []  # the best k ended hypotheses, best first
+        # [k] their length-penalized scores, best first; _EMPTY: a free place
+        finished_scores = torch.full((k,), _EMPTY, device=device)
+        improvable, ttft, steps, step_start = True, 0.0, [], None
+        while True:
+            summed = torch.log_softmax(logits, dim=-1) + running_scores[:, None]  # [beams, V]
+            top_scores, top_index = summed.flatten().topk(min(width, summed.numel()))
+            origin = (top_index // summed.shape[-1]).tolist()
+            tokens = (top_index % summed.shape[-1]).tolist()
+            candidates = [running[b] + [t] for b, t in zip(origin, tokens, strict=True)]
+            ends = torch.tensor([self.ended(c) for c in candidates], device=device)
+            length = len(candidates[0]) ** self.length_penalty
+            # Ended candidates ranked within the first k compete with the kept hypotheses, unless no hypothesis
+            # can improve any more.
+            entering = ends & (torch.arange(len(candidates), device=device) < k) & improvable
+            merged = torch.cat([finished_scores, (top_scores / length).masked_fill(~entering, _EMPTY)])
+            pool = finished + [None] * (k - len(finished)) + candidates
+            kept = merged.topk(k).indices.tolist()
+            finished = [pool[i] for i in kept if merged[i] > _EMPTY]
+            finished_scores = merged[kept]
+            # The k best that did not end go on (ended ones only when fewer are left); their cache rows follow.
+            going_scores = top_scores.masked_fill(ends, _EMPTY)
+            going = going_scores.topk(k).indices
+            running_scores = going_scores[going]
+            running = [candidates[i] for i in going.tolist()]
+            cache.reorder_cache(torch.tensor([origin[i] for i in going.tolist()], device=device))
+            _synchronize(model)
+            if step_start is None:
+                ttft = time.perf_counter() - start
+            else:
+                steps.append(time.perf_counter() - step_start)
+            # Can the best running beam (at its current length) still beat the worst of k finished hypotheses?
+            worst = float(finished_scores.min()) if len(finished) == k else _EMPTY
+            improvable = improvable and float(running_scores[0]) / length > worst
+            if not improvable or bool(ends.all()):
+                return finished[0], ttft, steps
+            step_start = time.perf_counter()
+            last = torch.tensor([[beam[-1]] for beam in running], device=device)
+            logits = model(last, past_key_values=cache).logits[:, -1].float()
+
+
+_EMPTY = -1.0e9  # the score of a free place among the finished hypotheses, and of a beam that cannot go on
 
 
 def sentence_lines(text: str) -> str:

@@ -239,7 +239,14 @@ def generation_settings(cfg: DictConfig) -> dict[str, Any]:
     """run_generation's decoding settings from `eval` (sample i samples with seed + i)."""
     return {
         "protocol": cfg.eval.protocol,
-        "decoding": Decoding(cfg.eval.do_sample, cfg.eval.temperature, cfg.eval.top_p, cfg.seed),
+        "decoding": Decoding(
+            cfg.eval.do_sample,
+            cfg.eval.temperature,
+            cfg.eval.top_p,
+            cfg.seed,
+            cfg.eval.num_beams,
+            cfg.eval.length_penalty,
+        ),
         "max_new_tokens": cfg.eval.max_new_tokens,
         "prefill_chunk_size": cfg.eval.prefill_chunk_size,
     }
