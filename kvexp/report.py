@@ -285,7 +285,11 @@ def tables(summaries: list[dict[str, Any]]) -> str:
 
     out = []
     for (group, budget), runs in sorted(groups.items(), key=order):
-        metrics = _ordered({m for s in runs for m in quality_metrics(s["metrics_after"])})
+        # The overall scores: the per-cell breakdowns (`by.<key>.<value>...`) have their own grid in the console
+        # summary and their own plots, and unlabelled they would read as more overall columns.
+        metrics = _ordered(
+            {m for s in runs for m in quality_metrics(s["metrics_after"]) if not m.startswith("by.")}
+        )
         full = next((s for s in runs if s["method"]["name"] == "full"), None)
         first = next((s for s in runs if s.get("metrics_before")), None)
         table = []  # (label, timing, quality values, kept, the same run's full-cache timing, its summary)
@@ -330,7 +334,7 @@ def tables(summaries: list[dict[str, Any]]) -> str:
             f"(the CUDA allocator's on GPU; on CPU the process's peak RSS, which never falls within one process). "
             f"{baseline}*\n"
         )
-        names = [_metric_title(m) for m in metrics]
+        names = _metric_titles(metrics)
         out.append(
             "| method | TTFT (s) | TPOT (ms) | throughput (tok/s) | "
             + " | ".join(names)
@@ -347,7 +351,7 @@ def tables(summaries: list[dict[str, Any]]) -> str:
             )
         if source and len(table) > 1:
             base_values = table[0][2]
-            lower = [_metric_title(m) for m in metrics if lower_is_better(m)]
+            lower = [n for m, n in zip(metrics, names, strict=True) if lower_is_better(m)]
             out.append(
                 "\n*% change of each run against the full cache: quality against `full (baseline)` above"
                 + (f" (lower {', '.join(lower)} is better, higher for the rest)" if lower else "")
@@ -369,8 +373,11 @@ def tables(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def _metric_title(name: str) -> str:
-    return {"perplexity": "PPL"}.get(name, name.split(".")[-1])
+def _metric_titles(metrics: list[str]) -> list[str]:
+    """Column titles: a metric's last name part (`qa.f1` -> f1, `perplexity` -> PPL), its full name where two
+    metrics would share a title (`qa.accuracy` and `qa_all.accuracy`)."""
+    short = [{"perplexity": "PPL"}.get(m, m.split(".")[-1]) for m in metrics]
+    return [m if short.count(t) > 1 else t for m, t in zip(metrics, short, strict=True)]
 
 
 # -- plots ------------------------------------------------------------------------------------------------------

@@ -153,6 +153,32 @@ def test_generation_metrics_get_columns_and_changes(tmp_path):
     assert "samples_after" not in row
 
 
+def test_tables_show_the_overall_scores_under_titles_that_name_them(tmp_path):
+    """passkey's per-cell breakdown (`by`) stays out of the tables (unlabelled it read as more overall columns),
+    and two families sharing a score name get their full names."""
+    summary = _summary("snapkv", 0.0, 0.0, 100)
+    summary["dataset"] = "passkey"
+    cell = {"qa": {"accuracy": 0.0, "f1": 0.1}}
+    by = {"depth": {"0.25": cell, "0.75": cell}, "length/depth": {"1024/0.25": cell}}
+    summary["metrics_before"] = {
+        "qa": {"accuracy": 0.5, "f1": 0.6},
+        "qa_all": {"accuracy": 0.75},
+        "samples": 4,
+    }
+    summary["metrics_after"] = {
+        "qa": {"accuracy": 0.25, "f1": 0.3},
+        "qa_all": {"accuracy": 0.5},
+        "samples": 4,
+        "by": by,
+    }
+    text = tables(_write(tmp_path, [summary]))
+    header = next(line for line in text.splitlines() if line.startswith("| method | TTFT"))
+    assert "| qa.accuracy | f1 | qa_all.accuracy | KV kept |" in header
+    assert "| full (baseline) | 1.0000 | 20.00 | 50.00 | 50.00% | 60.00% | 75.00% | 1999 |" in text
+    assert "| snapkv | +100.0% | -50.0% | -50.0% | -50.0% | -33.3% |" in text
+    assert "by." not in text and "0.25" not in text
+
+
 def test_pareto_front_keeps_only_undominated_points():
     points = [(0.5, 12.0), (0.5, 11.0), (0.75, 13.0), (0.75, 20.0), (0.9, 12.5), (0.25, 11.5)]
     # Perplexity: lower is better. (0.9, 12.5) beats (0.75, 13.0); (0.5, 11.0) beats (0.25, 11.5).
