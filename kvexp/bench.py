@@ -11,6 +11,10 @@ Cases (issue 8), on the embedded model unless `--model` says otherwise:
   P3  peak memory of a chunked prefill of `--context` tokens with `--budget` / `--chunk` vs the full cache:
       peak KV bytes (target <= 1.2 x (budget + chunk) tokens' worth) and the process's peak RSS, each case in
       its own process (peak RSS is process-wide and never goes down).
+  P4  aten ops dispatched per decode step (a TorchDispatchMode counter, independent of the hardware's speed):
+      the plain model at `--short-context` and each P1 method's compressed cache, full at `--budget` so every
+      step evicts, amortized over `--op-steps` steps; per step, per layer, and the ratio to plain (target <= 1.15).
+      On a GPU most ops are a kernel launch each, so this ratio bounds a compressed step's launch overhead.
   P5  evaluation throughput: streaming perplexity (one token per step, budget `--budget`) in tokens/s vs plain
       decode at `--short-context` (target >= 90 %).
 Writes `<out>/bench.json` and `<out>/bench.md` and prints the table with each target met or missed by how much.
@@ -21,6 +25,7 @@ Writes `<out>/bench.json` and `<out>/bench.md` and prints the table with each ta
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 import statistics
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from kvexp.engine import use_kvexp_attention
@@ -43,7 +49,7 @@ from kvexp.tracking import atomic_write_json, atomic_write_text
 P1_METHODS = ("streaming_llm", "knorm", "snapkv", "h2o", "tova")
 PREFILL_SCORERS = ("knorm", "snapkv", "pyramidkv", "expected_attention")
 PER_STEP_METHODS = ("streaming_llm", "knorm", "h2o", "tova")
-TARGETS = {"P1": 1.10, "P2_prefill": 0.03, "P2_decode": 0.05, "P3": 1.2, "P5": 0.90}
+TARGETS = {"P1": 1.10, "P2_prefill": 0.03, "P2_decode": 0.05, "P3": 1.2, "P4": 1.15, "P5": 0.90}
 
 
 def _sync(device: torch.device) -> None:
@@ -203,6 +209,61 @@ def _vm_hwm_bytes() -> int | None:
     return None
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active, by name (views included: each is a dispatch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def count_decode_ops(model, ids: torch.Tensor, cache, steps: int) -> collections.Counter[str]:
+    """The aten ops of `steps` teacher-forced decode steps of ids [1, >= steps + 1] (the first step, uncounted,
+    warms up lazily built state), summed by op name."""
+    model(ids[:, :1], past_key_values=cache)
+    with OpCounter() as counter:
+        for i in range(1, steps + 1):
+            model(ids[:, i : i + 1], past_key_values=cache)
+    return counter.ops
+
+
+def p4_ops(model, ids, args) -> dict[str, dict[str, Any]]:
+    """aten ops per decode step: the plain model, then each method with its cache full (every step evicts)."""
+    layers, steps = model.config.num_hidden_layers, args.op_steps
+    model.set_attn_implementation("sdpa")
+    cache = DynamicCache(config=model.config)
+    _prefill(model, ids[:, : args.short_context], cache, args.chunk)
+    plain = count_decode_ops(model, ids[:, args.short_context :], cache, steps)
+    plain_step = sum(plain.values()) / steps
+    out = {"plain": {"ops_per_step": plain_step, "ops_per_layer": plain_step / layers, "ratio_to_plain": 1.0}}
+    use_kvexp_attention(model)
+    filled = (
+        2 * args.budget
+    )  # the budget full after the prefill: each decode step writes one slot, evicts one
+    for method in args.methods:
+        cache = make_cache(model, method, budget=args.budget)
+        _prefill(model, ids[:, :filled], cache, args.chunk)
+        before = sum(layer.compressions for layer in cache.layers)
+        ops = count_decode_ops(model, ids[:, filled:], cache, steps)
+        evictions = sum(layer.compressions for layer in cache.layers) - before
+        per_step = sum(ops.values()) / steps
+        extra = {k: (v - plain.get(k, 0)) / steps / layers for k, v in ops.items()}
+        out[method] = {
+            "ops_per_step": per_step,
+            "ops_per_layer": per_step / layers,
+            "extra_per_layer": (per_step - plain_step) / layers,
+            "ratio_to_plain": per_step / plain_step,
+            "evictions_per_step": evictions / (steps + 1) / layers,  # the uncounted warm-up step included
+            "top_extra_per_layer": dict(sorted(extra.items(), key=lambda kv: -kv[1])[:12]),
+        }
+    return out
+
+
 def p5_throughput(model, ids, args, plain_short_ms: float) -> dict[str, dict[str, float]]:
     """Streaming perplexity tokens/s (chunk 1) vs plain decode tokens/s at the short context."""
     out = {}
@@ -283,6 +344,24 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {r['peak_kv_bytes'] / 2**20:.1f} | {r['peak_kv_ratio']:.2f} | {growth} | {rss / 2**20:.0f} | {verdict} |"
             )
+    if results.get("P4"):
+        lines += [
+            "\n**P4 aten ops per decode step** (amortized; hardware-independent)\n",
+            "| case | ops/step | ops/layer | extra/layer | / plain | evictions/layer/step | target |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in results["P4"].items():
+            verdict = (
+                ""
+                if name == "plain"
+                else f"<= {TARGETS['P4']:.2f}: {_verdict(r['ratio_to_plain'], TARGETS['P4'])}"
+            )
+            extra = "" if name == "plain" else f"{r['extra_per_layer']:.1f}"
+            evictions = "" if name == "plain" else f"{r['evictions_per_step']:.2f}"
+            lines.append(
+                f"| {name} | {r['ops_per_step']:.0f} | {r['ops_per_layer']:.1f} | {extra} | "
+                f"{r['ratio_to_plain']:.2f} | {evictions} | {verdict} |"
+            )
     lines += [
         "\n**P5 evaluation throughput**\n",
         "| case | tokens/s | / plain decode | target |",
@@ -310,6 +389,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--op-steps", type=int, default=64, help="P4: decode steps the op counts average over"
+    )
     parser.add_argument("--methods", default=",".join(P1_METHODS))
     parser.add_argument("--prefill-methods", default=",".join(PREFILL_SCORERS))
     parser.add_argument("--step-methods", default=",".join(PER_STEP_METHODS))
@@ -328,7 +410,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("methods", "prefill_methods", "step_methods", "p5_methods"):
         setattr(args, name, [m for m in getattr(args, name).split(",") if m])
     model, tokenizer = load_model_by_name(args.model, args.hardware)
-    needed = max(args.context, args.p2_context, args.p5_tokens) + args.steps
+    needed = max(args.context, args.p2_context, args.p5_tokens, 2 * args.budget) + max(
+        args.steps, args.op_steps + 1
+    )
     ids = _tokens(tokenizer, needed).to(model.device)
     machine = (
         f"{args.model} on {model.device} ({model.dtype}), torch {torch.__version__}, threads={torch.get_num_threads()}, "
@@ -340,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["P1"] = p1_decode(model, ids, args)
     results["P2"] = p2_overhead(model, ids, args)
     results["P3"] = {} if args.skip_p3 else p3_memory(args)
+    results["P4"] = p4_ops(model, ids, args)
     results["P5"] = p5_throughput(
         model, ids, args, results["P1"][f"plain@{args.short_context}"]["ms_per_token"]
     )

@@ -1,0 +1,40 @@
+"""`make bench` (kvexp.bench) in a smoke run on a tiny random model, and its op counter against a hand count."""
+
+import json
+
+import torch
+
+from kvexp import bench
+
+
+def test_op_counter_counts_each_dispatched_op():
+    with bench.OpCounter() as counter:
+        x = torch.ones(3)  # aten.ones
+        y = (x + 1).sum()  # aten.add.Tensor, aten.sum
+        y.view(1)  # aten.view
+    assert counter.ops == {
+        "aten.ones.default": 1,
+        "aten.add.Tensor": 1,
+        "aten.sum.default": 1,
+        "aten.view.default": 1,
+    }
+
+
+def test_bench_smoke_run_writes_every_section(tmp_path):
+    args = ["--model", "tiny_llama", "--context", "192", "--short-context", "64", "--p2-context", "128",
+            "--p5-tokens", "48", "--budget", "48", "--chunk", "16", "--steps", "4", "--warmup", "1", "--repeats", "1",
+            "--op-steps", "6", "--skip-p3", "--methods", "streaming_llm,h2o", "--prefill-methods", "snapkv",
+            "--step-methods", "h2o", "--p5-methods", "h2o", "--out", str(tmp_path)]  # fmt: skip
+    results = bench.main(args)
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["P4"].keys() == {"plain", "streaming_llm", "h2o"}
+    layers = 2  # tiny_llama
+    for name, r in written["P4"].items():
+        assert r["ops_per_step"] == r["ops_per_layer"] * layers
+        if name != "plain":
+            assert r["evictions_per_step"] == 1.0  # a full cache: every layer evicts once per step
+            assert r["ratio_to_plain"] == r["ops_per_step"] / written["P4"]["plain"]["ops_per_step"]
+            assert r["extra_per_layer"] > 0  # eviction is not free
+    text = (tmp_path / "bench.md").read_text()
+    assert "**P4 aten ops per decode step**" in text and "| h2o |" in text and "<= 1.15:" in text
+    assert set(results) >= {"P1", "P2", "P4", "P5"}
