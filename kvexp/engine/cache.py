@@ -307,17 +307,22 @@ class CompressedLayer(DynamicLayer):
         self._refresh_views()
 
     def _refresh_views(self) -> None:
-        if self.storage is None:
-            self.keys = self._k[:, :, : self.length]
-            self.values = self._v[:, :, : self.length]
-        else:
-            self.keys = self.values = None  # a step's decoded copy is stale once the slots change
+        # Dropped, not rebuilt: `keys` / `values` make the views of the slots in use when next read (a compression
+        # followed by the next step's write would otherwise build them twice). With a storage, the step's
+        # decoded copy is stale once the slots change. Differentiable mode builds them now: a view made under a
+        # method's no_grad could not be written with autograd (a merge).
+        self.keys = self.values = None
+        if self.options.differentiable and self.storage is None and self.is_initialized:
+            self.keys, self.values = self._k.narrow(2, 0, self.length), self._v.narrow(2, 0, self.length)
 
-    # With a storage, `keys` / `values` are the step's dense copy, or a transient decoding between steps.
+    # Dense: views of the first `length` slots. With a storage: the step's dense copy, or a transient decoding
+    # between steps.
     @property
     def keys(self) -> torch.Tensor | None:
-        if self._keys is None and self.storage is not None:
-            return self.storage.decode_keys(self)
+        if self._keys is None and self.is_initialized:
+            if self.storage is not None:
+                return self.storage.decode_keys(self)
+            self._keys = self._k.narrow(2, 0, self.length)
         return self._keys
 
     @keys.setter
@@ -326,8 +331,10 @@ class CompressedLayer(DynamicLayer):
 
     @property
     def values(self) -> torch.Tensor | None:
-        if self._values is None and self.storage is not None:
-            return self.storage.decode_values(self)
+        if self._values is None and self.is_initialized:
+            if self.storage is not None:
+                return self.storage.decode_values(self)
+            self._values = self._v.narrow(2, 0, self.length)
         return self._values
 
     @values.setter
@@ -355,16 +362,21 @@ class CompressedLayer(DynamicLayer):
             # With a budget the steady state is budget + one step; without one, grow geometrically.
             floor = needed if self.budget is not None else 2 * self.capacity
             self._resize(max(needed, floor, 16))
-        end = self.length + q
+        start, end = self.length, self.length + q
+        # narrow + copy_/fill_: two dispatched ops per buffer (slice assignment costs up to five).
         if self.storage is None:
-            self._k[:, :, self.length : end] = key_states
-            self._v[:, :, self.length : end] = value_states
-        self._bias[:, :, self.length : end] = 0.0
-        self._pos[:, :, self.length : end] = torch.arange(self.seen, self.seen + q, device=self.device)
+            self._k.narrow(2, start, q).copy_(key_states)
+            self._v.narrow(2, start, q).copy_(value_states)
+        self._bias.narrow(2, start, q).fill_(0.0)
+        positions = self._pos.narrow(2, start, q)
+        if q == 1:
+            positions.fill_(self.seen)
+        else:
+            positions.copy_(torch.arange(self.seen, self.seen + q, device=self.device))
         for name, t in self._state.items():
-            t[:, :, self.length : end] = self.evictor.initial_state(name)
+            t.narrow(2, start, q).fill_(self.evictor.initial_state(name))
         if "rope_pos" in self._state:
-            self._state["rope_pos"][:, :, self.length : end] = self._pos[:, :, self.length : end].float()
+            self._state["rope_pos"].narrow(2, start, q).copy_(positions)
         self.length, self.seen, self.new_tokens = end, self.seen + q, q
         self.peak_length = max(self.peak_length, end)
         self.peak_bytes = max(self.peak_bytes, end * self.slot_bytes)
@@ -377,16 +389,18 @@ class CompressedLayer(DynamicLayer):
 
     def record_new_tokens(self, position_ids: torch.Tensor | None, token_mask: torch.Tensor | None) -> None:
         """Store the true positions of this step's tokens and kill padding slots (called by the attention fn)."""
-        start, end = self.length - self.new_tokens, self.length
+        q = self.new_tokens
+        start, end = self.length - q, self.length
+        positions = self._pos.narrow(2, start, q)
         if position_ids is not None:
-            self._pos[:, :, start:end] = position_ids.to(self.device)[:, None, -self.new_tokens :]
+            positions.copy_(position_ids.to(self.device)[:, None, -q:])  # [B, 1, q] broadcast over the heads
         if token_mask is not None:
             pad = ~token_mask.to(self.device)[:, None, :].expand(-1, self.kv_heads, -1)
             self._bias[:, :, start:end].masked_fill_(pad, float("-inf"))
-            self._pos[:, :, start:end].masked_fill_(pad, -1)
+            positions.masked_fill_(pad, -1)
             self.has_bias = True
         if "rope_pos" in self._state:
-            self._state["rope_pos"][:, :, start:end] = self._pos[:, :, start:end].float()
+            self._state["rope_pos"].narrow(2, start, q).copy_(positions)
 
     # -- views methods read -----------------------------------------------------------------------------------
     @property
@@ -464,7 +478,11 @@ class CompressedLayer(DynamicLayer):
         was_live = self.live() if self.evictor.merges else None
         counts = self._head_counts(scores, target)
         kill = None
-        if counts is None:
+        if counts is None and n - target == 1 and was_live is None and not self.options.differentiable:
+            # One entry out (a decode step at a full budget): the last slot, this step's token, moves into the
+            # lowest-scored slot of each head, the layout the general compaction below gives, in a few ops.
+            self._move_last_into(scores.argmin(dim=-1, keepdim=True))
+        elif counts is None:
             # Usually a step evicts a handful of entries: select those (topk with a small k), not the kept set.
             evict = scores.topk(n - target, dim=-1, largest=False).indices
             kept = torch.ones_like(scores, dtype=torch.bool).scatter_(2, evict, False)
@@ -483,7 +501,8 @@ class CompressedLayer(DynamicLayer):
         if kill is not None:
             self._bias[:, :, :n].masked_fill_(kill, float("-inf"))
             self.has_bias = True
-        self._compact(kept, target)
+        if self.length > target:  # not done by the single-entry path above
+            self._compact(kept, target)
         if self.options.positions == "rerotate":
             self._rerotate()
         self.compressions += 1
@@ -566,6 +585,22 @@ class CompressedLayer(DynamicLayer):
                 else:
                     t.scatter_(2, hole, t.gather(2, src))
         self.length = k
+        self._shrink_if_oversized()
+        self._refresh_views()
+
+    def _move_last_into(self, slot: torch.Tensor) -> None:
+        """Drop one entry per row: the last slot's contents move into `slot` [B, Hkv, 1] (itself when it is the
+        lowest), every buffer alike."""
+        last = self.length - 1
+        expanded: dict[int, torch.Tensor] = {}  # the index per trailing size (K and V share one)
+        for t in self._buffers():
+            index = slot
+            if t.dim() == 4:
+                if t.shape[-1] not in expanded:
+                    expanded[t.shape[-1]] = slot[..., None].expand(-1, -1, -1, t.shape[-1])
+                index = expanded[t.shape[-1]]
+            t.scatter_(2, index, t.narrow(2, last, 1))
+        self.length = last
         self._shrink_if_oversized()
         self._refresh_views()
 

@@ -32,24 +32,30 @@ def step_queries(layer: CompressedLayer, query: torch.Tensor) -> tuple[torch.Ten
 
 
 def attention_probs(
-    layer: CompressedLayer, queries: torch.Tensor, query_positions: torch.Tensor, scaling: float
+    layer: CompressedLayer,
+    queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    newest: bool = False,
 ) -> torch.Tensor:
     """Softmax attention [B, Hkv, G, r, n] of queries [B, H, r, D] over the layer's slots (fp32).
 
     A query at position p sees a slot iff the slot is live and holds a position <= p: the engine's mask
     (bias, causality inside a chunk, padding) for this step's queries, and the right causal view for queries
-    remembered from earlier steps.
+    remembered from earlier steps. `newest`: the queries are the layer's newest token (a decode step), which sees
+    every slot, so the causal comparison is skipped.
     """
     batch, heads, rows, dim = queries.shape
     kv_heads, groups = layer.kv_heads, heads // layer.kv_heads
-    grouped = queries.float().reshape(batch, kv_heads, groups, rows, dim)
-    logits = torch.einsum("bhgrd,bhnd->bhgrn", grouped, layer.keys.float()) * scaling
+    grouped = queries.float().reshape(batch * kv_heads, groups * rows, dim)  # rows g*r + i
+    keys = layer.keys.float().flatten(0, 1)  # [B*Hkv, n, D]
+    logits = torch.bmm(grouped, keys.transpose(1, 2)).view(batch, kv_heads, groups, rows, -1) * scaling
     if layer.has_bias:
         logits = logits + layer.bias[:, :, None, None, :]
-    future = (
-        layer.positions[:, :, None, None, :] > query_positions[:, None, None, :, None]
-    )  # [B, Hkv, 1, r, n]
-    logits = logits.masked_fill(future, float("-inf"))
+    if not newest:
+        # [B, Hkv, 1, r, n]: slot position after the query's (views insert the unit dims in one op each)
+        future = layer.positions.view(batch, kv_heads, 1, 1, -1) > query_positions.view(batch, 1, 1, rows, 1)
+        logits = logits.masked_fill(future, float("-inf"))
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that sees nothing contributes 0
 
 
@@ -59,6 +65,8 @@ def column_sums(layer: CompressedLayer, query: torch.Tensor, block: int = 256) -
     Accumulated over blocks of `block` query rows, so a long prefill never holds the L x L matrix.
     """
     query, positions = step_queries(layer, query)
+    if query.shape[2] == 1:  # a decode step: the newest token, which sees every slot
+        return attention_probs(layer, query, positions, layer.scaling, newest=True).sum(dim=3)
     total = None
     for first in range(0, query.shape[2], block):
         rows = slice(first, first + block)

@@ -29,6 +29,6 @@ class StreamingLLM(Method):
             )
 
     def score(self, layer) -> torch.Tensor:
-        positions = layer.positions.float()  # padding is -1 and dead anyway
-        sink = (layer.positions >= 0) & (layer.positions < self.sink_tokens)
-        return positions.masked_fill(sink, float("inf"))
+        positions = layer.positions  # padding is -1 and dead anyway
+        sink = (positions >= 0) & (positions < self.sink_tokens)
+        return positions.float().masked_fill(sink, float("inf"))

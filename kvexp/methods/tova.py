@@ -23,12 +23,11 @@ class TOVA(Method):
 
     def observe(self, layer, query: torch.Tensor) -> None:
         query, positions = step_queries(layer, query)
-        probs = attention_probs(
-            layer, query[:, :, -1:], positions[:, -1:], layer.scaling
-        )  # [B, Hkv, G, 1, n]
-        layer.state("last_attention").copy_(
-            probs.mean(dim=(1, 2, 3))[:, None, :].expand(-1, layer.kv_heads, -1)
-        )
+        if query.shape[2] > 1:
+            query, positions = query[:, :, -1:], positions[:, -1:]
+        # The step's last token sees every slot: no causal mask to apply.
+        probs = attention_probs(layer, query, positions, layer.scaling, newest=True)  # [B, Hkv, G, 1, n]
+        layer.state("last_attention").copy_(probs.mean(dim=(1, 2, 3))[:, None, :])  # the same for every head
 
     def score(self, layer) -> torch.Tensor:
         return protect_recent(layer.state("last_attention"), layer.positions, layer.seen, 1)
