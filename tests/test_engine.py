@@ -384,3 +384,25 @@ def test_masking_oracle_of_h2o_variants_with_per_head_budgets(method, params):
     head_budgets = [[6 + (3 * h + 5 * i) % 9 for h in range(heads)] for i in range(n_layers)]
     cache = _check_oracle(model, _ids(model, 40), 2, method=method, head_budgets=head_budgets, **params)
     assert cache.stats()["tokens_kept_per_head"] == [[float(b) for b in hb] for hb in head_budgets]
+
+
+@pytest.mark.parametrize("method", ["h2o", "streaming_llm", "tova", "knorm", "snapkv"])
+@torch.no_grad()
+def test_single_eviction_fast_path_gives_the_general_compactions_layout(method):
+    """A decode step at a full budget evicts one entry by moving the last slot into the victim's; the general
+    compaction (here: the differentiable mode's out-of-place one) must leave every buffer exactly alike."""
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 40)
+    kw = SMALL_PARAMS.get(method, {})
+    fast, general = (
+        make_cache(model, method, 12, **kw),
+        make_cache(model, method, 12, differentiable=True, **kw),
+    )
+    for cache in (fast, general):
+        for t in range(ids.shape[1]):  # token by token: every step after the 12th evicts exactly one entry
+            model(ids[:, t : t + 1], past_key_values=cache)
+    for a, b in zip(fast.layers, general.layers, strict=True):
+        assert a.compressions == b.compressions == ids.shape[1] - 12
+        assert torch.equal(a.positions, b.positions)
+        for x, y in zip(a._buffers(), b._buffers(), strict=True):
+            assert torch.equal(x[:, :, : a.length], y[:, :, : b.length])

@@ -393,7 +393,9 @@ class CompressedLayer(DynamicLayer):
         start, end = self.length - q, self.length
         positions = self._pos.narrow(2, start, q)
         if position_ids is not None:
-            positions.copy_(position_ids.to(self.device)[:, None, -q:])  # [B, 1, q] broadcast over the heads
+            ids = position_ids.to(self.device)
+            ids = ids if ids.shape[-1] == q else ids[:, -q:]
+            positions.copy_(ids[:, None])  # [B, 1, q] broadcast over the heads
         if token_mask is not None:
             pad = ~token_mask.to(self.device)[:, None, :].expand(-1, self.kv_heads, -1)
             self._bias[:, :, start:end].masked_fill_(pad, float("-inf"))
@@ -481,7 +483,8 @@ class CompressedLayer(DynamicLayer):
         if counts is None and n - target == 1 and was_live is None and not self.options.differentiable:
             # One entry out (a decode step at a full budget): the last slot, this step's token, moves into the
             # lowest-scored slot of each head, the layout the general compaction below gives, in a few ops.
-            self._move_last_into(scores.argmin(dim=-1, keepdim=True))
+            # topk, not argmin: among tied scores (pooled ones tie often) the general path's choice
+            self._move_last_into(scores.topk(1, dim=-1, largest=False).indices)
         elif counts is None:
             # Usually a step evicts a handful of entries: select those (topk with a small k), not the kept set.
             evict = scores.topk(n - target, dim=-1, largest=False).indices
