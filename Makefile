@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help setup run test test-data bench lint format clean-outputs
+.PHONY: help setup run test test-data bench bench-gpu lint format clean-outputs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ test-data: setup  ## only the tests that need the local evaluation data (KVEXP_D
 	$(PY) -m pytest -q -m data
 	$(PY) -m pytest -q tests/test_readme.py  # the README's and docs' commands, the data-dependent ones included
 
-bench: setup  ## decode speed and compression overhead on the embedded model
+bench: setup  ## decode speed, ops per step, compression overhead and memory on the embedded model
 	$(PY) -m kvexp.bench
+
+bench-gpu: setup  ## the GPU suite: decode and prefill at Llama-3.1-8B / Qwen3-8B shapes (random weights, CUDA)
+	$(PY) -m kvexp.bench --suite gpu
 
 lint:  ## ruff check + format check
 	$(VENV)/bin/ruff check kvexp tests

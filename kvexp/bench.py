@@ -19,7 +19,8 @@ Cases (issue 8), on the embedded model unless `--model` says otherwise:
       decode at `--short-context` (target >= 90 %).
 Writes `<out>/bench.json` and `<out>/bench.md` and prints the table with each target met or missed by how much.
 
-    python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 8192] [--budget 512] [--quick]
+    python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 8192] [--budget 512]
+    python -m kvexp.bench --suite gpu [...]   # the GPU suite at real model shapes (kvexp.bench_gpu)
 """
 
 from __future__ import annotations
@@ -399,10 +400,35 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-p3", action="store_true", help="no subprocess memory cases")
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--p3-case", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--suite",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="gpu: the GPU suite (kvexp.bench_gpu, its own options)",
+    )
     return parser
 
 
+def _without_suite(argv: list[str]) -> list[str]:
+    """argv less its `--suite X` / `--suite=X`."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--suite":
+            skip = i + 1 < len(argv)
+        elif not arg.startswith("--suite="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    suite, _ = _parser().parse_known_args(argv)
+    if suite.suite == "gpu":
+        from kvexp import bench_gpu
+
+        return bench_gpu.main(_without_suite(argv))
     args = _parser().parse_args(argv)
     if args.p3_case:
         _p3_case(args)

@@ -38,3 +38,22 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     text = (tmp_path / "bench.md").read_text()
     assert "**P4 aten ops per decode step**" in text and "| h2o |" in text and "<= 1.15:" in text
     assert set(results) >= {"P1", "P2", "P4", "P5"}
+
+
+def test_gpu_suite_smoke_run_on_the_cpu(tmp_path):
+    """`python -m kvexp.bench --suite gpu --smoke`: the GPU suite's code path on a tiny shape (figures meaningless)."""
+    results = bench.main(["--suite", "gpu", "--smoke", "--batches", "1,2", "--methods", "streaming_llm,h2o,kivi",
+                          "--out", str(tmp_path)])  # fmt: skip
+    written = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert written["runs"].keys() == {"tiny, batch 1", "tiny, batch 2"} == results["runs"].keys()
+    for run in written["runs"].values():
+        decode = run["decode"]
+        assert set(decode) == {"plain@48", "plain@128", "streaming_llm@128/48", "h2o@128/48", "kivi@128/48"}
+        assert decode["plain@48"]["vs_plain_short"] == 1.0
+        kept = [r["kept"] for name, r in decode.items() if "/" in name]
+        assert kept == [48, 48, 48]  # the budget, after 128 tokens
+        chunked = run["prefill"]["chunked/16"]
+        assert chunked["peak_kv_ratio"] <= 1.0  # chunked prefill holds at most budget + chunk
+        assert run["prefill"]["one-shot"]["peak_kv_ratio"] == 128 / (48 + 16)  # the whole prompt, once
+    text = (tmp_path / "bench_gpu.md").read_text()
+    assert "**tiny, batch 2: decode**" in text and "<= 1.1:" in text and "| chunked/16 |" in text

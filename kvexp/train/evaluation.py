@@ -103,11 +103,7 @@ class TrainingEvaluator:
         metrics = {
             k: v for k, v in summary["metrics_after"].items() if k != "by"
         }  # not the per-cell breakdown
-        figures = {
-            f"eval/{k}": v
-            for k, v in flatten(metrics).items()
-            if isinstance(v, int | float) and v is not None
-        }
+        figures = {f"eval/{k}": v for k, v in flatten(metrics).items() if isinstance(v, int | float)}
         figures[OBJECTIVE] = value
         improved = self._improves(value)
         if improved:
