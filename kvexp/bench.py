@@ -53,7 +53,7 @@ PER_STEP_METHODS = ("streaming_llm", "knorm", "h2o", "tova")
 TARGETS = {"P1": 1.10, "P2_prefill": 0.03, "P2_decode": 0.05, "P3": 1.2, "P4": 1.15, "P5": 0.90}
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -66,14 +66,15 @@ def _method_seconds(cache) -> float:
 
 
 @torch.no_grad()
-def _prefill(model, ids: torch.Tensor, cache, chunk: int | None) -> float:
-    """Feed ids [1, T] into the cache, in chunks of `chunk` tokens (None: one step); returns seconds."""
-    _sync(model.device)
+def prefill(model, ids: torch.Tensor, cache, chunk: int | None, **forward: Any) -> float:
+    """Feed ids [B, T] into the cache, in chunks of `chunk` tokens (None: one step); returns seconds. `forward`:
+    more model arguments (the GPU suite keeps only the last position's logits: `logits_to_keep=1`)."""
+    sync_device(model.device)
     start = time.perf_counter()
     step = chunk or ids.shape[1]
     for first in range(0, ids.shape[1], step):
-        model(ids[:, first : first + step], past_key_values=cache)
-    _sync(model.device)
+        model(ids[:, first : first + step], past_key_values=cache, **forward)
+    sync_device(model.device)
     return time.perf_counter() - start
 
 
@@ -82,10 +83,10 @@ def _decode(model, ids: torch.Tensor, cache, steps: int) -> list[float]:
     """Teacher-forced decode of `steps` tokens (one per step); per-step seconds."""
     times = []
     for i in range(steps):
-        _sync(model.device)
+        sync_device(model.device)
         start = time.perf_counter()
         model(ids[:, i : i + 1], past_key_values=cache)
-        _sync(model.device)
+        sync_device(model.device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -96,11 +97,11 @@ def p1_decode(model, ids, args) -> dict[str, dict[str, Any]]:
     model.set_attn_implementation("sdpa")
     for context in (args.short_context, args.context):
         cache = DynamicCache(config=model.config)
-        _prefill(model, ids[:, :context], cache, args.chunk)
+        prefill(model, ids[:, :context], cache, args.chunk)
         cases[f"plain@{context}"] = (cache, context)
     for method in args.methods:
         cache = make_cache(model, method, budget=args.budget)
-        _prefill(model, ids[:, : args.context], cache, args.chunk)
+        prefill(model, ids[:, : args.context], cache, args.chunk)
         cases[f"{method}@{args.context}/{args.budget}"] = (cache, args.context)
     samples: dict[str, list[float]] = {name: [] for name in cases}
     method_time: dict[str, float] = dict.fromkeys(cases, 0.0)
@@ -138,14 +139,14 @@ def p2_overhead(model, ids, args) -> dict[str, dict[str, float]]:
     for method in args.prefill_methods:
         budget = max(args.budget, args.p2_context // 8)
         cache = make_cache(model, method, budget=budget)
-        seconds = _prefill(model, ids[:, : args.p2_context], cache, None)
+        seconds = prefill(model, ids[:, : args.p2_context], cache, None)
         out[f"{method} prefill@{args.p2_context}"] = {
             "share": _method_seconds(cache) / seconds,
             "seconds": seconds,
         }
     for method in args.step_methods:
         cache = make_cache(model, method, budget=args.budget)
-        _prefill(model, ids[:, : args.short_context], cache, args.chunk)
+        prefill(model, ids[:, : args.short_context], cache, args.chunk)
         before = _method_seconds(cache)
         times = _decode(model, ids[:, args.short_context :], cache, args.steps)
         out[f"{method} decode@{args.short_context}/{args.budget}"] = {
@@ -182,7 +183,7 @@ def _p3_case(args) -> None:
     cache = make_cache(model, args.p3_case, budget=budget)
     rss_before = psutil.Process().memory_info().rss
     reset = _reset_peak_rss()  # the model's load (GGUF dequantization) peaks far above what the prefill adds
-    _prefill(model, ids, cache, args.chunk)
+    prefill(model, ids, cache, args.chunk)
     prefill_peak = _vm_hwm_bytes() if reset else None
     slot_bytes = cache.layers[0].slot_bytes
     peak_kv = sum(layer.peak_bytes for layer in cache.layers)
@@ -238,7 +239,7 @@ def p4_ops(model, ids, args) -> dict[str, dict[str, Any]]:
     layers, steps = model.config.num_hidden_layers, args.op_steps
     model.set_attn_implementation("sdpa")
     cache = DynamicCache(config=model.config)
-    _prefill(model, ids[:, : args.short_context], cache, args.chunk)
+    prefill(model, ids[:, : args.short_context], cache, args.chunk)
     plain = count_decode_ops(model, ids[:, args.short_context :], cache, steps)
     plain_step = sum(plain.values()) / steps
     out = {"plain": {"ops_per_step": plain_step, "ops_per_layer": plain_step / layers, "ratio_to_plain": 1.0}}
@@ -248,7 +249,7 @@ def p4_ops(model, ids, args) -> dict[str, dict[str, Any]]:
     )  # the budget full after the prefill: each decode step writes one slot, evicts one
     for method in args.methods:
         cache = make_cache(model, method, budget=args.budget)
-        _prefill(model, ids[:, :filled], cache, args.chunk)
+        prefill(model, ids[:, :filled], cache, args.chunk)
         before = sum(layer.compressions for layer in cache.layers)
         ops = count_decode_ops(model, ids[:, filled:], cache, steps)
         evictions = sum(layer.compressions for layer in cache.layers) - before
@@ -293,7 +294,7 @@ def _tokens(tokenizer, count: int) -> torch.Tensor:
     return ids
 
 
-def _verdict(value: float, target: float, higher_is_better: bool = False) -> str:
+def target_verdict(value: float, target: float, higher_is_better: bool = False) -> str:
     met = value >= target if higher_is_better else value <= target
     if met:
         return "met"
@@ -312,7 +313,7 @@ def markdown(results: dict[str, Any]) -> str:
         verdict = (
             ""
             if name.startswith("plain")
-            else f"<= {TARGETS['P1']:.2f}: {_verdict(r['ratio_to_plain_short'], TARGETS['P1'])}"
+            else f"<= {TARGETS['P1']:.2f}: {target_verdict(r['ratio_to_plain_short'], TARGETS['P1'])}"
         )
         lines.append(
             f"| {name} | {r['ms_per_token']:.1f} | {r['ratio_to_plain_short']:.2f} | {r['kept']} | {verdict} |"
@@ -325,7 +326,7 @@ def markdown(results: dict[str, Any]) -> str:
     for name, r in results["P2"].items():
         target = TARGETS["P2_prefill"] if "prefill@" in name else TARGETS["P2_decode"]
         lines.append(
-            f"| {name} | {100 * r['share']:.1f}% | <= {100 * target:.0f}%: {_verdict(r['share'], target)} |"
+            f"| {name} | {100 * r['share']:.1f}% | <= {100 * target:.0f}%: {target_verdict(r['share'], target)} |"
         )
     if results.get("P3"):
         lines += [
@@ -337,7 +338,7 @@ def markdown(results: dict[str, Any]) -> str:
             verdict = (
                 ""
                 if name == "full cache"
-                else f"<= {TARGETS['P3']}: {_verdict(r['peak_kv_ratio'], TARGETS['P3'])}"
+                else f"<= {TARGETS['P3']}: {target_verdict(r['peak_kv_ratio'], TARGETS['P3'])}"
             )
             rss = r.get("peak_rss_bytes") or r.get("cuda_max_allocated_bytes") or 0
             growth = r.get("prefill_peak_rss_bytes")
@@ -355,7 +356,7 @@ def markdown(results: dict[str, Any]) -> str:
             verdict = (
                 ""
                 if name == "plain"
-                else f"<= {TARGETS['P4']:.2f}: {_verdict(r['ratio_to_plain'], TARGETS['P4'])}"
+                else f"<= {TARGETS['P4']:.2f}: {target_verdict(r['ratio_to_plain'], TARGETS['P4'])}"
             )
             extra = "" if name == "plain" else f"{r['extra_per_layer']:.1f}"
             evictions = "" if name == "plain" else f"{r['evictions_per_step']:.2f}"
@@ -370,7 +371,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for name, r in results["P5"].items():
         lines.append(
-            f"| {name} | {r['tokens_per_s']:.1f} | {r['ratio_to_plain_decode']:.2f} | >= {TARGETS['P5']}: {_verdict(r['ratio_to_plain_decode'], TARGETS['P5'], True)} |"
+            f"| {name} | {r['tokens_per_s']:.1f} | {r['ratio_to_plain_decode']:.2f} | >= {TARGETS['P5']}: {target_verdict(r['ratio_to_plain_decode'], TARGETS['P5'], True)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
+from kvexp.bench import prefill, sync_device, target_verdict
 from kvexp.engine import use_kvexp_attention
 from kvexp.methods import make_cache
 from kvexp.tracking import atomic_write_json, atomic_write_text
@@ -67,33 +68,16 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def _prefill(model, ids: torch.Tensor, cache, chunk: int | None) -> float:
-    """Feed ids [B, T] (in `chunk`-token pieces; None: one forward), last position's logits only; seconds."""
-    _sync(model.device)
-    start = time.perf_counter()
-    step = chunk or ids.shape[1]
-    for first in range(0, ids.shape[1], step):
-        model(ids[:, first : first + step], past_key_values=cache, logits_to_keep=1)
-    _sync(model.device)
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def _decode_ms(model, cache, batch: int, steps: int, warmup: int, vocab: int) -> float:
     """Median ms of a decode step (one random token per row) after `warmup` untimed steps."""
     tokens = torch.randint(0, vocab, (batch, steps + warmup, 1), device=model.device)
     times = []
     for i in range(steps + warmup):
-        _sync(model.device)
+        sync_device(model.device)
         start = time.perf_counter()
         model(tokens[:, i], past_key_values=cache)
-        _sync(model.device)
+        sync_device(model.device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
@@ -116,13 +100,13 @@ def decode_cases(model, batch: int, args) -> dict[str, dict[str, Any]]:
     for context in (args.short, args.context):
         model.set_attn_implementation("sdpa")
         cache = DynamicCache(config=model.config)
-        _prefill(model, ids[:, :context], cache, args.chunk)
+        prefill(model, ids[:, :context], cache, args.chunk, logits_to_keep=1)
         out[f"plain@{context}"] = {"ms": _decode_ms(model, cache, batch, args.steps, args.warmup, vocab)}
         del cache
     for method in args.methods:
         use_kvexp_attention(model)
         cache = make_cache(model, method, budget=args.budget)
-        _prefill(model, ids, cache, args.chunk)
+        prefill(model, ids, cache, args.chunk, logits_to_keep=1)
         ms = _decode_ms(model, cache, batch, args.steps, args.warmup, vocab)
         out[f"{method}@{args.context}/{args.budget}"] = {"ms": ms, "kept": max(cache.physical_lengths())}
         del cache
@@ -141,7 +125,7 @@ def prefill_cases(model, batch: int, args) -> dict[str, dict[str, Any]]:
     for name, chunk in (("one-shot", None), (f"chunked/{args.chunk}", args.chunk)):
         _peak_reset(model.device)
         cache = make_cache(model, "streaming_llm", budget=args.budget)
-        seconds = _prefill(model, ids, cache, chunk)
+        seconds = prefill(model, ids, cache, chunk, logits_to_keep=1)
         peak_kv = sum(layer.peak_bytes for layer in cache.layers)
         window = (args.budget + args.chunk) * cache.layers[0].slot_bytes * len(cache.layers)
         out[name] = {
@@ -152,11 +136,6 @@ def prefill_cases(model, batch: int, args) -> dict[str, dict[str, Any]]:
         }
         del cache
     return out
-
-
-def _verdict(value: float, target: float, higher_is_better: bool = False) -> str:
-    met = value >= target if higher_is_better else value <= target
-    return "met" if met else f"missed by {100 * abs(value - target) / target:.0f}%"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -171,9 +150,9 @@ def markdown(results: dict[str, Any]) -> str:
             targets = ""
             if not name.startswith("plain"):
                 targets = (
-                    f"<= {TARGETS['vs_plain_short']}: {_verdict(r['vs_plain_short'], TARGETS['vs_plain_short'])}; "
+                    f"<= {TARGETS['vs_plain_short']}: {target_verdict(r['vs_plain_short'], TARGETS['vs_plain_short'])}; "
                     f">= {TARGETS['speedup_vs_plain_long']}x: "
-                    f"{_verdict(r['speedup_vs_plain_long'], TARGETS['speedup_vs_plain_long'], True)}"
+                    f"{target_verdict(r['speedup_vs_plain_long'], TARGETS['speedup_vs_plain_long'], True)}"
                 )
             lines.append(
                 f"| {name} | {r['ms']:.2f} | {r['vs_plain_short']:.2f} | {r['speedup_vs_plain_long']:.2f} | "
@@ -187,7 +166,9 @@ def markdown(results: dict[str, Any]) -> str:
         for name, r in run["prefill"].items():
             target = TARGETS["chunked_peak_kv"]
             verdict = (
-                f"<= {target}: {_verdict(r['peak_kv_ratio'], target)}" if name.startswith("chunked") else ""
+                f"<= {target}: {target_verdict(r['peak_kv_ratio'], target)}"
+                if name.startswith("chunked")
+                else ""
             )
             peak = r["allocator_peak_bytes"]
             lines.append(
