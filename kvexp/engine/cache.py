@@ -253,9 +253,8 @@ class CompressedLayer(DynamicLayer):
         self.observe_seconds = 0.0  # inside method.observe (statistics of every step): method cost too
         self.compressions = 0
         self.peak_length = 0
-        self.peak_bytes = (
-            0  # largest bytes the slots held (peak_length x slot_bytes when the batch never changes)
-        )
+        # Largest bytes the slots held (peak_length x slot_bytes while the batch does not change).
+        self.peak_bytes = 0
         # The last queries this layer saw ([B, H, w, D], positions [B, w]), kept by window-scoring methods.
         self.query_window: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scaling: float | None = None  # the attention's logit scale, set when a method observes
@@ -479,7 +478,7 @@ class CompressedLayer(DynamicLayer):
             scores = scores.masked_fill(~self.live(), float("-inf"))
         was_live = self.live() if self.evictor.merges else None
         counts = self._head_counts(scores, target)
-        kill = None
+        kept = kill = None
         if counts is None and n - target == 1 and was_live is None and not self.options.differentiable:
             # One entry out (a decode step at a full budget): the last slot, this step's token, moves into the
             # lowest-scored slot of each head, the layout the general compaction below gives, in a few ops.
@@ -504,7 +503,7 @@ class CompressedLayer(DynamicLayer):
         if kill is not None:
             self._bias[:, :, :n].masked_fill_(kill, float("-inf"))
             self.has_bias = True
-        if self.length > target:  # not done by the single-entry path above
+        if kept is not None:  # None: the single-entry path above compacted already
             self._compact(kept, target)
         if self.options.positions == "rerotate":
             self._rerotate()

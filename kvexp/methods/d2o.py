@@ -68,10 +68,8 @@ class D2O(HeavyHitters):
     description = "H2O + variance-based layer budgets; evicted tokens merged by cosine above an EMA threshold (Wan et al. 2025)"
     merges = True
     allocates = True
-    row_scratch = (
-        "columns",
-        "threshold",
-    )  # per row: the attention columns until the allocation, the EMA tau [B]
+    # Per row: the attention columns until the allocation, and the EMA threshold tau [B].
+    row_scratch = ("columns", "threshold")
     sink_tokens: int = 4
     alpha: float = 0.5
     beta: float = 0.5
