@@ -5,6 +5,8 @@ Cases (issue 8), on the embedded model unless `--model` says otherwise:
       `--context`, and each method's compressed cache at `--context` logical tokens with a `--budget` budget.
       Ratio to plain@short (ideal 1.0; target <= 1.10). Decode rounds are interleaved across the cases and
       repeated `--repeats` times; medians reported. Caches are built by chunked prefill (`--chunk` tokens).
+      `--compiled-methods` run again with `engine.compile` (the torch.compile'd decode step; its compilation
+      falls in the dropped warmup steps).
   P2  compression overhead: share of a one-shot `--p2-context` prefill spent inside the method (scoring,
       selection, compaction) for the prefill scorers (target <= 3 %), and share of a decode step spent
       inside the method (observe + compress) for the per-step methods (target <= 5 %).
@@ -99,10 +101,14 @@ def p1_decode(model, ids, args) -> dict[str, dict[str, Any]]:
         cache = DynamicCache(config=model.config)
         prefill(model, ids[:, :context], cache, args.chunk)
         cases[f"plain@{context}"] = (cache, context)
-    for method in args.methods:
-        cache = make_cache(model, method, budget=args.budget)
+    runs = [(m, False) for m in args.methods] + [(m, True) for m in args.compiled_methods]
+    for method, compiled in runs:
+        cache = make_cache(model, method, budget=args.budget, compile=compiled)
         prefill(model, ids[:, : args.context], cache, args.chunk)
-        cases[f"{method}@{args.context}/{args.budget}"] = (cache, args.context)
+        cases[f"{method}@{args.context}/{args.budget}{' compiled' if compiled else ''}"] = (
+            cache,
+            args.context,
+        )
     samples: dict[str, list[float]] = {name: [] for name in cases}
     method_time: dict[str, float] = dict.fromkeys(cases, 0.0)
     decode_time: dict[str, float] = dict.fromkeys(cases, 0.0)
@@ -395,6 +401,9 @@ def _parser() -> argparse.ArgumentParser:
         "--op-steps", type=int, default=64, help="P4: decode steps the op counts average over"
     )
     parser.add_argument("--methods", default=",".join(P1_METHODS))
+    parser.add_argument(
+        "--compiled-methods", default=",".join(P1_METHODS), help="P1 again with engine.compile"
+    )
     parser.add_argument("--prefill-methods", default=",".join(PREFILL_SCORERS))
     parser.add_argument("--step-methods", default=",".join(PER_STEP_METHODS))
     parser.add_argument("--p5-methods", default="streaming_llm,h2o")
@@ -434,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.p3_case:
         _p3_case(args)
         return {}
-    for name in ("methods", "prefill_methods", "step_methods", "p5_methods"):
+    for name in ("methods", "compiled_methods", "prefill_methods", "step_methods", "p5_methods"):
         setattr(args, name, [m for m in getattr(args, name).split(",") if m])
     model, tokenizer = load_model_by_name(args.model, args.hardware)
     needed = max(args.context, args.p2_context, args.p5_tokens, 2 * args.budget) + max(

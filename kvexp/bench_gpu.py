@@ -5,8 +5,10 @@ time does not depend on the weights, and nothing is downloaded. Per shape and ba
 
   decode   median ms per decode step of the plain model (stock SDPA attention, DynamicCache) at `--short` (2k) and
            at `--context` (32k), and of kvexp's cache at `--context` logical tokens with a `--budget` (2k) budget
-           for each method (eager; the compiled static-shape path is not built yet). Targets: compressed at
-           32k/2k <= 1.10x plain at 2k, and >= 2x faster than plain at 32k.
+           for each method, eager and (`--compiled-methods`) with `engine.compile` (the decode step as one
+           torch.compile'd function, mode reduce-overhead; compilation falls in the warmup steps). AdaKV and KIVI
+           decode eagerly under compile (data-dependent per-head counts; encoded storage), so they run eager only by
+           default. Targets: compressed at 32k/2k <= 1.10x plain at 2k, and >= 2x faster than plain at 32k.
   prefill  a `--context` prefill in one forward vs in `--chunk`-token chunks with streaming_llm at `--budget`:
            seconds, peak KV bytes (target: chunked <= 1.2 x (budget + chunk) tokens' worth) and the CUDA
            allocator's peak.
@@ -56,6 +58,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 METHODS = ("streaming_llm", "knorm", "snapkv", "h2o", "tova", "adakv", "kivi")
+COMPILED_METHODS = ("streaming_llm", "knorm", "snapkv", "h2o", "tova")
 TARGETS = {"vs_plain_short": 1.10, "speedup_vs_plain_long": 2.0, "chunked_peak_kv": 1.2}
 
 
@@ -103,12 +106,18 @@ def decode_cases(model, batch: int, args) -> dict[str, dict[str, Any]]:
         prefill(model, ids[:, :context], cache, args.chunk, logits_to_keep=1)
         out[f"plain@{context}"] = {"ms": _decode_ms(model, cache, batch, args.steps, args.warmup, vocab)}
         del cache
-    for method in args.methods:
+    runs = [(m, False) for m in args.methods] + [(m, True) for m in args.compiled_methods]
+    for method, compiled in runs:
         use_kvexp_attention(model)
-        cache = make_cache(model, method, budget=args.budget)
+        cache = make_cache(model, method, budget=args.budget, compile=compiled)
         prefill(model, ids, cache, args.chunk, logits_to_keep=1)
         ms = _decode_ms(model, cache, batch, args.steps, args.warmup, vocab)
-        out[f"{method}@{args.context}/{args.budget}"] = {"ms": ms, "kept": max(cache.physical_lengths())}
+        name = f"{method}@{args.context}/{args.budget} {'compiled' if compiled else 'eager'}"
+        out[name] = {
+            "ms": ms,
+            "kept": max(cache.physical_lengths()),
+            "compiled_steps": cache.stats()["fused_steps"],
+        }
         del cache
     short, long = out[f"plain@{args.short}"]["ms"], out[f"plain@{args.context}"]["ms"]
     for r in out.values():
@@ -189,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--compiled-methods", default=",".join(COMPILED_METHODS))
     p.add_argument(
         "--smoke", action="store_true", help="tiny shape on the CPU: checks the code path, not speed"
     )
@@ -206,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("the GPU suite needs a CUDA device (--smoke runs its code path on the CPU)")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     args.methods = [m for m in args.methods.split(",") if m]
+    args.compiled_methods = [m for m in args.compiled_methods.split(",") if m]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     results: dict[str, Any] = {
         "machine": f"{name}, torch {torch.__version__}, {dtype}",

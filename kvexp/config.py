@@ -148,6 +148,8 @@ class EngineConfig:
     positions: str = "original"  # original | rerotate
     when: str = "always"  # always | prefill
     slack: int = 0  # amortized compression: compress once a layer exceeds budget + slack
+    compile: bool = False  # decode steps that evict one entry run as one torch.compile'd step
+    compile_mode: str | None = None  # torch.compile mode; null: reduce-overhead on CUDA, default elsewhere
 
 
 @dataclass
@@ -313,7 +315,11 @@ def _check_choice(option: str, value: Any, allowed: tuple) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model: run it before loading anything."""
-    from kvexp.engine.cache import POSITION_OPTIONS, WHEN_OPTIONS  # torch loads here, not for --help
+    from kvexp.engine.cache import (  # torch loads here, not for --help
+        COMPILE_MODES,
+        POSITION_OPTIONS,
+        WHEN_OPTIONS,
+    )
     from kvexp.models import MODEL_SOURCES, check_checkpoint
     from kvexp.tasks.base import method_from_config
 
@@ -323,6 +329,9 @@ def validate(cfg: DictConfig) -> None:
     _check_choice("engine.when", cfg.engine.when, WHEN_OPTIONS)
     if cfg.engine.slack < 0:
         raise ValueError(f"engine.slack must be >= 0, got {cfg.engine.slack}")
+    _check_choice("engine.compile", cfg.engine.compile, (False, True))
+    if cfg.engine.compile_mode is not None:
+        _check_choice("engine.compile_mode", cfg.engine.compile_mode, COMPILE_MODES)
     _check_choice("logger", cfg.logger.name, LOGGERS)
     _check_train(cfg)
     if cfg.logger.name == "wandb":

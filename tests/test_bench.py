@@ -23,10 +23,18 @@ def test_op_counter_counts_each_dispatched_op():
 def test_bench_smoke_run_writes_every_section(tmp_path):
     args = ["--model", "tiny_llama", "--context", "192", "--short-context", "64", "--p2-context", "128",
             "--p5-tokens", "48", "--budget", "48", "--chunk", "16", "--steps", "4", "--warmup", "1", "--repeats", "1",
-            "--op-steps", "6", "--skip-p3", "--methods", "streaming_llm,h2o", "--prefill-methods", "snapkv",
-            "--step-methods", "h2o", "--p5-methods", "h2o", "--out", str(tmp_path)]  # fmt: skip
+            "--op-steps", "6", "--skip-p3", "--methods", "streaming_llm,h2o", "--compiled-methods", "h2o",
+            "--prefill-methods", "snapkv", "--step-methods", "h2o", "--p5-methods", "h2o", "--out", str(tmp_path)]  # fmt: skip
     results = bench.main(args)
     written = json.loads((tmp_path / "bench.json").read_text())
+    assert set(written["P1"]) == {
+        "plain@64",
+        "plain@192",
+        "streaming_llm@192/48",
+        "h2o@192/48",
+        "h2o@192/48 compiled",
+    }
+    assert written["P1"]["h2o@192/48 compiled"]["kept"] == 48
     assert written["P4"].keys() == {"plain", "streaming_llm", "h2o"}
     layers = 2  # tiny_llama
     for name, r in written["P4"].items():
@@ -43,15 +51,23 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
 def test_gpu_suite_smoke_run_on_the_cpu(tmp_path):
     """`python -m kvexp.bench --suite gpu --smoke`: the GPU suite's code path on a tiny shape (figures meaningless)."""
     results = bench.main(["--suite", "gpu", "--smoke", "--batches", "1,2", "--methods", "streaming_llm,h2o,kivi",
-                          "--out", str(tmp_path)])  # fmt: skip
+                          "--compiled-methods", "h2o", "--out", str(tmp_path)])  # fmt: skip
     written = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert written["runs"].keys() == {"tiny, batch 1", "tiny, batch 2"} == results["runs"].keys()
     for run in written["runs"].values():
         decode = run["decode"]
-        assert set(decode) == {"plain@48", "plain@128", "streaming_llm@128/48", "h2o@128/48", "kivi@128/48"}
+        methods = {
+            "streaming_llm@128/48 eager",
+            "h2o@128/48 eager",
+            "kivi@128/48 eager",
+            "h2o@128/48 compiled",
+        }
+        assert set(decode) == {"plain@48", "plain@128"} | methods
         assert decode["plain@48"]["vs_plain_short"] == 1.0
-        kept = [r["kept"] for name, r in decode.items() if "/" in name]
-        assert kept == [48, 48, 48]  # the budget, after 128 tokens
+        assert [decode[name]["kept"] for name in sorted(methods)] == [48] * 4  # the budget, after 128 tokens
+        # Every timed step evicts one entry per layer: the compiled case ran them all compiled.
+        assert decode["h2o@128/48 compiled"]["compiled_steps"] == (3 + 1) * 2
+        assert decode["h2o@128/48 eager"]["compiled_steps"] == 0
         chunked = run["prefill"]["chunked/16"]
         assert chunked["peak_kv_ratio"] <= 1.0  # chunked prefill holds at most budget + chunk
         assert run["prefill"]["one-shot"]["peak_kv_ratio"] == 128 / (48 + 16)  # the whole prompt, once

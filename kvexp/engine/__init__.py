@@ -13,6 +13,7 @@ from kvexp.engine import attention  # noqa: F401  (registers the "kvexp" attenti
 from kvexp.engine.attention import ATTN_IMPLEMENTATION
 from kvexp.engine.cache import (
     ACTIVE_LAYER,
+    COMPILE_MODES,
     POSITION_OPTIONS,
     WHEN_OPTIONS,
     CacheOptions,
@@ -68,6 +69,26 @@ def _check_model(model: PreTrainedModel) -> None:
         )
 
 
+_SAID: set[str] = set()  # methods already logged as decoding eagerly under compile
+
+
+def _say_if_never_compiled(evictor: Method, stored: SupportsStorage | None) -> None:
+    """Log once per method when `compile` cannot apply to it at all."""
+    why = (
+        "it stores encoded entries"
+        if stored is not None
+        else "it merges entries"
+        if evictor.merges
+        else "it allocates budgets across layers"
+        if evictor.allocates
+        else None
+    )
+    name = stored.name if stored is not None else evictor.name
+    if why is not None and name not in _SAID:
+        _SAID.add(name)
+        log.warning("engine.compile: method=%s decodes eagerly (%s, beyond the compiled step)", name, why)
+
+
 def make_cache(
     model: PreTrainedModel,
     method: Method,
@@ -79,6 +100,8 @@ def make_cache(
     positions: str = "original",
     recorder: Callable | None = None,
     differentiable: bool = False,
+    compile: bool = False,
+    compile_mode: str | None = None,
 ) -> KVCache:
     """A fresh compressed cache for `model` (which is switched to kvexp attention), run by the `method` object
     (`kvexp.make_cache` / `kvexp.methods.make_cache` also take a method's name and parameters).
@@ -87,7 +110,9 @@ def make_cache(
     `head_budgets`: per layer, one budget per KV head (real memory saving: the layer is as long as its longest
     head). `slack`: compress only once a layer exceeds budget + slack. `when`: "always" or "prefill" (only
     multi-token steps compress). `positions`: "original" or "rerotate". `differentiable`: training mode (copy-on-write
-    buffers, no-grad scoring; see kvexp/engine/cache.py), dense K/V methods only.
+    buffers, no-grad scoring; see kvexp/engine/cache.py), dense K/V methods only. `compile`: decode steps that evict
+    one entry run as one `torch.compile`d step (attention, observation, eviction), in `compile_mode` (None:
+    "reduce-overhead" on CUDA, "default" elsewhere); a method it cannot capture decodes eagerly (logged once).
     A storage method (`SupportsStorage`: KIVI, ZACK, ThinK) stores every layer's entries encoded and hands token
     selection to its `evictor` (`layer.evictor`).
     """
@@ -98,6 +123,10 @@ def make_cache(
         raise ValueError(f"positions must be one of {POSITION_OPTIONS}, got {positions!r}")
     if slack < 0:
         raise ValueError(f"slack must be >= 0, got {slack}")
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+    if compile and differentiable:
+        raise ValueError("compile is an inference path; the differentiable (training) mode runs eagerly")
     if isinstance(method, str):
         raise TypeError(
             f"kvexp.engine.make_cache takes a method object, got {method!r}; kvexp.make_cache builds one by name"
@@ -129,8 +158,18 @@ def make_cache(
         raise ValueError(
             f"positions=rerotate needs a RoPE model; {type(model).__name__} has no rotary embedding"
         )
+    if compile_mode is None:
+        compile_mode = "reduce-overhead" if model.device.type == "cuda" else "default"
+    if compile:
+        _say_if_never_compiled(evictor, stored)
     options = CacheOptions(
-        slack=slack, when=when, positions=positions, rotary=rotary, differentiable=differentiable
+        slack=slack,
+        when=when,
+        positions=positions,
+        rotary=rotary,
+        differentiable=differentiable,
+        compile=compile,
+        compile_mode=compile_mode,
     )
     layers = []
     for i, layer_budget in enumerate(evictor.layer_budgets(budgets)):

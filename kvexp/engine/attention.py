@@ -18,10 +18,17 @@ Position and mask contracts:
   triggered it. A layer with a storage (KIVI, ZACK, ThinK) hands this function the step's dense decoding of its
   entries as `key` / `value`, sees the step's queries (`storage.observe`) and encodes after the compression
   (`layer.end_step`).
+* With `engine.compile` a decode step that takes a layer one entry over its target runs the attention, the
+  method's observation and the one-entry eviction as one `torch.compile`d function (`_decode_step`), the same
+  code as the eager path, traced: the same slots, the same order, the same victim.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+import types
+from collections.abc import Callable
 from contextvars import ContextVar
 
 import torch
@@ -30,6 +37,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvexp.engine.cache import ACTIVE_LAYER, CompressedLayer
+
+log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "kvexp"
 FORWARD_MASK: ContextVar[torch.Tensor | None] = ContextVar("kvexp_forward_mask", default=None)
@@ -104,7 +113,7 @@ def kvexp_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     dropout = dropout if module.training else 0.0
-    batch, heads, q, dim = query.shape
+    q, dim = query.shape[2], query.shape[3]
     layer = _take_layer(module)
     if layer is None:
         out = _uncached_attention(query, key, value, attention_mask, scaling, dropout)
@@ -113,32 +122,109 @@ def kvexp_attention(
     layer.record_new_tokens(kwargs.get("position_ids"), attention_mask)
     if layer.cache.recorder is not None:
         layer.cache.recorder(layer, q)
+    scale = scaling if scaling is not None else dim**-0.5
+    if layer.fused_step_applies(attention_mask):
+        out = _run_fused_step(layer, query, scale)
+        if out is not None:
+            return out, None
+    out = _attend(layer, query, key, value, scaling, dropout)
+    layer.after_attention(query, scale)
+    return out.contiguous(), None
+
+
+def _attend(
+    layer: CompressedLayer,
+    query: torch.Tensor,  # [B, H, q, D]
+    key: torch.Tensor,  # [B, Hkv, n, D]
+    value: torch.Tensor,  # [B, Hkv, n, Dv]
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """The step's attention over every slot of the layer, masked by its bias: [B, q, H, Dv]."""
+    batch, heads, q, dim = query.shape
     kv_heads, n = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-
     if not layer.has_bias and n == q:
         # First prefill, nothing cached, no padding: the stock causal kernel.
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=True
         )
-        out = out.transpose(1, 2)
+        return out.transpose(1, 2)
+    grouped = query.reshape(batch, kv_heads, groups * q, dim)  # rows g*q + i
+    if not layer.has_bias:
+        # Every cached key visible: no mask for one token, a causal tail for a chunk.
+        mask = None if q == 1 else ~_future(q, n, query.device).repeat(groups, 1)
     else:
-        grouped = query.reshape(batch, kv_heads, groups * q, dim)  # rows g*q + i
-        if not layer.has_bias:
-            # Every cached key visible: no mask for one token, a causal tail for a chunk.
-            mask = None if q == 1 else ~_future(q, n, query.device).repeat(groups, 1)
-        else:
-            minimum = torch.finfo(query.dtype).min
-            mask = layer.attention_bias().to(query.dtype).clamp_min(minimum)[:, :, None, :]  # [B, Hkv, 1, n]
-            if q > 1:
-                mask = torch.where(_future(q, n, query.device).repeat(groups, 1), minimum, mask)
-        out = F.scaled_dot_product_attention(
-            grouped, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout
-        )
-        out = out.reshape(batch, heads, q, -1).transpose(1, 2)
+        minimum = torch.finfo(query.dtype).min
+        mask = layer.attention_bias().to(query.dtype).clamp_min(minimum)[:, :, None, :]  # [B, Hkv, 1, n]
+        if q > 1:
+            mask = torch.where(_future(q, n, query.device).repeat(groups, 1), minimum, mask)
+    out = F.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout
+    )
+    return out.reshape(batch, heads, q, -1).transpose(1, 2)
 
-    layer.after_attention(query, scaling if scaling is not None else dim**-0.5)
-    return out.contiguous(), None
+
+# -- the compiled decode step (engine.compile) --------------------------------------------------------------------
+# One function traced by torch.compile: the attention, the method's observation and the one-entry eviction of a
+# decode step at a full budget. Static shapes: each layout (method and its parameters, batch, heads, head size, slots,
+# capacity, dtype, device) gets its own copy of the function, so its own graphs. In steady state the slots keep
+# their shapes from step to step (budget + 1 during the step, budget after) and the graph is reused; the token
+# count `seen` becomes a symbolic integer after its first change (one recompilation). Guards re-check the layer's
+# Python state (has_bias, options, hyperparameters) at every call.
+_COMPILED: dict[tuple, Callable] = {}
+_UNCAPTURED: dict[str, str] = {}  # method name -> why torch.compile could not capture its step (logged once)
+
+
+def _decode_step(layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    out = _attend(layer, query, layer.keys, layer.values, scaling, 0.0)
+    layer.observe_and_evict_one(query, scaling)
+    return out.contiguous()
+
+
+def _compiled_step(layer: CompressedLayer) -> Callable:
+    key = (
+        layer.options.compile_mode,
+        repr(layer.evictor),
+        layer.batch,
+        layer.kv_heads,
+        layer.head_dim,
+        layer.value_dim,
+        layer.length,
+        layer.capacity,
+        layer.dtype,
+        layer.device,
+    )
+    if key not in _COMPILED:
+        # A code object of its own: torch.compile keeps graphs and its automatic-dynamic choices per code object,
+        # so one layout's sizes never turn another's symbolic.
+        code = _decode_step.__code__.replace(co_name=f"_decode_step_{len(_COMPILED)}")
+        step = types.FunctionType(code, _decode_step.__globals__, code.co_name)
+        _COMPILED[key] = torch.compile(step, fullgraph=True, mode=layer.options.compile_mode)
+    return _COMPILED[key]
+
+
+def _run_fused_step(layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
+    """The compiled decode step [B, 1, H, Dv]; None when the method cannot be captured (logged once; the caller
+    runs the step eagerly)."""
+    name = layer.evictor.name
+    if name in _UNCAPTURED:
+        return None
+    layer.keys = layer.values = None  # the step builds its own views of the slots
+    start = time.perf_counter()
+    try:
+        out = _compiled_step(layer)(layer, query, scaling)
+    except torch._dynamo.exc.TorchDynamoException as error:  # raised while tracing: nothing has run
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
+        _UNCAPTURED[name] = reason
+        log.warning(
+            "engine.compile: method=%s cannot be captured (%s); its decode steps run eagerly", name, reason
+        )
+        return None
+    layer.fused_steps += 1
+    layer.fused_seconds += time.perf_counter() - start
+    return out
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvexp_attention)

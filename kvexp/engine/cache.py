@@ -53,6 +53,15 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
   the end of a step: ValueError / RuntimeError) and `positions=rerotate` is rejected. `slot_bytes`,
   `held_bytes()`, `KVCache.kept_bytes()` and `stats()` count the bytes the storage holds (per-slot encodings of
   the slots in use plus its other tensors); `bytes_full` is what the same tokens take as dense K/V.
+* Compiled decode (`CacheOptions.compile`): a step with one new token (no padding) that takes a layer exactly one
+  entry over its target, with an evictor that needs nothing beyond the layer (no storage, merge or cross-layer
+  allocation), runs its attention, the method's `observe` and `score`, and the one-entry eviction as one
+  `torch.compile`d function. It is the eager code traced (the same slot layout and victim, so the same tokens); the
+  buffers keep their shapes from step to step, so the graph is reused (static shapes per layout; only the token
+  count is symbolic). The eviction writes with `index_put_`, which the compiler keeps in place. A method whose step
+  cannot be traced (data-dependent shapes: AdaKV's per-head counts) decodes eagerly, logged once. The compiled steps'
+  evictions are not timed apart from their attention: `fused_steps` / `fused_seconds`, not `compressions` /
+  `compress_seconds`, count them.
 * Differentiable mode (`CacheOptions.differentiable`, `make_cache(..., differentiable=True)`, for training): the
   forward values are the default mode's, but a layer never mutates a tensor an earlier attention may have saved
   for backward. It copies on write: each step's `update` writes into fresh buffers, a compression clones them
@@ -86,6 +95,7 @@ ACTIVE_LAYER: ContextVar[CompressedLayer | None] = ContextVar("kvexp_active_laye
 
 WHEN_OPTIONS = ("always", "prefill")
 POSITION_OPTIONS = ("original", "rerotate")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,10 @@ class CacheOptions:
     )
     rotary: Rotary | None = None  # the model's RoPE (None without RoPE); required for positions="rerotate"
     differentiable: bool = False  # training: copy-on-write buffers and no-grad scoring (module docstring)
+    compile: bool = (
+        False  # a decode step that evicts one entry runs as one torch.compile'd step (module docstring)
+    )
+    compile_mode: str = "default"  # torch.compile's mode for that step ("reduce-overhead": CUDA graphs)
 
 
 @dataclass
@@ -251,7 +265,11 @@ class CompressedLayer(DynamicLayer):
         self.compress_seconds = 0.0
         self.compress_sq_seconds = 0.0  # sum of squared compression times: their spread without a list
         self.observe_seconds = 0.0  # inside method.observe (statistics of every step): method cost too
-        self.compressions = 0
+        self.compressions = (
+            0  # compressions timed in compress_seconds (the compiled steps' are not among them)
+        )
+        self.fused_steps = 0  # compiled decode steps (engine.compile): attention, observe and eviction in one
+        self.fused_seconds = 0.0  # their time, the attention included
         self.peak_length = 0
         # Largest bytes the slots held (peak_length x slot_bytes while the batch does not change).
         self.peak_bytes = 0
@@ -282,6 +300,7 @@ class CompressedLayer(DynamicLayer):
         for name in self.state_names():
             self._state[name] = torch.zeros_like(self._bias)
         self.is_initialized = True
+        self._set_rows()
         self._refresh_views()
 
     def state_names(self) -> tuple[str, ...]:
@@ -366,7 +385,8 @@ class CompressedLayer(DynamicLayer):
         if self.storage is None:
             self._k.narrow(2, start, q).copy_(key_states)
             self._v.narrow(2, start, q).copy_(value_states)
-        self._bias.narrow(2, start, q).fill_(0.0)
+        if self.has_bias:  # else every bias is 0 already
+            self._bias.narrow(2, start, q).fill_(0.0)
         positions = self._pos.narrow(2, start, q)
         if q == 1:
             positions.fill_(self.seen)
@@ -465,6 +485,14 @@ class CompressedLayer(DynamicLayer):
         if not self.over_budget():
             return
         start = time.perf_counter()
+        self._evict()
+        self.compressions += 1
+        elapsed = time.perf_counter() - start
+        self.compress_seconds += elapsed
+        self.compress_sq_seconds += elapsed * elapsed
+
+    def _evict(self) -> None:
+        """A compression's work (`compress` times it; the compiled decode step traces it)."""
         # Differentiable mode: fresh buffers before anything writes into the slots this step's attention read
         # (a score may fold entries itself, as razor_attention's compensation token; so may merge and kill).
         self._copy_on_write()
@@ -507,10 +535,6 @@ class CompressedLayer(DynamicLayer):
             self._compact(kept, target)
         if self.options.positions == "rerotate":
             self._rerotate()
-        self.compressions += 1
-        elapsed = time.perf_counter() - start
-        self.compress_seconds += elapsed
-        self.compress_sq_seconds += elapsed * elapsed
 
     def _head_counts(self, scores: torch.Tensor | None, target: int) -> torch.Tensor | None:
         """Live entries each KV head keeps at this compression [B, Hkv]: the method's dynamic per-head counts
@@ -550,6 +574,30 @@ class CompressedLayer(DynamicLayer):
                 self.cache.reallocate(self, plan)
         self.compress()
         self.end_step()
+
+    def fused_step_applies(self, token_mask: torch.Tensor | None) -> bool:
+        """Whether this step runs as the compiled decode step (`options.compile`): one new token, no padding, that
+        takes the layer exactly one entry over its target, and an evictor that needs nothing beyond the layer
+        (no storage, merge or cross-layer allocation). Other steps, and every step of other methods, run eagerly."""
+        if (
+            not self.options.compile
+            or self.new_tokens != 1
+            or token_mask is not None
+            or self.storage is not None
+        ):
+            return False
+        method = self.evictor
+        if method.merges or method.allocates or not self.over_budget():
+            return False
+        return self.length - method.target_size(self) == 1
+
+    def observe_and_evict_one(self, query: torch.Tensor, scaling: float) -> None:
+        """`after_attention` of a step `fused_step_applies` to, as the compiled step traces it: the method observes
+        the queries [B, H, 1, D] and the layer evicts its one entry (untimed: the caller times the whole step)."""
+        if self.evictor.observes:
+            self.scaling = scaling
+            self.evictor.observe(self, query)
+        self._evict()
 
     def end_step(self) -> None:
         """After the step's attention and compression (called by the attention function): a storage encodes what
@@ -594,17 +642,22 @@ class CompressedLayer(DynamicLayer):
         """Drop one entry per row: the last slot's contents move into `slot` [B, Hkv, 1] (itself when it is the
         lowest), every buffer alike."""
         last = self.length - 1
-        expanded: dict[int, torch.Tensor] = {}  # the index per trailing size (K and V share one)
+        index = (*self._rows, slot)  # [B, 1, 1], [1, Hkv, 1], [B, Hkv, 1]
         for t in self._buffers():
-            index = slot
-            if t.dim() == 4:
-                if t.shape[-1] not in expanded:
-                    expanded[t.shape[-1]] = slot[..., None].expand(-1, -1, -1, t.shape[-1])
-                index = expanded[t.shape[-1]]
-            t.scatter_(2, index, t.narrow(2, last, 1))
+            if t is self._bias and not self.has_bias:
+                continue  # all 0: nothing to move
+            # index_put_, not scatter_: torch.compile writes it in place (a scatter_ copies the whole buffer twice)
+            t.index_put_(index, t.narrow(2, last, 1))
         self.length = last
         self._shrink_if_oversized()
         self._refresh_views()
+
+    def _set_rows(self) -> None:
+        # Batch and head index grids for one-slot-per-head writes: [B, 1, 1] and [1, Hkv, 1].
+        self._rows = (
+            torch.arange(self.batch, device=self.device)[:, None, None],
+            torch.arange(self.kv_heads, device=self.device)[None, :, None],
+        )
 
     def _shrink_if_oversized(self) -> None:
         # After a long prefill was compressed, give the memory back: keep room for one more step at this size.
@@ -634,6 +687,7 @@ class CompressedLayer(DynamicLayer):
         if self.is_initialized:
             self._set_buffers([fn(t) for t in self._buffers()])
             self.batch = self._bias.shape[0]
+            self._set_rows()
             if self.storage is not None:
                 self.storage.index_batch(fn)
         if self.query_window is not None:
@@ -785,5 +839,7 @@ class KVCache(Cache):
             "compress_seconds": sum(layer.compress_seconds for layer in layers),
             "compress_sq_seconds": sum(layer.compress_sq_seconds for layer in layers),
             "compressions": sum(layer.compressions for layer in layers),
+            "fused_steps": sum(layer.fused_steps for layer in layers),
+            "fused_seconds": sum(layer.fused_seconds for layer in layers),
             "method_stats": layers[0].method.statistics(layers),
         }

@@ -34,7 +34,7 @@ def step_queries(layer: CompressedLayer, query: torch.Tensor) -> tuple[torch.Ten
 def attention_probs(
     layer: CompressedLayer,
     queries: torch.Tensor,
-    query_positions: torch.Tensor,
+    query_positions: torch.Tensor | None,
     scaling: float,
     newest: bool = False,
 ) -> torch.Tensor:
@@ -43,7 +43,7 @@ def attention_probs(
     A query at position p sees a slot iff the slot is live and holds a position <= p: the engine's mask
     (bias, causality inside a chunk, padding) for this step's queries, and the right causal view for queries
     remembered from earlier steps. `newest`: the queries are the layer's newest token (a decode step), which sees
-    every slot, so the causal comparison is skipped.
+    every slot, so the causal comparison is skipped (`query_positions` may be None).
     """
     batch, heads, rows, dim = queries.shape
     kv_heads, groups = layer.kv_heads, heads // layer.kv_heads
@@ -56,7 +56,10 @@ def attention_probs(
         # [B, Hkv, 1, r, n]: slot position after the query's (views insert the unit dims in one op each)
         future = layer.positions.view(batch, kv_heads, 1, 1, -1) > query_positions.view(batch, 1, 1, rows, 1)
         logits = logits.masked_fill(future, float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that sees nothing contributes 0
+    probs = torch.softmax(logits, dim=-1)
+    if newest and not layer.has_bias:
+        return probs  # no -inf anywhere: every row sees its own slot at least
+    return probs.nan_to_num(0.0)  # a query that sees nothing contributes 0
 
 
 def column_sums(layer: CompressedLayer, query: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -64,9 +67,11 @@ def column_sums(layer: CompressedLayer, query: torch.Tensor, block: int = 256) -
 
     Accumulated over blocks of `block` query rows, so a long prefill never holds the L x L matrix.
     """
+    if (
+        query.shape[2] == 1
+    ):  # a decode step: the newest token, which sees every slot (no positions to compare)
+        return attention_probs(layer, query, None, layer.scaling, newest=True).sum(dim=3)
     query, positions = step_queries(layer, query)
-    if query.shape[2] == 1:  # a decode step: the newest token, which sees every slot
-        return attention_probs(layer, query, positions, layer.scaling, newest=True).sum(dim=3)
     total = None
     for first in range(0, query.shape[2], block):
         rows = slice(first, first + block)

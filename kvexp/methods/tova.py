@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvexp.methods.base import Method, register
-from kvexp.methods.scoring import attention_probs, protect_recent, step_queries
+from kvexp.methods.scoring import attention_probs, protect_recent
 
 
 @register
@@ -22,11 +22,10 @@ class TOVA(Method):
     state_names = ("last_attention",)
 
     def observe(self, layer, query: torch.Tensor) -> None:
-        query, positions = step_queries(layer, query)
         if query.shape[2] > 1:
-            query, positions = query[:, :, -1:], positions[:, -1:]
+            query = query[:, :, -1:]
         # The step's last token sees every slot: no causal mask to apply.
-        probs = attention_probs(layer, query, positions, layer.scaling, newest=True)  # [B, Hkv, G, 1, n]
+        probs = attention_probs(layer, query, None, layer.scaling, newest=True)  # [B, Hkv, G, 1, n]
         layer.state("last_attention").copy_(probs.mean(dim=(1, 2, 3))[:, None, :])  # the same for every head
 
     def score(self, layer) -> torch.Tensor:

@@ -150,6 +150,8 @@ def engine_options(cfg: DictConfig) -> dict[str, Any]:
         "slack": cfg.engine.slack,
         "when": cfg.engine.when,
         "positions": cfg.engine.positions,
+        "compile": cfg.engine.compile,
+        "compile_mode": cfg.engine.compile_mode,
         "head_budgets": OmegaConf.to_container(cfg.budget.per_head)
         if cfg.budget.per_head is not None
         else None,

@@ -1,0 +1,115 @@
+"""The compiled decode step (`engine.compile`): the masking oracle holds, tokens equal the eager path's, the graph
+is reused from step to step, and methods it cannot capture decode eagerly, saying so once."""
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from kvexp.engine import attention
+from kvexp.methods import make_cache
+from tests.conftest import load
+from tests.test_engine import SMALL_PARAMS, TOL, _check_oracle, _ids
+
+CAPTURED = ["streaming_llm", "knorm", "h2o", "tova", "snapkv"]
+
+
+@pytest.mark.parametrize("method", CAPTURED)
+def test_compiled_step_matches_the_masking_oracle(method):
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 40)
+    cache = _check_oracle(
+        model, ids, 1, method=method, budget=12, compile=True, **SMALL_PARAMS.get(method, {})
+    )
+    layers = model.config.num_hidden_layers
+    # Every token after the 12th takes each layer one over its budget: each such step ran compiled.
+    assert cache.stats()["fused_steps"] == (40 - 12) * layers
+    assert cache.stats()["compressions"] == 0  # none ran eagerly (and untimed ones are not counted as timed)
+    assert cache.physical_lengths() == [12] * layers
+
+
+def test_compiled_step_after_a_chunked_prefill_with_rerotation_equals_the_eager_step():
+    model, _ = load("tiny_qwen3")
+    ids = _ids(model, 40)
+    # The prefill compresses eagerly, the token-by-token tail compiled; kept keys re-rotated at every step.
+    compiled = make_cache(model, "streaming_llm", 10, compile=True, positions="rerotate", sink_tokens=2)
+    eager = make_cache(model, "streaming_llm", 10, positions="rerotate", sink_tokens=2)
+    with torch.no_grad():
+        for cache in (compiled, eager):
+            model(ids[:, :24], past_key_values=cache)
+        for t in range(24, 40):
+            a = model(ids[:, t : t + 1], past_key_values=compiled).logits
+            b = model(ids[:, t : t + 1], past_key_values=eager).logits
+            assert torch.allclose(a, b, atol=TOL, rtol=0)
+    layers = model.config.num_hidden_layers
+    assert compiled.stats()["fused_steps"] == 16 * layers
+    assert compiled.stats()["compressions"] == layers  # the prefill's, eager
+    for a, b in zip(compiled.layers, eager.layers, strict=True):
+        assert torch.equal(a.positions, b.positions)
+        assert torch.allclose(a.keys, b.keys, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv"])
+@torch.no_grad()
+def test_compiled_generation_gives_the_eager_tokens_without_recompiling_per_step(method):
+    model, _ = load("tiny_llama")
+    prompt = _ids(model, 16, seed=3).repeat(2, 1)  # batch 2
+    prompt[1, :4] = 7  # rows differ
+    outputs = {}
+    for compiled in (False, True):
+        cache = make_cache(model, method, 10, compile=compiled, **SMALL_PARAMS.get(method, {}))
+        graphs = counters["stats"]["unique_graphs"]
+        outputs[compiled] = model.generate(
+            prompt, past_key_values=cache, max_new_tokens=24, do_sample=False, pad_token_id=0
+        )
+        if compiled:
+            # At most two graphs for 24 steps x 2 layers: the first step's, and one with the token count symbolic.
+            assert counters["stats"]["unique_graphs"] - graphs <= 2
+            assert (
+                cache.stats()["fused_steps"] == 23 * model.config.num_hidden_layers
+            )  # every step but the prompt
+    assert torch.equal(outputs[False], outputs[True])
+
+
+@torch.no_grad()
+def test_smollm2_compiled_decoding_gives_the_eager_tokens(smollm2):
+    model, tokenizer = smollm2
+    prompt = tokenizer("The history of the printing press begins", return_tensors="pt").input_ids
+    outputs = []
+    for compiled in (False, True):
+        cache = make_cache(model, "h2o", 8, compile=compiled)
+        outputs.append(model.generate(prompt, past_key_values=cache, max_new_tokens=16, do_sample=False))
+    assert cache.stats()["fused_steps"] > 0
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_methods_the_step_cannot_hold_decode_eagerly_and_say_so_once(caplog):
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 24)
+    attention._UNCAPTURED.pop("adakv", None)
+    cases = {
+        "adakv": {**SMALL_PARAMS["adakv"]},  # per-head counts decided from the scores: data-dependent shapes
+        "kivi": {"group_size": 8, "residual_length": 8, "evict": {"name": "h2o"}},  # stores encoded entries
+        "d2o": {**SMALL_PARAMS["d2o"]},  # merges evicted entries
+    }
+    for method, params in cases.items():
+        for _ in range(2):  # the second cache says nothing more
+            with caplog.at_level(logging.WARNING):
+                compiled = make_cache(model, method, 12, compile=True, **params)
+                eager = make_cache(model, method, 12, **params)
+                with torch.no_grad():
+                    a = [model(ids[:, t : t + 1], past_key_values=compiled).logits for t in range(24)]
+                    b = [model(ids[:, t : t + 1], past_key_values=eager).logits for t in range(24)]
+            assert torch.equal(torch.cat(a), torch.cat(b))
+            assert compiled.stats()["fused_steps"] == 0
+        said = [r.getMessage() for r in caplog.records if f"method={method}" in r.getMessage()]
+        assert len(said) == 1 and "eagerly" in said[0], said
+
+
+def test_compile_refuses_the_training_mode_and_unknown_modes():
+    model, _ = load("tiny_llama")
+    with pytest.raises(ValueError, match="inference path"):
+        make_cache(model, "h2o", 12, compile=True, differentiable=True)
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        make_cache(model, "h2o", 12, compile=True, compile_mode="fast")
