@@ -247,6 +247,7 @@ class CompressedLayer(DynamicLayer):
         head_budgets: list[int] | None = None,
     ):
         super().__init__()
+        self._views: dict[tuple[str, ...], torch.Tensor] = {}
         if head_budgets is not None and (budget is None or max(head_budgets) != budget):
             raise ValueError(f"layer {layer_idx}: the layer budget must equal its longest head budget")
         self.layer_idx = layer_idx
@@ -330,6 +331,7 @@ class CompressedLayer(DynamicLayer):
         # decoded copy is stale once the slots change. Differentiable mode builds them now: a view made under a
         # method's no_grad could not be written with autograd (a merge).
         self.keys = self.values = None
+        self._views = {}  # bias / positions / state views of the slots in use, made when first read
         if self.options.differentiable and self.storage is None and self.is_initialized:
             self.keys, self.values = self._k.narrow(2, 0, self.length), self._v.narrow(2, 0, self.length)
 
@@ -369,7 +371,17 @@ class CompressedLayer(DynamicLayer):
         self.capacity = capacity
         self._set_buffers(resized)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        *args,
+        positions_follow: bool = False,
+        **kwargs,
+    ):
+        """Write this step's entries [B, Hkv, q, D] into the next slots and return the layer's K/V. Their positions
+        are the logical ones (seen .. seen + q - 1) unless `positions_follow`: a model's step (`KVCache.update`),
+        whose attention function records the model's own position ids right after (`record_new_tokens`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
@@ -387,16 +399,11 @@ class CompressedLayer(DynamicLayer):
             self._v.narrow(2, start, q).copy_(value_states)
         if self.has_bias:  # else every bias is 0 already
             self._bias.narrow(2, start, q).fill_(0.0)
-        positions = self._pos.narrow(2, start, q)
-        if q == 1:
-            positions.fill_(self.seen)
-        else:
-            positions.copy_(torch.arange(self.seen, self.seen + q, device=self.device))
         for name, t in self._state.items():
             t.narrow(2, start, q).fill_(self.evictor.initial_state(name))
-        if "rope_pos" in self._state:
-            self._state["rope_pos"].narrow(2, start, q).copy_(positions)
         self.length, self.seen, self.new_tokens = end, self.seen + q, q
+        if not positions_follow:
+            self._record_positions(None)
         self.peak_length = max(self.peak_length, end)
         self.peak_bytes = max(self.peak_bytes, end * self.slot_bytes)
         self._refresh_views()
@@ -408,32 +415,55 @@ class CompressedLayer(DynamicLayer):
 
     def record_new_tokens(self, position_ids: torch.Tensor | None, token_mask: torch.Tensor | None) -> None:
         """Store the true positions of this step's tokens and kill padding slots (called by the attention fn)."""
+        positions = self._record_positions(position_ids)
+        if token_mask is not None:
+            start, end = self.length - self.new_tokens, self.length
+            pad = ~token_mask.to(self.device)[:, None, :].expand(-1, self.kv_heads, -1)
+            self._bias[:, :, start:end].masked_fill_(pad, float("-inf"))
+            positions.masked_fill_(pad, -1)
+            self.has_bias = True
+            if "rope_pos" in self._state:
+                self._state["rope_pos"].narrow(2, start, end - start).copy_(positions)
+
+    def _record_positions(self, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Write the step's positions [B, Hkv, q] (the model's position ids, else seen - q .. seen - 1) and return
+        them; `rope_pos` (re-rotation) starts there too."""
         q = self.new_tokens
-        start, end = self.length - q, self.length
+        start = self.length - q
         positions = self._pos.narrow(2, start, q)
         if position_ids is not None:
             ids = position_ids.to(self.device)
             ids = ids if ids.shape[-1] == q else ids[:, -q:]
             positions.copy_(ids[:, None])  # [B, 1, q] broadcast over the heads
-        if token_mask is not None:
-            pad = ~token_mask.to(self.device)[:, None, :].expand(-1, self.kv_heads, -1)
-            self._bias[:, :, start:end].masked_fill_(pad, float("-inf"))
-            positions.masked_fill_(pad, -1)
-            self.has_bias = True
+        elif q == 1:
+            positions.fill_(self.seen - 1)
+        else:
+            positions.copy_(torch.arange(self.seen - q, self.seen, device=self.device))
         if "rope_pos" in self._state:
             self._state["rope_pos"].narrow(2, start, q).copy_(positions)
+        return positions
 
     # -- views methods read -----------------------------------------------------------------------------------
     @property
     def bias(self) -> torch.Tensor:
-        return self._bias[:, :, : self.length]
+        return self._view(("bias",), self._bias)
 
     @property
     def positions(self) -> torch.Tensor:
-        return self._pos[:, :, : self.length]
+        return self._view(("positions",), self._pos)
 
     def state(self, name: str) -> torch.Tensor:
-        return self._state[name][:, :, : self.length]
+        return self._view(("state", name), self._state[name])
+
+    def _view(self, key: tuple[str, ...], buffer: torch.Tensor) -> torch.Tensor:
+        # One view per buffer between changes of the slots (a step reads positions and state several times). Not
+        # in differentiable mode: a view made under a method's no_grad could not be written with autograd.
+        view = self._views.get(key)
+        if view is None:
+            view = buffer.narrow(2, 0, self.length)
+            if not self.options.differentiable:
+                self._views[key] = view
+        return view
 
     def live(self) -> torch.Tensor:
         """[B, Hkv, L_phys] bool: slots that hold a real key (not padding, not per-head padding)."""
@@ -709,6 +739,7 @@ class CompressedLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self._views = {}
         self.storage = None
         self.is_initialized = False
         self.seen = self.length = self.new_tokens = self.peak_length = self.peak_bytes = 0
@@ -760,6 +791,13 @@ class KVCache(Cache):
         for layer in layers:
             layer.cache = self
         self.allocated = self.budget_total()  # what a final reallocation may spend (admit raises it)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A model's step at one layer: the attention function that follows records the positions (the model's
+        position ids), so the layer leaves them to it."""
+        return self.layers[layer_idx].update(key_states, value_states, *args, positions_follow=True, **kwargs)
 
     def scratch(self, owner: object) -> dict[str, Any]:
         """Per-run state `owner` (a method) keeps for the whole cache (a cross-layer allocation in progress)."""
