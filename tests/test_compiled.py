@@ -113,3 +113,24 @@ def test_compile_refuses_the_training_mode_and_unknown_modes():
         make_cache(model, "h2o", 12, compile=True, differentiable=True)
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         make_cache(model, "h2o", 12, compile=True, compile_mode="fast")
+
+
+@pytest.mark.parametrize("method", ["h2o", "tova", "d2o"])
+@torch.no_grad()
+def test_a_decode_steps_shared_attention_row_equals_the_recomputed_one(method, monkeypatch):
+    """Methods that read the newest token's attention row get it from the engine's explicit attention; the
+    statistics, the kept slots and the logits equal those of the method recomputing the row itself."""
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 36)
+    params = SMALL_PARAMS.get(method, {})
+    shared = make_cache(model, method, 12, **params)
+    logits = [model(ids[:, t : t + 1], past_key_values=shared).logits for t in range(36)]
+    assert all(layer.step_attention is None for layer in shared.layers)  # dropped after each step
+    monkeypatch.setattr(type(shared.layers[0]), "shares_attention_row", lambda self, mask: False)
+    own = make_cache(model, method, 12, **params)
+    reference = [model(ids[:, t : t + 1], past_key_values=own).logits for t in range(36)]
+    assert torch.allclose(torch.cat(logits), torch.cat(reference), atol=1e-5, rtol=0)
+    for a, b in zip(shared.layers, own.layers, strict=True):
+        assert torch.equal(a.positions, b.positions)  # the same entries kept, in the same slots
+        for name in a.state_names():
+            assert torch.allclose(a.state(name), b.state(name), atol=1e-6, rtol=1e-5)

@@ -127,7 +127,8 @@ def kvexp_attention(
         out = _run_fused_step(layer, query, scale)
         if out is not None:
             return out, None
-    out = _attend(layer, query, key, value, scaling, dropout)
+    share = dropout == 0.0 and layer.shares_attention_row(attention_mask)
+    out = _attend(layer, query, key, value, scale, dropout, share)
     layer.after_attention(query, scale)
     return out.contiguous(), None
 
@@ -137,13 +138,22 @@ def _attend(
     query: torch.Tensor,  # [B, H, q, D]
     key: torch.Tensor,  # [B, Hkv, n, D]
     value: torch.Tensor,  # [B, Hkv, n, Dv]
-    scaling: float | None,
+    scaling: float,
     dropout: float,
+    share_row: bool = False,
 ) -> torch.Tensor:
-    """The step's attention over every slot of the layer, masked by its bias: [B, q, H, Dv]."""
+    """The step's attention over every slot of the layer, masked by its bias: [B, q, H, Dv]. `share_row` (a decode
+    step, `layer.shares_attention_row`): computed explicitly, softmax in fp32 then the model's dtype as
+    transformers' eager attention does, and the row kept in `layer.step_attention` for the method."""
     batch, heads, q, dim = query.shape
     kv_heads, n = key.shape[1], key.shape[2]
     groups = heads // kv_heads
+    if share_row:
+        probs = torch.softmax(layer.attention_logits(query, scaling), dim=-1)  # [B, Hkv, G, 1, n]
+        layer.step_attention = probs
+        # [B*Hkv, G, n] x [B*Hkv, n, Dv]: the slots' view flattens without a copy (batch stride = Hkv x head stride)
+        out = torch.bmm(probs.view(batch * kv_heads, groups, n).to(value.dtype), value.flatten(0, 1))
+        return out.view(batch, heads, 1, -1).transpose(1, 2)
     if not layer.has_bias and n == q:
         # First prefill, nothing cached, no padding: the stock causal kernel.
         out = F.scaled_dot_product_attention(
@@ -177,7 +187,7 @@ _UNCAPTURED: dict[str, str] = {}  # method name -> why torch.compile could not c
 
 
 def _decode_step(layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
-    out = _attend(layer, query, layer.keys, layer.values, scaling, 0.0)
+    out = _attend(layer, query, layer.keys, layer.values, scaling, 0.0, layer.shares_attention_row(None))
     layer.observe_and_evict_one(query, scaling)
     return out.contiguous()
 

@@ -277,6 +277,9 @@ class CompressedLayer(DynamicLayer):
         # The last queries this layer saw ([B, H, w, D], positions [B, w]), kept by window-scoring methods.
         self.query_window: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scaling: float | None = None  # the attention's logit scale, set when a method observes
+        # This decode step's attention row [B, Hkv, G, 1, n] (fp32), when the attention computed it for a method that
+        # reads it (`reads_step_attention`); None otherwise and between steps.
+        self.step_attention: torch.Tensor | None = None
         self.deferred = False  # a cross-layer allocation holds this layer's compression until it decides
         self._scratch: dict[int, dict[str, Any]] = {}
 
@@ -465,6 +468,36 @@ class CompressedLayer(DynamicLayer):
                 self._views[key] = view
         return view
 
+    def attention_logits(self, queries: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Logits [B, Hkv, G, r, n] (fp32) of queries [B, H, r, D] over the layer's slots, the slots' bias added
+        (-inf dead, ln n merged); no causal mask. Query head h = g_kv * G + j (transformers' repeat_kv layout)."""
+        batch, heads, rows, dim = queries.shape
+        groups = heads // self.kv_heads
+        grouped = queries.float().reshape(batch * self.kv_heads, groups * rows, dim)  # rows j*r + i
+        keys = self.keys.float().flatten(0, 1)  # [B*Hkv, n, D]
+        logits = (
+            torch.bmm(grouped, keys.transpose(1, 2)).view(batch, self.kv_heads, groups, rows, -1) * scaling
+        )
+        if self.has_bias:
+            logits = logits + self.bias[:, :, None, None, :]
+        return logits
+
+    def shares_attention_row(self, token_mask: torch.Tensor | None) -> bool:
+        """Whether this step's attention is computed explicitly and its row handed to the method
+        (`step_attention`): a decode step without padding whose evictor reads that row (`reads_step_attention`:
+        H2O, TOVA and the other accumulated-attention methods), which then need not recompute it. Not in training,
+        nor with a trainable bias offset (the method's statistics use the stored bias alone)."""
+        method = self.evictor
+        return (
+            self.new_tokens == 1
+            and token_mask is None
+            and self.budget is not None
+            and method.observes
+            and method.reads_step_attention
+            and not self.options.differentiable
+            and method.bias_offset(self) is None
+        )
+
     def live(self) -> torch.Tensor:
         """[B, Hkv, L_phys] bool: slots that hold a real key (not padding, not per-head padding)."""
         return self.bias > float("-inf")
@@ -602,6 +635,7 @@ class CompressedLayer(DynamicLayer):
             self.observe_seconds += time.perf_counter() - start
             if plan is not None:
                 self.cache.reallocate(self, plan)
+        self.step_attention = None
         self.compress()
         self.end_step()
 
@@ -627,6 +661,7 @@ class CompressedLayer(DynamicLayer):
         if self.evictor.observes:
             self.scaling = scaling
             self.evictor.observe(self, query)
+        self.step_attention = None
         self._evict()
 
     def end_step(self) -> None:
@@ -745,6 +780,7 @@ class CompressedLayer(DynamicLayer):
         self.seen = self.length = self.new_tokens = self.peak_length = self.peak_bytes = 0
         self.has_bias = False
         self.query_window = None
+        self.step_attention = None
         self.deferred = False
         self._scratch = {}
 

@@ -38,6 +38,9 @@ class Method:
     description: ClassVar[str] = ""  # one line, shown by list_methods() and the README
     compresses: ClassVar[bool] = True  # False for `full`: no layer gets a budget
     observes: ClassVar[bool] = False  # True: `observe` runs after every attention step (statistics)
+    # True: `observe` reads the newest token's attention row at a decode step (`scoring.newest_attention`); the
+    # engine's attention then computes it explicitly and hands it over (`layer.step_attention`).
+    reads_step_attention: ClassVar[bool] = False
     state_names: ClassVar[tuple[str, ...]] = ()  # per-slot side state the engine moves with K/V
     merges: ClassVar[bool] = False  # True: `merge` folds the entries a compression drops into kept ones
     allocates: ClassVar[bool] = False  # True: `allocate` runs after every observed step (cross-layer budgets)

@@ -51,6 +51,7 @@ class CaM(StreamingLLM):
         "evicted values merged into the next kept tokens with attention-ratio probability (Zhang et al. 2024)"
     )
     observes = True
+    reads_step_attention = True
     merges = True
     state_names = ("acc",)
     merge_budget: int = 16

@@ -20,6 +20,7 @@ class HeavyHitters(Method):
     """
 
     observes = True
+    reads_step_attention = True
     state_names = ("acc",)
     recent_ratio: float = 0.5
     recent_size: int | None = None

@@ -39,6 +39,7 @@ class KVMerger(Method):
     name = "kvmerger"
     description = "runs of consecutive similar keys merged, Gaussian-kernel weighted around the most attended (Wang et al. 2024)"
     observes = True
+    reads_step_attention = True
     merges = True
     state_names = ("acc",)
     protect_ratio: float = 0.5

@@ -220,6 +220,7 @@ class Learned(Method):
     name = "learned"
     description = "per-layer MLP predicting H2O-oracle log importance from hidden state, norms, age, attention (the H2O study)"
     observes = True
+    reads_step_attention = True
     checkpoint: str | None = None
     sink_tokens: int = 4
     recent_ratio: float = 0.25

@@ -20,6 +20,7 @@ class ObservedAttention(Method):
     name = "observed_attention"
     description = "H2O's attention sums normalized by the queries that saw each key (kvpress)"
     observes = True
+    reads_step_attention = True
     state_names = ("acc",)
     gqa: str = "mean"
 

@@ -100,6 +100,8 @@ class PoolingMerge(Method):
     skip_prefill_compression: bool = False
     gqa: str = "mean"
 
+    reads_step_attention = True  # `best` accumulates attention
+
     @property
     def observes(self) -> bool:  # only `best` needs attention
         return self.seq_pooling_type == "best"

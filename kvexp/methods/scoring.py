@@ -45,16 +45,13 @@ def attention_probs(
     remembered from earlier steps. `newest`: the queries are the layer's newest token (a decode step), which sees
     every slot, so the causal comparison is skipped (`query_positions` may be None).
     """
-    batch, heads, rows, dim = queries.shape
-    kv_heads, groups = layer.kv_heads, heads // layer.kv_heads
-    grouped = queries.float().reshape(batch * kv_heads, groups * rows, dim)  # rows g*r + i
-    keys = layer.keys.float().flatten(0, 1)  # [B*Hkv, n, D]
-    logits = torch.bmm(grouped, keys.transpose(1, 2)).view(batch, kv_heads, groups, rows, -1) * scaling
-    if layer.has_bias:
-        logits = logits + layer.bias[:, :, None, None, :]
+    logits = layer.attention_logits(queries, scaling)  # [B, Hkv, G, r, n], the bias added
     if not newest:
         # [B, Hkv, 1, r, n]: slot position after the query's (views insert the unit dims in one op each)
-        future = layer.positions.view(batch, kv_heads, 1, 1, -1) > query_positions.view(batch, 1, 1, rows, 1)
+        batch, rows = queries.shape[0], queries.shape[2]
+        future = layer.positions.view(batch, layer.kv_heads, 1, 1, -1) > query_positions.view(
+            batch, 1, 1, rows, 1
+        )
         logits = logits.masked_fill(future, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if newest and not layer.has_bias:
@@ -67,10 +64,8 @@ def column_sums(layer: CompressedLayer, query: torch.Tensor, block: int = 256) -
 
     Accumulated over blocks of `block` query rows, so a long prefill never holds the L x L matrix.
     """
-    if (
-        query.shape[2] == 1
-    ):  # a decode step: the newest token, which sees every slot (no positions to compare)
-        return attention_probs(layer, query, None, layer.scaling, newest=True).sum(dim=3)
+    if query.shape[2] == 1:  # a decode step: the newest token's row
+        return newest_attention(layer, query).sum(dim=3)
     query, positions = step_queries(layer, query)
     total = None
     for first in range(0, query.shape[2], block):
@@ -78,6 +73,16 @@ def column_sums(layer: CompressedLayer, query: torch.Tensor, block: int = 256) -
         part = attention_probs(layer, query[:, :, rows], positions[:, rows], layer.scaling).sum(dim=3)
         total = part if total is None else total + part
     return total
+
+
+def newest_attention(layer: CompressedLayer, query: torch.Tensor) -> torch.Tensor:
+    """The attention row [B, Hkv, G, 1, n] of the step's newest token (the last of `query` [B, H, q, D]), which sees
+    every slot: the one the engine's attention computed for a method that `reads_step_attention`, else computed
+    here."""
+    if layer.step_attention is not None:
+        return layer.step_attention
+    newest = query if query.shape[2] == 1 else query[:, :, -1:]
+    return attention_probs(layer, newest, None, layer.scaling, newest=True)
 
 
 def remember_queries(layer: CompressedLayer, query: torch.Tensor, window: int) -> None:

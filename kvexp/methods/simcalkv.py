@@ -60,6 +60,7 @@ class SimCalKV(Method):
         "least-attended tokens merged into their most similar kept key, bias-calibrated (Cheng et al.)"
     )
     observes = True
+    reads_step_attention = True
     merges = True
     state_names = ("acc",)
     variant: str = "derived"

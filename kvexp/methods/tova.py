@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvexp.methods.base import Method, register
-from kvexp.methods.scoring import attention_probs, protect_recent
+from kvexp.methods.scoring import newest_attention, protect_recent
 
 
 @register
@@ -19,13 +19,13 @@ class TOVA(Method):
     name = "tova"
     description = "keep what the current query attends to, head-averaged (Oren et al. 2024)"
     observes = True
+    reads_step_attention = True
     state_names = ("last_attention",)
 
     def observe(self, layer, query: torch.Tensor) -> None:
-        if query.shape[2] > 1:
-            query = query[:, :, -1:]
-        # The step's last token sees every slot: no causal mask to apply.
-        probs = attention_probs(layer, query, None, layer.scaling, newest=True)  # [B, Hkv, G, 1, n]
+        probs = newest_attention(
+            layer, query
+        )  # [B, Hkv, G, 1, n]: the step's last token, which sees every slot
         layer.state("last_attention").copy_(probs.mean(dim=(1, 2, 3))[:, None, :])  # the same for every head
 
     def score(self, layer) -> torch.Tensor:
