@@ -329,7 +329,6 @@ def validate(cfg: DictConfig) -> None:
     _check_choice("engine.when", cfg.engine.when, WHEN_OPTIONS)
     if cfg.engine.slack < 0:
         raise ValueError(f"engine.slack must be >= 0, got {cfg.engine.slack}")
-    _check_choice("engine.compile", cfg.engine.compile, (False, True))
     if cfg.engine.compile_mode is not None:
         _check_choice("engine.compile_mode", cfg.engine.compile_mode, COMPILE_MODES)
     _check_choice("logger", cfg.logger.name, LOGGERS)

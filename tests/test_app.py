@@ -149,6 +149,20 @@ def test_wandb_offline_writes_a_run(text_file, tmp_path, monkeypatch):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+def test_compiled_engine_run_gives_the_eager_runs_perplexity(text_file, tmp_path):
+    """engine.compile=true through the app: the same streaming perplexity as the eager run, its decode steps
+    compiled, and the option recorded in the summary."""
+    base = ("model=tiny_llama", "method=h2o", "budget.tokens=24", "dataset=text_file", f"dataset.path={text_file}",
+            "eval.max_tokens=80", "eval.chunk_size=1", "eval.compare_to_full=false", "cache_dir=null")  # fmt: skip
+    eager = train_or_eval(_compose(*base), tmp_path / "eager")
+    compiled = train_or_eval(_compose(*base, "engine.compile=true"), tmp_path / "compiled")
+    assert compiled["metrics_after"]["perplexity"] == pytest.approx(
+        eager["metrics_after"]["perplexity"], rel=1e-6
+    )
+    assert compiled["engine"]["compile"] is True and eager["engine"]["compile"] is False
+    assert compiled["timing"]["eviction_ms_mean"] is None  # every eviction ran inside the compiled step
+
+
 def test_smollm2_streaming_perplexity_equals_the_masked_plain_model(smollm2):
     """The issue's acceptance check at a CI-sized length: perplexity of the compressed stream == oracle's."""
     model, tok = smollm2

@@ -64,8 +64,10 @@ def test_compiled_generation_gives_the_eager_tokens_without_recompiling_per_step
             prompt, past_key_values=cache, max_new_tokens=24, do_sample=False, pad_token_id=0
         )
         if compiled:
-            # At most two graphs for 24 steps x 2 layers: the first step's, and one with the token count symbolic.
-            assert counters["stats"]["unique_graphs"] - graphs <= 2
+            # At most two graphs for 24 steps x 2 layers (none if an earlier test compiled this layout): nothing in
+            # the traced code changes from step to step, but SnapKV's first window is a slice of the prompt's
+            # queries (another stride) before it becomes the remembered window's.
+            assert counters["stats"]["unique_graphs"] - graphs <= (2 if method == "snapkv" else 1)
             assert (
                 cache.stats()["fused_steps"] == 23 * model.config.num_hidden_layers
             )  # every step but the prompt

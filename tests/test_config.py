@@ -147,6 +147,10 @@ def test_a_lone_keep_ratio_replaces_the_default_token_budget():
         (["dataset=text_file", "dataset.path=/no/such/file.txt"], "dataset.path"),
         (["engine.positions=shifted"], "engine.positions"),
         (["engine.when=sometimes"], "engine.when"),
+        (
+            ["engine.compile_mode=fast"],
+            r"engine.compile_mode='fast' is not allowed; choose one of: default, ",
+        ),
         (["eval.chunk_size=0"], "eval.chunk_size"),
         (
             ["hardware.num_threads=0"],

@@ -179,9 +179,10 @@ def _attend(
 # One function traced by torch.compile: the attention, the method's observation and the one-entry eviction of a
 # decode step at a full budget. Static shapes: each layout (method and its parameters, batch, heads, head size, slots,
 # capacity, dtype, device) gets its own copy of the function, so its own graphs. In steady state the slots keep
-# their shapes from step to step (budget + 1 during the step, budget after) and the graph is reused; the token
-# count `seen` becomes a symbolic integer after its first change (one recompilation). Guards re-check the layer's
-# Python state (has_bias, options, hyperparameters) at every call.
+# their shapes from step to step (budget + 1 during the step, budget after) and the graph is reused: the traced
+# code reads no Python number that changes per step (a CUDA graph could not replay one), except re-rotation's token
+# count, which turns symbolic after its first change. Guards re-check the layer's Python state (has_bias, options,
+# hyperparameters) at every call.
 _COMPILED: dict[tuple, Callable] = {}
 _UNCAPTURED: dict[str, str] = {}  # method name -> why torch.compile could not capture its step (logged once)
 

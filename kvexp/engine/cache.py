@@ -38,6 +38,11 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
   (`update`), their positions and padding recorded, the attention runs over every slot, then `after_attention`:
   the storage sees the queries, the method observes them, allocates across layers, the layer compresses if it is
   over budget, and a storage encodes (`end_step`).
+* Shared attention row: at a decode step without padding, a method that `reads_step_attention` (the
+  accumulated-attention family: H2O, TOVA, D2O, ...) gets the newest token's attention row from the step's own
+  attention (`layer.step_attention`, [B, Hkv, G, 1, n] fp32, dropped after its observation): the attention function
+  computes that step explicitly (softmax in fp32, then the model's dtype, as transformers' eager attention)
+  instead of the method recomputing q.K and the softmax.
 * Who selects: `layer.method` is the method the cache was made with; `layer.evictor` is the one that scores,
   observes, merges and allocates: the method itself, or for a storage method its `evictor`.
 * Storage axis (KIVI, ZACK, ThinK): a storage method (`SupportsStorage`; kvexp.methods.storage.StorageMethod)
@@ -57,8 +62,8 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
   entry over its target, with an evictor that needs nothing beyond the layer (no storage, merge or cross-layer
   allocation), runs its attention, the method's `observe` and `score`, and the one-entry eviction as one
   `torch.compile`d function. It is the eager code traced (the same slot layout and victim, so the same tokens); the
-  buffers keep their shapes from step to step, so the graph is reused (static shapes per layout; only the token
-  count is symbolic). The eviction writes with `index_put_`, which the compiler keeps in place. A method whose step
+  buffers keep their shapes from step to step, so the graph is reused (static shapes per layout; re-rotation's
+  token count is the one number that turns symbolic). The eviction writes with `index_put_`, which the compiler keeps in place. A method whose step
   cannot be traced (data-dependent shapes: AdaKV's per-head counts) decodes eagerly, logged once. The compiled steps'
   evictions are not timed apart from their attention: `fused_steps` / `fused_seconds`, not `compressions` /
   `compress_seconds`, count them.

@@ -49,5 +49,5 @@ class FixSizeL2(Method):
         if self.strategy == "keep_low":
             return lowest_key_norm(layer, recent=recent)
         if self.strategy == "keep_high":
-            return protect_recent(layer.keys.float().norm(dim=-1), layer.positions, layer.seen, recent)
-        return protect_recent(self._random.score(layer), layer.positions, layer.seen, recent)
+            return protect_recent(layer.keys.float().norm(dim=-1), layer.positions, recent)
+        return protect_recent(self._random.score(layer), layer.positions, recent)

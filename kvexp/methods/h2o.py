@@ -41,7 +41,7 @@ class HeavyHitters(Method):
         accumulate_attention(layer, query, "acc", self.gqa)
 
     def score(self, layer) -> torch.Tensor:
-        return protect_recent(layer.state("acc"), layer.positions, layer.seen, self.recent(layer.budget))
+        return protect_recent(layer.state("acc"), layer.positions, self.recent(layer.budget))
 
 
 @register
@@ -102,4 +102,4 @@ class H2O(HeavyHitters):
             return super().score(layer)
         ranking = layer.cache.scratch(self)["ranking"]
         scores = ranking.gather(1, layer.positions.clamp_min(0).flatten(1)).view_as(layer.positions)
-        return protect_recent(scores, layer.positions, layer.seen, self.recent(layer.budget))
+        return protect_recent(scores, layer.positions, self.recent(layer.budget))

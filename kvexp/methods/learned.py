@@ -318,4 +318,4 @@ class Learned(Method):
 
     def score(self, layer) -> torch.Tensor:
         scores = protect_sinks(self.predict(layer), layer.positions, self.sink_tokens)
-        return protect_recent(scores, layer.positions, layer.seen, self.recent(layer.budget))
+        return protect_recent(scores, layer.positions, self.recent(layer.budget))

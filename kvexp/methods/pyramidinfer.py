@@ -149,9 +149,7 @@ class PyramidInfer(Method):
         ramp = torch.linspace(1.0, self.distance_weight, attention.shape[1], device=attention.device)
         votes = (attention * ramp[:, None]).mean(dim=1)  # [B, n]
         scores = votes[:, None, :].expand(-1, layer.kv_heads, -1)
-        scores = protect_recent(
-            protect_sinks(scores, layer.positions, sinks), layer.positions, layer.seen, window
-        )
+        scores = protect_recent(protect_sinks(scores, layer.positions, sinks), layer.positions, window)
         return scores.masked_fill(~layer.live(), float("-inf"))
 
     def _choose(self, layer, step: _Step) -> None:

@@ -139,9 +139,13 @@ def temporal_pool(
     return torch.empty_like(scores).scatter_(-1, order, pooled.reshape(ordered.shape))
 
 
-def protect_recent(scores: torch.Tensor, positions: torch.Tensor, seen: int, recent: int) -> torch.Tensor:
-    """Force-keep the `recent` most recent tokens (positions seen-recent .. seen-1)."""
-    return scores.masked_fill(positions >= seen - recent, float("inf"))
+def protect_recent(scores: torch.Tensor, positions: torch.Tensor, recent: int) -> torch.Tensor:
+    """Force-keep each row's `recent` most recent tokens: positions newest - recent + 1 .. newest, the newest being
+    the largest position the head holds (the step's token, present until its compaction), so a left-padded row
+    counts its own tokens, as it would alone. A tensor threshold, not the token count: a compiled step's graph
+    does not depend on it."""
+    newest = positions.amax(dim=-1, keepdim=True)  # [B, Hkv, 1]
+    return scores.masked_fill(positions > newest - recent, float("inf"))
 
 
 def prerope_queries(query: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
@@ -165,7 +169,7 @@ def lowest_key_norm(layer: CompressedLayer, sinks: int = 0, recent: int = 0) -> 
     """The kvcompress study's L2 family: `-||k||` per KV head (low-norm keys draw attention, Devoto et al. 2024), with the
     first `sinks` and the `recent` newest tokens forced in; the rest of the budget goes to the lowest norms."""
     scores = protect_sinks(-layer.keys.float().norm(dim=-1), layer.positions, sinks)
-    return protect_recent(scores, layer.positions, layer.seen, recent)
+    return protect_recent(scores, layer.positions, recent)
 
 
 def write_slots(

@@ -104,7 +104,7 @@ class SimCalKV(Method):
     def score(self, layer) -> torch.Tensor:
         reject_rerotate(layer, self.name)
         scores = protect_sinks(layer.state("acc"), layer.positions, self.sink_tokens)
-        return protect_recent(scores, layer.positions, layer.seen, self.recent_size)
+        return protect_recent(scores, layer.positions, self.recent_size)
 
     def merge(self, layer, kept: torch.Tensor, evicted: torch.Tensor, selection: Selection) -> None:
         similarity, nearest = most_similar(layer.keys, evicted, kept)

@@ -38,4 +38,4 @@ class SnapKVLite(Method):
 
     def score(self, layer) -> torch.Tensor:
         pooled = temporal_pool(lowest_key_norm(layer), layer.positions, self.kernel_size, "avgpool")
-        return protect_recent(pooled, layer.positions, layer.seen, self.window_size)
+        return protect_recent(pooled, layer.positions, self.window_size)

@@ -29,4 +29,4 @@ class TOVA(Method):
         layer.state("last_attention").copy_(probs.mean(dim=(1, 2, 3))[:, None, :])  # the same for every head
 
     def score(self, layer) -> torch.Tensor:
-        return protect_recent(layer.state("last_attention"), layer.positions, layer.seen, 1)
+        return protect_recent(layer.state("last_attention"), layer.positions, 1)
