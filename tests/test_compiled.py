@@ -136,3 +136,25 @@ def test_a_decode_steps_shared_attention_row_equals_the_recomputed_one(method, m
         assert torch.equal(a.positions, b.positions)  # the same entries kept, in the same slots
         for name in a.state_names():
             assert torch.allclose(a.state(name), b.state(name), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["h2o", "tova", "streaming_llm"])
+@pytest.mark.parametrize("compiled", [False, True])
+@torch.no_grad()
+def test_a_left_padded_batch_row_keeps_and_generates_what_the_row_alone_does(method, compiled):
+    """Recent windows count each row's own tokens (the newest position a head holds), padding slots are dead and
+    evicted first: every row of a left-padded batch generates the tokens it generates alone."""
+    model, tok = load("tiny_llama")
+    texts = ["a short prompt", "a noticeably longer prompt than the other one, with more words"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    assert (batch.attention_mask == 0).any() and tok.padding_side == "left"
+    params = {"sink_tokens": 2} if method == "streaming_llm" else {}
+    cache = make_cache(model, method, 10, compile=compiled, **params)
+    together = model.generate(**batch, past_key_values=cache, max_new_tokens=12, do_sample=False,
+                              pad_token_id=tok.pad_token_id)[:, batch.input_ids.shape[1] :]  # fmt: skip
+    for row, text in enumerate(texts):
+        alone = tok(text, return_tensors="pt")
+        single = make_cache(model, method, 10, compile=compiled, **params)
+        out = model.generate(**alone, past_key_values=single, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[:, alone.input_ids.shape[1] :]  # fmt: skip
+        assert torch.equal(out[0], together[row])
