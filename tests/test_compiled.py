@@ -158,3 +158,20 @@ def test_a_left_padded_batch_row_keeps_and_generates_what_the_row_alone_does(met
         out = model.generate(**alone, past_key_values=single, max_new_tokens=12, do_sample=False,
                              pad_token_id=tok.pad_token_id)[:, alone.input_ids.shape[1] :]  # fmt: skip
         assert torch.equal(out[0], together[row])
+
+
+@torch.no_grad()
+def test_prompts_of_different_lengths_share_the_compiled_step():
+    """The buffers are resized to the step's budget + 1 slots before the compiled step, so a prompt's length (which
+    leaves its own capacity) does not make a new layout, nor a new compilation."""
+    model, _ = load("tiny_llama")
+    layouts = []
+    for length in (14, 23):
+        cache = make_cache(model, "knorm", 10, compile=True)
+        ids = _ids(model, length + 3, seed=length)
+        model(ids[:, :length], past_key_values=cache)
+        for t in range(length, length + 3):
+            model(ids[:, t : t + 1], past_key_values=cache)
+        assert [layer.capacity for layer in cache.layers] == [11] * model.config.num_hidden_layers
+        layouts.append(len(attention._COMPILED))
+    assert layouts[1] == layouts[0]

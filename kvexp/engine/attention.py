@@ -178,7 +178,8 @@ def _attend(
 # -- the compiled decode step (engine.compile) --------------------------------------------------------------------
 # One function traced by torch.compile: the attention, the method's observation and the one-entry eviction of a
 # decode step at a full budget. Static shapes: each layout (method and its parameters, batch, heads, head size, slots,
-# capacity, dtype, device) gets its own copy of the function, so its own graphs. In steady state the slots keep
+# dtype, device) gets its own copy of the function, so its own graphs; the buffers are resized to exactly the step's
+# slots first, so a prompt's length does not make a layout (a budget does: keep_ratio budgets compile per budget). In steady state the slots keep
 # their shapes from step to step (budget + 1 during the step, budget after) and the graph is reused: the traced
 # code reads no Python number that changes per step (a CUDA graph could not replay one), except re-rotation's token
 # count, which turns symbolic after its first change. Guards re-check the layer's Python state (has_bias, options,
@@ -201,8 +202,7 @@ def _compiled_step(layer: CompressedLayer) -> Callable:
         layer.kv_heads,
         layer.head_dim,
         layer.value_dim,
-        layer.length,
-        layer.capacity,
+        layer.length,  # = the capacity
         layer.dtype,
         layer.device,
     )
@@ -221,6 +221,10 @@ def _run_fused_step(layer: CompressedLayer, query: torch.Tensor, scaling: float)
     name = layer.evictor.name
     if name in _UNCAPTURED:
         return None
+    if layer.capacity != layer.length:
+        # Static shapes: buffers of exactly budget + 1 slots, whatever capacity the prompt left (it would otherwise
+        # make each prompt length a layout of its own, and a compilation).
+        layer._resize(layer.length)
     layer.keys = layer.values = None  # the step builds its own views of the slots
     start = time.perf_counter()
     try:

@@ -61,12 +61,12 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
 * Compiled decode (`CacheOptions.compile`): a step with one new token (no padding) that takes a layer exactly one
   entry over its target, with an evictor that needs nothing beyond the layer (no storage, merge or cross-layer
   allocation), runs its attention, the method's `observe` and `score`, and the one-entry eviction as one
-  `torch.compile`d function. It is the eager code traced (the same slot layout and victim, so the same tokens); the
-  buffers keep their shapes from step to step, so the graph is reused (static shapes per layout; re-rotation's
-  token count is the one number that turns symbolic). The eviction writes with `index_put_`, which the compiler keeps in place. A method whose step
-  cannot be traced (data-dependent shapes: AdaKV's per-head counts) decodes eagerly, logged once. The compiled steps'
-  evictions are not timed apart from their attention: `fused_steps` / `fused_seconds`, not `compressions` /
-  `compress_seconds`, count them.
+  `torch.compile`d function. It is the eager code traced (the same slot layout and victim, so the same tokens);
+  the buffers keep their shapes from step to step, so the graph is reused (static shapes per layout; re-rotation's
+  token count is the one number that turns symbolic). The eviction writes with `index_put_`, which the compiler
+  keeps in place. A method whose step cannot be traced (data-dependent shapes: AdaKV's per-head counts) decodes
+  eagerly, logged once. The compiled steps' evictions are not timed apart from their attention: `fused_steps` /
+  `fused_seconds`, not `compressions` / `compress_seconds`, count them.
 * Differentiable mode (`CacheOptions.differentiable`, `make_cache(..., differentiable=True)`, for training): the
   forward values are the default mode's, but a layer never mutates a tensor an earlier attention may have saved
   for backward. It copies on write: each step's `update` writes into fresh buffers, a compression clones them
@@ -129,9 +129,8 @@ class CacheOptions:
     )
     rotary: Rotary | None = None  # the model's RoPE (None without RoPE); required for positions="rerotate"
     differentiable: bool = False  # training: copy-on-write buffers and no-grad scoring (module docstring)
-    compile: bool = (
-        False  # a decode step that evicts one entry runs as one torch.compile'd step (module docstring)
-    )
+    # A decode step that evicts one entry runs as one torch.compile'd step (module docstring).
+    compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode for that step ("reduce-overhead": CUDA graphs)
 
 
@@ -271,9 +270,8 @@ class CompressedLayer(DynamicLayer):
         self.compress_seconds = 0.0
         self.compress_sq_seconds = 0.0  # sum of squared compression times: their spread without a list
         self.observe_seconds = 0.0  # inside method.observe (statistics of every step): method cost too
-        self.compressions = (
-            0  # compressions timed in compress_seconds (the compiled steps' are not among them)
-        )
+        # Compressions timed in compress_seconds (the compiled steps' are not among them).
+        self.compressions = 0
         self.fused_steps = 0  # compiled decode steps (engine.compile): attention, observe and eviction in one
         self.fused_seconds = 0.0  # their time, the attention included
         self.peak_length = 0
