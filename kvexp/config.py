@@ -83,6 +83,24 @@ class RetrievalDatasetConfig(GenerationDatasetConfig):
 
 
 @dataclass
+class RulerDatasetConfig(GenerationDatasetConfig):
+    """ruler (kvexp.tasks.ruler): RULER's tasks generated at `lengths` tokens."""
+
+    tasks: list[str] = field(default_factory=list)  # RULER's task names (conf/dataset/ruler.yaml: all 13)
+    lengths: list[int] = field(default_factory=lambda: [4096])  # prompt + generated tokens, RULER's length
+    samples_per_task: int = 20  # per task and length
+    haystack: str = (
+        "book"  # the essay haystack: book (embedded novel, or dataset.path) | essays | a text dataset
+    )
+    squad_path: str | None = None  # RULER's squad.json (SQuAD v2 dev); else $KVEXP_DATA_DIR/ruler/squad.json
+    hotpotqa_path: str | None = (
+        None  # RULER's hotpotqa.json (HotpotQA dev distractor); else .../hotpotqa.json
+    )
+    squad_hub_id: str | None = "rajpurkar/squad_v2"
+    hotpotqa_hub_id: str | None = "hotpotqa/hotpot_qa"
+
+
+@dataclass
 class SummarizationDatasetConfig(GenerationDatasetConfig):
     """cnn_dailymail / xsum (kvexp.tasks.summarization)."""
 
@@ -93,13 +111,27 @@ class SummarizationDatasetConfig(GenerationDatasetConfig):
 
 @dataclass
 class LongBenchDatasetConfig(GenerationDatasetConfig):
-    """longbench (kvexp.tasks.longbench): one English task per run."""
+    """longbench (kvexp.tasks.longbench) and the other long-context benchmarks, longbench_v2, infinitebench, loogle,
+    zero_scrolls (kvexp.tasks.long_context): one task per run."""
 
-    subset: str = "narrativeqa"  # the LongBench task
-    hub_file: str | None = "data.zip"  # the hub archive to read (null: datasets.load_dataset(hub_id, subset))
-    max_length: int | None = (
-        None  # prompt tokens kept, cut in the middle (null: model context - answer length)
+    subset: str | None = "narrativeqa"  # the benchmark's task (longbench_v2: a domain, or null for all)
+    hub_file: str | None = (
+        "data.zip"  # the hub file to read ({task}: the subset; null: datasets.load_dataset)
     )
+    max_length: int | None = (
+        None  # prompt tokens kept, cut as the benchmark cuts (null: model context - answer length)
+    )
+
+
+@dataclass
+class MathDatasetConfig(GenerationDatasetConfig):
+    """math500 / aime25 (kvexp.tasks.math_reasoning): one problem per row, its last \\boxed{} graded."""
+
+    prompt_template: str = "{problem}"  # the question: {problem} replaced by the row's problem
+    question_field: str = "problem"  # the rows' fields: the problem ...
+    answer_field: str = "answer"  # ... its reference answer (a string, a number or a list of them) ...
+    id_field: str | None = None  # ... its id (else the row number) ...
+    meta_fields: list[str] = field(default_factory=list)  # ... and what samples.csv and report_by get
 
 
 @dataclass
@@ -192,6 +224,9 @@ class EvalConfig:
     num_beams: int = 1  # > 1: beam search (greedy), the cache's rows reordered with the beams
     length_penalty: float = 1.0  # beam search: finished hypotheses score sum log p / length ** length_penalty
     prefill_chunk_size: int | None = None  # null: the context in one forward; N: chunks, compressed between
+    batch_size: int = (
+        1  # generation: samples answered at once (left-padded; the same answers as one at a time)
+    )
 
 
 @dataclass
@@ -222,7 +257,9 @@ ConfigStore.instance().store(name="base_config", node=KVExpConfig)
 ConfigStore.instance().store(name="base_generation", node=GenerationDatasetConfig)
 ConfigStore.instance().store(name="base_retrieval", node=RetrievalDatasetConfig)
 ConfigStore.instance().store(name="base_summarization", node=SummarizationDatasetConfig)
+ConfigStore.instance().store(name="base_ruler", node=RulerDatasetConfig)
 ConfigStore.instance().store(name="base_longbench", node=LongBenchDatasetConfig)
+ConfigStore.instance().store(name="base_math", node=MathDatasetConfig)
 ConfigStore.instance().store(name="base_prompt", node=PromptDatasetConfig)
 ConfigStore.instance().store(name="base_python_code", node=PythonCodeDatasetConfig)
 ConfigStore.instance().store(name="base_lm_eval", node=LmEvalDatasetConfig)
@@ -348,6 +385,11 @@ def validate(cfg: DictConfig) -> None:
             f"eval.num_beams={cfg.eval.num_beams}: beam search applies to generation tasks, not "
             f"dataset.task={cfg.dataset.task}; leave eval.num_beams=1"
         )
+    if cfg.eval.batch_size > 1 and cfg.dataset.task != "generation":
+        raise ValueError(
+            f"eval.batch_size={cfg.eval.batch_size}: batched evaluation applies to generation tasks, not "
+            f"dataset.task={cfg.dataset.task}; leave eval.batch_size=1"
+        )
     for key in ("max_samples", "max_tokens"):
         value = cfg.eval[key]
         if value is not None and value < (2 if key == "max_tokens" else 1):
@@ -381,6 +423,12 @@ def validate(cfg: DictConfig) -> None:
             "budget.keep_ratio=R"
         )
     method.validate(budget.tokens)
+    if cfg.eval.batch_size > 1 and not method.batches:
+        raise ValueError(
+            f"eval.batch_size={cfg.eval.batch_size}: method={method.name} cannot answer a batch exactly as it answers "
+            "each sample alone (it couples the rows or draws per physical slot; docs/methods.md says why); set "
+            "eval.batch_size=1"
+        )
     _check_model_shape(cfg, method)
 
 
@@ -436,6 +484,13 @@ def _check_generation_options(ev: DictConfig) -> None:
         raise ValueError(f"eval.top_p must be in (0, 1], got {ev.top_p}")
     if ev.num_beams < 1:
         raise ValueError(f"eval.num_beams must be >= 1 (1: no beam search), got {ev.num_beams}")
+    if not isinstance(ev.batch_size, int) or ev.batch_size < 1:
+        raise ValueError(f"eval.batch_size must be an integer >= 1, got {ev.batch_size!r}")
+    if ev.batch_size > 1 and ev.num_beams > 1:
+        raise ValueError(
+            f"eval.batch_size={ev.batch_size} with eval.num_beams={ev.num_beams}: beam search uses the batch for its "
+            "beams; set eval.batch_size=1"
+        )
     if ev.num_beams > 1 and ev.do_sample:
         raise ValueError(
             f"eval.num_beams={ev.num_beams} with eval.do_sample=true: beam search here is greedy; set "

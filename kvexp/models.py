@@ -299,13 +299,18 @@ def _converted_gguf(path: Path) -> Path | None:
     return target
 
 
-def _load_gguf(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """GGUF from ``model.path`` or, when null, from the pip package ``model.gguf_package``; through its converted
-    copy (`_converted_gguf`) when the cache is writable."""
+def _gguf_source(model: Mapping) -> tuple[Path, Path, dict[str, Any]]:
+    """(the GGUF file, the folder to load from, from_pretrained's keywords): its converted copy when cached."""
     path = gguf_path(model)
     converted = _converted_gguf(path)
     kw = dict(local_files_only=True) if converted else dict(gguf_file=path.name, local_files_only=True)
-    source = converted or path.parent
+    return path, converted or path.parent, kw
+
+
+def _load_gguf(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """GGUF from ``model.path`` or, when null, from the pip package ``model.gguf_package``; through its converted
+    copy (`_converted_gguf`) when the cache is writable."""
+    path, source, kw = _gguf_source(model)
     log.info("loading GGUF %s (dequantised to %s) from %s", path.name, dtype, source)
     tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     net = AutoModelForCausalLM.from_pretrained(
@@ -314,10 +319,8 @@ def _load_gguf(model: Mapping, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
     return net, tokenizer
 
 
-def _load_hub(
-    model: Mapping, dtype: torch.dtype, device_map: str | None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Hub id or local directory, the way every published checkpoint is loaded."""
+def _hub_source(model: Mapping) -> tuple[str, dict[str, Any]]:
+    """(hub id or local directory, from_pretrained's keywords)."""
     path = model.get("path")
     if not path:
         raise ValueError("model.path (hub id or local directory) must be set for source='hub'")
@@ -327,6 +330,38 @@ def _load_hub(
         local_files_only=Path(path).is_dir(),
         token=hub_token(),
     )
+    return path, kw
+
+
+def load_tokenizer(model: Mapping) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model`` alone (no weights), as load_model sets it up (left padding, a pad token)."""
+    source = model.get("source")
+    if source not in MODEL_SOURCES:
+        raise ValueError(f"model.source={source!r}: expected one of {MODEL_SOURCES}")
+    if source == "tiny":
+        tokenizer = tiny_tokenizer()
+    elif source == "gguf":
+        _, folder, kw = _gguf_source(model)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    else:
+        path, kw = _hub_source(model)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    return _padded(tokenizer)
+
+
+def _padded(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Left padding (the last prompt token at the same position in every row) and a pad token (EOS if none)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _load_hub(
+    model: Mapping, dtype: torch.dtype, device_map: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Hub id or local directory, the way every published checkpoint is loaded."""
+    path, kw = _hub_source(model)
     log.info("loading %s from %s", path, "local directory" if kw["local_files_only"] else "the hub")
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     net = AutoModelForCausalLM.from_pretrained(
@@ -477,9 +512,7 @@ def load_model(model: Mapping, hardware: Mapping) -> tuple[PreTrainedModel, PreT
     if device_map is None:
         net = net.to(device=device, dtype=dtype)
     net.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer = _padded(tokenizer)
     log.info(
         "model %s: %s, %d layers, %.1fM params on %s/%s",
         model.get("name"),

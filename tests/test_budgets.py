@@ -136,7 +136,7 @@ def test_adakv_heads_differ_with_the_layer_total_kept_and_outputs_exact(chunk):
     heads = model.config.num_key_value_heads
     cache = _check_oracle(
         model,
-        _ids(model, 40),
+        _ids(model, 40, seed=1),  # a sequence whose last step leaves the heads unequal (seed 0's does not)
         chunk,
         method="adakv",
         budget=12,

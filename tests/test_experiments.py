@@ -126,6 +126,15 @@ def test_doc_types_scores_the_studys_qa_type_as_qa():
             {"method.num_clusters": {"8", "16", "32", "64"}, "budget.tokens": {"256", "512", "1024"}},
         ),
         ("cluster_count_quick", 8, {"method.num_clusters": {"4", "8"}, "method.fold": {"false", "true"}}),
+        (
+            "ruler_leaderboard",
+            2 * 9 * 4,
+            {
+                "model": {"qwen3_8b", "llama3.1_8b_instruct"},
+                "budget": {"keep_0.75", "keep_0.5", "keep_0.25", "keep_0.125"},
+            },
+        ),
+        ("ruler_leaderboard_quick", 4 * 2, {"budget": {"keep_0.5", "keep_0.25"}}),
     ],
 )
 def test_the_studies_axes_presets_sweep_their_axes(preset, jobs, axes):
@@ -133,3 +142,14 @@ def test_the_studies_axes_presets_sweep_their_axes(preset, jobs, axes):
     assert len(swept) == jobs
     for key, values in axes.items():
         assert {o.split("=", 1)[1] for job in swept for o in job if o.startswith(f"{key}=")} == values
+
+
+def test_the_ruler_leaderboard_is_kvpress_protocol():
+    """RULER 4k, 500 samples per task, query-agnostic, prefill-only compression; the quick one on SmolLM2 at 1k/2k."""
+    cfg = _compose("experiment=ruler_leaderboard", *sweep_jobs("ruler_leaderboard")[0])
+    assert cfg.dataset.name == "ruler" and list(cfg.dataset.lengths) == [4096] and len(cfg.dataset.tasks) == 13
+    assert cfg.dataset.samples_per_task == 500 and cfg.eval.protocol == "query_agnostic"
+    assert cfg.engine.when == "prefill" and cfg.hardware.device == "cuda"
+    quick = _compose("experiment=ruler_leaderboard_quick", *sweep_jobs("ruler_leaderboard_quick")[0])
+    assert quick.model.name == "smollm2_135m" and list(quick.dataset.lengths) == [1024, 2048]
+    assert quick.engine.when == "prefill" and quick.hardware.device == "cpu"

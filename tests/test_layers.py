@@ -99,6 +99,7 @@ APP = (
     "kvexp.callbacks",
     "kvexp.report",
     "kvexp.bench",
+    "kvexp.export",
     "kvexp.__main__",
 )
 

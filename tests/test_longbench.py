@@ -18,13 +18,13 @@ import yaml
 from kvexp.models import tiny_tokenizer
 from kvexp.tasks import data as data_module
 from kvexp.tasks import longbench
+from kvexp.tasks.long_context import middle_truncate
 from kvexp.tasks.longbench import (
     MAX_NEW_TOKENS,
     TASKS,
     build_sample,
     check_longbench,
     load_longbench,
-    middle_truncate,
     prompt_limit,
     read_archive,
 )

@@ -117,6 +117,18 @@ def test_score_qa_and_rouge_dispatch():
         "longbench_retrieval",
         "longbench_count",
         "longbench_code_sim",
+        "math",
+        "ruler_all",
+        "ruler_part",
+        "longbench_v2",
+        "infinitebench",
+        "loogle_similarity",
+        "loogle_cloze",
+        "zero_scrolls_rouge",
+        "zero_scrolls_f1",
+        "zero_scrolls_accuracy",
+        "zero_scrolls_exp_similarity",
+        "zero_scrolls_concordance_index",
     }
 
 

@@ -7,8 +7,9 @@ Each text sits in its own folder with a LICENSE.md (source, license, attribution
 * `pg19/test_book_10321.jsonl`: one public-domain PG-19 test book, the stand-in for `dataset=pg19` when PG-19
   cannot be had (after the hub).
 * `haystack/`: a public-domain Project Gutenberg novel, the default haystack of the retrieval tasks.
-* `fixtures/`: a few records written by the project in the real schemas of CNN/DailyMail, XSum, a QA file and
-  LongBench, and a Python module: stand-ins that let every task run end to end without the real data.
+* `fixtures/`: a few records written by the project in the real schemas of CNN/DailyMail, XSum, a QA file,
+  LongBench, LongBench-v2, InfiniteBench, LooGLE, ZeroSCROLLS, MATH-500 and AIME 2025, and a Python module:
+  stand-ins that let every task run end to end without the real data.
 
 `kvexp.tasks.data.locate` decides between these and the user's own data; this module names the files and holds
 what every layer uses to read data (JSONL, UTF-8 text, a corpus, a file under $KVEXP_DATA_DIR, the hub probe).
@@ -92,6 +93,30 @@ EMBEDDED: dict[str, Embedded] = {
         "fixtures/longbench.jsonl",
         "the embedded stand-in for LongBench: one row per English task written by kvexp in its schema",
     ),
+    "longbench_v2": Embedded(
+        "fixtures/longbench_v2.json",
+        "the embedded stand-in for LongBench-v2: one question per domain written by kvexp in its schema",
+    ),
+    "infinitebench": Embedded(
+        "fixtures/infinitebench",
+        "the embedded stand-in for InfiniteBench: one row per task written by kvexp in its schema",
+    ),
+    "loogle": Embedded(
+        "fixtures/loogle",
+        "the embedded stand-in for LooGLE: one question per task written by kvexp in its schema",
+    ),
+    "zero_scrolls": Embedded(
+        "fixtures/zero_scrolls",
+        "the embedded stand-in for ZeroSCROLLS: one validation example per task written by kvexp in its schema",
+    ),
+    "math500": Embedded(
+        "fixtures/math500.jsonl",
+        "the embedded stand-in for MATH-500: 7 problems written by kvexp in its schema",
+    ),
+    "aime25": Embedded(
+        "fixtures/aime25.jsonl",
+        "the embedded stand-in for AIME 2025: 4 problems written by kvexp in math-ai/aime25's schema",
+    ),
 }
 
 
@@ -150,8 +175,11 @@ def read_jsonl(path: Path, text: str | None = None) -> list[dict[str, Any]]:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL file, or of a Parquet file (`.parquet`: the hub's own format, e.g. a downloaded
-    copy of emozilla/pg19-test); a file that is not what its name says fails naming it."""
+    """The records of a JSONL file, of a JSON list of objects (`.json`, e.g. LongBench-v2's data.json), or of a
+    Parquet file (`.parquet`: the hub's own format, e.g. a downloaded copy of emozilla/pg19-test); a file that is
+    not what its name says fails naming it."""
+    if path.suffix == ".json":
+        return _read_json_list(path)
     if path.suffix != ".parquet":
         return read_jsonl(path)
     import pyarrow.parquet as pq  # installed with `datasets`
@@ -160,6 +188,16 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         return pq.read_table(path).to_pylist()
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise ValueError(f"{path}: not a readable Parquet file ({err})") from err
+
+
+def _read_json_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        rows = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{path}: expected a JSON list of objects")
+    return rows
 
 
 def read_text(path: Path) -> str:

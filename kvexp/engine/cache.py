@@ -239,6 +239,15 @@ class SupportsStorage(Protocol):
     def prepare(self, model: Any) -> None: ...
 
 
+def ranking_keys(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """int64 keys [B, Hkv, n] that order slots as (fp32 score, position): equal scores rank by position, the older
+    entry lower. The float's bits mapped to an order-preserving int32 (negative floats reversed; -0.0 as 0.0), then
+    the position (>= -1, a dead slot's) in the low 32 bits."""
+    bits = (scores.float() + 0.0).view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    return (ordered << 32) | (positions.long() + 1)
+
+
 class CompressedLayer(DynamicLayer):
     """One layer's compressed KV storage; see the module docstring for the contracts."""
 
@@ -572,21 +581,23 @@ class CompressedLayer(DynamicLayer):
             scores = scores.masked_fill(~self.live(), float("-inf"))
         was_live = self.live() if self.evictor.merges else None
         counts = self._head_counts(scores, target)
+        # Ranked by score, ties by position (the older entry goes first): the choice never depends on where entries
+        # sit physically, so a left-padded batch row, a chunked prefill or a reordered cache choose alike.
+        ranks = ranking_keys(scores, self.positions)
         kept = kill = None
         if counts is None and n - target == 1 and was_live is None and not self.options.differentiable:
             # One entry out (a decode step at a full budget): the last slot, this step's token, moves into the
-            # lowest-scored slot of each head, the layout the general compaction below gives, in a few ops.
-            # topk, not argmin: among tied scores (pooled ones tie often) the general path's choice
-            self._move_last_into(scores.topk(1, dim=-1, largest=False).indices)
+            # lowest-ranked slot of each head, the layout the general compaction below gives, in a few ops.
+            self._move_last_into(ranks.topk(1, dim=-1, largest=False).indices)
         elif counts is None:
             # Usually a step evicts a handful of entries: select those (topk with a small k), not the kept set.
-            evict = scores.topk(n - target, dim=-1, largest=False).indices
+            evict = ranks.topk(n - target, dim=-1, largest=False).indices
             kept = torch.ones_like(scores, dtype=torch.bool).scatter_(2, evict, False)
         else:
             # Each head keeps its own count of live entries; the layer is as long as the longest head. The slots
             # a shorter head keeps beyond its count stay physically but are killed (bias -inf).
             target = int(counts.max())
-            keep = scores.topk(target, dim=-1).indices  # best first: each head's first count_h stay live
+            keep = ranks.topk(target, dim=-1).indices  # best first: each head's first count_h stay live
             kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, keep, True)
             dead = torch.arange(target, device=self.device)[None, None, :] >= counts[:, :, None]
             kill = torch.zeros_like(kept).scatter_(2, keep, dead)
@@ -892,16 +903,26 @@ class KVCache(Cache):
         storage, the bytes of its encodings and windows)."""
         return sum(layer.held_bytes() for layer in self.layers if layer.is_initialized)
 
-    def stats(self) -> dict[str, Any]:
-        """Kept tokens per layer (and per head), bytes kept vs the full cache, the compression ratio, method time."""
+    def stats(self, row: int | None = None, seen: int | None = None) -> dict[str, Any]:
+        """Kept tokens per layer (and per head), bytes kept vs the full cache, the compression ratio, method time.
+
+        For one `row` of a batch that has fed `seen` real tokens (its padding left out): its own live entries, the
+        full cache's bytes for its tokens, and its share (1 / batch) of the bytes held and allocated; the method's
+        time and counts stay the batch's."""
         layers = [layer for layer in self.layers if layer.is_initialized]
         if not layers:
             return {"tokens_seen": 0, "tokens_kept": 0, "compression_ratio": 0.0}
-        seen = layers[0].seen
-        live_per_head = [layer.live().sum(-1).float().mean(0).tolist() for layer in layers]  # batch mean
+        share = 1 if row is None else layers[0].batch
+        seen = layers[0].seen if seen is None else seen
+        live = [layer.live().sum(-1).float() for layer in layers]  # [B, Hkv] per layer
+        live_per_head = [
+            (n.mean(0) if row is None else n[row]).tolist() for n in live
+        ]  # batch mean or the row's
         kept_layer = [sum(h) / len(h) for h in live_per_head]
-        bytes_full = sum(seen * layer.dense_slot_bytes for layer in layers)
-        bytes_allocated = sum(layer.capacity * layer.slot_bytes + layer.other_bytes() for layer in layers)
+        bytes_full = sum(seen * layer.dense_slot_bytes // share for layer in layers)
+        bytes_allocated = (
+            sum(layer.capacity * layer.slot_bytes + layer.other_bytes() for layer in layers) / share
+        )
         tokens_kept = sum(kept_layer) / len(kept_layer)
         return {
             "tokens_seen": seen,
@@ -911,7 +932,7 @@ class KVCache(Cache):
             "physical_length_per_layer": [layer.length for layer in layers],
             "compression_ratio": 1.0 - tokens_kept / seen if seen else 0.0,
             "bytes_full": bytes_full,
-            "bytes_kept": self.kept_bytes(),
+            "bytes_kept": self.kept_bytes() / share,
             "bytes_allocated": bytes_allocated,
             "compress_seconds": sum(layer.compress_seconds for layer in layers),
             "compress_sq_seconds": sum(layer.compress_sq_seconds for layer in layers),

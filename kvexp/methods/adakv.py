@@ -92,6 +92,10 @@ class AdaKV(Method):
     def allocates(self) -> bool:
         return self._scorer.allocates
 
+    @property
+    def batches(self) -> bool:
+        return self._scorer.batches
+
     def validate(self, budget: int | None) -> None:
         if not 0.0 <= self.floor_alpha <= 1.0:
             raise ValueError(f"method.floor_alpha must be in [0, 1], got {self.floor_alpha}")

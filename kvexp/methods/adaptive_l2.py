@@ -52,6 +52,9 @@ class AdaptiveL2(Method):
                 f"{self.keep_ratio_min} and {self.keep_ratio_max}"
             )
 
+    # The kept count follows the sequence length seen, one number for the batch (its padding included).
+    batches = False
+
     def plan(self, layer) -> tuple[int, int, int]:
         """(entries kept, sinks, recent tokens protected) at a compression, from the sequence length seen."""
         budget, seen = layer.budget, layer.seen

@@ -45,6 +45,10 @@ class Method:
     merges: ClassVar[bool] = False  # True: `merge` folds the entries a compression drops into kept ones
     allocates: ClassVar[bool] = False  # True: `allocate` runs after every observed step (cross-layer budgets)
     row_scratch: ClassVar[tuple[str, ...]] = ()  # layer scratch tensors [B, ...] that follow beam reorders
+    # True: each row of a left-padded batch keeps what it keeps alone (its scores read only its own row, by
+    # position, not by physical slot). False: the method couples the rows (one allocation for the batch) or
+    # draws per physical slot; `eval.batch_size` > 1 is refused for it.
+    batches: ClassVar[bool] = True
 
     def validate(self, budget: int | None) -> None:
         """Raise ValueError for hyperparameters that cannot work with this budget (before any model runs)."""

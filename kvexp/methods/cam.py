@@ -59,6 +59,10 @@ class CaM(StreamingLLM):
     seed: int = 0
     gqa: str = "mean"
 
+    def __post_init__(self) -> None:
+        # Bernoulli draws go per physical slot: a padded row's slots differ from its own run's.
+        self.batches = self.sampling != "bernoulli"
+
     def validate(self, budget: int | None) -> None:
         super().validate(budget)
         if self.merge_budget < 1:

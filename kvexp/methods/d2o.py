@@ -76,6 +76,11 @@ class D2O(HeavyHitters):
     layer_allocation: bool = True
     skip_layers: list[int] = field(default_factory=lambda: [0, 1, -1])
 
+    def __post_init__(self) -> None:
+        self.batches = (
+            not self.layer_allocation
+        )  # one layer allocation for the whole batch (pooled variances)
+
     def validate(self, budget: int | None) -> None:
         super().validate(budget)
         if self.sink_tokens < 0:

@@ -66,6 +66,9 @@ class ExpectedAttention(Method):
     """
 
     name = "expected_attention"
+    # Each step's query moments skip sink and padding positions as row 0 has them, and the future rotation starts
+    # at the batch's newest position: rows of unequal length would not score as alone.
+    batches = False
     description = (
         "expected attention of future queries modelled as a Gaussian, times value norms (Devoto et al. 2025)"
     )

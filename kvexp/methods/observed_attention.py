@@ -32,5 +32,8 @@ class ObservedAttention(Method):
         accumulate_attention(layer, query, "acc", self.gqa)
 
     def score(self, layer) -> torch.Tensor:
-        observers = (layer.seen - layer.positions).clamp_min(1).float()
+        # Tokens seen since each key: the row's newest position (this step's token, present until the compaction)
+        # + 1 - its position; per row, so a left-padded row counts its own tokens, as alone.
+        seen = layer.positions.amax(dim=-1, keepdim=True) + 1
+        observers = (seen - layer.positions).clamp_min(1).float()
         return layer.state("acc") / observers

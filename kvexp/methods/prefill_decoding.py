@@ -31,6 +31,7 @@ class PrefillDecoding(Method):
         # Instance-level values of the ClassVars the engine reads: the union of both sub-methods'.
         self.observes = any(m.observes for m in self._methods.values())
         self.allocates = any(m.allocates for m in self._methods.values())
+        self.batches = all(m.batches for m in self._methods.values())
         self.state_names = tuple(dict.fromkeys(n for m in self._methods.values() for n in m.state_names))
         if any(not m.compresses for m in self._methods.values()):
             raise ValueError(

@@ -12,6 +12,7 @@ class Random(Method):
 
     name = "random"
     description = "keep a uniformly random subset (seeded lower bound)"
+    batches = False  # draws one number per physical slot: a padded row's slots differ from its own run's
     seed: int = 0
 
     def score(self, layer) -> torch.Tensor:

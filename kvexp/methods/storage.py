@@ -80,6 +80,9 @@ class StorageMethod:
     """
 
     compresses: ClassVar[bool] = False
+    # Full-precision windows and query windows count tokens by index, a batch's padding included: a padded row's
+    # windows and quantization groups would not be its own.
+    batches: ClassVar[bool] = False
     evict: dict[str, Any] = field(default_factory=lambda: {"name": "snapkv"})
 
     def __post_init__(self) -> None:

@@ -70,7 +70,8 @@ class Dataset:
     samples again. `run(cfg, setup)`: a loop of the dataset's own over samples (dataset=prompt answers each
     prompt as it is read), returning the task's Results. `inputs(dataset)`: a digest of what the dataset reads
     besides its config (a prompt file's text), part of the config hash; None from it: unknown before the run
-    (standard input), never resumed.
+    (standard input), never resumed. `summary(samples, before, after)`: fields the dataset adds to summary.json
+    (RULER's per-task table), from the samples and both runs' results (`before` None without the full cache).
     """
 
     task: str
@@ -79,6 +80,7 @@ class Dataset:
     own_template: bool = False
     run: Callable[..., Any] | None = None
     inputs: Callable[[Mapping], str | None] | None = None
+    summary: Callable[..., dict[str, Any]] | None = None
 
 
 def registered(datasets: Mapping[str, Dataset], dataset: Mapping, task: str) -> Dataset:
@@ -447,9 +449,10 @@ def load_hub_split(dataset: Mapping):
     )
 
 
-def check_split(split: str | None) -> None:
-    """The split spec parses and selects rows (before any file is read): `test[50%:10%]` or `test[:0]` do not."""
-    start, stop = split_bounds(split, n_rows=1_000_000)
+def check_split(split: str | None, name: str = LOCAL_SPLIT) -> None:
+    """The split spec parses and selects rows (before any file is read): `test[50%:10%]` or `test[:0]` do not.
+    `name`: the split the local files hold (`split_bounds`)."""
+    start, stop = split_bounds(split, n_rows=1_000_000, name=name)
     if stop <= start:
         raise ValueError(f"dataset.split={split!r} selects no rows: its start is not before its end")
 
@@ -463,17 +466,18 @@ def _has_content(path: Path) -> bool:
     return False
 
 
-def split_bounds(split: str | None, n_rows: int) -> tuple[int, int]:
-    """Row range of an HF split spec ("test", "test[:100]", "test[10%:50%]") applied to a local test file."""
+def split_bounds(split: str | None, n_rows: int, name: str = LOCAL_SPLIT) -> tuple[int, int]:
+    """Row range of an HF split spec ("test", "test[:100]", "test[10%:50%]") applied to a local file of the
+    split `name` (the test split, unless a benchmark's local files hold another, e.g. ZeroSCROLLS's validation)."""
     from datasets import ReadInstruction
 
-    spec = str(split or LOCAL_SPLIT)
+    spec = str(split or name)
     try:
-        parts = ReadInstruction.from_spec(spec).to_absolute({LOCAL_SPLIT: n_rows})
+        parts = ReadInstruction.from_spec(spec).to_absolute({name: n_rows})
     except (ValueError, AssertionError) as err:
         raise ValueError(
-            f"dataset.split={spec!r} cannot be applied to the local {LOCAL_SPLIT!r} file ({err}); use e.g. "
-            f"'{LOCAL_SPLIT}' or '{LOCAL_SPLIT}[:100]', or set dataset.local_file=null to load other splits from the hub"
+            f"dataset.split={spec!r} cannot be applied to the local {name!r} file ({err}); use e.g. "
+            f"'{name}' or '{name}[:100]', or set dataset.local_file=null to load other splits from the hub"
         ) from err
     if len(parts) != 1:
         raise ValueError(f"dataset.split={spec!r}: only one contiguous slice is supported for local files")

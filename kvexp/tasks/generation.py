@@ -126,11 +126,15 @@ class PromptEncoder:
         context, suffix = text.split(separator)
         return context, sample.question + suffix + sample.answer_prefix
 
-    def encode(self, sample: GenerationSample, max_new_tokens: int | None = None) -> Prompt:
+    def token_ids(self, sample: GenerationSample) -> tuple[list[int], list[int]]:
+        """(context ids, question ids), never truncated."""
         context_text, question_text = self.texts(sample)
         # Plain prompts get the tokenizer's default special tokens (as perplexity does); a template has its own.
         context = self.tokenizer(context_text, add_special_tokens=not self.chat_template).input_ids
-        question = self.tokenizer(question_text, add_special_tokens=False).input_ids
+        return context, self.tokenizer(question_text, add_special_tokens=False).input_ids
+
+    def encode(self, sample: GenerationSample, max_new_tokens: int | None = None) -> Prompt:
+        context, question = self.token_ids(sample)
         if self.max_context is not None:
             room = self.max_context - len(question) - (max_new_tokens or sample.max_new_tokens)
             if room < 2:
@@ -185,10 +189,17 @@ class GenerationResult:
     kv_peak_bytes: int = 0  # largest physical KV footprint, before compressions included
     budget: int | list[int] | None = None  # the budget the cache was made with (resolved per sample)
     scores: dict[str, float] = field(default_factory=dict)  # filled by `score_results`
+    wall_s: float | None = None  # in a batch: its share of the batch's wall time (None: answered alone)
 
     @property
     def total_s(self) -> float:
+        """The answer's latency: TTFT plus its later steps."""
         return self.ttft_s + sum(self.step_s)
+
+    @property
+    def cost_s(self) -> float:
+        """The wall time the answer cost: its share of its batch's, or its latency when answered alone."""
+        return self.total_s if self.wall_s is None else self.wall_s
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -259,30 +270,31 @@ def generate_answer(
     **cache_kwargs,
 ) -> GenerationResult:
     """Answer one prompt through a fresh compressed cache (see the module docstring for the protocol)."""
+    if decoding.num_beams == 1:
+        rows = [Row(prompt, sample_id, max_new_tokens, decoding, tuple(stop))]
+        return generate_batch(
+            model, tokenizer, rows, method, budget, protocol, prefill_chunk_size, **cache_kwargs
+        )[0]
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     cache = make_cache(model, method, budget, **cache_kwargs)
     context, question = prompt.context.to(model.device), prompt.question.to(model.device)
-    generator = None
-    if decoding.do_sample:
-        generator = torch.Generator(model.device).manual_seed(decoding.seed)
     eos = _eos_ids(model, tokenizer)
-
+    if not context.shape[1] + question.shape[1]:
+        raise ValueError(f"sample {sample_id}: the prompt has no tokens")
     start = time.perf_counter()
     if protocol == "query_aware":
         logits = _forward(model, torch.cat([context, question], dim=1), cache, prefill_chunk_size)
     else:
-        logits = _forward(model, context, cache, prefill_chunk_size)
+        # An empty context (a prompt that is all question, e.g. a math problem without a chat template on a
+        # tokenizer that adds no BOS) has nothing to prefill: the question step is the first forward.
+        if context.shape[1]:
+            logits = _forward(model, context, cache, prefill_chunk_size)
         if question.shape[1]:
             cache.admit(question.shape[1])
             logits = _forward(model, question, cache, None)
-    if decoding.num_beams > 1:
-        search = BeamSearch(decoding.num_beams, decoding.length_penalty, max_new_tokens, eos, tokenizer, stop)
-        tokens, ttft, steps = search.run(model, cache, logits, start)
-    else:
-        tokens, ttft, steps = _sample_tokens(
-            model, tokenizer, cache, logits, start, decoding, generator, max_new_tokens, eos, stop
-        )
+    search = BeamSearch(decoding.num_beams, decoding.length_penalty, max_new_tokens, eos, tokenizer, stop)
+    tokens, ttft, steps = search.run(model, cache, logits, start)
     text, _ = _cut(tokenizer.decode(tokens, skip_special_tokens=True), stop)
     return GenerationResult(
         id=sample_id,
@@ -293,11 +305,20 @@ def generate_answer(
         ttft_s=ttft,
         step_s=steps,
         kv=cache.stats(),
-        # Each layer's largest physical length (a one-forward prefill holds the whole context until it is
-        # compressed; chunked prefill holds budget + chunk), summed over layers.
         kv_peak_bytes=sum(layer.peak_bytes for layer in cache.layers if layer.is_initialized),
         budget=budget,
     )
+
+
+@dataclass(frozen=True)
+class Row:
+    """One prompt of a batch and how its answer is generated (its own length limit, seed and stop strings)."""
+
+    prompt: Prompt
+    sample_id: str
+    max_new_tokens: int
+    decoding: Decoding  # greedy or sampled (its own seed); beam search runs alone (generate_answer)
+    stop: tuple[str, ...] = ()
 
 
 def _synchronize(model) -> None:
@@ -305,24 +326,172 @@ def _synchronize(model) -> None:
         torch.cuda.synchronize()
 
 
-def _sample_tokens(
-    model, tokenizer, cache, logits, start, decoding, generator, max_new_tokens, eos, stop
-) -> tuple[list[int], float, list[float]]:
-    """Greedy or sampled decoding from the prompt's last logits [1, V]: (answer tokens, TTFT, later step times)."""
-    token = _pick(logits, decoding, generator)
+def _left_padded(pieces: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [1, n_i] -> ids [B, max n], left-padded, and the mask [B, max n] of real tokens (long)."""
+    width = max(p.shape[1] for p in pieces)
+    ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pieces), width), dtype=torch.long)
+    for i, p in enumerate(pieces):
+        if p.shape[1]:
+            ids[i, width - p.shape[1] :] = p[0]
+            mask[i, width - p.shape[1] :] = 1
+    return ids, mask
+
+
+class _Feed:
+    """The batch's forwards with each row's own positions: token i of row r sits at position seen_r + i whatever
+    padding precedes it, so every row is rotated (RoPE) and recorded as when it runs alone; padding is marked in
+    the attention mask and becomes dead slots."""
+
+    def __init__(self, model, cache: KVCache, rows: int):
+        self.model, self.cache = model, cache
+        self.seen = torch.zeros(rows, dtype=torch.long)  # real tokens each row has fed
+        self.mask = torch.zeros((rows, 0), dtype=torch.long)  # every forward so far (padding 0)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """Feed `ids` [B, n] (real where `mask`), in chunks if asked; the last position's logits [B, V] fp32."""
+        step = chunk_size or ids.shape[1]
+        for begin in range(0, ids.shape[1], step):
+            piece, real = ids[:, begin : begin + step], mask[:, begin : begin + step]
+            positions = (self.seen[:, None] + real.cumsum(-1) - 1).clamp_min(0)
+            self.seen += real.sum(-1)
+            self.mask = torch.cat([self.mask, real], dim=1)
+            device = self.model.device
+            logits = self.model(
+                piece.to(device),
+                attention_mask=self.mask.to(device),
+                position_ids=positions.to(device),
+                past_key_values=self.cache,
+                logits_to_keep=1,
+            ).logits
+        return logits[:, -1].float()
+
+
+@torch.no_grad()
+def generate_batch(
+    model,
+    tokenizer,
+    rows: Sequence[Row],
+    method: str | Method,
+    budget: int | list[int] | None,
+    protocol: str = "query_agnostic",
+    prefill_chunk_size: int | None = None,
+    **cache_kwargs,
+) -> list[GenerationResult]:
+    """Answer several prompts at once through one compressed cache, each row left-padded (padding is dead slots,
+    positions are each row's own): every row gets the tokens it gets alone, provided the rows share what shapes
+    the cache (`batch_key`: the budget; with chunked prefill the context length; with decode-time compression
+    under the query-agnostic protocol the question length). Rows finished early keep stepping, unread.
+
+    Each result holds its row's own figures: TTFT and step times are the batch's (the row waited for them), its
+    kv stats the row's own entries when it finished with its share (1 / rows) of the bytes held and of the
+    method's time, and `wall_s` its share of the batch's wall time."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    for row in rows:
+        if not row.prompt.context.shape[1] + row.prompt.question.shape[1]:
+            raise ValueError(f"sample {row.sample_id}: the prompt has no tokens")
+    n = len(rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    cache = make_cache(model, method, budget, **cache_kwargs)
+    feed = _Feed(model, cache, n)
+    eos = _eos_ids(model, tokenizer)
+    generators = [
+        torch.Generator(model.device).manual_seed(r.decoding.seed) if r.decoding.do_sample else None
+        for r in rows
+    ]
+    start = time.perf_counter()
+    contexts = [r.prompt.context for r in rows]
+    questions = [r.prompt.question for r in rows]
+    if protocol == "query_aware":
+        logits = feed(
+            *_left_padded([torch.cat(p, dim=1) for p in zip(contexts, questions, strict=True)], pad),
+            prefill_chunk_size,
+        )
+    else:
+        # An empty context (a prompt that is all question, e.g. a math problem without a chat template on a
+        # tokenizer that adds no BOS) has nothing to prefill: the question step is the first forward.
+        if any(c.shape[1] for c in contexts):
+            logits = feed(*_left_padded(contexts, pad), prefill_chunk_size)
+        width = max(q.shape[1] for q in questions)
+        if width:
+            cache.admit(width)
+            logits = feed(*_left_padded(questions, pad))
+    token = _pick_rows(logits, rows, generators)
     _synchronize(model)
     ttft = time.perf_counter() - start
-    tokens, steps, stopped = [int(token)], [], False
-    while len(tokens) < max_new_tokens and tokens[-1] not in eos and not stopped:
+    tokens: list[list[int]] = [[t] for t in token.tolist()]
+    results: list[GenerationResult | None] = [None] * n
+    steps: list[float] = []
+
+    def finish(i: int) -> None:
+        row = rows[i]
+        text, _ = _cut(tokenizer.decode(tokens[i], skip_special_tokens=True), row.stop)
+        results[i] = GenerationResult(
+            id=row.sample_id,
+            prediction=text.strip(),
+            context_tokens=row.prompt.context.shape[1],
+            question_tokens=row.prompt.question.shape[1],
+            new_tokens=len(tokens[i]),
+            ttft_s=ttft,
+            step_s=steps[: len(tokens[i]) - 1],
+            kv=cache.stats(row=i, seen=int(feed.seen[i])) if n > 1 else cache.stats(),
+            budget=budget,
+        )
+
+    def done(i: int) -> bool:
+        row, toks = rows[i], tokens[i]
+        if toks[-1] in eos or len(toks) >= row.max_new_tokens:
+            return True
+        return bool(row.stop) and _cut(tokenizer.decode(toks, skip_special_tokens=True), row.stop)[1]
+
+    running = []
+    for i in range(n):
+        if done(i):
+            finish(i)
+        else:
+            running.append(i)
+    while running:
         t0 = time.perf_counter()
-        logits = model(token[:, None], past_key_values=cache).logits[:, -1].float()
-        token = _pick(logits, decoding, generator)
+        logits = feed(token[:, None], torch.ones((n, 1), dtype=torch.long))
+        token = _pick_rows(logits, rows, generators)
         _synchronize(model)
         steps.append(time.perf_counter() - t0)
-        tokens.append(int(token))
-        if stop:
-            _, stopped = _cut(tokenizer.decode(tokens, skip_special_tokens=True), stop)
-    return tokens, ttft, steps
+        for i, t in enumerate(token.tolist()):
+            tokens[i].append(t)
+        still = []
+        for i in running:
+            if done(i):
+                finish(i)
+            else:
+                still.append(i)
+        running = still
+    wall = time.perf_counter() - start
+    # Each layer's largest physical length (a one-forward prefill holds the whole context until it is compressed;
+    # chunked prefill holds budget + chunk), summed over layers; a row's share of it.
+    peak = sum(layer.peak_bytes for layer in cache.layers if layer.is_initialized)
+    shared = cache.stats()
+    for result in results:
+        result.kv_peak_bytes = peak // n
+        if n > 1:  # the batch's method time and compression counts, a row's share
+            for key in _SHARED_STATS:
+                result.kv[key] = shared.get(key, 0) / n
+            result.wall_s = wall / n
+    return results
+
+
+# cache.stats() figures a batch's rows share: method time and compression counts, split evenly over the rows.
+_SHARED_STATS = ("compress_seconds", "compress_sq_seconds", "compressions", "fused_steps", "fused_seconds")
+
+
+def _pick_rows(logits: torch.Tensor, rows: Sequence[Row], generators) -> torch.Tensor:
+    """Each row's next token [B] from its last logits [B, V]: greedy rows at once, sampled rows each with its own
+    generator (the draws a row alone would make)."""
+    token = logits.argmax(-1)
+    for i, row in enumerate(rows):
+        if row.decoding.do_sample:
+            token[i] = _pick(logits[i : i + 1], row.decoding, generators[i])[0]
+    return token
 
 
 @dataclass
@@ -480,7 +649,7 @@ def aggregate_generation(
             for value, idx in groups.items()
         }
     generated = sum(r.new_tokens for r in results)
-    total_s = sum(r.total_s for r in results)
+    total_s = sum(r.cost_s for r in results)
     later = [s for r in results for s in r.step_s]
     compress_s = sum(r.kv.get("compress_seconds", 0.0) for r in results)
     kv = kv_totals(results)
@@ -580,37 +749,82 @@ def run_generation(
     decoding: Decoding = Decoding(),
     max_new_tokens: int | None = None,
     prefill_chunk_size: int | None = None,
+    batch_size: int = 1,
     progress: bool = False,
     **cache_kwargs,
 ) -> list[GenerationResult]:
-    """Every sample through a fresh cache of `method`, with the budget `budget_for(compressed tokens)`.
+    """Every sample through a fresh cache of `method`, with the budget `budget_for(compressed tokens)`; up to
+    `batch_size` samples at once among those whose cache takes the same shape (`batch_key`), in sample order.
 
-    Sample i samples with seed `decoding.seed + i`, so a full-cache and a compressed run draw alike.
+    Sample i samples with seed `decoding.seed + i`, so a full-cache and a compressed run draw alike, batched or not.
     """
     name = getattr(method, "name", method)
-    results = []
-    for i, (sample, prompt) in enumerate(
-        tqdm(list(zip(samples, prompts, strict=True)), desc=f"generate [{name}]", disable=not progress)
-    ):
-        results.append(
-            generate_answer(
-                model,
-                tokenizer,
-                prompt,
-                method,
-                budget_for(prompt.compressed_tokens(protocol)),
-                max_new_tokens=max_new_tokens or sample.max_new_tokens,
-                protocol=protocol,
-                decoding=dataclasses.replace(decoding, seed=decoding.seed + i),
-                stop=sample.stop,
-                prefill_chunk_size=prefill_chunk_size,
-                sample_id=sample.id,
-                **cache_kwargs,
-            )
+    budgets = [budget_for(p.compressed_tokens(protocol)) for p in prompts]
+    rows = [
+        Row(
+            prompt,
+            sample.id,
+            max_new_tokens or sample.max_new_tokens,
+            dataclasses.replace(decoding, seed=decoding.seed + i),
+            tuple(sample.stop),
         )
-        results[-1].scores = score_prediction(sample, results[-1].prediction)
-        _sample_progress("full" if name == "full" else "compressed", samples[: i + 1], results)
+        for i, (sample, prompt) in enumerate(zip(samples, prompts, strict=True))
+    ]
+    results: list[GenerationResult | None] = [None] * len(rows)
+    groups: dict[tuple, list[int]] = {}
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
+        key = batch_key(prompt, budget, protocol, prefill_chunk_size, **cache_kwargs)
+        groups.setdefault(key, []).append(i)
+    size = 1 if decoding.num_beams > 1 else batch_size  # beam search spends the batch on its beams
+    batches = [idx[j : j + size] for idx in groups.values() for j in range(0, len(idx), size)]
+    bar = tqdm(total=len(rows), desc=f"generate [{name}]", disable=not progress)
+    done: list[int] = []
+    for batch in sorted(batches):  # in order of each batch's first sample
+        if decoding.num_beams > 1:
+            row = rows[batch[0]]
+            answers = [
+                generate_answer(
+                    model, tokenizer, row.prompt, method, budgets[batch[0]], max_new_tokens=row.max_new_tokens,
+                    protocol=protocol, decoding=row.decoding, stop=row.stop, prefill_chunk_size=prefill_chunk_size,
+                    sample_id=row.sample_id, **cache_kwargs,
+                )
+            ]  # fmt: skip
+        else:
+            answers = generate_batch(
+                model, tokenizer, [rows[i] for i in batch], method, budgets[batch[0]], protocol, prefill_chunk_size,
+                **cache_kwargs,
+            )  # fmt: skip
+        for i, result in zip(batch, answers, strict=True):
+            result.scores = score_prediction(samples[i], result.prediction)
+            results[i] = result
+            done.append(i)
+        bar.update(len(batch))
+        _sample_progress(
+            "full" if name == "full" else "compressed", [samples[i] for i in done], [results[i] for i in done]
+        )
+    bar.close()
     return results
+
+
+def batch_key(
+    prompt: Prompt,
+    budget: int | list[int] | None,
+    protocol: str,
+    prefill_chunk_size: int | None,
+    when: str = "always",
+    slack: int = 0,
+    **_: Any,
+) -> tuple:
+    """What rows of one batch must share so that each gets the answer it gets alone: the budget; the compressed
+    prompt's length when chunk boundaries or amortized compression (slack) depend on it; the question's length
+    when the query-agnostic protocol compresses while decoding (every row's budget grows by the batch's longest
+    question before the question step, so rows with shorter ones would keep more while decoding)."""
+    key: tuple = (tuple(budget) if isinstance(budget, list) else budget,)
+    if budget is not None and (prefill_chunk_size or slack):
+        key += (prompt.compressed_tokens(protocol),)
+    if budget is not None and protocol == "query_agnostic" and when == "always":
+        key += (prompt.question.shape[1],)
+    return key
 
 
 def evaluate_generation(

@@ -19,7 +19,7 @@ assistant header join `question`.
 Data: a local JSONL per task in LongBench's schema (`input`, `context`, `answers`, `length`, `dataset`,
 `language`, `all_classes`, `_id`): `dataset.path` (the file, or a folder of `<task>.jsonl` such as the
 unpacked `data.zip`), else `$KVEXP_DATA_DIR/<dataset.local_file>`, else the hub, else the embedded stand-in
-(one row per task written by kvexp, named in the log). THUDM/LongBench on the
+(one row per task written by kvexp, named in the log; kvexp.tasks.long_context). THUDM/LongBench on the
 hub is a loading-script dataset, which `datasets` >= 4 refuses to run, so with `dataset.hub_file` set
 (default `data.zip`) the archive is downloaded with `huggingface_hub` and read directly; with
 `hub_file: null`, `datasets.load_dataset(hub_id, task, split=...)` loads a Parquet copy in the same schema.
@@ -28,14 +28,23 @@ hub is a loading-script dataset, which `datasets` >= 4 refuses to run, so with `
 from __future__ import annotations
 
 import logging
-import zipfile
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kvexp.data import hub_token, read_jsonl
-from kvexp.tasks.data import Source, check_split, from_hub, locate, split_bounds
+from kvexp.tasks import long_context
 from kvexp.tasks.generation import GenerationSample, PromptEncoder
+from kvexp.tasks.long_context import (
+    Layout,
+    check_options,
+    check_rows,
+    fit_prompt,
+    hub_file_rows,
+    hub_split_rows,
+    read_rows,
+    split_template,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,141 +164,51 @@ NO_CHAT_TEMPLATE = frozenset({"trec", "triviaqa", "samsum", "lcc", "repobench-p"
 # eval.py: the few-shot tasks are scored on the prediction's first line (the model goes on with new shots).
 FIRST_LINE = frozenset({"trec", "triviaqa", "samsum"})
 
-REQUIRED_FIELDS = ("input", "context", "answers")
-_CONTEXT_SLOT = "{context}"
-_CHAT_SLOT = "\x00kvexp-longbench-prompt\x00"  # a placeholder no template or text contains
+# LongBench's files: one <task>.jsonl each (data.zip), the embedded stand-in one file naming each row's task.
+LAYOUT = Layout("LongBench", "{task}.jsonl", ("input", "context", "answers"), task_field="dataset")
 
 
 def check_longbench(dataset: Mapping) -> None:
     """Reject a bad LongBench config before a model loads, naming the option to fix."""
-    task = dataset.get("subset")
-    if task not in PROMPTS:
-        raise ValueError(
-            f"dataset.subset={task!r} is not a LongBench English task; allowed values: {list(TASKS)}"
-        )
-    if dataset.get("max_length") is not None and int(dataset["max_length"]) < 2:
-        raise ValueError(f"dataset.max_length={dataset['max_length']} must be null or >= 2 tokens")
-    resolve_file(dataset)  # raises when no source has the task's data
-    check_split(dataset.get("split"))
+    check_options(dataset, TASKS, LAYOUT)
+    check_rows(dataset, LAYOUT, dataset["subset"], prepare=partial(_check_classes, dataset["subset"]))
 
 
 def prompt_limit(dataset: Mapping, model_max_context: int) -> int:
     """Prompt tokens kept (LongBench's model2maxlen): `dataset.max_length`, else the model's context minus
-    the task's generation length, so prompt and answer fit the model's window."""
-    if dataset.get("max_length") is not None:
-        return int(dataset["max_length"])
-    return model_max_context - MAX_NEW_TOKENS[dataset["subset"]]
-
-
-def resolve_file(dataset: Mapping, announce: bool = False) -> Source:
-    """Where task `dataset.subset`'s rows come from (see the module docstring); `dataset.path` may be the
-    file or a folder of `<task>.jsonl`."""
-    task = dataset["subset"]
-    if dataset.get("path"):
-        path = Path(str(dataset["path"])).expanduser()
-        path = path / f"{task}.jsonl" if path.is_dir() else path
-        if not path.is_file():
-            raise ValueError(f"dataset.path={str(dataset['path'])!r}: {path} does not exist or is not a file")
-        return locate({**dataset, "path": str(path)}, announce=announce)
-    local_file = dataset.get("local_file")
-    return locate(dataset, str(local_file).format(task=task) if local_file else None, announce=announce)
+    the task's generation length (kvexp.tasks.long_context.prompt_limit)."""
+    return long_context.prompt_limit(dataset, model_max_context, MAX_NEW_TOKENS[dataset["subset"]])
 
 
 def read_records(dataset: Mapping) -> list[dict[str, Any]]:
     """The task's rows in LongBench's schema, after `dataset.split` (e.g. "test[:50]"); the embedded
     stand-in's row of the task, whatever the split."""
-    task, source = dataset["subset"], resolve_file(dataset, announce=True)
-    if source.kind == "hub":
-        records = from_hub(
-            dataset, source, lambda: _read_hub(dataset, task), lambda path: _stand_in(path, task)
-        )
-    elif source.kind == "stand_in":
-        records = _stand_in(source.path, task)
-    else:
-        records = _read_jsonl(source.path.read_text(encoding="utf-8"), str(source.path))
-    for i, record in enumerate(records):
-        missing = [f for f in REQUIRED_FIELDS if f not in record]
-        if missing:
-            raise ValueError(f"{source.label}: row {i} of LongBench task {task!r} lacks {missing}")
-        if task == "trec" and not record.get("all_classes"):
-            raise ValueError(f"{source.label}: row {i} of LongBench task 'trec' has no all_classes")
-    if source.kind == "stand_in":
-        return records
-    start, stop = split_bounds(dataset.get("split"), len(records))
-    return records[start:stop]
+    task = dataset["subset"]
+    return read_rows(dataset, LAYOUT, task, lambda: _read_hub(dataset, task), partial(_check_classes, task))
+
+
+def _check_classes(task: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """trec's rows name the task's classes, which its metric needs."""
+    unnamed = [i for i, r in enumerate(records) if not r.get("all_classes")] if task == "trec" else []
+    if unnamed:
+        raise ValueError(f"row {unnamed[0]} of LongBench task 'trec' has no all_classes")
+    return records
 
 
 def _read_hub(dataset: Mapping, task: str) -> list[dict[str, Any]]:
     if dataset.get("hub_file"):
-        return _read_hub_archive(dataset["hub_id"], dataset["hub_file"], task)
-    from datasets import load_dataset
-
-    return [dict(r) for r in load_dataset(dataset["hub_id"], task, split="test", token=hub_token())]
-
-
-def _stand_in(path: Path, task: str) -> list[dict[str, Any]]:
-    """The embedded stand-in's rows of `task` (one per English task)."""
-    return [r for r in _read_jsonl(path.read_text(encoding="utf-8"), str(path)) if r.get("dataset") == task]
-
-
-def _read_jsonl(text: str, source: str) -> list[dict[str, Any]]:
-    try:
-        return read_jsonl(Path(source), text)
-    except ValueError as err:
-        raise ValueError(f"{err} (LongBench's schema: JSONL, one object per line)") from err
+        return hub_file_rows(dataset, task, member=f"{task}.jsonl")
+    return hub_split_rows(dataset, task, "test")
 
 
 def read_archive(archive: Path, task: str) -> list[dict[str, Any]]:
     """The task's rows from LongBench's `data.zip` (members `data/<task>.jsonl`)."""
-    with zipfile.ZipFile(archive) as z:
-        member = next((n for n in z.namelist() if Path(n).name == f"{task}.jsonl"), None)
-        if member is None:
-            raise ValueError(f"{archive} has no {task}.jsonl")
-        return _read_jsonl(z.read(member).decode("utf-8"), f"{archive}:{member}")
-
-
-def _read_hub_archive(hub_id: str, hub_file: str, task: str) -> list[dict[str, Any]]:
-    from huggingface_hub import hf_hub_download
-
-    log.info("downloading %s from the hub dataset %s", hub_file, hub_id)
-    return read_archive(Path(hf_hub_download(hub_id, hub_file, repo_type="dataset", token=hub_token())), task)
+    return long_context.read_archive(archive, f"{task}.jsonl")
 
 
 def split_prompt(task: str, record: Mapping[str, Any]) -> tuple[str, str]:
     """LongBench's prompt for `record`, as (everything up to and including the context, the rest)."""
-    template = PROMPTS[task]
-    cut = template.index(_CONTEXT_SLOT) + len(_CONTEXT_SLOT)
-    fields = {"context": record["context"], "input": record["input"]}
-    return template[:cut].format(**fields), template[cut:].format(**fields)
-
-
-def middle_truncate(context: str, question: str, tokenizer, max_length: int) -> tuple[str, str, int]:
-    """pred.py's truncation of the prompt `context + question` to `max_length` tokens, split again.
-
-    Over the limit, the prompt becomes decode(first max_length // 2 tokens) + decode(last max_length // 2
-    tokens), counted and decoded as LongBench does (the tokenizer's special tokens counted, then skipped).
-    Returns (context, question, prompt tokens before truncation).
-    """
-    ids = tokenizer(context + question).input_ids
-    if len(ids) <= max_length:
-        return context, question, len(ids)
-    half = max_length // 2
-    head = tokenizer.decode(ids[:half], skip_special_tokens=True)
-    tail = tokenizer.decode(ids[-half:], skip_special_tokens=True)
-    if len(tail) >= len(question) and tail.endswith(question):
-        return head + tail[: len(tail) - len(question)], question, len(ids)
-    return head, tail, len(ids)  # the cut went into the question: split where LongBench cut
-
-
-def chat_frame(tokenizer) -> tuple[str, str]:
-    """The tokenizer's chat template around one user turn, as (opening, closing + assistant header)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("dataset.chat_template=true, but the model's tokenizer has no chat template")
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _CHAT_SLOT}], tokenize=False, add_generation_prompt=True
-    )
-    opening, closing = rendered.split(_CHAT_SLOT)
-    return opening, closing
+    return split_template(PROMPTS[task], {"context": record["context"], "input": record["input"]})
 
 
 def build_sample(
@@ -301,13 +220,8 @@ def build_sample(
     chat_template: bool = False,
 ) -> GenerationSample:
     """One LongBench row as a GenerationSample: official prompt, truncation, chat rule, metric."""
-    context, question = split_prompt(task, record)
-    prompt_tokens = None
-    if max_length is not None:
-        context, question, prompt_tokens = middle_truncate(context, question, tokenizer, max_length)
-    if chat_template and task not in NO_CHAT_TEMPLATE:
-        opening, closing = chat_frame(tokenizer)
-        context, question = opening + context, question + closing
+    chat = chat_template and task not in NO_CHAT_TEMPLATE
+    context, question, fitted = fit_prompt(*split_prompt(task, record), tokenizer, max_length, chat)
     answers = record["answers"]
     return GenerationSample(
         id=str(record.get("_id") or f"{task}-{index}"),
@@ -319,8 +233,7 @@ def build_sample(
         meta={
             "task": task,
             "length": record.get("length"),  # LongBench's length: words of context + input + answers
-            "prompt_tokens": prompt_tokens,  # before truncation
-            "truncated": prompt_tokens is not None and prompt_tokens > max_length,
+            **fitted,  # prompt_tokens (before truncation), truncated
             "first_line": task in FIRST_LINE,
             "all_classes": record.get("all_classes"),
         },

@@ -31,8 +31,12 @@ from kvexp.tasks.generation import (
     score_results,
 )
 from kvexp.tasks.generation import warm_up as warm_up_generation
+from kvexp.tasks.infinitebench import check_infinitebench, infinitebench_samples
 from kvexp.tasks.lm_eval_harness import check_lm_eval_dataset, evaluate_lm_eval, summary_aggregate
 from kvexp.tasks.longbench import check_longbench, longbench_samples
+from kvexp.tasks.longbench_v2 import check_longbench_v2, longbench_v2_samples
+from kvexp.tasks.loogle import check_loogle, loogle_samples
+from kvexp.tasks.math_reasoning import check_math, math_samples
 from kvexp.tasks.metrics import lower_is_better
 from kvexp.tasks.perplexity import DocumentResult, document_progress, document_rows, score_document
 from kvexp.tasks.perplexity import aggregate as aggregate_documents
@@ -40,7 +44,10 @@ from kvexp.tasks.perplexity import warm_up as warm_up_perplexity
 from kvexp.tasks.prompt import check_prompt, prompt_inputs, prompt_samples, run_prompts
 from kvexp.tasks.qa import check_qa_jsonl, qa_jsonl_samples
 from kvexp.tasks.retrieval import check_retrieval, retrieval_samples
+from kvexp.tasks.ruler import check_ruler, ruler_samples
+from kvexp.tasks.ruler import summary_fields as ruler_summary
 from kvexp.tasks.summarization import check_summarization, summarization_samples
+from kvexp.tasks.zero_scrolls import check_zero_scrolls, zero_scrolls_samples
 
 DATASETS: dict[str, Dataset] = {
     **TEXT_DATASETS,  # perplexity: wikitext2, pg19, text_file, python_code (kvexp.tasks.data)
@@ -51,6 +58,17 @@ DATASETS: dict[str, Dataset] = {
     "xsum": Dataset("generation", check_summarization, summarization_samples),
     # LongBench applies dataset.chat_template itself (never for its few-shot/code tasks).
     "longbench": Dataset("generation", check_longbench, longbench_samples, own_template=True),
+    # The other long-context benchmarks, each with its own prompts, truncation and metrics; they apply
+    # dataset.chat_template themselves (kvexp.tasks.long_context).
+    "longbench_v2": Dataset("generation", check_longbench_v2, longbench_v2_samples, own_template=True),
+    "infinitebench": Dataset("generation", check_infinitebench, infinitebench_samples, own_template=True),
+    "loogle": Dataset("generation", check_loogle, loogle_samples, own_template=True),
+    "zero_scrolls": Dataset("generation", check_zero_scrolls, zero_scrolls_samples, own_template=True),
+    # Math reasoning for decoding compression: the last \boxed{} graded (kvexp.tasks.math_reasoning).
+    "math500": Dataset("generation", check_math, math_samples),
+    "aime25": Dataset("generation", check_math, math_samples),
+    # RULER's 13 tasks, generated at dataset.lengths in the model's tokens (kvexp.tasks.ruler).
+    "ruler": Dataset("generation", check_ruler, ruler_samples, summary=ruler_summary),
     # Your own prompts: each answered with both caches and printed as it is read (kvexp.tasks.prompt).
     "prompt": Dataset("generation", check_prompt, prompt_samples, run=run_prompts, inputs=prompt_inputs),
 }
@@ -200,6 +218,9 @@ class Generation(Task):
             "decoding": dataclasses.asdict(loaded.settings["decoding"]),
         }
         summary.update(generation_cost(results.before, results.after, before, after))
+        entry = DATASETS[cfg.dataset.name]
+        if entry.summary is not None:
+            summary.update(entry.summary(samples, results.before, results.after))
         summary["objective"] = after["objective"]
         return summary
 
@@ -249,6 +270,7 @@ def generation_settings(cfg: DictConfig) -> dict[str, Any]:
         ),
         "max_new_tokens": cfg.eval.max_new_tokens,
         "prefill_chunk_size": cfg.eval.prefill_chunk_size,
+        "batch_size": cfg.eval.batch_size,
     }
 
 

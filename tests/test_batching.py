@@ -1,0 +1,250 @@
+"""Batched generation (eval.batch_size): each row of a left-padded batch gets the answer, the kept entries and the
+cache figures it gets alone, for every method that batches; the others are refused; timings are shares."""
+
+import csv
+import random
+
+import pytest
+import torch
+
+from kvexp.methods import METHODS, build_method, make_cache
+from kvexp.tasks.generation import (
+    GenerationSample,
+    PromptEncoder,
+    aggregate_generation,
+    batch_key,
+    run_generation,
+)
+from tests.conftest import load
+from tests.test_config import _compose
+from tests.test_engine import SMALL_PARAMS
+
+# At their defaults; d2o with its layer allocation (the test below runs it without).
+UNBATCHED = {"random", "expected_attention", "dynamickv", "cam", "adaptive_l2", "kivi", "zack", "think"}
+BATCHED = sorted(n for n, cls in METHODS.items() if cls.compresses and n not in UNBATCHED | {"learned"})
+PARAMS = {
+    **SMALL_PARAMS,
+    "kivi": {"group_size": 16, "residual_length": 16},  # the tiny model's head dim is 16
+    "cam": {"sampling": "expected"},
+}
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+
+
+def _samples(n=5, seed=0, questions=("Which word came first?",)):
+    rng = random.Random(seed)
+    return [
+        GenerationSample(
+            id=str(i),
+            context=" ".join(rng.choice(WORDS) for _ in range(rng.randint(15, 45))),
+            question=questions[i % len(questions)],
+            answers=["alpha"],
+            max_new_tokens=rng.randint(4, 8),
+        )
+        for i in range(n)
+    ]
+
+
+def _same(alone, together):
+    for a, b in zip(alone, together, strict=True):
+        assert a.prediction == b.prediction and a.new_tokens == b.new_tokens, a.id
+        for key in ("tokens_seen", "tokens_kept", "tokens_kept_per_head", "compression_ratio", "bytes_full"):
+            assert a.kv[key] == b.kv[key], (a.id, key)
+
+
+@pytest.mark.parametrize("name", BATCHED)
+@torch.no_grad()
+def test_every_batching_method_answers_each_row_as_alone(name):
+    """Contexts of 15-45 words left-padded into one batch, compressed at prefill and while decoding (query-agnostic,
+    one question length): the same tokens, kept counts per head and compression ratio as one sample at a time."""
+    model, tok = load("tiny_llama")
+    method = build_method(name, **PARAMS.get(name, {}))
+    assert method.batches
+    samples = _samples()
+    prompts = [PromptEncoder(tok).encode(s) for s in samples]
+    alone = run_generation(model, tok, samples, prompts, method, lambda n: 40)
+    together = run_generation(model, tok, samples, prompts, method, lambda n: 40, batch_size=4)
+    _same(alone, together)
+    assert all(r.wall_s is not None for r in together[:4]) and all(r.wall_s is None for r in alone)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "knorm", "adakv", "kvmerger"])
+@pytest.mark.parametrize("when", ["prefill", "always"])
+@torch.no_grad()
+def test_rows_with_different_budgets_and_questions_batch_by_what_they_share(name, when):
+    """keep_ratio budgets and questions of different lengths: rows are grouped (batch_key) so that each gets its
+    own budget and answer; with prefill-only compression the question's length does not split batches."""
+    model, tok = load("tiny_llama")
+    method = build_method(name, **PARAMS.get(name, {}))
+    samples = _samples(8, seed=1, questions=("Which word?", "Which word came first in the list above?"))
+    prompts = [PromptEncoder(tok).encode(s) for s in samples]
+
+    def budget(n):
+        return max(8, n // 40 * 10)  # a few distinct budgets, keep_ratio-like
+
+    alone = run_generation(model, tok, samples, prompts, method, budget, when=when)
+    together = run_generation(model, tok, samples, prompts, method, budget, when=when, batch_size=8)
+    _same(alone, together)
+    keys = {
+        batch_key(p, budget(p.compressed_tokens("query_agnostic")), "query_agnostic", None, when)
+        for p in prompts
+    }
+    assert len(keys) < len(samples)  # some rows did share a batch
+    shared = [
+        k
+        for k in keys
+        if sum(batch_key(p, budget(p.context.shape[1]), "query_agnostic", None, when) == k for p in prompts)
+        > 1
+    ]
+    assert len({r.wall_s for r in together if r.wall_s is not None}) == len(shared)  # one share per batch
+
+
+def test_batch_keys_name_what_rows_must_share():
+    ids = torch.zeros(1, 30, dtype=torch.long)
+    from kvexp.tasks.generation import Prompt
+
+    prompt = Prompt(ids, torch.zeros(1, 5, dtype=torch.long))
+    assert batch_key(prompt, 16, "query_agnostic", None, "always") == (
+        16,
+        5,
+    )  # the question grows every budget
+    assert batch_key(prompt, 16, "query_agnostic", None, "prefill") == (16,)
+    assert batch_key(prompt, 16, "query_aware", None, "always") == (16,)
+    assert batch_key(prompt, 16, "query_aware", 8, "always") == (
+        16,
+        35,
+    )  # chunk boundaries: the prompt's length
+    assert batch_key(prompt, 16, "query_agnostic", None, "prefill", slack=4) == (16, 30)
+    assert batch_key(prompt, [8, 16], "query_aware", None) == ((8, 16),)
+    assert batch_key(prompt, None, "query_agnostic", 8, "always") == (None,)  # the full cache: anything goes
+
+
+@torch.no_grad()
+def test_sampled_rows_draw_what_they_draw_alone():
+    model, tok = load("tiny_llama")
+    samples = _samples(4)
+    prompts = [PromptEncoder(tok).encode(s) for s in samples]
+    from kvexp.tasks.generation import Decoding
+
+    decoding = Decoding(do_sample=True, temperature=1.5, top_p=0.9, seed=3)
+    alone = run_generation(
+        model, tok, samples, prompts, "snapkv", lambda n: 40, decoding=decoding, window_size=4
+    )
+    together = run_generation(
+        model, tok, samples, prompts, "snapkv", lambda n: 40, decoding=decoding, batch_size=4, window_size=4
+    )
+    _same(alone, together)
+
+
+@torch.no_grad()
+def test_a_rows_cache_figures_are_its_own():
+    """stats(row): the row's live entries and its full-cache bytes; its share of the bytes held."""
+    model, tok = load("tiny_llama")
+    cache = make_cache(model, "streaming_llm", 20, sink_tokens=2)
+    short, long = torch.randint(3, 200, (1, 12)), torch.randint(3, 200, (1, 40))
+    ids = torch.full((2, 40), tok.pad_token_id)
+    ids[0, 28:], ids[1] = short[0], long[0]
+    mask = (torch.arange(40) >= 28).long()[None].expand(2, -1).clone()
+    mask[1] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    whole, row0, row1 = cache.stats(), cache.stats(row=0, seen=12), cache.stats(row=1, seen=40)
+    assert row0["tokens_kept"] == 12 and row1["tokens_kept"] == 20  # the short row kept all of its 12
+    assert row0["tokens_seen"] == 12 and row0["compression_ratio"] == 0.0
+    assert row1["compression_ratio"] == pytest.approx(0.5)
+    per_token = cache.layers[0].dense_slot_bytes // 2  # one row's K and V per token, summed below over layers
+    assert row1["bytes_full"] == 40 * per_token * len(cache.layers)
+    assert row0["bytes_kept"] == row1["bytes_kept"] == whole["bytes_kept"] / 2
+    assert whole["tokens_kept"] == 16  # the batch mean
+
+
+def test_batch_timings_are_shares_of_the_wall_time():
+    model, tok = load("tiny_llama")
+    samples = _samples(6)
+    prompts = [PromptEncoder(tok).encode(s) for s in samples]
+    results = run_generation(model, tok, samples, prompts, "streaming_llm", lambda n: 40, batch_size=3)
+    assert len({r.wall_s for r in results[:3]}) == 1 and len({r.wall_s for r in results[3:]}) == 1
+    summary = aggregate_generation(samples, results)
+    total = sum(r.wall_s for r in results)
+    assert summary["timing"]["total_s"] == pytest.approx(total)
+    assert summary["timing"]["throughput_tok_s"] == pytest.approx(sum(r.new_tokens for r in results) / total)
+    assert summary["timing"]["sample_s"] == pytest.approx(total / 6)
+    for r in results:  # latency: the batch's TTFT, the row's own steps of the batch's
+        assert r.total_s >= r.wall_s * 0 and len(r.step_s) == r.new_tokens - 1
+
+
+@pytest.mark.parametrize("name", sorted(UNBATCHED | {"d2o"}))
+def test_methods_that_cannot_batch_are_refused_before_the_model_loads(name):
+    from kvexp.config import validate
+
+    budget = ["budget=64"]
+    base = ["model=tiny_llama", "dataset=passkey", "dataset.lengths=[256]", f"method={name}", *budget]
+    cfg = _compose(*base, "eval.batch_size=4")
+    with pytest.raises(ValueError, match=f"eval.batch_size=4: method={name} cannot answer a batch"):
+        validate(cfg)
+    validate(_compose(*base, "eval.batch_size=1"))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["eval.batch_size=0"], "eval.batch_size must be an integer >= 1"),
+        (["eval.batch_size=2", "eval.num_beams=2"], "beam search uses the batch"),
+        (["dataset=wikitext2", "eval.batch_size=2"], "batched evaluation applies to generation tasks"),
+    ],
+)
+def test_bad_batch_options_fail_before_the_model_loads(overrides, message):
+    from kvexp.config import validate
+
+    base = ["model=tiny_llama", "dataset=passkey", "method=snapkv", "budget=64"]
+    if "dataset=wikitext2" not in overrides:
+        base.append("dataset.lengths=[256]")
+    with pytest.raises(ValueError, match=message):
+        validate(_compose(*base, *overrides))
+
+
+def test_a_batched_run_writes_the_answers_of_a_one_at_a_time_run(tmp_path):
+    """The app with eval.batch_size=4: samples.csv holds the batch-1 run's predictions and scores, before and after."""
+    from kvexp.app import train_or_eval
+
+    def run(batch, out):
+        cfg = _compose(
+            "model=tiny_llama", "dataset=passkey", "dataset.lengths=[1024]", "dataset.depths=[0.1,0.5,0.9]",
+            "dataset.repeats=2", "method=snapkv", "method.window_size=4", "budget=keep_0.5", "eval.max_new_tokens=4",
+            "cache_dir=null", f"eval.batch_size={batch}",
+        )  # fmt: skip
+        summary = train_or_eval(cfg, tmp_path / out)
+        with open(tmp_path / out / "samples.csv") as f:
+            return summary, list(csv.DictReader(f))
+
+    one, rows_one = run(1, "one")
+    four, rows_four = run(4, "four")
+    keys = ("id", "prediction_before", "prediction_after", "accuracy_before", "accuracy_after", "kept_tokens")
+    assert [[r[k] for k in keys] for r in rows_one] == [[r[k] for k in keys] for r in rows_four]
+    assert one["metrics_after"]["qa"] == four["metrics_after"]["qa"] and one["objective"] == four["objective"]
+    assert four["config"]["eval"]["batch_size"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "kvmerger", "h2o"])
+@torch.no_grad()
+def test_smollm2_batch_of_four_answers_as_one_at_a_time(smollm2, name):
+    """The embedded SmolLM2 on the QA stand-in's real prompts (chat template, keep_ratio budgets, query-agnostic):
+    a per-head method (AdaKV) and a merging one (KVMerger) included."""
+    from kvexp.tasks.qa import qa_jsonl_samples
+
+    model, tok = smollm2
+    encoder = PromptEncoder(tok, True, 8192)
+    cfg = _compose("dataset=qa_jsonl")
+    samples = qa_jsonl_samples(cfg.dataset, encoder, None, 0)
+    samples = [s for s in samples for _ in range(2)][:4]  # repeats batch with their twin
+    prompts = [encoder.encode(s, 12) for s in samples]
+    method = build_method(name, **({"skip_layers": []} if name == "kvmerger" else {}))
+
+    def budget(n):
+        return max(40, n // 2)
+
+    alone = run_generation(model, tok, samples, prompts, method, budget, max_new_tokens=12, when="prefill")
+    together = run_generation(
+        model, tok, samples, prompts, method, budget, max_new_tokens=12, when="prefill", batch_size=4
+    )
+    _same(alone, together)
