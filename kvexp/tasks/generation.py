@@ -381,7 +381,7 @@ def generate_batch(
     """Answer several prompts at once through one compressed cache, each row left-padded (padding is dead slots,
     positions are each row's own): every row gets the tokens it gets alone, provided the rows share what shapes
     the cache (`batch_key`: the budget; with chunked prefill the context length; with decode-time compression
-    under the query-agnostic protocol the question length). Rows finished early keep stepping, unread.
+    under the query-agnostic protocol the question length). A finished row leaves the batch (its cache rows too).
 
     Each result holds its row's own figures: TTFT and step times are the batch's (the row waited for them), its
     kv stats the row's own entries when it finished with its share (1 / rows) of the bytes held and of the
@@ -424,7 +424,8 @@ def generate_batch(
     results: list[GenerationResult | None] = [None] * n
     steps: list[float] = []
 
-    def finish(i: int) -> None:
+    def finish(i: int, at: int) -> None:
+        """Row i, at batch position `at` now, is done: its answer and its own cache figures."""
         row = rows[i]
         text, _ = _cut(tokenizer.decode(tokens[i], skip_special_tokens=True), row.stop)
         results[i] = GenerationResult(
@@ -435,7 +436,7 @@ def generate_batch(
             new_tokens=len(tokens[i]),
             ttft_s=ttft,
             step_s=steps[: len(tokens[i]) - 1],
-            kv=cache.stats(row=i, seen=int(feed.seen[i])) if n > 1 else cache.stats(),
+            kv=cache.stats(row=at, seen=int(feed.seen[at])) if n > 1 else cache.stats(),
             budget=budget,
         )
 
@@ -445,27 +446,29 @@ def generate_batch(
             return True
         return bool(row.stop) and _cut(tokenizer.decode(toks, skip_special_tokens=True), row.stop)[1]
 
-    running = []
-    for i in range(n):
-        if done(i):
-            finish(i)
-        else:
-            running.append(i)
-    while running:
+    active = list(range(n))  # the rows still answering, in batch order
+    while True:
+        going = []
+        for at, i in enumerate(active):
+            if done(i):
+                finish(i, at)
+            else:
+                going.append(at)
+        if len(going) < len(active) and going:
+            # Finished rows leave the batch (their cache rows too): the others go on as they would alone.
+            keep = torch.tensor(going)
+            cache.reorder_cache(keep.to(model.device))
+            feed.seen, feed.mask, token = feed.seen[keep], feed.mask[keep], token[keep.to(token.device)]
+        active = [active[at] for at in going]
+        if not active:
+            break
         t0 = time.perf_counter()
-        logits = feed(token[:, None], torch.ones((n, 1), dtype=torch.long))
-        token = _pick_rows(logits, rows, generators)
+        logits = feed(token[:, None], torch.ones((len(active), 1), dtype=torch.long))
+        token = _pick_rows(logits, [rows[i] for i in active], [generators[i] for i in active])
         _synchronize(model)
         steps.append(time.perf_counter() - t0)
-        for i, t in enumerate(token.tolist()):
+        for i, t in zip(active, token.tolist(), strict=True):
             tokens[i].append(t)
-        still = []
-        for i in running:
-            if done(i):
-                finish(i)
-            else:
-                still.append(i)
-        running = still
     wall = time.perf_counter() - start
     # Each layer's largest physical length (a one-forward prefill holds the whole context until it is compressed;
     # chunked prefill holds budget + chunk), summed over layers; a row's share of it.

@@ -38,9 +38,9 @@ from kvexp.tasks.long_context import (
     fit_prompt,
     hub_file_rows,
     middle_truncate,
-    prompt_limit,
     read_rows,
     split_template,
+    task_samples,
 )
 
 log = logging.getLogger(__name__)
@@ -196,10 +196,6 @@ def infinitebench_samples(
     dataset: Mapping, encoder: PromptEncoder, max_samples: int | None, seed: int
 ) -> list[GenerationSample]:
     """The registry loader: the task's first `max_samples` rows, prompts cut to fit the model (`prompt_limit`)."""
-    task = dataset["subset"]
-    limit = prompt_limit(dataset, encoder.max_context, MAX_NEW_TOKENS[task])
-    records = read_task(dataset)[:max_samples]
-    chat = bool(dataset.get("chat_template"))
-    samples = [build_sample(task, r, i, encoder.tokenizer, limit, chat) for i, r in enumerate(records)]
-    log.info("InfiniteBench %s: %d sample(s), prompt limit %s tokens", task, len(samples), limit)
-    return samples
+    return task_samples(
+        dataset, encoder, max_samples, MAX_NEW_TOKENS, read_task, build_sample, "InfiniteBench"
+    )

@@ -188,6 +188,27 @@ def prompt_limit(dataset: Mapping, model_max_context: int, max_new_tokens: int) 
     return limit
 
 
+def task_samples(
+    dataset: Mapping,
+    encoder: Any,  # kvexp.tasks.generation.PromptEncoder
+    max_samples: int | None,
+    max_new_tokens: Mapping[str, int],
+    read: Callable[[Mapping], Rows],
+    build: Callable[..., Any],
+    benchmark: str,
+) -> list:
+    """A one-task-per-run benchmark's samples (`dataset.subset`): its first `max_samples` records read by `read`,
+    each built by `build(task, record, index, tokenizer, limit, chat_template)` with prompts cut to fit the model
+    (`prompt_limit`)."""
+    task = dataset["subset"]
+    limit = prompt_limit(dataset, encoder.max_context, max_new_tokens[task])
+    records = read(dataset)[:max_samples]
+    chat = bool(dataset.get("chat_template"))
+    samples = [build(task, r, i, encoder.tokenizer, limit, chat) for i, r in enumerate(records)]
+    log.info("%s %s: %d sample(s), prompt limit %s tokens", benchmark, task, len(samples), limit)
+    return samples
+
+
 def split_template(template: str, fields: Mapping[str, Any], slot: str = "context") -> tuple[str, str]:
     """`template.format(**fields)` cut right after its `{slot}` field: (up to and including it, the rest)."""
     cut = template.index("{" + slot + "}") + len(slot) + 2

@@ -39,9 +39,9 @@ from kvexp.tasks.long_context import (
     check_rows,
     fit_prompt,
     hub_split_rows,
-    prompt_limit,
     read_rows,
     split_template,
+    task_samples,
 )
 
 log = logging.getLogger(__name__)
@@ -150,10 +150,4 @@ def loogle_samples(
     dataset: Mapping, encoder: PromptEncoder, max_samples: int | None, seed: int
 ) -> list[GenerationSample]:
     """The registry loader: the task's first `max_samples` questions, prompts cut to fit the model."""
-    task = dataset["subset"]
-    limit = prompt_limit(dataset, encoder.max_context, MAX_NEW_TOKENS[task])
-    records = read_questions(dataset)[:max_samples]
-    chat = bool(dataset.get("chat_template"))
-    samples = [build_sample(task, r, i, encoder.tokenizer, limit, chat) for i, r in enumerate(records)]
-    log.info("LooGLE %s: %d question(s), prompt limit %s tokens", task, len(samples), limit)
-    return samples
+    return task_samples(dataset, encoder, max_samples, MAX_NEW_TOKENS, read_questions, build_sample, "LooGLE")

@@ -40,8 +40,8 @@ from kvexp.tasks.long_context import (
     check_rows,
     fit_prompt,
     hub_file_rows,
-    prompt_limit,
     read_rows,
+    task_samples,
 )
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,6 @@ def zero_scrolls_samples(
     dataset: Mapping, encoder: PromptEncoder, max_samples: int | None, seed: int
 ) -> list[GenerationSample]:
     """The registry loader: the task's first `max_samples` examples, prompts cut to fit the model."""
-    task = dataset["subset"]
-    limit = prompt_limit(dataset, encoder.max_context, MAX_NEW_TOKENS[task])
-    records = read_examples(dataset)[:max_samples]
-    chat = bool(dataset.get("chat_template"))
-    samples = [build_sample(task, r, i, encoder.tokenizer, limit, chat) for i, r in enumerate(records)]
-    log.info("ZeroSCROLLS %s: %d example(s), prompt limit %s tokens", task, len(samples), limit)
-    return samples
+    return task_samples(
+        dataset, encoder, max_samples, MAX_NEW_TOKENS, read_examples, build_sample, "ZeroSCROLLS"
+    )
