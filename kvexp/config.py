@@ -385,10 +385,10 @@ def validate(cfg: DictConfig) -> None:
             f"eval.num_beams={cfg.eval.num_beams}: beam search applies to generation tasks, not "
             f"dataset.task={cfg.dataset.task}; leave eval.num_beams=1"
         )
-    if cfg.eval.batch_size > 1 and cfg.dataset.task != "generation":
+    if cfg.eval.batch_size > 1 and cfg.dataset.task not in ("generation", "perplexity"):
         raise ValueError(
-            f"eval.batch_size={cfg.eval.batch_size}: batched evaluation applies to generation tasks, not "
-            f"dataset.task={cfg.dataset.task}; leave eval.batch_size=1"
+            f"eval.batch_size={cfg.eval.batch_size}: batched evaluation applies to generation and perplexity tasks, "
+            f"not dataset.task={cfg.dataset.task} (lm-eval batches with dataset.batch_size); leave eval.batch_size=1"
         )
     for key in ("max_samples", "max_tokens"):
         value = cfg.eval[key]

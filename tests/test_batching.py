@@ -189,14 +189,14 @@ def test_methods_that_cannot_batch_are_refused_before_the_model_loads(name):
     [
         (["eval.batch_size=0"], "eval.batch_size must be an integer >= 1"),
         (["eval.batch_size=2", "eval.num_beams=2"], "beam search uses the batch"),
-        (["dataset=wikitext2", "eval.batch_size=2"], "batched evaluation applies to generation tasks"),
+        (["dataset=lm_eval", "eval.batch_size=2"], "batched evaluation applies to generation and perplexity"),
     ],
 )
 def test_bad_batch_options_fail_before_the_model_loads(overrides, message):
     from kvexp.config import validate
 
     base = ["model=tiny_llama", "dataset=passkey", "method=snapkv", "budget=64"]
-    if "dataset=wikitext2" not in overrides:
+    if "dataset=lm_eval" not in overrides:
         base.append("dataset.lengths=[256]")
     with pytest.raises(ValueError, match=message):
         validate(_compose(*base, *overrides))
@@ -248,3 +248,53 @@ def test_smollm2_batch_of_four_answers_as_one_at_a_time(smollm2, name):
         model, tok, samples, prompts, method, budget, max_new_tokens=12, when="prefill", batch_size=4
     )
     _same(alone, together)
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "snapkv", "h2o", "tova", "adakv", "kvmerger", "pyramidkv"])
+@pytest.mark.parametrize("chunk", [1, 7])
+@torch.no_grad()
+def test_documents_scored_together_score_as_alone(name, chunk):
+    """Perplexity: documents of 30-70 tokens streamed as one batch (each from position 0, a shorter one's last chunk
+    padded, finished ones leaving): each document's NLL, hits and kept entries are those it gets alone."""
+    from kvexp.tasks.perplexity import score_document, score_in_batches
+
+    model, _ = load("tiny_llama")
+    g = torch.Generator().manual_seed(0)
+    docs = [(f"d{i}", torch.randint(3, 200, (1, n), generator=g)) for i, n in enumerate((30, 70, 45, 58))]
+    method = build_method(name, **PARAMS.get(name, {}))
+    alone = [score_document(model, ids, method, 16, chunk, i) for i, ids in docs]
+    together = score_in_batches(model, docs, method, lambda n: 16, chunk, batch_size=4)
+    for a, b in zip(alone, together, strict=True):
+        assert a.id == b.id and a.tokens == b.tokens and a.correct == b.correct
+        assert b.nll == pytest.approx(a.nll, rel=1e-5)
+        assert a.kv["tokens_kept_per_head"] == b.kv["tokens_kept_per_head"]
+        assert a.kv["tokens_seen"] == b.kv["tokens_seen"] and len(a.step_s) == len(b.step_s)
+    assert len({r.wall_s for r in together}) == 1 and together[0].wall_s is not None
+
+
+def test_a_batched_perplexity_run_gives_the_one_at_a_time_perplexity(tmp_path):
+    """The app: WikiText-2 articles (dataset.split_documents) with keep_ratio budgets (grouped by budget) and a token
+    budget, eval.batch_size=3: the same per-document perplexities as one at a time."""
+    from kvexp.app import train_or_eval
+
+    def run(batch, budget, out):
+        cfg = _compose(
+            "model=tiny_llama", "dataset=wikitext2", "dataset.split_documents=true", "eval.max_samples=4",
+            "eval.max_tokens=96", "eval.chunk_size=8", "method=snapkv", "method.window_size=4", budget,
+            "cache_dir=null", f"eval.batch_size={batch}",
+        )  # fmt: skip
+        summary = train_or_eval(cfg, tmp_path / out)
+        with open(tmp_path / out / "samples.csv") as f:
+            return summary, list(csv.DictReader(f))
+
+    for budget in ("budget=32", "budget=keep_0.5"):
+        one, rows_one = run(1, budget, f"one{budget}")
+        three, rows_three = run(3, budget, f"three{budget}")
+        assert [r["id"] for r in rows_one] == [r["id"] for r in rows_three]
+        for a, b in zip(rows_one, rows_three, strict=True):
+            assert float(b["perplexity_after"]) == pytest.approx(float(a["perplexity_after"]), rel=1e-5)
+            assert float(b["perplexity_before"]) == pytest.approx(float(a["perplexity_before"]), rel=1e-5)
+            assert a["kept_tokens"] == b["kept_tokens"]
+        assert three["metrics_after"]["perplexity"] == pytest.approx(
+            one["metrics_after"]["perplexity"], rel=1e-5
+        )

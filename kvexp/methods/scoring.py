@@ -86,11 +86,19 @@ def newest_attention(layer: CompressedLayer, query: torch.Tensor) -> torch.Tenso
 
 
 def remember_queries(layer: CompressedLayer, query: torch.Tensor, window: int) -> None:
-    """Keep the last `window` queries seen by this layer (across steps) for window scoring at any step."""
+    """Keep the last `window` queries seen by this layer (across steps) for window scoring at any step.
+
+    After a multi-token step the queries are ordered by position, padding (-1) first: a batch row whose last chunk
+    is right-padded still remembers its newest real queries, as alone (a no-op order otherwise)."""
     query, positions = step_queries(layer, query)
+    several = query.shape[2] > 1  # a decode step's one query is the newest: the window stays in order
     if layer.query_window is not None:
         query = torch.cat([layer.query_window[0], query], dim=2)
         positions = torch.cat([layer.query_window[1], positions], dim=1)
+    if several:
+        order = positions.argsort(dim=-1, stable=True)  # [B, w + q]
+        positions = positions.gather(1, order)
+        query = query.gather(2, order[:, None, :, None].expand_as(query))
     layer.query_window = (query[:, :, -window:], positions[:, -window:])
 
 

@@ -172,6 +172,23 @@ def kv_totals(results: Sequence) -> dict[str, Any]:
     }
 
 
+# cache.stats() figures a batch's rows share: method time and compression counts, split evenly over the rows.
+_SHARED_STATS = ("compress_seconds", "compress_sq_seconds", "compressions", "fused_steps", "fused_seconds")
+
+
+def share_batch_costs(results: Sequence, cache, peak: int, wall: float) -> None:
+    """Give each result of one batch (each with `kv`, `kv_peak_bytes`, `wall_s`) its share of what the rows spent
+    together: the KV peak, and with several rows the method's time and counts and the batch's wall time."""
+    rows = len(results)
+    shared = cache.stats()
+    for result in results:
+        result.kv_peak_bytes = peak // rows
+        if rows > 1:
+            for key in _SHARED_STATS:
+                result.kv[key] = shared.get(key, 0) / rows
+            result.wall_s = wall / rows
+
+
 def eviction_times(results: Sequence) -> dict[str, float | None]:
     """The time of one eviction (one layer's compression) over every compression of every sample (each result
     with a `kv` stats dict): mean and standard deviation in ms, the H2O study's per-eviction overhead; None

@@ -46,7 +46,7 @@ from kvexp.data import read_jsonl, read_text
 from kvexp.engine import KVCache
 from kvexp.methods import Method, make_cache
 from kvexp.tasks import metrics
-from kvexp.tasks.base import Loaded, eviction_times, kv_totals
+from kvexp.tasks.base import Loaded, eviction_times, kv_totals, share_batch_costs
 from kvexp.tasks.data import (
     LOCAL_SPLIT,
     check_split,
@@ -469,22 +469,11 @@ def generate_batch(
         steps.append(time.perf_counter() - t0)
         for i, t in zip(active, token.tolist(), strict=True):
             tokens[i].append(t)
-    wall = time.perf_counter() - start
     # Each layer's largest physical length (a one-forward prefill holds the whole context until it is compressed;
     # chunked prefill holds budget + chunk), summed over layers; a row's share of it.
     peak = sum(layer.peak_bytes for layer in cache.layers if layer.is_initialized)
-    shared = cache.stats()
-    for result in results:
-        result.kv_peak_bytes = peak // n
-        if n > 1:  # the batch's method time and compression counts, a row's share
-            for key in _SHARED_STATS:
-                result.kv[key] = shared.get(key, 0) / n
-            result.wall_s = wall / n
+    share_batch_costs(results, cache, peak, time.perf_counter() - start)
     return results
-
-
-# cache.stats() figures a batch's rows share: method time and compression counts, split evenly over the rows.
-_SHARED_STATS = ("compress_seconds", "compress_sq_seconds", "compressions", "fused_steps", "fused_seconds")
 
 
 def _pick_rows(logits: torch.Tensor, rows: Sequence[Row], generators) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvexp.methods import Method, make_cache
-from kvexp.tasks.base import eviction_times, kv_totals
+from kvexp.tasks.base import eviction_times, kv_totals, share_batch_costs
 from kvexp.tracking import log_progress
 
 
@@ -31,6 +31,12 @@ class DocumentResult:
     step_s: list[float] = field(default_factory=list)  # every later step
     kv: dict[str, Any] = field(default_factory=dict)  # cache.stats() at the end
     kv_peak_bytes: int = 0  # largest physical KV footprint during the run (tensors, not allocator)
+    wall_s: float | None = None  # in a batch: its share of the batch's wall time (None: scored alone)
+
+    @property
+    def cost_s(self) -> float:
+        """The wall time the document cost: its share of its batch's, or its own steps when scored alone."""
+        return self.first_step_s + sum(self.step_s) if self.wall_s is None else self.wall_s
 
     @property
     def perplexity(self) -> float:
@@ -57,7 +63,6 @@ def warm_up(model, input_ids: torch.Tensor, chunk_size: int = 1, tokens: int = 3
     score_document(model, input_ids[:, : max(2, tokens)], "full", None, chunk_size)
 
 
-@torch.no_grad()
 def score_document(
     model,
     input_ids: torch.Tensor,  # [1, T]
@@ -69,43 +74,120 @@ def score_document(
     **cache_kwargs,
 ) -> DocumentResult:
     """Feed one document through a fresh compressed cache; sum NLL and hits over tokens 1..T-1."""
+    return score_documents(
+        model, [(doc_id, input_ids)], method, budget, chunk_size, progress, **cache_kwargs
+    )[0]
+
+
+@torch.no_grad()
+def score_documents(
+    model,
+    documents: list[tuple[str, torch.Tensor]],  # (id, [1, T_i])
+    method: str | Method,
+    budget: int | list[int] | None,
+    chunk_size: int = 1,
+    progress: bool = False,
+    **cache_kwargs,
+) -> list[DocumentResult]:
+    """Feed several documents at once through one compressed cache, each a batch row from position 0: every step
+    takes the next `chunk_size` tokens of each row still going (a row's last chunk, if shorter, is right-padded and
+    its padding masked), and a finished row leaves the batch. Each document gets the figures it gets alone (its own
+    NLL, hits and kept entries; its share of the batch's bytes, method time and wall time)."""
+    n_rows = len(documents)
     cache = make_cache(model, method, budget, **cache_kwargs)
-    ids = input_ids.to(model.device)
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    n = inputs.shape[1]
-    nll = torch.zeros((), dtype=torch.float64, device=ids.device)
-    correct = torch.zeros((), dtype=torch.long, device=ids.device)
-    steps, peak = [], 0
-    bar = tqdm(
-        range(0, n, chunk_size), desc=f"{doc_id} [{getattr(method, 'name', method)}]", disable=not progress
-    )
-    for start in bar:
+    pad = 0
+    inputs = [ids.to(model.device)[0, :-1] for _, ids in documents]
+    targets = [ids.to(model.device)[0, 1:] for _, ids in documents]
+    lengths = [x.shape[0] for x in inputs]
+    nll = torch.zeros(n_rows, dtype=torch.float64, device=model.device)
+    correct = torch.zeros(n_rows, dtype=torch.long, device=model.device)
+    steps, peak, results = [], 0, [None] * n_rows
+    active = list(range(n_rows))
+    fed = 0  # tokens each active row has fed (they all started together)
+    start_wall = time.perf_counter()
+    label = documents[0][0] if n_rows == 1 else f"{n_rows} documents"
+    bar = tqdm(total=max(lengths), desc=f"{label} [{getattr(method, 'name', method)}]", disable=not progress)
+    while active:
+        width = min(chunk_size, max(lengths[i] - fed for i in active))
+        piece = torch.full((len(active), width), pad, dtype=torch.long, device=model.device)
+        real = torch.zeros((len(active), width), dtype=torch.bool, device=model.device)
+        for at, i in enumerate(active):
+            part = inputs[i][fed : fed + width]
+            piece[at, : part.shape[0]], real[at, : part.shape[0]] = part, True
+        mask = None
+        if not bool(real.all()):  # a row's shorter last chunk: its padding is masked (dead slots)
+            mask = torch.cat(
+                [torch.ones(len(active), fed, dtype=torch.long, device=model.device), real.long()], 1
+            )
         t0 = time.perf_counter()
-        logits = model(inputs[:, start : start + chunk_size], past_key_values=cache).logits.float()
-        target = targets[:, start : start + chunk_size]
-        nll += torch.nn.functional.cross_entropy(logits[0], target[0], reduction="sum").double()
-        correct += (logits.argmax(-1) == target).sum()
-        if ids.is_cuda:
+        logits = model(piece, attention_mask=mask, past_key_values=cache).logits.float()
+        for at, i in enumerate(active):
+            count = int(real[at].sum())
+            target = targets[i][fed : fed + count]
+            nll[i] += torch.nn.functional.cross_entropy(logits[at, :count], target, reduction="sum").double()
+            correct[i] += (logits[at, :count].argmax(-1) == target).sum()
+        if model.device.type == "cuda":
             torch.cuda.synchronize()
         steps.append(time.perf_counter() - t0)
         peak = max(peak, cache.kept_bytes())
-    return DocumentResult(
-        id=doc_id,
-        tokens=n,
-        nll=nll.item(),
-        correct=int(correct.item()),
-        first_step_s=steps[0],
-        step_s=steps[1:],
-        kv=cache.stats(),
-        kv_peak_bytes=peak,
+        fed += width
+        bar.update(width)
+        going = []
+        for at, i in enumerate(active):
+            if fed < lengths[i]:
+                going.append(at)
+                continue
+            kv = cache.stats(row=at, seen=lengths[i]) if n_rows > 1 else cache.stats()
+            # NLL and hits are filled in at the end (one transfer from the device).
+            results[i] = DocumentResult(documents[i][0], lengths[i], 0.0, 0, steps[0], steps[1:], kv)
+        if going and len(going) < len(active):
+            cache.reorder_cache(torch.tensor(going, device=model.device))  # finished rows leave the batch
+        active = [active[at] for at in going]
+    bar.close()
+    for i, result in enumerate(results):
+        result.nll, result.correct = nll[i].item(), int(correct[i].item())
+    share_batch_costs(results, cache, peak, time.perf_counter() - start_wall)
+    return results
+
+
+def score_in_batches(
+    model,
+    documents: list[tuple[str, torch.Tensor]],
+    method: str | Method,
+    budget_for: Callable[[int], int | list[int] | None],
+    chunk_size: int,
+    batch_size: int,
+    on_batch: Callable[[list[DocumentResult]], None] | None = None,
+    **cache_kwargs,
+) -> list[DocumentResult]:
+    """Every document with the budget `budget_for(its tokens)`, up to `batch_size` at once among documents of the
+    same budget (a batch's rows share the layer budgets), results in document order; `on_batch(results so far)`
+    after each batch."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, ids) in enumerate(documents):
+        budget = budget_for(ids.shape[1])
+        groups.setdefault(tuple(budget) if isinstance(budget, list) else (budget,), []).append(i)
+    batches = sorted(
+        idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)
     )
+    results: list[DocumentResult | None] = [None] * len(documents)
+    for batch in batches:
+        budget = budget_for(documents[batch[0]][1].shape[1])
+        scored = score_documents(
+            model, [documents[i] for i in batch], method, budget, chunk_size, len(batch) == 1, **cache_kwargs
+        )
+        for i, result in zip(batch, scored, strict=True):
+            results[i] = result
+        if on_batch is not None:
+            on_batch([r for r in results if r is not None])
+    return results
 
 
 def aggregate(results: list[DocumentResult]) -> dict[str, Any]:
     """Corpus-level metrics (token-weighted perplexity) and cost figures over documents."""
     tokens = sum(r.tokens for r in results)
     nll = sum(r.nll for r in results)
-    total_s = sum(r.first_step_s + sum(r.step_s) for r in results)
+    total_s = sum(r.cost_s for r in results)
     later = [s for r in results for s in r.step_s]
     compress_s = sum(r.kv.get("compress_seconds", 0.0) for r in results)
     return {

@@ -38,7 +38,7 @@ from kvexp.tasks.longbench_v2 import check_longbench_v2, longbench_v2_samples
 from kvexp.tasks.loogle import check_loogle, loogle_samples
 from kvexp.tasks.math_reasoning import check_math, math_samples
 from kvexp.tasks.metrics import lower_is_better
-from kvexp.tasks.perplexity import DocumentResult, document_progress, document_rows, score_document
+from kvexp.tasks.perplexity import DocumentResult, document_progress, document_rows, score_in_batches
 from kvexp.tasks.perplexity import aggregate as aggregate_documents
 from kvexp.tasks.perplexity import warm_up as warm_up_perplexity
 from kvexp.tasks.prompt import check_prompt, prompt_inputs, prompt_samples, run_prompts
@@ -118,11 +118,16 @@ class Perplexity(Task):
             _full_documents(cfg, model, samples) if cfg.eval.compare_to_full else (None, True)
         )
         chunk, engine, layers = cfg.eval.chunk_size, engine_options(cfg), model.config.num_hidden_layers
-        after = []
-        for doc_id, ids in samples:
-            budget = resolve_budget(cfg.budget, ids.shape[1], layers)
-            after.append(score_document(model, ids, loaded.method, budget, chunk, doc_id, True, **engine))
-            document_progress("compressed", after)
+        after = score_in_batches(
+            model,
+            samples,
+            loaded.method,
+            lambda tokens: resolve_budget(cfg.budget, tokens, layers),
+            chunk,
+            cfg.eval.batch_size,
+            lambda done: document_progress("compressed", done),
+            **engine,
+        )
         return Results(samples, before, after, comparable)
 
     def aggregate(self, cfg: DictConfig, loaded: Loaded, results: Results) -> dict[str, Any]:
@@ -141,14 +146,19 @@ def _full_documents(cfg: DictConfig, model, samples) -> tuple[list[DocumentResul
     """The full-cache run of the same documents, reused across a sweep, and whether its timings are comparable."""
 
     def run() -> list[DocumentResult]:
-        results = []
-        for i, ids in samples:
-            results.append(score_document(model, ids, "full", None, cfg.eval.chunk_size, i, True))
-            document_progress("full", results)
-        return results
+        return score_in_batches(
+            model,
+            samples,
+            "full",
+            lambda tokens: None,
+            cfg.eval.chunk_size,
+            cfg.eval.batch_size,
+            lambda done: document_progress("full", done),
+        )
 
     content = {
         "chunk_size": cfg.eval.chunk_size,
+        "batch_size": cfg.eval.batch_size,
         "samples": [(i, full_cache.ids_hash(ids)) for i, ids in samples],
     }
     return full_cache.reuse_or_run(cfg, content, run, lambda stored: [DocumentResult(**r) for r in stored])
