@@ -239,6 +239,9 @@ class SupportsStorage(Protocol):
     def prepare(self, model: Any) -> None: ...
 
 
+_NEVER = torch.iinfo(torch.long).max  # a position above every real one
+
+
 def ranking_keys(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """int64 keys [B, Hkv, n] that order slots as (fp32 score, position): equal scores rank by position, the older
     entry lower. The float's bits mapped to an order-preserving int32 (negative floats reversed; -0.0 as 0.0), then
@@ -583,21 +586,24 @@ class CompressedLayer(DynamicLayer):
         counts = self._head_counts(scores, target)
         # Ranked by score, ties by position (the older entry goes first): the choice never depends on where entries
         # sit physically, so a left-padded batch row, a chunked prefill or a reordered cache choose alike.
-        ranks = ranking_keys(scores, self.positions)
         kept = kill = None
         if counts is None and n - target == 1 and was_live is None and not self.options.differentiable:
             # One entry out (a decode step at a full budget): the last slot, this step's token, moves into the
-            # lowest-ranked slot of each head, the layout the general compaction below gives, in a few ops.
-            self._move_last_into(ranks.topk(1, dim=-1, largest=False).indices)
+            # lowest-ranked slot of each head (the lowest score, the oldest among equals), the layout the general
+            # compaction below gives, in a few ops.
+            lowest = scores == scores.amin(dim=-1, keepdim=True)
+            oldest = torch.where(lowest, self.positions, _NEVER).argmin(dim=-1, keepdim=True)
+            self._move_last_into(oldest)
         elif counts is None:
             # Usually a step evicts a handful of entries: select those (topk with a small k), not the kept set.
+            ranks = ranking_keys(scores, self.positions)
             evict = ranks.topk(n - target, dim=-1, largest=False).indices
             kept = torch.ones_like(scores, dtype=torch.bool).scatter_(2, evict, False)
         else:
             # Each head keeps its own count of live entries; the layer is as long as the longest head. The slots
             # a shorter head keeps beyond its count stay physically but are killed (bias -inf).
             target = int(counts.max())
-            keep = ranks.topk(target, dim=-1).indices  # best first: each head's first count_h stay live
+            keep = ranking_keys(scores, self.positions).topk(target, dim=-1).indices  # best first: each head's first count_h stay live
             kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, keep, True)
             dead = torch.arange(target, device=self.device)[None, None, :] >= counts[:, :, None]
             kill = torch.zeros_like(kept).scatter_(2, keep, dead)
