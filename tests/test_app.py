@@ -502,7 +502,7 @@ def test_a_warm_up_runs_before_anything_is_timed(task, text_file, tmp_path, monk
     """The first timed run of a process, the full cache's, would carry the first-call overhead (9 ms against 1 ms
     TPOT on a tiny model) that the compressed run, timed after it, escapes: an untimed full-cache run comes first."""
     calls = []
-    for name in ("score_document", "run_generation", "warm_up_perplexity", "warm_up_generation"):
+    for name in ("score_in_batches", "run_generation", "warm_up_perplexity", "warm_up_generation"):
         real = getattr(kvexp.tasks.registry, name)
         monkeypatch.setattr(
             kvexp.tasks.registry,
@@ -519,7 +519,7 @@ def test_a_warm_up_runs_before_anything_is_timed(task, text_file, tmp_path, monk
     base = ("model=tiny_llama", "method=h2o", "budget=32", "cache_dir=null", *data)
     train_or_eval(_compose(*base), tmp_path / "a")
     warm = "warm_up_perplexity" if task == "perplexity" else "warm_up_generation"
-    timed = "score_document" if task == "perplexity" else "run_generation"
+    timed = "score_in_batches" if task == "perplexity" else "run_generation"
     assert [name for name, _ in calls] == [warm, timed, timed]
     assert [getattr(m, "name", m) for _, m in calls[1:]] == ["full", "h2o"]
     calls.clear()
@@ -609,10 +609,10 @@ def test_the_wandb_run_exists_while_the_job_goes(text_file, tmp_path, monkeypatc
     monkeypatch.setattr(
         kvexp.tracking, "make_logger", lambda cfg, config, *a: _RecordingLogger(events, config)
     )
-    real = kvexp.tasks.registry.score_document
+    real = kvexp.tasks.registry.score_in_batches
     monkeypatch.setattr(
         kvexp.tasks.registry,
-        "score_document",
+        "score_in_batches",
         lambda *a, **kw: events.append(("score", a[2])) or real(*a, **kw),
     )
     base = ("model=tiny_llama", "method=knorm", "budget=32", "dataset=text_file", f"dataset.path={text_file}",
