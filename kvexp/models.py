@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SOURCES = ("tiny", "gguf", "hub")
-TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt_neox", "gpt2")
+TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt_neox", "gpt2", "phi3", "gemma3_text")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

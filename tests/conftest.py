@@ -31,7 +31,16 @@ if DEVICE != "cpu":
         "flush_denormal": False,
     }
 
-TINY_MODELS = ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral", "tiny_gpt_neox", "tiny_gpt2"]
+TINY_MODELS = [
+    "tiny_llama",
+    "tiny_qwen2",
+    "tiny_qwen3",
+    "tiny_mistral",
+    "tiny_gpt_neox",
+    "tiny_gpt2",
+    "tiny_phi3",
+    "tiny_gemma3",
+]
 
 
 @functools.cache

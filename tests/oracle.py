@@ -39,7 +39,11 @@ class Visibility:
                 keys = index[b, h][live[b, h]]
                 for p, i in zip(positions[b, h, -q:].tolist(), index[b, h, -q:].tolist(), strict=True):
                     if p >= 0:  # not padding
-                        mask[b, h, i, keys[keys <= i]] = True
+                        # A sliding-window layer's query sees its last `window` positions only (the model's rule).
+                        reach = (
+                            (keys <= i) if layer.window is None else (keys <= i) & (keys > i - layer.window)
+                        )
+                        mask[b, h, i, keys[reach]] = True
 
 
 def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

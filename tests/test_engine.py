@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from kvexp.engine import sliding_layers
 from kvexp.engine.cache import CompressedLayer, rotate_keys
 from kvexp.methods import METHODS as REGISTRY
 from kvexp.methods import make_cache
@@ -35,6 +36,22 @@ SMALL_PARAMS = {
     # The paper's skip_layers (0, 1, last) would leave a two-layer model uncompressed; no layer reallocation.
     "d2o": {"skip_layers": [], "layer_allocation": False},
     "kvmerger": {"skip_layers": []},
+    "compactor": {"sink_size_start": 2, "sink_size_end": 2, "chunk_length": 8},  # sinks 8 + 4 fill budget 12
+    "lagkv": {"n_sink": 2, "lag_size": 3},  # the budgets (>= 8) hold the sinks and two chunks
+    "criticalkv": {"scorer_params": {"window_size": 4, "kernel_size": 3}},
+    # floor_alpha 1: uniform heads, lengths = the budgets
+    "criticaladakv": {"floor_alpha": 1.0, "scorer_params": {"window_size": 4, "kernel_size": 3}},
+    # chunks of one token fill the budget (longer ones leave a remainder: tests/test_selection_methods.py)
+    "chunkkv": {"chunk_length": 1, "reuse_layers": 2, "scorer_params": {"window_size": 4, "kernel_size": 1}},
+    # threshold -inf: a top-k at the budget (real thresholds: tests/test_selection_methods.py)
+    "dms": {"threshold": -math.inf, "window_size": 2, "scorer_params": {"window_size": 4, "kernel_size": 3}},
+    "chunk": {"chunk_length": 8, "scorer_params": {"window_size": 4, "kernel_size": 3}},  # 5 chunks of 40
+    "compose": {"methods": [{"name": "snapkv", "window_size": 4, "kernel_size": 3}, {"name": "knorm"}]},
+    # every 5th decoding step to int(0.3 x seen): token mode ends at 40 x 0.3 = the budget 12
+    "compression_ratio_decoding": {"compression_interval": 5, "compression_ratio": 0.7},
+    "duo_attention": {"sparsity": 1.0},  # all heads stream (retrieval: tests/test_structural_methods.py)
+    "simlayerkv": {"lazy_threshold": 0.0},  # all layers lazy (full ones: tests/test_structural_methods.py)
+    "lukv": {"head_cap": 1.0, "scorer": "snapkv", "scorer_params": {"window_size": 4, "kernel_size": 3}},
 }
 GQA_MODELS = ["tiny_llama", "tiny_qwen3"]
 
@@ -73,24 +90,34 @@ def _masking_oracle(model, method, mode):
     kw = SMALL_PARAMS.get(method, {})
     ids = _ids(model, 40)
     n_layers, heads = model.config.num_hidden_layers, _kv_heads(model)
+    # Gemma-3's local layers are never compressed: they hold the model's own window (its last window - 1 tokens).
+    local = sliding_layers(model)
+    window = getattr(model.config, "sliding_window", None)
+
+    def lengths(expected):
+        return [window - 1 if slides else n for n, slides in zip(expected, local, strict=True)]
+
     if mode == "token":
         cache = _check_oracle(model, ids, 1, method=method, budget=12, **kw)
-        assert cache.physical_lengths() == [12] * n_layers
+        assert cache.physical_lengths() == lengths([12] * n_layers)
     elif mode == "chunk":
         cache = _check_oracle(model, ids, 7, method=method, budget=12, **kw)
         assert all(layer.peak_length <= 12 + 7 for layer in cache.layers)
-        assert cache.physical_lengths() == [12] * n_layers
+        assert cache.physical_lengths() == lengths([12] * n_layers)
     elif mode == "per_layer":
         budgets = [9 + 5 * i for i in range(n_layers)]
         cache = _check_oracle(model, ids, 3, method=method, budget=budgets, **kw)
-        assert cache.physical_lengths() == budgets
+        assert cache.physical_lengths() == lengths(budgets)
     else:
         head_budgets = [[6 + (3 * h + 5 * i) % 9 for h in range(heads)] for i in range(n_layers)]
         cache = _check_oracle(model, ids, 2, method=method, head_budgets=head_budgets, **kw)
         # Real saving: each layer is as long as its longest head; shorter heads hold dead padding.
-        assert cache.physical_lengths() == [max(h) for h in head_budgets]
+        assert cache.physical_lengths() == lengths([max(h) for h in head_budgets])
         kept = cache.stats()["tokens_kept_per_head"]
-        assert kept == [[float(b) for b in hb] for hb in head_budgets]
+        expected = [[float(b) for b in hb] for hb in head_budgets]
+        assert kept == [
+            [float(window - 1)] * heads if slides else e for e, slides in zip(expected, local, strict=True)
+        ]
 
 
 def test_knorm_prune_after_mode_matches_oracle():
@@ -111,6 +138,7 @@ def test_generate_matches_oracle(tiny, method):
         prompt,
         past_key_values=cache,
         max_new_tokens=12,
+        min_new_tokens=12,  # a random model may draw its end token; the raw logits (output_logits) stay unmasked
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
@@ -123,8 +151,9 @@ def test_generate_matches_oracle(tiny, method):
     assert max_logprob_error(generated, ref, seq[:, 20:32]) < TOL
 
 
-def test_generate_left_padded_batch_matches_oracle():
-    model, tok = load("tiny_llama")
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
+def test_generate_left_padded_batch_matches_oracle(model_name):
+    model, tok = load(model_name)
     batch = tok(
         ["a short prompt", "a noticeably longer prompt than the other one"], return_tensors="pt", padding=True
     )
@@ -149,10 +178,86 @@ def test_generate_left_padded_batch_matches_oracle():
     generated = torch.stack(out.logits, dim=1).float()
     err = max_logprob_error(generated, ref[:, start : start + 8], out.sequences[:, start + 1 :])
     assert err < TOL
-    # The sinks are the first real tokens of each row, not the padding.
+    # The sinks are the first real tokens of each row, not the padding (in the first layer with a budget: Gemma-3's
+    # first layer is a local one, which keeps its window).
+    compressed = next(layer for layer in cache.layers if layer.budget is not None)
     for b in range(2):
-        kept = set(cache.layers[0].positions[b, 0].tolist())
+        kept = set(compressed.positions[b, 0].tolist())
         assert {0, 1} <= kept and -1 not in kept
+
+
+def _tiny_mistral_with_window(window: int):
+    from omegaconf import OmegaConf
+
+    from kvexp.models import load_model
+    from tests.conftest import ROOT
+
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny_mistral.yaml")
+    cfg.tiny.sliding_window = window
+    return load_model(cfg, OmegaConf.load(ROOT / "conf" / "hardware" / "cpu.yaml"))[0]
+
+
+@pytest.mark.parametrize("chunk", [40, 7, 1])
+@pytest.mark.parametrize("model_name", ["tiny_gemma3", "tiny_phi3", "mistral_window_6"])
+def test_an_uncompressed_cache_gives_the_models_own_logits(model_name, chunk):
+    """kvexp's attention and cache against the model's own (sdpa, its own masks): Phi-3's fused projections,
+    Gemma-3's local layers (window 8) around a global one, a Mistral whose every layer slides (window 6). A local
+    layer holds the model's own window - 1 newest tokens, which is also what the full cache counts, so nothing is
+    reported compressed."""
+    model = _tiny_mistral_with_window(6) if model_name == "mistral_window_6" else load(model_name)[0]
+    ids = _ids(model, 40)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = model(ids).logits.float()
+    cache = make_cache(model, "full")
+    with torch.no_grad():
+        logits = torch.cat(
+            [model(ids[:, s : s + chunk], past_key_values=cache).logits.float() for s in range(0, 40, chunk)],
+            1,
+        )
+    assert (logits - reference).abs().max() < 1e-5
+    window = getattr(model.config, "sliding_window", None)
+    slides = [t == "sliding_attention" for t in (getattr(model.config, "layer_types", None) or [])]
+    if model_name == "mistral_window_6":
+        slides = [True] * model.config.num_hidden_layers
+    held = [window - 1 if s else 40 for s in slides] if any(slides) else [40] * model.config.num_hidden_layers
+    assert cache.physical_lengths() == held
+    stats = cache.stats()
+    assert stats["tokens_full"] == sum(held) / len(held) and stats["compression_ratio"] == 0.0
+    assert stats["bytes_full"] == stats["bytes_kept"]
+
+
+def test_gemma3_budget_compresses_the_global_layers_only():
+    model, _ = load("tiny_gemma3")
+    assert sliding_layers(model) == [True, False, True]
+    ids = _ids(model, 40)
+    cache = _check_oracle(model, ids, 5, method="snapkv", budget=12, window_size=4, kernel_size=3)
+    assert [layer.budget for layer in cache.layers] == [None, 12, None]
+    assert cache.physical_lengths() == [7, 12, 7]
+    stats = cache.stats()
+    # 1 - kept / what the model's own cache holds (7 + 40 + 7), not / the tokens seen.
+    assert stats["tokens_full"] == 54 / 3 and stats["tokens_kept"] == 26 / 3
+    assert stats["compression_ratio"] == pytest.approx(1 - 26 / 54)
+    assert stats["bytes_full"] == 54 * cache.layers[1].dense_slot_bytes
+
+
+def test_a_model_with_soft_capped_attention_is_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gemma2",
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        pad_token_id=0,
+    )
+    assert config.attn_logit_softcapping is not None
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        make_cache(AutoModelForCausalLM.from_config(config), "snapkv", budget=12)
 
 
 def test_budget_at_least_sequence_reproduces_plain_model(tiny):
@@ -165,7 +270,9 @@ def test_budget_at_least_sequence_reproduces_plain_model(tiny):
             model, ids, 4, method=method, budget=30, **SMALL_PARAMS.get(method, {})
         )
         assert torch.allclose(logits, plain, atol=1e-5), method
-        assert cache.stats()["tokens_kept"] == 30
+        stats = cache.stats()  # all of it kept: 30 tokens, or the model's own window in Gemma-3's local layers
+        assert stats["tokens_kept"] == stats["tokens_full"] and stats["compression_ratio"] == 0.0
+        assert stats["tokens_full"] == (30 if not any(sliding_layers(model)) else (7 + 30 + 7) / 3)
 
 
 @pytest.mark.parametrize("method", MERGING)

@@ -16,11 +16,12 @@ from kvexp.models import (
     setup_hardware,
     tiny_tokenizer,
 )
+from tests.conftest import TINY_MODELS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CPU = OmegaConf.load(CONF / "hardware" / "cpu.yaml")
-TINY = ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral", "tiny_gpt_neox", "tiny_gpt2"]
-GQA = {"tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral"}
+TINY = TINY_MODELS
+GQA = {"tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral", "tiny_phi3", "tiny_gemma3"}
 MODEL_KEYS = {
     "name",
     "source",
@@ -64,14 +65,17 @@ def test_tiny_model(name: str) -> None:
     cfg = model_cfg(name)
     model, tok = load_model(cfg, CPU)
     assert not model.training and model.dtype == torch.float32
-    assert model.config.num_hidden_layers == 2
+    assert model.config.num_hidden_layers == (3 if name == "tiny_gemma3" else 2)  # local, global, local
     assert model.config.vocab_size == len(tok)
     assert model.config.hidden_size // model.config.num_attention_heads == 16
     if name in GQA:
         assert model.config.num_key_value_heads < model.config.num_attention_heads
-        assert model.config.head_dim == 16
+        assert getattr(model.config, "head_dim", 16) == 16  # Phi-3 derives it from the hidden size
     if name == "tiny_mistral":
         assert model.config.sliding_window is None
+    if name == "tiny_gemma3":
+        assert model.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+        assert model.config.sliding_window == 8
     if name == "tiny_gpt_neox":
         assert model.config.rope_parameters["partial_rotary_factor"] == 0.25
 

@@ -53,20 +53,44 @@ def use_kvexp_attention(model: PreTrainedModel) -> None:
 
 
 def _rotary(model: PreTrainedModel) -> Rotary | None:
+    """The RoPE of the layers a method compresses: the model's one rotary embedding, or the full-attention layers'
+    of a model with one per layer type (Gemma-3's global layers have their own base and scaling)."""
     for module in model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
+        inv_freq = getattr(module, "full_attention_inv_freq", None)
+        if inv_freq is None:
+            inv_freq = getattr(module, "inv_freq", None)
         if inv_freq is not None:
             return Rotary(inv_freq=inv_freq.detach().clone())
     return None
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def _check_model(model: PreTrainedModel) -> None:
-    layer_types = getattr(model.config, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t not in LAYER_TYPES})
     if other:
         raise ValueError(
-            f"{type(model).__name__} has {other} layers; kvexp compresses full-attention models only"
+            f"{type(model).__name__} has {other} layers; kvexp compresses models whose layers are "
+            f"{' or '.join(LAYER_TYPES)}"
         )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"{type(model).__name__} soft-caps its attention logits (attn_logit_softcapping="
+            f"{config.attn_logit_softcapping}), which kvexp's attention does not do; use a model without it"
+        )
+
+
+def sliding_layers(model: PreTrainedModel) -> list[bool]:
+    """Which layers are local sliding-window layers in a model that mixes them with global ones (Gemma-3): a
+    method never compresses those (they keep the model's own window); the global layers carry the budget. A model
+    whose every layer slides (Mistral's `sliding_window`) is compressed in every layer, the window applied too."""
+    layer_types = getattr(model.config, "layer_types", None) or []
+    if "full_attention" not in layer_types:
+        return [False] * model.config.num_hidden_layers
+    return [t == "sliding_attention" for t in layer_types]
 
 
 _SAID: set[str] = set()  # methods already logged as decoding eagerly under compile
@@ -171,8 +195,11 @@ def make_cache(
         compile=compile,
         compile_mode=compile_mode,
     )
+    sliding = sliding_layers(model)
+    budgets = [None if local else b for b, local in zip(budgets, sliding, strict=True)]
     layers = []
     for i, layer_budget in enumerate(evictor.layer_budgets(budgets)):
+        layer_budget = None if sliding[i] else layer_budget
         heads = head_budgets[i] if head_budgets is not None and layer_budget is not None else None
         layers.append(CompressedLayer(i, layer_budget, method, options, head_budgets=heads))
     if any(layer.budget is not None for layer in layers):

@@ -77,10 +77,19 @@ def _future(q: int, n: int, device: torch.device) -> torch.Tensor:
     return j > i
 
 
-def _uncached_attention(query, key, value, token_mask, scaling, dropout):
+def _beyond_window(q: int, n: int, window: int, device: torch.device) -> torch.Tensor:
+    """[q, n] bool, True where key j lies `window` or more slots before query i (the last q slots are new): a
+    sliding-window layer of consecutive slots."""
+    i = torch.arange(q, device=device)[:, None] + (n - q)
+    j = torch.arange(n, device=device)[None, :]
+    return i - j >= window
+
+
+def _uncached_attention(query, key, value, token_mask, scaling, dropout, window=None):
     """A forward without a kvexp cache: no cache (use_cache=False), or another cache such as the DynamicCache a
     plain `model.generate(ids)` makes after `make_cache` switched the model to kvexp attention. Plain causal
-    attention over the `n` keys it is handed (the last `q` are this step's), with the forward's padding mask."""
+    attention over the `n` keys it is handed (the last `q` are this step's), with the forward's padding mask and
+    the layer's sliding `window` (keys in consecutive slots, as the model's own cache holds them)."""
     q, n = query.shape[2], key.shape[2]
     full = FORWARD_MASK.get()  # [B, n]: the cached tokens' padding too (token_mask holds the new ones only)
     if full is not None and full.shape[-1] != n:
@@ -88,11 +97,14 @@ def _uncached_attention(query, key, value, token_mask, scaling, dropout):
             f"kvexp attention without a kvexp cache: the attention mask covers {full.shape[-1]} keys, the cache "
             f"holds {n}; pass a kvexp cache (kvexp.make_cache) or use the model's own attention"
         )
-    if token_mask is None and n == q:
+    windowed = window is not None and n > window
+    if token_mask is None and n == q and not windowed:
         return F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=True
         )
     allowed = ~_future(q, n, query.device)[None, None]  # [1, 1, q, n]
+    if windowed:
+        allowed = allowed & ~_beyond_window(q, n, window, query.device)
     if full is not None:
         allowed = allowed & full.bool()[:, None, None, :]  # [B, 1, q, n]
         steps = torch.arange(q, device=query.device)
@@ -115,10 +127,14 @@ def kvexp_attention(
     dropout = dropout if module.training else 0.0
     q, dim = query.shape[2], query.shape[3]
     layer = _take_layer(module)
+    window = kwargs.get(
+        "sliding_window"
+    )  # the model's own window for this layer (Gemma-3 local layers, Mistral)
     if layer is None:
-        out = _uncached_attention(query, key, value, attention_mask, scaling, dropout)
+        out = _uncached_attention(query, key, value, attention_mask, scaling, dropout, window)
         return out.transpose(1, 2).contiguous(), None
 
+    layer.window = window
     layer.record_new_tokens(kwargs.get("position_ids"), attention_mask)
     if layer.cache.recorder is not None:
         layer.cache.recorder(layer, q)
@@ -154,7 +170,15 @@ def _attend(
         # [B*Hkv, G, n] x [B*Hkv, n, Dv]: the slots' view flattens without a copy (batch stride = Hkv x head stride)
         out = torch.bmm(probs.view(batch * kv_heads, groups, n).to(value.dtype), value.flatten(0, 1))
         return out.view(batch, heads, 1, -1).transpose(1, 2)
-    if not layer.has_bias and n == q:
+    # A sliding-window layer keeps its `window - 1` newest entries between steps (`CompressedLayer._slide`); keys out
+    # of a query's reach (a chunk longer than the window, or positions with gaps where PyramidInfer pruned the
+    # hidden states) are hidden by their positions.
+    far = None
+    if layer.window is not None:
+        positions = layer.positions  # [B, Hkv, n]; padding -1 (its bias hides it)
+        far = positions[:, :, None, :] <= positions[:, :, -q:, None] - layer.window  # [B, Hkv, q, n]
+        far = far.repeat(1, 1, groups, 1)  # rows g*q + i
+    if not layer.has_bias and n == q and far is None:
         # First prefill, nothing cached, no padding: the stock causal kernel.
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=True
@@ -164,11 +188,15 @@ def _attend(
     if not layer.has_bias:
         # Every cached key visible: no mask for one token, a causal tail for a chunk.
         mask = None if q == 1 else ~_future(q, n, query.device).repeat(groups, 1)
+        if far is not None:
+            mask = ~far if mask is None else mask & ~far
     else:
         minimum = torch.finfo(query.dtype).min
         mask = layer.attention_bias().to(query.dtype).clamp_min(minimum)[:, :, None, :]  # [B, Hkv, 1, n]
         if q > 1:
             mask = torch.where(_future(q, n, query.device).repeat(groups, 1), minimum, mask)
+        if far is not None:
+            mask = torch.where(far, minimum, mask)
     out = F.scaled_dot_product_attention(
         grouped, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout
     )

@@ -296,6 +296,9 @@ class CompressedLayer(DynamicLayer):
         # reads it (`reads_step_attention`); None otherwise and between steps.
         self.step_attention: torch.Tensor | None = None
         self.deferred = False  # a cross-layer allocation holds this layer's compression until it decides
+        # The model's sliding window for this layer (a query sees the keys less than `window` positions back), as
+        # its attention passes it (`sliding_window`: Gemma-3's local layers, Mistral); None for full attention.
+        self.window: int | None = None
         self._scratch: dict[int, dict[str, Any]] = {}
 
     def scratch(self, owner: object) -> dict[str, Any]:
@@ -559,7 +562,10 @@ class CompressedLayer(DynamicLayer):
         return self.options.when == "always" or self.new_tokens > 1
 
     def compress(self) -> None:
-        """Evict down to the method's target: score, select (per head), compact in place, re-rotate if asked."""
+        """Evict down to the method's target: score, select (per head), compact in place, re-rotate if asked. A
+        sliding-window layer first drops what no later query can see (`_slide`)."""
+        if self.window is not None:
+            self._slide()
         if not self.over_budget():
             return
         start = time.perf_counter()
@@ -603,7 +609,9 @@ class CompressedLayer(DynamicLayer):
             # Each head keeps its own count of live entries; the layer is as long as the longest head. The slots
             # a shorter head keeps beyond its count stay physically but are killed (bias -inf).
             target = int(counts.max())
-            keep = ranking_keys(scores, self.positions).topk(target, dim=-1).indices  # best first: each head's first count_h stay live
+            keep = (
+                ranking_keys(scores, self.positions).topk(target, dim=-1).indices
+            )  # best first: each head's first count_h stay live
             kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, keep, True)
             dead = torch.arange(target, device=self.device)[None, None, :] >= counts[:, :, None]
             kill = torch.zeros_like(kept).scatter_(2, keep, dead)
@@ -618,6 +626,17 @@ class CompressedLayer(DynamicLayer):
             self._compact(kept, target)
         if self.options.positions == "rerotate":
             self._rerotate()
+
+    def _slide(self) -> None:
+        """A sliding-window layer keeps each row's `window - 1` newest entries: the next query sees those and
+        itself, no older one (the model's own rule, which the attention masks within a step too). Not the method's
+        work: it happens with or without a budget, as in the model's own cache."""
+        keep = self.window - 1
+        if self.length <= keep:
+            return
+        order = self.positions.masked_fill(~self.live(), -1) if self.has_bias else self.positions
+        evict = order.topk(self.length - keep, dim=-1, largest=False).indices  # padding and dead slots first
+        self._compact(torch.ones_like(order, dtype=torch.bool).scatter_(2, evict, False), keep)
 
     def _head_counts(self, scores: torch.Tensor | None, target: int) -> torch.Tensor | None:
         """Live entries each KV head keeps at this compression [B, Hkv]: the method's dynamic per-head counts
@@ -777,7 +796,7 @@ class CompressedLayer(DynamicLayer):
                 self.storage.index_batch(fn)
         if self.query_window is not None:
             self.query_window = tuple(fn(t) for t in self.query_window)
-        for owner in {id(self.method): self.method, id(self.evictor): self.evictor}.values():
+        for owner in _owners(self.method, self.evictor):
             scratch = self._scratch.get(id(owner), {})
             for name in owner.row_scratch:  # per-row scratch tensors [B, ...] follow the rows too
                 if isinstance(scratch.get(name), torch.Tensor):
@@ -822,6 +841,19 @@ class CompressedLayer(DynamicLayer):
 
     def get_max_length(self) -> int:
         return -1
+
+
+def _owners(*methods: Any) -> list[Any]:
+    """The methods whose layer scratch a layer holds: the given ones and, recursively, the methods they run inside
+    them (`Method.parts`: a wrapper's scorer, a chain's stages), each once."""
+    found: dict[int, Any] = {}
+    pending = list(methods)
+    while pending:
+        owner = pending.pop(0)
+        if id(owner) not in found:
+            found[id(owner)] = owner
+            pending.extend(getattr(owner, "parts", tuple)())
+    return list(found.values())
 
 
 def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -911,6 +943,8 @@ class KVCache(Cache):
 
     def stats(self, row: int | None = None, seen: int | None = None) -> dict[str, Any]:
         """Kept tokens per layer (and per head), bytes kept vs the full cache, the compression ratio, method time.
+        The full cache is the model's own: a sliding-window layer holds its `window - 1` newest tokens there too, so
+        `tokens_full` (mean over layers) may be below `tokens_seen`, and the ratio is 1 - kept / full.
 
         For one `row` of a batch that has fed `seen` real tokens (its padding left out): its own live entries, the
         full cache's bytes for its tokens, and its share (1 / batch) of the bytes held and allocated; the method's
@@ -925,18 +959,24 @@ class KVCache(Cache):
             (n.mean(0) if row is None else n[row]).tolist() for n in live
         ]  # batch mean or the row's
         kept_layer = [sum(h) / len(h) for h in live_per_head]
-        bytes_full = sum(seen * layer.dense_slot_bytes // share for layer in layers)
+        # What the model's own cache would hold: every token, or a sliding-window layer's `window - 1` newest.
+        full_layer = [seen if layer.window is None else min(seen, layer.window - 1) for layer in layers]
+        bytes_full = sum(
+            full * layer.dense_slot_bytes // share for full, layer in zip(full_layer, layers, strict=True)
+        )
         bytes_allocated = (
             sum(layer.capacity * layer.slot_bytes + layer.other_bytes() for layer in layers) / share
         )
         tokens_kept = sum(kept_layer) / len(kept_layer)
+        tokens_full = sum(full_layer) / len(full_layer)
         return {
             "tokens_seen": seen,
+            "tokens_full": tokens_full,
             "tokens_kept": tokens_kept,
             "tokens_kept_per_layer": kept_layer,
             "tokens_kept_per_head": live_per_head,
             "physical_length_per_layer": [layer.length for layer in layers],
-            "compression_ratio": 1.0 - tokens_kept / seen if seen else 0.0,
+            "compression_ratio": 1.0 - tokens_kept / tokens_full if tokens_full else 0.0,
             "bytes_full": bytes_full,
             "bytes_kept": self.kept_bytes() / share,
             "bytes_allocated": bytes_allocated,

@@ -161,11 +161,13 @@ def engine_options(cfg: DictConfig) -> dict[str, Any]:
 def kv_totals(results: Sequence) -> dict[str, Any]:
     """The cache figures summed over per-sample results (each with a `kv` stats dict and `kv_peak_bytes`)."""
     seen = sum(r.kv["tokens_seen"] for r in results)
+    full = sum(r.kv.get("tokens_full", r.kv["tokens_seen"]) for r in results)
     kept = sum(r.kv["tokens_kept"] for r in results)
     return {
         "tokens_seen": seen,
+        "tokens_full": full,
         "tokens_kept": kept,
-        "compression_ratio": 1.0 - kept / seen if seen else 0.0,
+        "compression_ratio": 1.0 - kept / full if full else 0.0,
         "bytes_full": sum(r.kv.get("bytes_full", 0) for r in results),
         "bytes_kept": sum(r.kv.get("bytes_kept", 0) for r in results),
         "bytes_peak": max(r.kv_peak_bytes for r in results),
