@@ -1,5 +1,5 @@
 """Approximate statistical leverage of the cached keys (Compactor's geometric score), and the shared leverage math:
-pre-RoPE keys, the seeded Gaussian sketch (also CurDKV's projection, kvexp/methods/cur.py) and exact leverage
+the seeded Gaussian sketch (also CurDKV's projection, kvexp/methods/cur.py) and exact leverage
 scores of a sketched matrix (also Compactor's blend, kvexp/methods/compactor.py)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kvexp.engine.cache import rotate_keys
 from kvexp.methods.base import Method, register
+from kvexp.methods.scoring import prerope_keys
 
 if TYPE_CHECKING:
     from kvexp.engine.cache import CompressedLayer
@@ -20,18 +20,6 @@ if TYPE_CHECKING:
 # Eigenvalues of a Gram matrix below this fraction of its largest are treated as 0 (the pseudo-inverse): its
 # eigenvalues are the squared singular values, so directions below ~1e-5 of the largest singular value drop out.
 RANK_RTOL = 1e-10
-
-
-def unrotated_keys(layer: CompressedLayer) -> torch.Tensor:
-    """The cached keys turned back to pre-RoPE, fp32 [B, Hkv, L, D]: each slot rotated back by the angle it carries
-    (its position, or its re-rotated position under `engine.positions=rerotate`); without RoPE the keys."""
-    keys, rotary = layer.keys.float(), layer.options.rotary
-    if rotary is None:
-        return keys
-    angle = layer.state("rope_pos") if layer.options.positions == "rerotate" else layer.positions
-    dims = rotary.rotary_dims
-    unrotated = rotate_keys(keys[..., :dims], -angle.float(), rotary.inv_freq)
-    return torch.cat([unrotated, keys[..., dims:]], dim=-1)
 
 
 def gaussian_sketch(layer: CompressedLayer, owner: Method, seed: int, dim: int, width: int) -> torch.Tensor:
@@ -67,7 +55,7 @@ def approximate_leverage(layer: CompressedLayer, owner: Method, sketch_dim: int,
     their live mean, right-multiplied by the Gaussian sketch [D, sketch_dim], and the exact leverage of that
     n x sketch_dim matrix. With sketch_dim >= D the sketch keeps the column space: the keys' own leverage."""
     live = layer.live()
-    keys = unrotated_keys(layer).double().masked_fill(~live[..., None], 0.0)
+    keys = prerope_keys(layer).double().masked_fill(~live[..., None], 0.0)
     mean = keys.sum(dim=2, keepdim=True) / live.sum(dim=2).clamp_min(1)[..., None, None]
     sketch = gaussian_sketch(layer, owner, seed, keys.shape[-1], sketch_dim).double()
     return leverage_scores(torch.einsum("bhnd,hdk->bhnk", keys - mean, sketch), live)

@@ -168,6 +168,19 @@ def prerope_queries(query: torch.Tensor, positions: torch.Tensor, rotary: Rotary
     return torch.cat([rotate_keys(query[..., :dims], back, rotary.inv_freq), query[..., dims:]], dim=-1)
 
 
+def prerope_keys(layer: CompressedLayer) -> torch.Tensor:
+    """The cached keys turned back to pre-RoPE, fp32 [B, Hkv, L, D]: each slot rotated back by the angle it carries
+    (its position, or its re-rotated position under `engine.positions=rerotate`); without RoPE the keys."""
+    keys, rotary = layer.keys.float(), layer.options.rotary
+    if rotary is None:
+        return keys
+    angle = layer.state("rope_pos") if layer.options.positions == "rerotate" else layer.positions
+    dims = rotary.rotary_dims
+    return torch.cat(
+        [rotate_keys(keys[..., :dims], -angle.float(), rotary.inv_freq), keys[..., dims:]], dim=-1
+    )
+
+
 def protect_sinks(scores: torch.Tensor, positions: torch.Tensor, sinks: int) -> torch.Tensor:
     """Force-keep the first `sinks` tokens of the sequence (positions 0 .. sinks-1; padding is -1)."""
     return scores.masked_fill((positions >= 0) & (positions < sinks), float("inf"))

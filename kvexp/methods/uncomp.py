@@ -2,8 +2,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvexp.engine.cache import rotate_keys
 from kvexp.methods.base import register
+from kvexp.methods.scoring import prerope_keys
 from kvexp.methods.snapkv import SnapKV
 
 
@@ -50,16 +50,6 @@ def group_budgets(entropy: torch.Tensor, weights: list[float], budget: int, wind
     counts = share.floor()
     extra = (counts - share).argsort(stable=True).argsort() < selected - int(counts.sum())
     return counts.long() + extra.long() + window
-
-
-def prerope_keys(layer) -> torch.Tensor:
-    """The layer's cached keys turned back to pre-RoPE, fp32 [B, Hkv, L, D] (each slot by its position)."""
-    keys, rotary = layer.keys.float(), layer.options.rotary
-    if rotary is None:
-        return keys
-    dims = rotary.rotary_dims
-    unrotated = rotate_keys(keys[..., :dims], -layer.positions.float(), rotary.inv_freq)
-    return torch.cat([unrotated, keys[..., dims:]], dim=-1)
 
 
 @register
