@@ -7,14 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvexp.data import HAYSTACK_BOOK, required_data_file
 from kvexp.methods.base import Method, register
 from kvexp.methods.scoring import protect_recent
-from kvexp.methods.zack import basis_from_gram, calibration_text, tokenizer_for
+from kvexp.methods.zack import basis_from_gram, calibration_text, record_attention_inputs, tokenizer_for
 from kvexp.models import model_fingerprint
 
 if TYPE_CHECKING:
@@ -24,34 +21,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_ATTENTION = "kvexp_qfilter_calibration"
 
-
-@torch.no_grad()
 def query_moments(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over `input_ids` [1, T] with an attention function that records, per layer and query head, the
-    Gram matrix Q^T Q [D, D] and the sum of the rows [D] of the post-RoPE queries Q [T, D] the attention is given,
-    then attends as transformers' SDPA attention with its masks (causal, and a model's sliding windows):
-    ([NL, H, D, D], [NL, H, D]), fp64."""
+    """One forward over `input_ids` [1, T] (`record_attention_inputs`: the model's own masks, sliding windows
+    included) recording, per layer and query head, the Gram matrix Q^T Q [D, D] and the sum of the rows [D] of the
+    post-RoPE queries Q [T, D]: ([NL, H, D, D], [NL, H, D]), fp64."""
     moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    attend = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
-    def capture(module, query, key, value, attention_mask, **kwargs):
+    def record(module, query, key, value):
         rows = query.float()  # [B, H, T, D]
         moments[module.layer_idx] = (
             (rows.transpose(-1, -2) @ rows).double().sum(0),
             rows.double().sum(dim=(0, 2)),
         )
-        return attend(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register(CALIBRATION_ATTENTION, capture)
-    AttentionMaskInterface.register(CALIBRATION_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(CALIBRATION_ATTENTION)
-    try:
-        model(input_ids.to(model.device), use_cache=False)
-    finally:
-        model.set_attn_implementation(previous)
+    record_attention_inputs(model, input_ids, record)
     layers = sorted(moments)
     return (
         torch.stack([moments[i][0] for i in layers]).cpu(),

@@ -1,12 +1,13 @@
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, AutoTokenizer
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvexp.data import hub_token, read_corpus, required_data_file
 from kvexp.engine.cache import Storage
@@ -16,7 +17,7 @@ from kvexp.models import model_fingerprint, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_ATTENTION = "kvexp_zack_calibration"
+CALIBRATION_ATTENTION = "kvexp_calibration"
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,35 @@ def energy_rank(singular: torch.Tensor, energy: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def record_attention_inputs(model, input_ids: torch.Tensor, record: Callable[..., None]) -> None:
+    """One forward over `input_ids` [1, T] (no cache) that hands each layer's attention inputs to `record(module,
+    query [B, H, T, D] post-RoPE, key, value)` and then attends as transformers' SDPA attention with its own masks
+    (causal, and a model's sliding windows): the calibration pass of ZACK and Q-Filters."""
+    attend = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        record(module, query, key, value)
+        return attend(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(CALIBRATION_ATTENTION, capture)
+    AttentionMaskInterface.register(CALIBRATION_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(CALIBRATION_ATTENTION)
+    try:
+        model(input_ids.to(model.device), use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def calibrate(model, input_ids: torch.Tensor) -> Calibration:
-    """One forward over `input_ids` [1, T] with an attention function that computes, per layer and KV head, the
-    Gram matrices of the post-RoPE rows [the G group queries; the keys] and of the values (then attends normally),
-    and their SVD bases (`basis_from_gram`). The queries of a group and its KV head's keys share one basis, so the
-    cached r-dim keys serve every query head (docs/methods.md#zack)."""
+    """One forward over `input_ids` [1, T] recording, per layer and KV head, the Gram matrices of the post-RoPE rows
+    [the G group queries; the keys] and of the values, and their SVD bases (`basis_from_gram`). The queries of a
+    group and its KV head's keys share one basis, so the cached r-dim keys serve every query head
+    (docs/methods.md#zack)."""
     grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def record(module, query, key, value):
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
         queries = query.float().reshape(batch, kv_heads, heads // kv_heads * length, dim)  # rows g*T + t
@@ -65,21 +87,8 @@ def calibrate(model, input_ids: torch.Tensor) -> Calibration:
             (rows.transpose(-1, -2) @ rows).double().sum(0),
             (values.transpose(-1, -2) @ values).double().sum(0),
         )
-        out = F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scaling, enable_gqa=True
-        )
-        return out.transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register(CALIBRATION_ATTENTION, capture)
-    AttentionMaskInterface.register(
-        CALIBRATION_ATTENTION, lambda *args, **kwargs: None
-    )  # causal inside `capture`
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(CALIBRATION_ATTENTION)
-    try:
-        model(input_ids.to(model.device), use_cache=False)
-    finally:
-        model.set_attn_implementation(previous)
+    record_attention_inputs(model, input_ids, record)
     key_basis, key_singular = basis_from_gram(torch.stack([grams[i][0] for i in sorted(grams)]).cpu())
     value_basis, value_singular = basis_from_gram(torch.stack([grams[i][1] for i in sorted(grams)]).cpu())
     return Calibration(key_basis.float(), key_singular.float(), value_basis.float(), value_singular.float())
