@@ -270,7 +270,9 @@ def test_budget_at_least_sequence_reproduces_plain_model(tiny):
             model, ids, 4, method=method, budget=30, **SMALL_PARAMS.get(method, {})
         )
         assert torch.allclose(logits, plain, atol=1e-5), method
-        stats = cache.stats()  # all of it kept: 30 tokens, or the model's own window in Gemma-3's local layers
+        stats = (
+            cache.stats()
+        )  # all of it kept: 30 tokens, or the model's own window in Gemma-3's local layers
         assert stats["tokens_kept"] == stats["tokens_full"] and stats["compression_ratio"] == 0.0
         assert stats["tokens_full"] == (30 if not any(sliding_layers(model)) else (7 + 30 + 7) / 3)
 

@@ -147,7 +147,9 @@ def test_the_studies_axes_presets_sweep_their_axes(preset, jobs, axes):
 def test_the_ruler_leaderboard_is_kvpress_protocol():
     """RULER 4k, 500 samples per task, query-agnostic, prefill-only compression; the quick one on SmolLM2 at 1k/2k."""
     cfg = _compose("experiment=ruler_leaderboard", *sweep_jobs("ruler_leaderboard")[0])
-    assert cfg.dataset.name == "ruler" and list(cfg.dataset.lengths) == [4096] and len(cfg.dataset.tasks) == 13
+    assert (
+        cfg.dataset.name == "ruler" and list(cfg.dataset.lengths) == [4096] and len(cfg.dataset.tasks) == 13
+    )
     assert cfg.dataset.samples_per_task == 500 and cfg.eval.protocol == "query_agnostic"
     assert cfg.engine.when == "prefill" and cfg.hardware.device == "cuda"
     quick = _compose("experiment=ruler_leaderboard_quick", *sweep_jobs("ruler_leaderboard_quick")[0])

@@ -1,10 +1,10 @@
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from kvexp.engine import Reallocation, Selection
-from kvexp.methods.base import METHODS, Method, build_method, register
+from kvexp.engine import Selection
+from kvexp.methods.base import register
+from kvexp.methods.scorer_wrapper import ScorerWrapper
 
 
 def adaptive_counts(scores: torch.Tensor, target: int, floor_alpha: float) -> torch.Tensor:
@@ -51,7 +51,7 @@ def _global_count(values: torch.Tensor, k: torch.Tensor, largest: bool = True) -
 
 @register
 @dataclass
-class AdaKV(Method):
+class AdaKV(ScorerWrapper):
     """Ada-KV (Feng et al., arXiv 2407.11550, 2024): head-wise adaptive budgets around any scorer.
 
     A layer's budget `Hkv * budget` is split over its KV heads by a global top-k over all heads' scores with a
@@ -66,63 +66,17 @@ class AdaKV(Method):
 
     name = "adakv"
     description = "head-wise budgets: global top-k over a layer's heads with a floor (Feng et al. 2024)"
-    scorer: str = "snapkv"
-    scorer_params: dict[str, Any] = field(default_factory=dict)
     floor_alpha: float = 0.2
-    _scorer: Method = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        allowed = sorted(n for n, cls in METHODS.items() if cls.compresses and n != self.name)
-        if self.scorer not in allowed:
-            raise ValueError(f"method.scorer must be one of: {', '.join(allowed)}; got {self.scorer!r}")
-        try:
-            self._scorer = build_method(self.scorer, **self.scorer_params)
-        except ValueError as err:
-            raise ValueError(f"method.scorer_params: {err}") from err
-
-    @property
-    def observes(self) -> bool:
-        return self._scorer.observes
-
-    @property
-    def state_names(self) -> tuple[str, ...]:
-        return self._scorer.state_names
-
-    @property
-    def allocates(self) -> bool:
-        return self._scorer.allocates
-
-    @property
-    def batches(self) -> bool:
-        return self._scorer.batches
 
     def validate(self, budget: int | None) -> None:
         if not 0.0 <= self.floor_alpha <= 1.0:
             raise ValueError(f"method.floor_alpha must be in [0, 1], got {self.floor_alpha}")
-        self._scorer.validate(budget)
-
-    def prepare(self, model) -> None:
-        self._scorer.prepare(model)
-
-    def layer_budgets(self, budgets: list[int | None]) -> list[int | None]:
-        return self._scorer.layer_budgets(budgets)
-
-    def target_size(self, layer) -> int:
-        return self._scorer.target_size(layer)
+        super().validate(budget)
 
     def head_counts(self, layer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
         if layer.head_budgets is not None:
             return None
         return adaptive_counts(scores, target, self.floor_alpha)
-
-    def initial_state(self, name: str) -> float:
-        return self._scorer.initial_state(name)
-
-    def observe(self, layer, query: torch.Tensor) -> None:
-        self._scorer.observe(layer, query)
-
-    def allocate(self, layer) -> Reallocation | None:
-        return self._scorer.allocate(layer)
 
     def score(self, layer) -> torch.Tensor | Selection:
         return self._scorer.score(layer)

@@ -50,6 +50,11 @@ class Method:
     # draws per physical slot; `eval.batch_size` > 1 is refused for it.
     batches: ClassVar[bool] = True
 
+    def parts(self) -> tuple[Method, ...]:
+        """The methods this one runs inside it (a wrapper's scorer, a chain's stages): their per-row layer scratch
+        (`row_scratch`) follows the batch rows too (beam reorders). None by default."""
+        return ()
+
     def validate(self, budget: int | None) -> None:
         """Raise ValueError for hyperparameters that cannot work with this budget (before any model runs)."""
 

@@ -38,6 +38,9 @@ class PrefillDecoding(Method):
                 "method.prefill and method.decoding must both compress (use method=full instead)"
             )
 
+    def parts(self) -> tuple[Method, ...]:
+        return tuple(self._methods.values())
+
     def _active(self, layer) -> Method:
         return self._methods["prefill" if layer.new_tokens > 1 else "decoding"]
 

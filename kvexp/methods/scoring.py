@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kvexp.engine.cache import rotate_keys
+from kvexp.engine.cache import ranking_keys, rotate_keys
 
 if TYPE_CHECKING:
     from kvexp.engine.cache import CompressedLayer, Rotary
@@ -214,3 +214,24 @@ def write_slots(
         old = buffer.gather(2, wide)
         buffer.scatter_(2, wide, torch.where(unchanged[..., None], old, new[:, :, None].to(buffer.dtype)))
     layer.has_bias = True
+
+
+def rank_within_groups(
+    scores: torch.Tensor, positions: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Each slot's rank inside its group, best first: [B, Hkv, n] long, 0 for the highest score of a group (the newer
+    entry first among equal scores, the engine's order), counted over the `valid` slots; scores, positions, groups
+    (long) and valid (bool) are [B, Hkv, n], groups and ranks per row (b, h). Invalid slots rank after the valid ones
+    of their group (their rank means nothing). A per-group top-k through the engine's one top-k: ChunkPress's
+    chunks (`chunk`), a chain's stages (`compose`, one group); LagKV ranks inside its equal chunks alike."""
+    n = scores.shape[-1]
+    worth = ranking_keys(scores, positions).masked_fill(~valid, torch.iinfo(torch.long).min)
+    order = worth.argsort(dim=-1, descending=True, stable=True)  # best first
+    by_group = groups.gather(-1, order).argsort(dim=-1, stable=True)
+    order = order.gather(-1, by_group)  # by group, best first inside each
+    grouped = groups.gather(-1, order)
+    index = torch.arange(n, device=scores.device).expand_as(order)
+    starts = torch.ones_like(grouped, dtype=torch.bool)
+    starts[..., 1:] = grouped[..., 1:] != grouped[..., :-1]
+    first = torch.where(starts, index, 0).cummax(dim=-1).values  # where each slot's group starts in `order`
+    return torch.empty_like(order).scatter_(-1, order, index - first)
