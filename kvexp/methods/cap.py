@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvexp.methods.base import Method, register
-from kvexp.methods.expected_attention import mean_rotation
+from kvexp.methods.expected_attention import check_future_and_sinks, mean_rotation
 from kvexp.methods.scoring import prerope_queries, protect_sinks, remember_queries, step_queries
 
 if TYPE_CHECKING:
@@ -71,16 +71,7 @@ class CAP(Method):
     def validate(self, budget: int | None) -> None:
         if self.tau < 0:
             raise ValueError(f"method.tau must be >= 0, got {self.tau}")
-        if self.n_future_positions < 1:
-            raise ValueError(f"method.n_future_positions must be >= 1, got {self.n_future_positions}")
-        if self.n_sink < 0:
-            raise ValueError(f"method.n_sink must be >= 0, got {self.n_sink}")
-        if budget is not None and self.n_sink >= budget:
-            raise ValueError(
-                f"method.n_sink ({self.n_sink}) must be smaller than the budget ({budget}) so that keys are scored"
-            )
-        if self.epsilon < 0:
-            raise ValueError(f"method.epsilon must be >= 0, got {self.epsilon}")
+        check_future_and_sinks(self.n_future_positions, self.n_sink, self.epsilon, budget)
         if self.window_size is not None and self.window_size < 1:
             raise ValueError(
                 f"method.window_size must be >= 1 or null (every query seen), got {self.window_size}"

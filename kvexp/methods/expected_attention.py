@@ -45,6 +45,20 @@ def mean_rotation(rotary: Rotary, start: int, steps: int, dim: int) -> torch.Ten
     return rotation.float()
 
 
+def check_future_and_sinks(n_future_positions: int, n_sink: int, epsilon: float, budget: int | None) -> None:
+    """The options Expected Attention and CAP share: averaged future positions, protected sinks, the score floor."""
+    if n_future_positions < 1:
+        raise ValueError(f"method.n_future_positions must be >= 1, got {n_future_positions}")
+    if n_sink < 0:
+        raise ValueError(f"method.n_sink must be >= 0, got {n_sink}")
+    if budget is not None and n_sink >= budget:
+        raise ValueError(
+            f"method.n_sink ({n_sink}) must be smaller than the budget ({budget}) so that keys are scored"
+        )
+    if epsilon < 0:
+        raise ValueError(f"method.epsilon must be >= 0, got {epsilon}")
+
+
 @register
 @dataclass
 class ExpectedAttention(Method):
@@ -81,16 +95,7 @@ class ExpectedAttention(Method):
     epsilon: float = 0.0
 
     def validate(self, budget: int | None) -> None:
-        if self.n_future_positions < 1:
-            raise ValueError(f"method.n_future_positions must be >= 1, got {self.n_future_positions}")
-        if self.n_sink < 0:
-            raise ValueError(f"method.n_sink must be >= 0, got {self.n_sink}")
-        if budget is not None and self.n_sink >= budget:
-            raise ValueError(
-                f"method.n_sink ({self.n_sink}) must be smaller than the budget ({budget}) so that keys are scored"
-            )
-        if self.epsilon < 0:
-            raise ValueError(f"method.epsilon must be >= 0, got {self.epsilon}")
+        check_future_and_sinks(self.n_future_positions, self.n_sink, self.epsilon, budget)
 
     def observe(self, layer, query: torch.Tensor) -> None:
         query, positions = step_queries(layer, query)
