@@ -417,6 +417,21 @@ def test_dms_judges_an_entry_once_when_it_leaves_the_window():
     assert checked == {0, 1}
 
 
+def test_dms_evicts_an_entry_the_step_it_leaves_the_window_below_the_budget():
+    """DMS's delayed eviction: far under its budget, a layer still compresses every step, so an entry that fails
+    the threshold leaves the step it leaves the window (the engine's `compresses_under_budget`)."""
+    model = load("tiny_llama")[0]
+    window, ids = 3, _ids(model, 16, seed=4)
+    # knorm scores -||k|| <= 0 < 1: every judged entry fails; only the newest `window` tokens ever stay.
+    cache = make_cache(model, "dms", budget=64, scorer="knorm", threshold=1.0, window_size=window)
+    _run(model, ids[:, :10], cache)
+    for t in range(10, 16):
+        for layer in cache.layers:
+            assert [_kept(layer, h) for h in range(layer.kv_heads)] == [set(range(t - window, t))] * 2
+        _run(model, ids[:, t : t + 1], cache)
+    assert all(layer.compressions == 7 for layer in cache.layers)  # the prefill and every decode step
+
+
 def test_dms_without_a_threshold_is_the_scorers_top_k():
     model = load("tiny_llama")[0]
     ids = _ids(model, 40, seed=3)

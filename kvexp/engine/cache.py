@@ -557,7 +557,11 @@ class CompressedLayer(DynamicLayer):
 
     # -- compression --------------------------------------------------------------------------------------------
     def over_budget(self) -> bool:
-        if self.budget is None or self.deferred or self.length <= self.budget + self.options.slack:
+        """Whether this step compresses: the layer exceeds its budget (plus slack), or its method compresses after
+        every step (`compresses_under_budget`); under `when=prefill` only multi-token steps."""
+        if self.budget is None or self.deferred:
+            return False
+        if self.length <= self.budget + self.options.slack and not self.evictor.compresses_under_budget:
             return False
         return self.options.when == "always" or self.new_tokens > 1
 

@@ -49,6 +49,9 @@ class Method:
     # position, not by physical slot). False: the method couples the rows (one allocation for the batch) or
     # draws per physical slot; `eval.batch_size` > 1 is refused for it.
     batches: ClassVar[bool] = True
+    # True: a layer compresses after every step (every multi-token step under engine.when=prefill), not only once it
+    # exceeds its budget; the budget stays the cap. DMS's threshold evicts an entry the step it leaves its window.
+    compresses_under_budget: ClassVar[bool] = False
 
     def parts(self) -> tuple[Method, ...]:
         """The methods this one runs inside it (a wrapper's scorer, a chain's stages): their per-row layer scratch

@@ -28,27 +28,26 @@ class DMS(ScorerWrapper):
     `threshold` by the `scorer` it is evicted, otherwise it has passed and is not judged again. So a layer
     keeps a number of entries that depends on the content, per KV head (the engine's per-head counts: a layer
     is as long as its longest head, the others hold dead slots; the kept counts reported are the live ones).
-    The budget is a cap and the trigger: a layer compresses when it exceeds its budget (the engine's rule;
-    there is no compression without a budget), and after it holds at most the budget (per-head budgets too):
-    the window and the passed entries, the highest scores first if more than the budget passed. `threshold:
-    -.inf` is a plain top-k at the budget with the window kept. `method_stats` count the entries judged,
-    evicted by the threshold and by the cap, and the mean a head keeps right after a compression (the
-    end-of-run kept counts are a point of the sawtooth between that and the budget).
+    Every step compresses (`compresses_under_budget`: an entry is evicted the step it leaves the window with a
+    failing score, as in DMS), and the budget is the cap: after a compression a layer holds at most the budget
+    (per-head budgets too): the window and the passed entries, the highest scores first if more than the budget
+    passed. `threshold: -.inf` is a plain top-k at the budget with the window kept. `method_stats` count the
+    entries judged, evicted by the threshold and by the cap, and the mean a head keeps right after a compression.
 
     No paper default: DMS learns its eviction decisions (a trained gate per head) and kvexp has none of its
     checkpoints; any scorer stands in (as in kvpress), SnapKV's window attention by default, whose scores are
     attention mass summed over its 32 window queries (averaged over the GQA group, max-pooled): the default
     `threshold` 0.05 is kvexp's choice for it. window_size 128 is kvpress's default (NVIDIA's released DMS
-    checkpoints delay by 512 tokens); it must be smaller than the budget. Deviations: DMS evicts a token as
-    soon as it leaves the window, kvexp at the layer's next compression (it stays visible until the layer
-    exceeds its budget again); kvpress scores a token once when it is written, kvexp scores it when it is
-    judged, with the scorer's view then.
+    checkpoints delay by 512 tokens); it must be smaller than the budget. Deviations: kvpress scores a token once
+    when it is written, kvexp scores it when it is judged, with the scorer's view then; under
+    `engine.when=prefill` only multi-token steps compress, so decoding keeps every new token.
     """
 
     name = "dms"
     description = (
         "entries scored below a threshold evicted after a delay window, budget a cap (Łańcucki et al. 2025)"
     )
+    compresses_under_budget = True
     threshold: float = 0.05
     window_size: int = 128
 
