@@ -423,6 +423,12 @@ def validate(cfg: DictConfig) -> None:
             "budget.keep_ratio=R"
         )
     method.validate(budget.tokens)
+    if method.probes and has_budget and (cfg.dataset.task != "generation" or cfg.train.name != "none"):
+        where = f"dataset.task={cfg.dataset.task}" if cfg.train.name == "none" else f"train={cfg.train.name}"
+        raise ValueError(
+            f"method={method.name} scores the prompt with probes after it, which only the generation tasks run "
+            f"(dataset=passkey, ruler, ...); {where} cannot use it"
+        )
     if cfg.eval.batch_size > 1 and not method.batches:
         raise ValueError(
             f"eval.batch_size={cfg.eval.batch_size}: method={method.name} cannot answer a batch exactly as it answers "

@@ -22,6 +22,7 @@ from tests.test_engine import SMALL_PARAMS
 # At their defaults; d2o with its layer allocation (the test below runs it without).
 UNBATCHED = {"random", "expected_attention", "dynamickv", "cam", "adaptive_l2", "kivi", "zack", "think"}
 UNBATCHED |= {"compression_ratio_decoding"}  # its decoding target follows the longest row's length
+UNBATCHED |= {"kvzip"}  # each prompt's probes and allocation are its own
 BATCHED = sorted(n for n, cls in METHODS.items() if cls.compresses and n not in UNBATCHED | {"learned"})
 PARAMS = {
     **SMALL_PARAMS,

@@ -41,6 +41,9 @@ def test_every_group_option_composes(group, option, tmp_path):
 
         extra = [f"dataset.path={WIKITEXT2.path}"]
     extra += ["method=full"] if option == "full" else []
+    extra += (
+        ["dataset=passkey"] if group == "method" and METHODS[option].probes else []
+    )  # probes need a prompt
     extra += ["eval.max_tokens=1024"] if option == "gpt2" else []  # its 1,024 learned positions
     cfg = _compose(f"{group}={option}", *extra)
     if group in ("model", "method", "dataset", "hardware"):

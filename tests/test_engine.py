@@ -17,12 +17,19 @@ TOL = 1e-4
 # the test budgets.
 # Merging methods change kept entries, so masking cannot reproduce them: their own tests check the merge math,
 # and the invariants below (budget, budget >= length) cover them too.
-COMPRESSING = sorted(name for name, cls in REGISTRY.items() if cls.compresses and not cls.merges)
+# A probing method (KVzip) compresses only once its probes ran after the prompt: tests/test_kvzip.py holds it to
+# the oracle with them.
+COMPRESSING = sorted(
+    name for name, cls in REGISTRY.items() if cls.compresses and not cls.merges and not cls.probes
+)
 MERGING = sorted(name for name, cls in REGISTRY.items() if cls.merges)
 SMALL_PARAMS = {
     "adakv": {"floor_alpha": 1.0, "scorer_params": {"window_size": 4, "kernel_size": 3}},  # uniform heads
     "pyramidkv": {"window_size": 4, "kernel_size": 3, "beta": 1},  # flat pyramid: lengths = the budgets
     "snapkv": {"window_size": 4, "kernel_size": 3},
+    "kvcompose": {
+        "layer_allocation": False
+    },  # the budgets as given (its allocation: tests/test_kvcompose.py)
     "prefill_decoding": {"prefill": {"name": "snapkv", "window_size": 4, "kernel_size": 3}},
     "fix_size_l2": {"recent_ratio": 0.25, "skip_layers": []},
     "snapkv_lite": {"window_size": 4, "kernel_size": 3},

@@ -207,7 +207,8 @@ def make_cache(
     if stored is not None:
         stored.prepare(model)  # e.g. ZACK's calibration: the storage works with or without a budget
     use_kvexp_attention(model)
-    return KVCache(layers, recorder=recorder)
+    holding = evictor.probes and any(layer.budget is not None for layer in layers)
+    return KVCache(layers, recorder=recorder, holding=holding)
 
 
 def compress_cache(

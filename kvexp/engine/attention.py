@@ -136,7 +136,7 @@ def kvexp_attention(
 
     layer.window = window
     layer.record_new_tokens(kwargs.get("position_ids"), attention_mask)
-    if layer.cache.recorder is not None:
+    if layer.cache.recorder is not None and not layer.cache.probing:
         layer.cache.recorder(layer, q)
     scale = scaling if scaling is not None else dim**-0.5
     if layer.fused_step_applies(attention_mask):

@@ -556,21 +556,22 @@ class CompressedLayer(DynamicLayer):
         return self.length * self.slot_bytes + self.other_bytes()
 
     # -- compression --------------------------------------------------------------------------------------------
-    def over_budget(self) -> bool:
+    def over_budget(self, any_step: bool = False) -> bool:
         """Whether this step compresses: the layer exceeds its budget (plus slack), or its method compresses after
-        every step (`compresses_under_budget`); under `when=prefill` only multi-token steps."""
-        if self.budget is None or self.deferred:
+        every step (`compresses_under_budget`); under `when=prefill` only multi-token steps (`any_step`: whatever
+        the step). Never while the cache holds its entries for a method's probes (`KVCache.holding`)."""
+        if self.budget is None or self.deferred or self.cache.holding:
             return False
         if self.length <= self.budget + self.options.slack and not self.evictor.compresses_under_budget:
             return False
-        return self.options.when == "always" or self.new_tokens > 1
+        return any_step or self.options.when == "always" or self.new_tokens > 1
 
-    def compress(self) -> None:
+    def compress(self, any_step: bool = False) -> None:
         """Evict down to the method's target: score, select (per head), compact in place, re-rotate if asked. A
         sliding-window layer first drops what no later query can see (`_slide`)."""
         if self.window is not None:
             self._slide()
-        if not self.over_budget():
+        if not self.over_budget(any_step):
             return
         start = time.perf_counter()
         self._evict()
@@ -663,6 +664,9 @@ class CompressedLayer(DynamicLayer):
         """The rest of the step once its attention ran over every slot (the per-step order): the storage and the
         method see the queries [B, H, q, D], the method may reallocate budgets across layers, the layer compresses
         if it is over budget, and a storage encodes."""
+        if self.cache.probing:
+            self._end_probe_step(query, scaling)
+            return
         if self.storage is not None:
             self.storage.observe(self, query)
         method = self.evictor
@@ -682,12 +686,28 @@ class CompressedLayer(DynamicLayer):
         self.compress()
         self.end_step()
 
+    def _end_probe_step(self, query: torch.Tensor, scaling: float) -> None:
+        """A probe step (`KVCache.probing`) after its attention: the method observes the probe's queries [B, H, q, D]
+        (its own entries are the layer's last q slots), then the step's entries are dropped: the layer holds what it
+        held before the probe. Nothing compresses."""
+        if self.budget is not None and self.evictor.probes:
+            start = time.perf_counter()
+            self.scaling = scaling
+            self.evictor.observe_probe(self, query)
+            self.observe_seconds += time.perf_counter() - start
+        self.step_attention = None
+        self.length -= self.new_tokens
+        self.seen -= self.new_tokens
+        self.new_tokens = 0
+        self._refresh_views()
+
     def fused_step_applies(self, token_mask: torch.Tensor | None) -> bool:
         """Whether this step runs as the compiled decode step (`options.compile`): one new token, no padding, that
         takes the layer exactly one entry over its target, and an evictor that needs nothing beyond the layer
         (no storage, merge or cross-layer allocation). Other steps, and every step of other methods, run eagerly."""
         if (
             not self.options.compile
+            or self.cache.probing
             or self.new_tokens != 1
             or token_mask is not None
             or self.storage is not None
@@ -874,8 +894,13 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor)
 class KVCache(Cache):
     """A transformers Cache of `CompressedLayer`s; pass it as `past_key_values` to a model or to `generate()`."""
 
-    def __init__(self, layers: list[CompressedLayer], recorder: Callable[..., Any] | None = None):
+    def __init__(
+        self, layers: list[CompressedLayer], recorder: Callable[..., Any] | None = None, holding: bool = False
+    ):
         super().__init__(layers=layers)
+        # True until a probing method's probes ran (`Method.probes`, `end_probes`): no layer compresses before.
+        self.holding = holding
+        self.probing = False  # inside `probe()`: each step is a probe, dropped after its attention
         # Optional observer called by the attention function before each layer's attention with
         # (layer, query_length): for the masking-oracle test, plots and debugging.
         self.recorder = recorder
@@ -925,6 +950,40 @@ class KVCache(Cache):
         for i in plan.budgets:
             if i != layer.layer_idx:
                 self.layers[i].compress()
+
+    @contextlib.contextmanager
+    def probe(self):
+        """Run a method's probe forwards inside this (KVzip's context reconstruction, `Method.probes`): at each layer
+        a probe step's entries are written and attended as a normal step's (its own queries causally, every entry
+        held), the method observes the queries (`observe_probe`), then the entries are dropped, so the cache and its
+        token count are as before. A probe neither compresses nor reaches the cache's recorder."""
+        if any(layer.storage is not None for layer in self.layers):
+            raise ValueError("a storage method's layers encode every step; they cannot run probes")
+        self.probing = True
+        try:
+            yield
+        finally:
+            self.probing = False
+
+    def end_probes(self, budgets: dict[int, int] | None = None) -> None:
+        """The probes ran: apply the layer budgets the method allocated from them (`budgets`, layer -> kept entries
+        per KV head; their total no more than the cache's) and compress every layer to its budget, whatever the
+        step and `engine.when`."""
+        self.holding = False
+        for i, budget in (budgets or {}).items():
+            layer = self.layers[i]
+            if layer.budget is None or layer.head_budgets is not None or budget < 0:
+                raise ValueError(
+                    f"{layer.evictor.name}: layer {i} cannot take budget {budget} from its probes"
+                )
+            layer.budget = budget
+        if self.budget_total() > self.allocated:
+            raise RuntimeError(
+                f"the probes' allocation raised the budgets' total from {self.allocated} to {self.budget_total()}"
+            )
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.compress(any_step=True)
 
     def admit(self, tokens: int) -> None:
         """Raise every compressed layer's budget (and per-head budgets) by `tokens` before a step of that many

@@ -10,6 +10,7 @@ state of a run. Scores are over physical slots, whose order is not temporal; use
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -21,9 +22,26 @@ from kvexp.models import check_safetensors
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from kvexp.engine.cache import CompressedLayer, Reallocation, Selection
+    from kvexp.engine.cache import CompressedLayer, KVCache, Reallocation, Selection
 
 METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass(frozen=True)
+class Probing:
+    """What a probing method (`Method.probes`) gets from the task once the prompt is in the cache."""
+
+    ids: torch.Tensor  # [1, n] the prompt's token ids, as the cache holds them
+    opening: (
+        int  # leading tokens of `ids` that open the chat template (system prompt, user header); 0 without one
+    )
+    closing: (
+        torch.Tensor
+    )  # [1, c] what closes a user turn and opens the answer (the template's), "\n" without one
+    encode: Callable[[str], torch.Tensor]  # text -> ids [1, m], no special tokens
+    run: Callable[
+        [torch.Tensor], None
+    ]  # feed probe ids [1, q] through the cache, after the prompt's positions
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -52,6 +70,9 @@ class Method:
     # True: a layer compresses after every step (every multi-token step under engine.when=prefill), not only once it
     # exceeds its budget; the budget stays the cap. DMS's threshold evicts an entry the step it leaves its window.
     compresses_under_budget: ClassVar[bool] = False
+    # True: the method scores with probe forwards run after the prompt (`probe`; KVzip's context reconstruction):
+    # the cache holds every entry until they ran (`KVCache.holding`). Only the generation tasks run probes.
+    probes: ClassVar[bool] = False
 
     def parts(self) -> tuple[Method, ...]:
         """The methods this one runs inside it (a wrapper's scorer, a chain's stages): their per-row layer scratch
@@ -95,6 +116,15 @@ class Method:
     def observe(self, layer: CompressedLayer, query: torch.Tensor) -> None:
         """Record statistics from this step's rotated queries [B, H, q, D] after its attention, before any
         compression (methods with `observes`; `layer.scaling` holds the attention's logit scale)."""
+
+    def probe(self, cache: KVCache, prompt: Probing) -> None:
+        """Run the method's probes over the prompt the cache holds (methods with `probes`): forwards through
+        `prompt.run` inside `cache.probe()`, then `cache.end_probes(...)`, which compresses."""
+        raise NotImplementedError(f"method {self.name!r} runs no probes")
+
+    def observe_probe(self, layer: CompressedLayer, query: torch.Tensor) -> None:
+        """Record what a probe step's rotated queries [B, H, q, D] show (the probe's own entries are the layer's
+        last q slots, dropped right after; `layer.scaling` holds the logit scale)."""
 
     def allocate(self, layer: CompressedLayer) -> Reallocation | None:
         """Budgets for other layers from per-layer statistics, decided at this layer's step after `observe`
@@ -194,6 +224,36 @@ def seeded_generator(owner: Method, layer: CompressedLayer, seed: int) -> torch.
     if layer.device not in generators:
         generators[layer.device] = torch.Generator(device=layer.device).manual_seed(seed)
     return generators[layer.device]
+
+
+def check_window(
+    option: str,
+    window: int | None,
+    budget: int | None = None,
+    *,
+    minimum: int = 0,
+    up_to_budget: bool = False,
+    nullable: bool = False,
+    null_means: str = "",
+) -> None:
+    """The one check of a window option `method.<option>` (a count of tokens: an observation window, a protected
+    recent window), raising a one-line ValueError that names it and the allowed values: `window` >= `minimum`
+    (None allowed with `nullable`, `null_means` saying what it means) and, given a `budget`, smaller than the budget
+    (at most the budget with `up_to_budget`). No `budget`: no upper bound (a method whose window is not held in
+    the budget, or validated without one)."""
+    if window is None:
+        if not nullable:
+            raise ValueError(f"method.{option} must be an integer >= {minimum}, got null")
+        return
+    if window < minimum:
+        null = f" or null ({null_means})" if nullable and null_means else " or null" if nullable else ""
+        raise ValueError(f"method.{option} must be >= {minimum}{null}, got {window}")
+    if budget is None:
+        return
+    if up_to_budget and window > budget:
+        raise ValueError(f"method.{option} must be in [{minimum}, budget={budget}], got {window}")
+    if not up_to_budget and window >= budget:
+        raise ValueError(f"method.{option} ({window}) must be smaller than the budget ({budget})")
 
 
 def skip_layers(budgets: list[int | None], skip: list[int], name: str) -> list[int | None]:

@@ -122,6 +122,8 @@ class Compose(Method):
             if stage.merges
             else "allocates budgets across layers"
             if stage.allocates
+            else "scores with probes after the prompt"
+            if stage.probes
             else "sets per-head counts of its own"
             if type(stage).head_counts is not Method.head_counts
             else None

@@ -33,6 +33,8 @@ class PrefillDecoding(Method):
         self.allocates = any(m.allocates for m in self._methods.values())
         self.batches = all(m.batches for m in self._methods.values())
         self.state_names = tuple(dict.fromkeys(n for m in self._methods.values() for n in m.state_names))
+        if any(m.probes for m in self._methods.values()):
+            raise ValueError("method.prefill and method.decoding cannot be a method that runs probes (kvzip)")
         if any(not m.compresses for m in self._methods.values()):
             raise ValueError(
                 "method.prefill and method.decoding must both compress (use method=full instead)"

@@ -38,7 +38,9 @@ class ScorerWrapper(Method):
 
     def __post_init__(self) -> None:
         allowed = sorted(
-            n for n, cls in METHODS.items() if cls.compresses and not cls.merges and n != self.name
+            n
+            for n, cls in METHODS.items()
+            if cls.compresses and not cls.merges and not cls.probes and n != self.name
         )
         if self.scorer not in allowed:
             raise ValueError(f"method.scorer must be one of: {', '.join(allowed)}; got {self.scorer!r}")

@@ -97,6 +97,10 @@ class StorageMethod:
             raise ValueError(
                 f"method.evict={node['name']} is a storage method; it must be an eviction method"
             )
+        if evictor.probes:
+            raise ValueError(
+                f"method.evict={node['name']} runs probes after the prompt, which encoded layers cannot run"
+            )
         if evictor.merges:
             raise ValueError(
                 f"method.evict={node['name']} merges entries, which a storage method cannot hold (the merge would "

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from kvexp.data import read_jsonl, read_text
 from kvexp.engine import KVCache
 from kvexp.methods import Method, make_cache
+from kvexp.methods.base import Probing
 from kvexp.tasks import metrics
 from kvexp.tasks.base import Loaded, eviction_times, kv_totals, share_batch_costs
 from kvexp.tasks.data import (
@@ -90,6 +91,10 @@ class Prompt:
 
     context: torch.Tensor  # [1, C]
     question: torch.Tensor  # [1, Q]
+    opening: int = 0  # leading context tokens that open the chat template (system prompt, user header)
+    closing: torch.Tensor | None = (
+        None  # [1, c] the template's user-turn closing and answer opening (None: none)
+    )
 
     def compressed_tokens(self, protocol: str) -> int:
         """Tokens the prefill compression sees: what `budget.keep_ratio` is a fraction of."""
@@ -150,7 +155,26 @@ class PromptEncoder:
                     room,
                 )
                 context = context[: room // 2] + context[len(context) - (room - room // 2) :]
-        return Prompt(torch.tensor([context]), torch.tensor([question], dtype=torch.long))
+        opening, closing = self.template_parts()
+        return Prompt(
+            torch.tensor([context]),
+            torch.tensor([question], dtype=torch.long),
+            min(opening, len(context)),
+            closing,
+        )
+
+    def template_parts(self) -> tuple[int, torch.Tensor | None]:
+        """(tokens that open the chat template before a context, ids [1, c] that close the user turn and open the
+        answer) for a probing method (KVzip's repeat prompt sits between them); (0, None) without a template."""
+        if not self.chat_template:
+            return 0, None
+        separator = "#" * 16
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": separator}], add_generation_prompt=True, tokenize=False
+        )
+        opening, closing = text.split(separator)
+        ids = self.tokenizer(opening, add_special_tokens=False).input_ids
+        return len(ids), torch.tensor([self.tokenizer(closing, add_special_tokens=False).input_ids])
 
 
 @dataclass
@@ -228,6 +252,22 @@ def _pick(logits: torch.Tensor, decoding: Decoding, generator: torch.Generator |
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _run_probes(model, tokenizer, cache: KVCache, prompt: Prompt, ids: torch.Tensor) -> None:
+    """A probing method's probes over the prompt `ids` [1, n] the cache holds (`Method.probes`: KVzip's context
+    reconstruction), which end in its compression; the probes' entries never stay."""
+    device = model.device
+
+    def encode(text: str) -> torch.Tensor:
+        return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids], dtype=torch.long)
+
+    def run(probe: torch.Tensor) -> None:
+        model(probe.to(device), past_key_values=cache, logits_to_keep=1)
+
+    closing = prompt.closing if prompt.closing is not None else encode("\n")
+    method = cache.layers[0].evictor
+    method.probe(cache, Probing(ids=ids, opening=prompt.opening, closing=closing, encode=encode, run=run))
+
+
 def _forward(model, ids: torch.Tensor, cache: KVCache, chunk_size: int | None) -> torch.Tensor:
     """Feed `ids` [1, n] (in chunks if asked); the last position's logits [1, V] in fp32."""
     step = chunk_size or ids.shape[1]
@@ -285,11 +325,15 @@ def generate_answer(
     start = time.perf_counter()
     if protocol == "query_aware":
         logits = _forward(model, torch.cat([context, question], dim=1), cache, prefill_chunk_size)
+        if cache.holding:
+            _run_probes(model, tokenizer, cache, prompt, torch.cat([context, question], dim=1))
     else:
         # An empty context (a prompt that is all question, e.g. a math problem without a chat template on a
         # tokenizer that adds no BOS) has nothing to prefill: the question step is the first forward.
         if context.shape[1]:
             logits = _forward(model, context, cache, prefill_chunk_size)
+            if cache.holding:
+                _run_probes(model, tokenizer, cache, prompt, context)
         if question.shape[1]:
             cache.admit(question.shape[1])
             logits = _forward(model, question, cache, None)
@@ -403,16 +447,26 @@ def generate_batch(
     start = time.perf_counter()
     contexts = [r.prompt.context for r in rows]
     questions = [r.prompt.question for r in rows]
+    if cache.holding and n > 1:
+        raise ValueError(
+            f"method={cache.layers[0].evictor.name} probes each prompt alone: use eval.batch_size=1"
+        )
     if protocol == "query_aware":
         logits = feed(
             *_left_padded([torch.cat(p, dim=1) for p in zip(contexts, questions, strict=True)], pad),
             prefill_chunk_size,
         )
+        if cache.holding:
+            _run_probes(
+                model, tokenizer, cache, rows[0].prompt, torch.cat([contexts[0], questions[0]], dim=1)
+            )
     else:
         # An empty context (a prompt that is all question, e.g. a math problem without a chat template on a
         # tokenizer that adds no BOS) has nothing to prefill: the question step is the first forward.
         if any(c.shape[1] for c in contexts):
             logits = feed(*_left_padded(contexts, pad), prefill_chunk_size)
+            if cache.holding:
+                _run_probes(model, tokenizer, cache, rows[0].prompt, contexts[0])
         width = max(q.shape[1] for q in questions)
         if width:
             cache.admit(width)
