@@ -429,6 +429,10 @@ def validate(cfg: DictConfig) -> None:
             f"method={method.name} scores the prompt with probes after it, which only the generation tasks run "
             f"(dataset=passkey, ruler, ...); {where} cannot use it"
         )
+    if method.needs_question and cfg.dataset.task == "generation" and cfg.eval.protocol != "query_aware":
+        raise ValueError(
+            f"method={method.name} compresses the context by the question's attention: set eval.protocol=query_aware"
+        )
     if cfg.eval.batch_size > 1 and not method.batches:
         raise ValueError(
             f"eval.batch_size={cfg.eval.batch_size}: method={method.name} cannot answer a batch exactly as it answers "

@@ -22,7 +22,7 @@ from tests.test_engine import SMALL_PARAMS
 # At their defaults; d2o with its layer allocation (the test below runs it without).
 UNBATCHED = {"random", "expected_attention", "dynamickv", "cam", "adaptive_l2", "kivi", "zack", "think"}
 UNBATCHED |= {"compression_ratio_decoding"}  # its decoding target follows the longest row's length
-UNBATCHED |= {"kvzip"}  # each prompt's probes and allocation are its own
+UNBATCHED |= {"kvzip", "finch"}  # each prompt's probes (and KVzip's allocation) are its own
 BATCHED = sorted(n for n, cls in METHODS.items() if cls.compresses and n not in UNBATCHED | {"learned"})
 PARAMS = {
     **SMALL_PARAMS,
@@ -180,6 +180,7 @@ def test_methods_that_cannot_batch_are_refused_before_the_model_loads(name):
 
     budget = ["budget=64"]
     base = ["model=tiny_llama", "dataset=passkey", "dataset.lengths=[256]", f"method={name}", *budget]
+    base += ["eval.protocol=query_aware"] if METHODS[name].needs_question else []
     cfg = _compose(*base, "eval.batch_size=4")
     with pytest.raises(ValueError, match=f"eval.batch_size=4: method={name} cannot answer a batch"):
         validate(cfg)

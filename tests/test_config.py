@@ -44,6 +44,7 @@ def test_every_group_option_composes(group, option, tmp_path):
     extra += (
         ["dataset=passkey"] if group == "method" and METHODS[option].probes else []
     )  # probes need a prompt
+    extra += ["eval.protocol=query_aware"] if group == "method" and METHODS[option].needs_question else []
     extra += ["eval.max_tokens=1024"] if option == "gpt2" else []  # its 1,024 learned positions
     cfg = _compose(f"{group}={option}", *extra)
     if group in ("model", "method", "dataset", "hardware"):

@@ -11,7 +11,7 @@ from kvexp.methods import build_method, make_cache
 from kvexp.methods.base import Probing
 from kvexp.methods.kvzip import FIRST_PROMPT, NEXT_PROMPT, largest_remainder
 from kvexp.methods.zack import record_attention_inputs
-from kvexp.tasks.generation import GenerationSample, PromptEncoder, run_generation
+from kvexp.tasks.generation import Decoding, GenerationSample, PromptEncoder, generate_answer, run_generation
 from tests.conftest import TINY_MODELS, load
 from tests.oracle import Visibility, max_logprob_error, oracle_logits
 
@@ -224,6 +224,18 @@ def test_generation_runs_the_probes_and_reports_the_kept_cache():
         assert kv["tokens_seen"] == prompt.context.shape[1] + prompt.question.shape[1] + result.new_tokens - 1
     with pytest.raises(ValueError, match="eval.batch_size=1"):
         run_generation(model, tok, samples, prompts, "kvzip", lambda n: 24, batch_size=2)
+
+
+@torch.no_grad()
+def test_the_query_aware_protocol_and_beam_search_probe_the_whole_prompt():
+    model, tok = load("tiny_llama")
+    sample = _sample(seed=3)
+    prompt = PromptEncoder(tok).encode(sample)
+    aware = run_generation(model, tok, [sample], [prompt], "kvzip", lambda n: 24, protocol="query_aware")[0]
+    assert aware.kv["tokens_kept"] == pytest.approx(24)  # the question was compressed with the context
+    beams = generate_answer(model, tok, prompt, "kvzip", 24, max_new_tokens=3, decoding=Decoding(num_beams=2))
+    greedy = generate_answer(model, tok, prompt, "kvzip", 24, max_new_tokens=3)
+    assert beams.kv["tokens_kept"] == greedy.kv["tokens_kept"] == pytest.approx(24 + prompt.question.shape[1])
 
 
 def test_chat_template_parts_frame_the_repeat_prompt(smollm2):

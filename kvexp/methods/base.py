@@ -11,7 +11,7 @@ state of a run. Scores are over physical slots, whose order is not temporal; use
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,19 +29,23 @@ METHODS: dict[str, type[Method]] = {}
 
 @dataclass(frozen=True)
 class Probing:
-    """What a probing method (`Method.probes`) gets from the task once the prompt is in the cache."""
+    """What a probing method (`Method.probes`) gets from the generation task for one prompt.
 
-    ids: torch.Tensor  # [1, n] the prompt's token ids, as the cache holds them
-    opening: (
-        int  # leading tokens of `ids` that open the chat template (system prompt, user header); 0 without one
-    )
-    closing: (
-        torch.Tensor
-    )  # [1, c] what closes a user turn and opens the answer (the template's), "\n" without one
-    encode: Callable[[str], torch.Tensor]  # text -> ids [1, m], no special tokens
-    run: Callable[
-        [torch.Tensor], None
-    ]  # feed probe ids [1, q] through the cache, after the prompt's positions
+    `ids`: the prompt [1, n] (the context; the whole prompt once fed); `opening`: its leading tokens that open the
+    chat template (system prompt, user header), 0 without one; `closing` [1, c]: what closes a user turn and opens
+    the answer (the template's; "\\n" without one); `encode`: text -> ids [1, m] without special tokens; `run`: a
+    probe forward of ids [1, q] after everything fed (inside `cache.probe()`); `feed`: feeds real prompt ids
+    [1, q] and returns the last position's logits [1, V] (fp32); `question` [1, q]: the question the query-aware
+    protocol compresses with the context (None under the query-agnostic protocol, where the task feeds it after).
+    """
+
+    ids: torch.Tensor
+    opening: int
+    closing: torch.Tensor
+    encode: Callable[[str], torch.Tensor]
+    run: Callable[[torch.Tensor], None]
+    feed: Callable[[torch.Tensor], torch.Tensor] | None = None
+    question: torch.Tensor | None = None
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -73,6 +77,9 @@ class Method:
     # True: the method scores with probe forwards run after the prompt (`probe`; KVzip's context reconstruction):
     # the cache holds every entry until they ran (`KVCache.holding`). Only the generation tasks run probes.
     probes: ClassVar[bool] = False
+    needs_question: ClassVar[bool] = (
+        False  # True: the compression reads the question (eval.protocol=query_aware)
+    )
 
     def parts(self) -> tuple[Method, ...]:
         """The methods this one runs inside it (a wrapper's scorer, a chain's stages): their per-row layer scratch
@@ -117,9 +124,18 @@ class Method:
         """Record statistics from this step's rotated queries [B, H, q, D] after its attention, before any
         compression (methods with `observes`; `layer.scaling` holds the attention's logit scale)."""
 
+    def prefill(self, cache: KVCache, prompt: Probing) -> torch.Tensor:
+        """Feed the prompt and compress it (methods with `probes`; the generation task calls this instead of
+        feeding the prompt itself): by default the whole prompt (context, and the question under the query-aware
+        protocol) is fed and held, then `probe` runs. Returns the prompt's last logits [1, V]."""
+        whole = prompt.ids if prompt.question is None else torch.cat([prompt.ids, prompt.question], dim=1)
+        logits = prompt.feed(whole)
+        self.probe(cache, replace(prompt, ids=whole, question=None))
+        return logits
+
     def probe(self, cache: KVCache, prompt: Probing) -> None:
-        """Run the method's probes over the prompt the cache holds (methods with `probes`): forwards through
-        `prompt.run` inside `cache.probe()`, then `cache.end_probes(...)`, which compresses."""
+        """Run the method's probes over the prompt the cache holds: forwards through `prompt.run` inside
+        `cache.probe()`, then `cache.end_probes(...)`, which compresses."""
         raise NotImplementedError(f"method {self.name!r} runs no probes")
 
     def observe_probe(self, layer: CompressedLayer, query: torch.Tensor) -> None:

@@ -252,9 +252,17 @@ def _pick(logits: torch.Tensor, decoding: Decoding, generator: torch.Generator |
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _run_probes(model, tokenizer, cache: KVCache, prompt: Prompt, ids: torch.Tensor) -> None:
-    """A probing method's probes over the prompt `ids` [1, n] the cache holds (`Method.probes`: KVzip's context
-    reconstruction), which end in its compression; the probes' entries never stay."""
+def _probed_prefill(
+    model,
+    tokenizer,
+    cache: KVCache,
+    prompt: Prompt,
+    feed: Callable[[torch.Tensor], torch.Tensor],
+    protocol: str,
+) -> torch.Tensor:
+    """The prompt of a probing method (`Method.probes`: KVzip, FINCH), fed and compressed by the method with the
+    probes it runs (their entries never stay): the context, and the question under the query-aware protocol.
+    Returns the last logits [1, V] (fp32)."""
     device = model.device
 
     def encode(text: str) -> torch.Tensor:
@@ -264,8 +272,9 @@ def _run_probes(model, tokenizer, cache: KVCache, prompt: Prompt, ids: torch.Ten
         model(probe.to(device), past_key_values=cache, logits_to_keep=1)
 
     closing = prompt.closing if prompt.closing is not None else encode("\n")
-    method = cache.layers[0].evictor
-    method.probe(cache, Probing(ids=ids, opening=prompt.opening, closing=closing, encode=encode, run=run))
+    question = prompt.question.to(device) if protocol == "query_aware" else None
+    probing = Probing(prompt.context.to(device), prompt.opening, closing, encode, run, feed, question)
+    return cache.layers[0].evictor.prefill(cache, probing)
 
 
 def _forward(model, ids: torch.Tensor, cache: KVCache, chunk_size: int | None) -> torch.Tensor:
@@ -323,17 +332,17 @@ def generate_answer(
     if not context.shape[1] + question.shape[1]:
         raise ValueError(f"sample {sample_id}: the prompt has no tokens")
     start = time.perf_counter()
-    if protocol == "query_aware":
+    probed = cache.holding  # a probing method feeds the prompt itself
+    if probed:
+        feed = lambda ids: _forward(model, ids, cache, prefill_chunk_size)  # noqa: E731
+        logits = _probed_prefill(model, tokenizer, cache, prompt, feed, protocol)
+    elif protocol == "query_aware":
         logits = _forward(model, torch.cat([context, question], dim=1), cache, prefill_chunk_size)
-        if cache.holding:
-            _run_probes(model, tokenizer, cache, prompt, torch.cat([context, question], dim=1))
-    else:
+    if protocol == "query_agnostic":
         # An empty context (a prompt that is all question, e.g. a math problem without a chat template on a
         # tokenizer that adds no BOS) has nothing to prefill: the question step is the first forward.
-        if context.shape[1]:
+        if context.shape[1] and not probed:
             logits = _forward(model, context, cache, prefill_chunk_size)
-            if cache.holding:
-                _run_probes(model, tokenizer, cache, prompt, context)
         if question.shape[1]:
             cache.admit(question.shape[1])
             logits = _forward(model, question, cache, None)
@@ -451,22 +460,23 @@ def generate_batch(
         raise ValueError(
             f"method={cache.layers[0].evictor.name} probes each prompt alone: use eval.batch_size=1"
         )
-    if protocol == "query_aware":
+    probed = cache.holding  # a probing method feeds the prompt itself
+    if probed:
+
+        def feed_prompt(ids: torch.Tensor) -> torch.Tensor:
+            return feed(ids.cpu(), torch.ones_like(ids.cpu()), prefill_chunk_size)
+
+        logits = _probed_prefill(model, tokenizer, cache, rows[0].prompt, feed_prompt, protocol)
+    elif protocol == "query_aware":
         logits = feed(
             *_left_padded([torch.cat(p, dim=1) for p in zip(contexts, questions, strict=True)], pad),
             prefill_chunk_size,
         )
-        if cache.holding:
-            _run_probes(
-                model, tokenizer, cache, rows[0].prompt, torch.cat([contexts[0], questions[0]], dim=1)
-            )
-    else:
+    if protocol == "query_agnostic":
         # An empty context (a prompt that is all question, e.g. a math problem without a chat template on a
         # tokenizer that adds no BOS) has nothing to prefill: the question step is the first forward.
-        if any(c.shape[1] for c in contexts):
+        if any(c.shape[1] for c in contexts) and not probed:
             logits = feed(*_left_padded(contexts, pad), prefill_chunk_size)
-            if cache.holding:
-                _run_probes(model, tokenizer, cache, rows[0].prompt, contexts[0])
         width = max(q.shape[1] for q in questions)
         if width:
             cache.admit(width)
