@@ -230,6 +230,15 @@ class EvalConfig:
 
 
 @dataclass
+class ContextCompressionConfig:
+    """Prompt compression before the cache exists (kvexp.tasks.context_compression, Selective Context)."""
+
+    keep: float | None = None  # fraction of the context's tokens kept, in (0, 1]; null: off
+    unit: str = "word"  # token | word | sentence: what is dropped or kept whole
+    chunk_size: int = 1024  # the longest scoring forward (a sliding window past it)
+
+
+@dataclass
 class KVExpConfig:
     model: ModelConfig = MISSING
     method: dict[str, Any] = MISSING
@@ -240,6 +249,7 @@ class KVExpConfig:
     train: dict[str, Any] = field(default_factory=lambda: {"name": "none"})  # each trainer checks its options
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    context_compression: ContextCompressionConfig = field(default_factory=ContextCompressionConfig)
     task_name: str = "kvexp"
     seed: int = 0
     tags: list[str] = field(default_factory=list)
@@ -429,6 +439,15 @@ def validate(cfg: DictConfig) -> None:
             f"method={method.name} scores the prompt with probes after it, which only the generation tasks run "
             f"(dataset=passkey, ruler, ...); {where} cannot use it"
         )
+    from kvexp.tasks.context_compression import requested_compression
+
+    compression = requested_compression(cfg.context_compression, method)
+    if compression is not None:
+        compression.validate()
+        if cfg.dataset.task != "generation":
+            raise ValueError(
+                f"context_compression shortens a generation task's context; dataset.task={cfg.dataset.task} has none"
+            )
     if method.needs_question and cfg.dataset.task == "generation" and cfg.eval.protocol != "query_aware":
         raise ValueError(
             f"method={method.name} compresses the context by the question's attention: set eval.protocol=query_aware"

@@ -85,7 +85,9 @@ class PoolingMerge(Method):
     budget. `skip_prefill_compression`: steps of several tokens (prefill, chunks) are not compressed, the next
     single-token step pools the layer down to its budget (the budget holds after decode steps only). The study's
     `compress_context` flag switches its separate context-compression module (`context_compress.py`, "reducing
-    the size of the input context"), not the KV pooling: it has no counterpart here. Deviations: the study does
+    the size of the input context", unpublished), not the KV pooling: here it shortens a generation task's context
+    before the cache exists by the model's own token surprisal (Selective Context,
+    kvexp.tasks.context_compression; `context_compression.keep`, else half the tokens). Deviations: the study does
     not document its window sizes; the log-age windows are kvexp's reading of "the oldest tokens are compressed
     more aggressively"; the ln n bias is kvexp's (the study's HF cache has none).
     """
@@ -99,6 +101,7 @@ class PoolingMerge(Method):
     initial_local_window: int | None = None
     skip_prefill_compression: bool = False
     gqa: str = "mean"
+    compress_context: bool = False
 
     reads_step_attention = True  # `best` accumulates attention
 

@@ -185,6 +185,9 @@ class GenerationSetup(Loaded):
     encoder: PromptEncoder
     prompts: list[Prompt]
     settings: dict[str, Any]
+    # The compressed run's prompts after context compression (None: the prompts above) and its figures.
+    compressed_prompts: list[Prompt] | None = None
+    context_compression: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

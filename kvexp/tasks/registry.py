@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from kvexp.budgets import resolve_budget
 from kvexp.tasks import full_cache
 from kvexp.tasks.base import Loaded, Prepared, Results, Task, build_summary, engine_options, prepare
+from kvexp.tasks.context_compression import compress_prompts, count_dropped_tokens, requested_compression
 from kvexp.tasks.data import DATASETS as TEXT_DATASETS
 from kvexp.tasks.data import Dataset, load_documents, registered
 from kvexp.tasks.generation import (
@@ -201,17 +202,32 @@ class Generation(Task):
         if cfg.eval.warmup:
             warm_up_generation(model, tokenizer, loaded.prompts[0], settings)
         before, comparable = _full_answers(cfg, loaded) if cfg.eval.compare_to_full else (None, True)
+        prompts, compressions = loaded.prompts, []
+        compression = requested_compression(cfg.context_compression, loaded.method)
+        if (
+            compression is not None
+        ):  # the compressed run's contexts only; the full cache answers the originals
+            prompts, compressions, loaded.context_compression = compress_prompts(
+                compression, model, tokenizer, loaded.prompts
+            )
+            loaded.compressed_prompts = prompts
         after = run_generation(
             model,
             tokenizer,
             loaded.samples,
-            loaded.prompts,
+            prompts,
             loaded.method,
             lambda tokens: resolve_budget(cfg.budget, tokens, layers),  # keep_ratio: of the compressed prompt
             progress=True,
             **settings,
             **engine_options(cfg),
         )
+        if compressions:
+            count_dropped_tokens(after, [dropped for _, dropped in compressions], model)
+        for result, (seconds, _) in zip(after, compressions, strict=False):
+            result.ttft_s += seconds  # the prompt's compression comes before its first token
+            if result.wall_s is not None:
+                result.wall_s += seconds
         return Results(loaded.samples, before, after, comparable)
 
     def aggregate(self, cfg: DictConfig, loaded: GenerationSetup, results: Results) -> dict[str, Any]:
@@ -227,6 +243,8 @@ class Generation(Task):
             "prefill_chunk_size": cfg.eval.prefill_chunk_size,
             "decoding": dataclasses.asdict(loaded.settings["decoding"]),
         }
+        if loaded.context_compression is not None:
+            summary["context_compression"] = loaded.context_compression
         summary.update(generation_cost(results.before, results.after, before, after))
         entry = DATASETS[cfg.dataset.name]
         if entry.summary is not None:
