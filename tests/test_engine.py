@@ -27,9 +27,7 @@ SMALL_PARAMS = {
     "adakv": {"floor_alpha": 1.0, "scorer_params": {"window_size": 4, "kernel_size": 3}},  # uniform heads
     "pyramidkv": {"window_size": 4, "kernel_size": 3, "beta": 1},  # flat pyramid: lengths = the budgets
     "snapkv": {"window_size": 4, "kernel_size": 3},
-    "kvcompose": {
-        "layer_allocation": False
-    },  # the budgets as given (its allocation: tests/test_kvcompose.py)
+    "kvcompose": {"layer_allocation": False},  # the budgets as given (allocation: tests/test_kvcompose.py)
     "prefill_decoding": {"prefill": {"name": "snapkv", "window_size": 4, "kernel_size": 3}},
     "fix_size_l2": {"recent_ratio": 0.25, "skip_layers": []},
     "snapkv_lite": {"window_size": 4, "kernel_size": 3},
@@ -59,6 +57,8 @@ SMALL_PARAMS = {
     "duo_attention": {"sparsity": 1.0},  # all heads stream (retrieval: tests/test_structural_methods.py)
     "simlayerkv": {"lazy_threshold": 0.0},  # all layers lazy (full ones: tests/test_structural_methods.py)
     "lukv": {"head_cap": 1.0, "scorer": "snapkv", "scorer_params": {"window_size": 4, "kernel_size": 3}},
+    "kvzap": {"checkpoint": "random"},  # seeded untrained surrogate (trained: tests/test_surrogates.py)
+    "fastkvzip": {"checkpoint": "random"},  # as kvzap (tiny models have no published gates)
 }
 GQA_MODELS = ["tiny_llama", "tiny_qwen3"]
 

@@ -291,3 +291,9 @@ def test_a_task_without_a_prompt_refuses_it_before_the_model_loads():
         validate(_compose("method=kvzip"))
     with pytest.raises(ValueError, match="eval.batch_size=2"):
         validate(_compose("method=kvzip", "dataset=passkey", "eval.batch_size=2"))
+
+
+def test_a_wrapper_refuses_a_scorer_set_to_probe():
+    with pytest.raises(ValueError, match="runs probes after the prompt, which a wrapper cannot run"):
+        build_method("adakv", scorer="kvcompose", scorer_params={"queries": "repeat"})
+    build_method("adakv", scorer="kvcompose", scorer_params={"queries": "own"})

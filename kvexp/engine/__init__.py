@@ -41,6 +41,8 @@ __all__ = [
     "SupportsStorage",
     "compress_cache",
     "make_cache",
+    "model_rotary",
+    "sliding_layers",
     "use_kvexp_attention",
 ]
 
@@ -52,7 +54,7 @@ def use_kvexp_attention(model: PreTrainedModel) -> None:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
-def _rotary(model: PreTrainedModel) -> Rotary | None:
+def model_rotary(model: PreTrainedModel) -> Rotary | None:
     """The RoPE of the layers a method compresses: the model's one rotary embedding, or the full-attention layers'
     of a model with one per layer type (Gemma-3's global layers have their own base and scaling)."""
     for module in model.modules():
@@ -177,7 +179,7 @@ def make_cache(
         if b is not None and b < 1:
             raise ValueError(f"budget must be a positive number of tokens, got {b}")
         method.validate(b)
-    rotary = _rotary(model)
+    rotary = model_rotary(model)
     if positions == "rerotate" and rotary is None:
         raise ValueError(
             f"positions=rerotate needs a RoPE model; {type(model).__name__} has no rotary embedding"

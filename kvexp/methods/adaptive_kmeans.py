@@ -4,7 +4,7 @@ from typing import Any
 import torch
 
 from kvexp.engine import Selection
-from kvexp.methods.base import Method, TrainableMergedBias, register
+from kvexp.methods.base import Method, TrainableMergedBias, check_window, register
 from kvexp.methods.clustering import (
     farthest_points,
     gather_rows,
@@ -115,10 +115,17 @@ class AdaptiveKMeans(TrainableMergedBias, Method):
         return self.lookback_window if self.lookback_window is not None else max(1, budget // 4)
 
     def validate(self, budget: int | None) -> None:
-        for name in ("num_clusters", "pruning_interval", "lookback_window"):
+        for name in ("num_clusters", "pruning_interval"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"method.{name} must be null or >= 1, got {value}")
+        check_window(
+            "lookback_window",
+            self.lookback_window,
+            minimum=1,
+            nullable=True,
+            null_means="a quarter of the budget",
+        )
         if self.kmeans_learning_rate is not None and not 0.0 < self.kmeans_learning_rate <= 1.0:
             raise ValueError(
                 f"method.kmeans_learning_rate must be null or in (0, 1], got {self.kmeans_learning_rate}"

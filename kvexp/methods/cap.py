@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, check_window, register
 from kvexp.methods.expected_attention import check_future_and_sinks, mean_rotation
 from kvexp.methods.scoring import prerope_queries, protect_sinks, remember_queries, step_queries
 
@@ -72,10 +72,7 @@ class CAP(Method):
         if self.tau < 0:
             raise ValueError(f"method.tau must be >= 0, got {self.tau}")
         check_future_and_sinks(self.n_future_positions, self.n_sink, self.epsilon, budget)
-        if self.window_size is not None and self.window_size < 1:
-            raise ValueError(
-                f"method.window_size must be >= 1 or null (every query seen), got {self.window_size}"
-            )
+        check_window("window_size", self.window_size, minimum=1, nullable=True, null_means="every query seen")
 
     def observe(self, layer, query: torch.Tensor) -> None:
         if self.window_size is not None:

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, check_window, register
 from kvexp.methods.leverage import gaussian_sketch
 from kvexp.methods.scoring import protect_sinks
 
@@ -75,10 +75,13 @@ class CUR(Method):
             )
         if self.sketch_dim is not None and self.sketch_dim < 1:
             raise ValueError(f"method.sketch_dim must be >= 1 or null (no projection), got {self.sketch_dim}")
-        if self.local_window_size is not None and self.local_window_size < 1:
-            raise ValueError(
-                f"method.local_window_size must be >= 1 or null (no local windows), got {self.local_window_size}"
-            )
+        check_window(
+            "local_window_size",
+            self.local_window_size,
+            minimum=1,
+            nullable=True,
+            null_means="no local windows",
+        )
         if self.seed < 0:
             raise ValueError(f"method.seed must be >= 0, got {self.seed}")
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvexp.methods.base import register
+from kvexp.methods.base import check_window, register
 from kvexp.methods.scorer_wrapper import ScorerWrapper, head_caps
 
 if TYPE_CHECKING:
@@ -61,12 +61,7 @@ class DMS(ScorerWrapper):
     def validate(self, budget: int | None) -> None:
         if math.isnan(self.threshold):
             raise ValueError("method.threshold must be a number (-.inf: no threshold eviction), got nan")
-        if self.window_size < 0:
-            raise ValueError(f"method.window_size must be >= 0, got {self.window_size}")
-        if budget is not None and self.window_size >= budget:
-            raise ValueError(
-                f"method.window_size ({self.window_size}) must be smaller than the budget ({budget})"
-            )
+        check_window("window_size", self.window_size, budget)
         super().validate(budget)
 
     def score(self, layer: CompressedLayer) -> torch.Tensor:

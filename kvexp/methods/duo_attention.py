@@ -14,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvexp.engine import sliding_layers
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, check_window, register
 from kvexp.models import model_fingerprint
 
 if TYPE_CHECKING:
@@ -258,8 +258,7 @@ class DuoAttention(Method):
                 f"method.sink_size ({self.sink_size}) must be smaller than the budget ({budget}) so that a "
                 "streaming head keeps a recent window"
             )
-        if self.recent_size < 1:
-            raise ValueError(f"method.recent_size must be >= 1, got {self.recent_size}")
+        check_window("recent_size", self.recent_size, minimum=1)
         if self.head_patterns is not None:
             path = Path(self.head_patterns)
             if not (path.is_file() or (path / PATTERN_FILE).is_file()):

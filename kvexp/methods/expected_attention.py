@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvexp.engine.cache import Rotary
 from kvexp.methods.base import Method, register
 from kvexp.methods.scoring import prerope_queries, step_queries
+
+if TYPE_CHECKING:
+    from kvexp.engine.cache import CompressedLayer
 
 
 def add_query_moments(stats: dict, queries: torch.Tensor, covariance: bool) -> None:
@@ -59,6 +63,53 @@ def check_future_and_sinks(n_future_positions: int, n_sink: int, epsilon: float,
         raise ValueError(f"method.epsilon must be >= 0, got {epsilon}")
 
 
+def future_rotations(rotary: Rotary, positions: torch.Tensor, steps: int, dim: int) -> torch.Tensor:
+    """Each row's averaged future rotation [B, D, D]: `mean_rotation` over the `steps` positions after the row's
+    newest one (`positions` [B, Hkv, n], -1 padding), so a left-padded row turns as it would alone."""
+    starts = (positions.amax(dim=(1, 2)) + 1).tolist()
+    rotations = {start: mean_rotation(rotary, start, steps, dim) for start in set(starts)}
+    return torch.stack([rotations[start] for start in starts])
+
+
+def expected_attention_scores(
+    layer: CompressedLayer,
+    mean: torch.Tensor,
+    cov: torch.Tensor | None,
+    n_future_positions: int,
+    n_sink: int,
+    use_vnorm: bool,
+    epsilon: float,
+    scale: float,
+) -> torch.Tensor:
+    """Expected Attention's scores [B, Hkv, L_phys] from the future queries' pre-RoPE Gaussian, per query head:
+    `mean` [B, H, D] and `cov` [B, H, D, D] (None: the mean term alone), fp32; a leading 1 serves every row.
+
+    Both are turned by each row's averaged future RoPE (`future_rotations`; none without RoPE), a key's expected
+    logit is s mu'.k + s^2/2 k^T Sigma' k (s = `scale`, the attention's logit scale), softmaxed over the live non-sink keys,
+    averaged over the GQA group, times (p + `epsilon`) ||v|| with `use_vnorm`; the first `n_sink` positions score
+    +inf. Each row reads only its own keys, positions and statistics."""
+    batch, kv_heads, dim = layer.batch, layer.kv_heads, mean.shape[-1]
+    mean = mean.expand(batch, -1, -1)
+    cov = None if cov is None else cov.expand(batch, -1, -1, -1)
+    rotary = layer.options.rotary
+    if rotary is not None:
+        rotation = future_rotations(rotary, layer.positions, n_future_positions, dim)  # [B, D, D]
+        mean = mean @ rotation.transpose(-1, -2)
+        cov = None if cov is None else rotation[:, None] @ cov @ rotation.transpose(-1, -2)[:, None]
+    keys = layer.keys.float()  # [B, Hkv, n, D]
+    logits = torch.einsum("bhgd,bhnd->bhgn", mean.reshape(batch, kv_heads, -1, dim), keys) * scale
+    if cov is not None:
+        cov = cov.reshape(batch, kv_heads, -1, dim, dim)
+        quadratic = torch.einsum("bhnd,bhgde,bhne->bhgn", keys, cov, keys)
+        logits = logits + quadratic * (scale * scale / 2)
+    sinks = (layer.positions >= 0) & (layer.positions < n_sink)
+    logits = logits.masked_fill((sinks | ~layer.live())[:, :, None], float("-inf"))
+    scores = torch.softmax(logits, dim=-1).mean(dim=2)  # mean over the GQA group: [B, Hkv, n]
+    if use_vnorm:
+        scores = (scores + epsilon) * layer.values.float().norm(dim=-1)
+    return scores.masked_fill(sinks, float("inf"))
+
+
 @register
 @dataclass
 class ExpectedAttention(Method):
@@ -80,8 +131,8 @@ class ExpectedAttention(Method):
     """
 
     name = "expected_attention"
-    # Each step's query moments skip sink and padding positions as row 0 has them, and the future rotation starts
-    # at the batch's newest position: rows of unequal length would not score as alone.
+    # Each step's query moments skip sink and padding positions as row 0 has them: rows of unequal length would not
+    # score as alone (the future rotation is each row's own). expected_attention_stats batches.
     batches = False
     description = (
         "expected attention of future queries modelled as a Gaussian, times value norms (Devoto et al. 2025)"
@@ -106,25 +157,14 @@ class ExpectedAttention(Method):
 
     def score(self, layer) -> torch.Tensor:
         stats = layer.scratch(self)
-        mean = stats["mean"]  # [B, H, D]
         cov = stats["m2"] / stats["count"] if self.use_covariance else None  # biased, as the reference
-        rotary = layer.options.rotary
-        if rotary is not None:
-            start = int(layer.positions.max()) + 1  # the next token's position
-            rotation = mean_rotation(rotary, start, self.n_future_positions, mean.shape[-1])
-            mean = mean @ rotation.T
-            cov = None if cov is None else rotation @ cov @ rotation.T
-        batch, kv_heads, dim = mean.shape[0], layer.kv_heads, mean.shape[-1]
-        keys = layer.keys.float()  # [B, Hkv, n, D]
-        scale = layer.scaling
-        logits = torch.einsum("bhgd,bhnd->bhgn", mean.view(batch, kv_heads, -1, dim), keys) * scale
-        if self.use_covariance:
-            cov = cov.view(batch, kv_heads, -1, dim, dim)
-            quadratic = torch.einsum("bhnd,bhgde,bhne->bhgn", keys, cov, keys)
-            logits = logits + quadratic * (scale * scale / 2)
-        sinks = (layer.positions >= 0) & (layer.positions < self.n_sink)
-        logits = logits.masked_fill((sinks | ~layer.live())[:, :, None], float("-inf"))
-        scores = torch.softmax(logits, dim=-1).mean(dim=2)  # mean over the GQA group: [B, Hkv, n]
-        if self.use_vnorm:
-            scores = (scores + self.epsilon) * layer.values.float().norm(dim=-1)
-        return scores.masked_fill(sinks, float("inf"))
+        return expected_attention_scores(
+            layer,
+            stats["mean"],
+            cov,
+            self.n_future_positions,
+            self.n_sink,
+            self.use_vnorm,
+            self.epsilon,
+            layer.scaling,
+        )

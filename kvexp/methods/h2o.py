@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvexp.engine import Reallocation
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, check_window, register
 from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention, protect_recent
 
 
@@ -29,8 +29,8 @@ class HeavyHitters(Method):
     def validate(self, budget: int | None) -> None:
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ValueError(f"method.recent_ratio must be in [0, 1], got {self.recent_ratio}")
-        if self.recent_size is not None and budget is not None and not 0 <= self.recent_size <= budget:
-            raise ValueError(f"method.recent_size must be in [0, budget={budget}], got {self.recent_size}")
+        if budget is not None:  # without a budget the recent window is never used
+            check_window("recent_size", self.recent_size, budget, up_to_budget=True, nullable=True)
         if self.gqa not in GQA_REDUCTIONS:
             raise ValueError(f"method.gqa must be one of {GQA_REDUCTIONS}, got {self.gqa!r}")
 

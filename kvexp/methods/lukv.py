@@ -11,7 +11,7 @@ import torch
 from kvexp.engine import Reallocation, Selection
 from kvexp.engine import make_cache as engine_make_cache
 from kvexp.engine.cache import ranking_keys
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, check_window, register
 from kvexp.methods.criticalkv import output_projections
 from kvexp.methods.scorer_wrapper import ScorerWrapper
 from kvexp.models import model_fingerprint
@@ -309,9 +309,9 @@ class LUKV(ScorerWrapper):
         return True  # each layer's budget follows its longest head (`allocate`)
 
     def validate(self, budget: int | None) -> None:
-        for option in ("sink_tokens", "window"):
-            if getattr(self, option) < 0:
-                raise ValueError(f"method.{option} must be >= 0, got {getattr(self, option)}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"method.sink_tokens must be >= 0, got {self.sink_tokens}")
+        check_window("window", self.window)  # with the sinks, smaller than the budget (below)
         if budget is not None and self.sink_tokens + self.window >= budget:
             raise ValueError(
                 f"method.sink_tokens + method.window ({self.sink_tokens + self.window}) must be smaller than the "

@@ -2,38 +2,42 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from kvexp.data import HAYSTACK_BOOK, required_data_file
-from kvexp.methods.base import Method, register
-from kvexp.methods.scoring import protect_recent
+from kvexp.methods.base import Method, check_window, register
+from kvexp.methods.scoring import prerope_queries, protect_recent
 from kvexp.methods.zack import basis_from_gram, calibration_text, record_attention_inputs, tokenizer_for
 from kvexp.models import model_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from kvexp.engine.cache import CompressedLayer
+    from kvexp.engine.cache import CompressedLayer, Rotary
 
 log = logging.getLogger(__name__)
 
 
-def query_moments(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def query_moments(
+    model: PreTrainedModel, input_ids: torch.Tensor, rotary: Rotary | None = None, skip: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over `input_ids` [1, T] (`record_attention_inputs`: the model's own masks, sliding windows
-    included) recording, per layer and query head, the Gram matrix Q^T Q [D, D] and the sum of the rows [D] of the
-    post-RoPE queries Q [T, D]: ([NL, H, D, D], [NL, H, D]), fp64."""
+    included) recording, per layer and query head, the Gram matrix Q^T Q [D, D] and the sum of the rows [D] of its
+    queries Q [T - skip, D], the first `skip` positions left out: ([NL, H, D, D], [NL, H, D]), fp64. The queries are
+    the attention's post-RoPE ones, or, given the model's `rotary`, turned back to pre-RoPE (`prerope_queries`)."""
     moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def record(module, query, key, value):
-        rows = query.float()  # [B, H, T, D]
-        moments[module.layer_idx] = (
-            (rows.transpose(-1, -2) @ rows).double().sum(0),
-            rows.double().sum(dim=(0, 2)),
-        )
+        if rotary is not None:
+            positions = torch.arange(query.shape[2], device=query.device)[None].expand(query.shape[0], -1)
+            query = prerope_queries(query, positions, rotary)
+        rows = query[:, :, skip:].double()  # [B, H, T - skip, D]
+        moments[module.layer_idx] = ((rows.transpose(-1, -2) @ rows).sum(0), rows.sum(dim=(0, 2)))
 
     record_attention_inputs(model, input_ids, record)
     layers = sorted(moments)
@@ -41,6 +45,99 @@ def query_moments(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torc
         torch.stack([moments[i][0] for i in layers]).cpu(),
         torch.stack([moments[i][1] for i in layers]).cpu(),
     )
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors saved in `path`: a safetensors file (by its suffix) or a torch file of a dict of tensors."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, weights_only=True)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` as `load_tensors` reads them back (safetensors or torch, by the suffix of `path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    else:
+        torch.save(tensors, path)
+
+
+class QueryCalibration:
+    """What a method calibrated once per model on the model's own queries over local text shares (Q-Filters,
+    Expected Attention with statistics): the text (`calibration_file`: None for the embedded public-domain novel),
+    its first `calibration_tokens` tokens, and a cache of the result under `calibration_cache`/`calibration_dir`/
+    (None: recompute). The class declares those three fields and `_model_key` (the calibration it holds)."""
+
+    calibration_dir: ClassVar[str] = ""  # the folder under calibration_cache
+    calibration_suffix: ClassVar[str] = ".pt"  # the cache files' format (`save_tensors`)
+
+    def check_calibration(self, min_tokens: int = 2) -> None:
+        """Validation of the calibration options (`validate`)."""
+        if self.calibration_tokens < min_tokens:
+            raise ValueError(
+                f"method.calibration_tokens must be >= {min_tokens}, got {self.calibration_tokens}"
+            )
+        if self.calibration_file is not None:
+            self._calibration_path()
+
+    def _calibration_path(self) -> Path:
+        if self.calibration_file is None:
+            return HAYSTACK_BOOK.path
+        return required_data_file(self.calibration_file, "method.calibration_file")
+
+    def calibration_tag(self) -> str:
+        """What else the calibration depends on, in its cache key ("": the model and the text alone)."""
+        return ""
+
+    def cache_file(self, model: PreTrainedModel) -> tuple[str, Path | None]:
+        """The calibration's key (model, calibration file, token count, `calibration_tag`) and the file it is cached
+        in (None: no cache)."""
+        path = self._calibration_path()
+        tag = hashlib.sha256(
+            f"{path.name}:{path.stat().st_size}:{self.calibration_tokens}{self.calibration_tag()}".encode()
+        ).hexdigest()
+        key = f"{model_fingerprint(model)[:24]}-{tag[:12]}"
+        if not self.calibration_cache:
+            return key, None
+        folder = Path(self.calibration_cache).expanduser() / self.calibration_dir
+        return key, folder / f"{key}{self.calibration_suffix}"
+
+    def calibration_ids(self, model: PreTrainedModel) -> torch.Tensor:
+        """The tokens [1, T] the calibration runs on: the first `calibration_tokens` (at most the model's maximum
+        positions) of the calibration text."""
+        path = self._calibration_path()
+        limit = getattr(model.config, "max_position_embeddings", None) or self.calibration_tokens
+        tokens = min(self.calibration_tokens, limit)
+        ids = tokenizer_for(model)(calibration_text(path, 16 * tokens), return_tensors="pt").input_ids
+        if ids.shape[1] < tokens:
+            raise ValueError(
+                f"method.calibration_file {path} holds {ids.shape[1]} tokens, fewer than calibration_tokens={tokens}"
+            )
+        return ids[:, :tokens]
+
+    def calibrated(
+        self, model: PreTrainedModel, compute: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor] | None:
+        """The calibration's tensors for `model`: None if this object holds it already, else loaded from its cache
+        file, or `compute()`d and saved there."""
+        key, cached = self.cache_file(model)
+        if key == self._model_key:
+            return None
+        if cached is not None and cached.is_file():
+            tensors = load_tensors(cached)
+            log.info("%s: calibration loaded from %s", self.name, cached)
+        else:
+            tensors = compute()
+            if cached is not None:
+                save_tensors(cached, tensors)
+                log.info("%s: calibration saved to %s", self.name, cached)
+        self._model_key = key
+        return tensors
 
 
 def query_directions(gram: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -63,7 +160,7 @@ def group_filters(directions: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 @register
 @dataclass
-class QFilter(Method):
+class QFilter(QueryCalibration, Method):
     """Q-Filters (Godey, Devoto, Zhao, Scardapane, Minervini, de la Clergerie, Sagot, arXiv 2503.02812; kvpress
     QFilterPress): keep the keys with the largest projection on the queries' main direction.
 
@@ -88,6 +185,7 @@ class QFilter(Method):
     """
 
     name = "qfilter"
+    calibration_dir = "qfilter"
     description = (
         "keep keys with the largest projection on the queries' main SVD direction (Godey et al. 2025)"
     )
@@ -99,62 +197,17 @@ class QFilter(Method):
     _model_key: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def validate(self, budget: int | None) -> None:
-        if self.window_size < 0:
-            raise ValueError(f"method.window_size must be >= 0, got {self.window_size}")
-        if budget is not None and self.window_size >= budget:
-            raise ValueError(
-                f"method.window_size ({self.window_size}) must be smaller than the budget ({budget})"
-            )
-        if self.calibration_tokens < 2:
-            raise ValueError(f"method.calibration_tokens must be >= 2, got {self.calibration_tokens}")
-        if self.calibration_file is not None:
-            self._calibration_path()
-
-    def _calibration_path(self) -> Path:
-        if self.calibration_file is None:
-            return HAYSTACK_BOOK.path
-        return required_data_file(self.calibration_file, "method.calibration_file")
-
-    def cache_file(self, model: PreTrainedModel) -> tuple[str, Path | None]:
-        """The calibration's key (model, calibration file, token count) and the file it is cached in (None: no
-        cache)."""
-        path = self._calibration_path()
-        tag = hashlib.sha256(
-            f"{path.name}:{path.stat().st_size}:{self.calibration_tokens}".encode()
-        ).hexdigest()
-        key = f"{model_fingerprint(model)[:24]}-{tag[:12]}"
-        if not self.calibration_cache:
-            return key, None
-        return key, Path(self.calibration_cache).expanduser() / "qfilter" / f"{key}.pt"
+        check_window("window_size", self.window_size, budget)
+        self.check_calibration()
 
     def prepare(self, model: PreTrainedModel) -> None:
         """Calibrate on the model (or load its cached calibration), once per model."""
-        key, cached = self.cache_file(model)
-        if key == self._model_key:
-            return
-        if cached is not None and cached.is_file():
-            self.directions = torch.load(cached)["directions"]
-            log.info("qfilter: calibration loaded from %s", cached)
-        else:
-            self.directions = query_directions(*query_moments(model, self.calibration_ids(model)))
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"directions": self.directions}, cached)
-                log.info("qfilter: calibration saved to %s", cached)
-        self._model_key = key
-
-    def calibration_ids(self, model: PreTrainedModel) -> torch.Tensor:
-        """The tokens [1, T] the calibration runs on: the first `calibration_tokens` (at most the model's maximum
-        positions) of the calibration text."""
-        path = self._calibration_path()
-        limit = getattr(model.config, "max_position_embeddings", None) or self.calibration_tokens
-        tokens = min(self.calibration_tokens, limit)
-        ids = tokenizer_for(model)(calibration_text(path, 16 * tokens), return_tensors="pt").input_ids
-        if ids.shape[1] < tokens:
-            raise ValueError(
-                f"method.calibration_file {path} holds {ids.shape[1]} tokens, fewer than calibration_tokens={tokens}"
-            )
-        return ids[:, :tokens]
+        tensors = self.calibrated(
+            model,
+            lambda: {"directions": query_directions(*query_moments(model, self.calibration_ids(model)))},
+        )
+        if tensors is not None:
+            self.directions = tensors["directions"]
 
     def filters(self, kv_heads: int) -> torch.Tensor:
         """The per-KV-head filters [NL, Hkv, D] (`group_filters` of the calibrated directions)."""

@@ -48,6 +48,11 @@ class ScorerWrapper(Method):
             self._scorer = build_method(self.scorer, **self.scorer_params)
         except ValueError as err:
             raise ValueError(f"method.scorer_params: {err}") from err
+        if self._scorer.probes:  # a setting that makes it probe (kvcompose's queries=repeat)
+            raise ValueError(
+                f"method.scorer={self.scorer} with these scorer_params runs probes after the prompt, which a "
+                "wrapper cannot run"
+            )
 
     def parts(self) -> tuple[Method, ...]:
         return (self._scorer,)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 
 from kvexp.engine import Selection
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, check_window, register
 from kvexp.methods.merging import fold, most_similar, reject_rerotate
 from kvexp.methods.scoring import (
     GQA_REDUCTIONS,
@@ -82,8 +82,7 @@ class SimCalKV(Method):
             raise ValueError(
                 f"method.similarity_threshold must be a cosine in [-1, 1], got {self.similarity_threshold}"
             )
-        if self.value_window < 1:
-            raise ValueError(f"method.value_window must be >= 1, got {self.value_window}")
+        check_window("value_window", self.value_window, minimum=1)
         if self.sink_tokens < 0 or self.recent_size < 0:
             raise ValueError(
                 f"method.sink_tokens and method.recent_size must be >= 0, got {self.sink_tokens}, "

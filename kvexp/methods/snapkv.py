@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, check_window, register
 from kvexp.methods.scoring import (
     GQA_REDUCTIONS,
     POOLINGS,
@@ -35,12 +35,7 @@ class SnapKV(Method):
     gqa: str = "mean"
 
     def validate(self, budget: int | None) -> None:
-        if self.window_size < 1:
-            raise ValueError(f"method.window_size must be >= 1, got {self.window_size}")
-        if budget is not None and self.window_size >= budget:
-            raise ValueError(
-                f"method.window_size ({self.window_size}) must be smaller than the budget ({budget})"
-            )
+        check_window("window_size", self.window_size, budget, minimum=1)
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"method.kernel_size must be odd and >= 1, got {self.kernel_size}")
         if self.pooling not in POOLINGS:

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, check_window, register
 from kvexp.methods.scoring import lowest_key_norm, protect_recent, temporal_pool
 
 
@@ -27,12 +27,7 @@ class SnapKVLite(Method):
     kernel_size: int = 5
 
     def validate(self, budget: int | None) -> None:
-        if self.window_size < 0:
-            raise ValueError(f"method.window_size must be >= 0, got {self.window_size}")
-        if budget is not None and self.window_size >= budget:
-            raise ValueError(
-                f"method.window_size ({self.window_size}) must be smaller than the budget ({budget})"
-            )
+        check_window("window_size", self.window_size, budget)
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"method.kernel_size must be odd and >= 1, got {self.kernel_size}")
 

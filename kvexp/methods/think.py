@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvexp.engine.cache import Storage
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, check_window, register
 from kvexp.methods.scoring import reduce_group
 from kvexp.methods.storage import StorageMethod, TokenWindow, token_slots
 
@@ -116,10 +116,8 @@ class ThinK(StorageMethod, Method):
     def validate(self, budget: int | None) -> None:
         if not 0.0 <= self.pruning_ratio < 1.0:
             raise ValueError(f"method.pruning_ratio must be in [0, 1), got {self.pruning_ratio}")
-        if self.window_size < 1:
-            raise ValueError(f"method.window_size must be >= 1, got {self.window_size}")
-        if self.recent_size < 0:
-            raise ValueError(f"method.recent_size must be >= 0, got {self.recent_size}")
+        check_window("window_size", self.window_size, minimum=1)
+        check_window("recent_size", self.recent_size)
         super().validate(budget)
 
     def make_storage(self, layer, keys: torch.Tensor, values: torch.Tensor) -> ThinKStorage:
