@@ -19,7 +19,7 @@ from kvexp.run_dir import check_run_dir, config_hash, finished_summary, record_s
 from kvexp.tasks.base import objective
 from kvexp.tasks.registry import TASKS, dataset_inputs
 from kvexp.tracking import ACTIVE_LOGGER, WandbLogger, atomic_write_csv, atomic_write_json, start_wandb
-from kvexp.train import run_trainer
+from kvexp.train import run_trainer, untrained_overrides
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,10 @@ def _train_then_evaluate(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], li
     `train` holds the trainer's own summary and `checkpoint` where the trained parts are.
     """
     task = TASKS[cfg.dataset.task]
-    untrained, _ = task.evaluate(cfg)
+    untrained_cfg = cfg.copy()
+    with open_dict(untrained_cfg):
+        untrained_cfg.method = OmegaConf.merge(untrained_cfg.method, untrained_overrides(cfg))
+    untrained, _ = task.evaluate(untrained_cfg)
     trained = run_trainer(cfg, out / "checkpoint")
     trained_cfg = cfg.copy()
     with open_dict(trained_cfg):

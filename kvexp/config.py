@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kvexp.budgets import ALLOCATIONS, allocate
 from kvexp.tracking import LOGGERS, WANDB_MODES
-from kvexp.train import TRAIN_CHOICES, check_train
+from kvexp.train import PROBING_TRAINERS, TRAIN_CHOICES, check_train
 
 
 # OmegaConf 2.3 structured configs need typing.Optional/List/Dict, not PEP 604 unions.
@@ -433,7 +433,8 @@ def validate(cfg: DictConfig) -> None:
             "budget.keep_ratio=R"
         )
     method.validate(budget.tokens)
-    if method.probes and has_budget and (cfg.dataset.task != "generation" or cfg.train.name != "none"):
+    trains = cfg.train.name not in ("none", *PROBING_TRAINERS)
+    if method.probes and has_budget and (cfg.dataset.task != "generation" or trains):
         where = f"dataset.task={cfg.dataset.task}" if cfg.train.name == "none" else f"train={cfg.train.name}"
         raise ValueError(
             f"method={method.name} scores the prompt with probes after it, which only the generation tasks run "
@@ -448,6 +449,16 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(
                 f"context_compression shortens a generation task's context; dataset.task={cfg.dataset.task} has none"
             )
+    if method.prompt_block is not None and cfg.dataset.task == "perplexity":
+        raise ValueError(
+            f"method={method.name} feeds prompts in blocks; streaming perplexity feeds eval.chunk_size-token blocks "
+            "already: use the scorer itself with eval.chunk_size=N"
+        )
+    if method.prompt_block is not None and cfg.eval.prefill_chunk_size not in (None, method.prompt_block):
+        raise ValueError(
+            f"method.block_size={method.prompt_block} and eval.prefill_chunk_size={cfg.eval.prefill_chunk_size} "
+            "disagree: set one"
+        )
     if method.needs_question and cfg.dataset.task == "generation" and cfg.eval.protocol != "query_aware":
         raise ValueError(
             f"method={method.name} compresses the context by the question's attention: set eval.protocol=query_aware"

@@ -23,7 +23,11 @@ from tests.test_engine import SMALL_PARAMS
 UNBATCHED = {"random", "expected_attention", "dynamickv", "cam", "adaptive_l2", "kivi", "zack", "think"}
 UNBATCHED |= {"compression_ratio_decoding"}  # its decoding target follows the longest row's length
 UNBATCHED |= {"kvzip", "finch"}  # each prompt's probes (and KVzip's allocation) are its own
-BATCHED = sorted(n for n, cls in METHODS.items() if cls.compresses and n not in UNBATCHED | {"learned"})
+UNBATCHED |= {"restorekv"}  # KVzip's probes, then its restore pass, per prompt
+# block batches as eval.prefill_chunk_size does: only prompts of one length together (batch_key, tested there)
+BATCHED = sorted(
+    n for n, cls in METHODS.items() if cls.compresses and n not in UNBATCHED | {"learned", "block"}
+)
 PARAMS = {
     **SMALL_PARAMS,
     "kivi": {"group_size": 16, "residual_length": 16},  # the tiny model's head dim is 16

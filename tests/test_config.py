@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import kvexp.config  # noqa: F401  (schemas)
 from kvexp.config import normalize_overrides, validate
-from kvexp.methods import METHODS
+from kvexp.methods import METHODS, build_method
 from kvexp.tasks.base import method_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -41,10 +41,11 @@ def test_every_group_option_composes(group, option, tmp_path):
 
         extra = [f"dataset.path={WIKITEXT2.path}"]
     extra += ["method=full"] if option == "full" else []
-    extra += (
-        ["dataset=passkey"] if group == "method" and METHODS[option].probes else []
-    )  # probes need a prompt
-    extra += ["eval.protocol=query_aware"] if group == "method" and METHODS[option].needs_question else []
+    if group == "method" and option != "full":
+        method = build_method(option)
+        # probes and prompt blocks need a prompt (a generation task); FINCH the query-aware protocol
+        extra += ["dataset=passkey"] if method.probes or method.prompt_block is not None else []
+        extra += ["eval.protocol=query_aware"] if method.needs_question else []
     extra += ["eval.max_tokens=1024"] if option == "gpt2" else []  # its 1,024 learned positions
     cfg = _compose(f"{group}={option}", *extra)
     if group in ("model", "method", "dataset", "hardware"):

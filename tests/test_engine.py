@@ -51,12 +51,16 @@ SMALL_PARAMS = {
     # threshold -inf: a top-k at the budget (real thresholds: tests/test_selection_methods.py)
     "dms": {"threshold": -math.inf, "window_size": 2, "scorer_params": {"window_size": 4, "kernel_size": 3}},
     "chunk": {"chunk_length": 8, "scorer_params": {"window_size": 4, "kernel_size": 3}},  # 5 chunks of 40
+    "block": {"scorer_params": {"window_size": 4, "kernel_size": 3}},
     "compose": {"methods": [{"name": "snapkv", "window_size": 4, "kernel_size": 3}, {"name": "knorm"}]},
     # every 5th decoding step to int(0.3 x seen): token mode ends at 40 x 0.3 = the budget 12
     "compression_ratio_decoding": {"compression_interval": 5, "compression_ratio": 0.7},
     "duo_attention": {"sparsity": 1.0},  # all heads stream (retrieval: tests/test_structural_methods.py)
     "simlayerkv": {"lazy_threshold": 0.0},  # all layers lazy (full ones: tests/test_structural_methods.py)
     "lukv": {"head_cap": 1.0, "scorer": "snapkv", "scorer_params": {"window_size": 4, "kernel_size": 3}},
+    "restorekv": {
+        "checkpoint": "init"
+    },  # the seeded untrained adapter (null: the authors', from the offline hub)
     "kvzap": {"checkpoint": "random"},  # seeded untrained surrogate (trained: tests/test_surrogates.py)
     "fastkvzip": {"checkpoint": "random"},  # as kvzap (tiny models have no published gates)
 }

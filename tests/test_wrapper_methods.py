@@ -579,3 +579,43 @@ def test_block_wise_prefill_is_blockpress_when_the_budget_is_a_multiple_of_the_b
             score = {p: -float(F.cosine_similarity(keys[h, p], anchor, dim=0)) for p in current}
             kept = sorted(current, key=lambda p: (score[p], p), reverse=True)[:budget]
         assert _kept(layer, h) == sorted(kept)
+
+
+# -- block ------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_block_is_its_scorer_fed_in_blocks():
+    from kvexp.tasks.generation import GenerationSample, PromptEncoder, run_generation
+
+    model, tok = load("tiny_llama")
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
+    samples = [
+        GenerationSample(f"s{i}", text[i:], "What jumps?", ["fox"], max_new_tokens=5) for i in range(2)
+    ]
+    prompts = [PromptEncoder(tok).encode(s) for s in samples]
+    scorer = {"window_size": 4, "kernel_size": 3}
+    block = build_method("block", block_size=16, scorer_params=scorer)
+    blocked = run_generation(model, tok, samples, prompts, block, lambda n: 24)
+    chunked = run_generation(
+        model, tok, samples, prompts, build_method("snapkv", **scorer), lambda n: 24, prefill_chunk_size=16
+    )
+    whole = run_generation(model, tok, samples, prompts, build_method("snapkv", **scorer), lambda n: 24)
+    for b, c, w in zip(blocked, chunked, whole, strict=True):
+        assert b.prediction == c.prediction
+        assert b.kv["tokens_kept_per_head"] == c.kv["tokens_kept_per_head"]
+        assert (
+            b.kv["compressions"] == c.kv["compressions"] > w.kv["compressions"]
+        )  # one per block over budget
+
+
+def test_block_options_and_tasks_fail_before_the_model_loads():
+    from kvexp.config import validate
+
+    with pytest.raises(ValueError, match="method.block_size must be >= 1"):
+        build_method("block", block_size=0).validate(64)
+    validate(_compose("method=block", "dataset=passkey"))
+    with pytest.raises(ValueError, match="use the scorer itself with eval.chunk_size=N"):
+        validate(_compose("method=block"))
+    with pytest.raises(ValueError, match="disagree: set one"):
+        validate(_compose("method=block", "dataset=passkey", "eval.prefill_chunk_size=64"))

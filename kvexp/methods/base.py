@@ -77,9 +77,10 @@ class Method:
     # True: the method scores with probe forwards run after the prompt (`probe`; KVzip's context reconstruction):
     # the cache holds every entry until they ran (`KVCache.holding`). Only the generation tasks run probes.
     probes: ClassVar[bool] = False
-    needs_question: ClassVar[bool] = (
-        False  # True: the compression reads the question (eval.protocol=query_aware)
-    )
+    # True: the compression reads the question (eval.protocol=query_aware).
+    needs_question: ClassVar[bool] = False
+    # Tokens per prompt block the tasks feed (`block`: eval.prefill_chunk_size under a name); None: the tasks' own.
+    prompt_block: ClassVar[int | None] = None
 
     def parts(self) -> tuple[Method, ...]:
         """The methods this one runs inside it (a wrapper's scorer, a chain's stages): their per-row layer scratch

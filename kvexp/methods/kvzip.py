@@ -96,6 +96,11 @@ class KVzip(Method):
         return adaptive_counts(scores, target, 0.0)
 
     def probe(self, cache: KVCache, prompt: Probing) -> None:
+        self.reconstruct(cache, prompt)
+        cache.end_probes(self._global_budgets(cache) if self.allocation == "global" else None)
+
+    def reconstruct(self, cache: KVCache, prompt: Probing) -> None:
+        """The reconstruction probes, chunk by chunk: every held context entry gets its score (not compressed)."""
         n = prompt.ids.shape[1]
         sinks = min(n, max(self.n_sink, prompt.opening))
         chunks = prompt.ids[:, sinks:].split(self.chunk_size, dim=1)
@@ -113,7 +118,6 @@ class KVzip(Method):
                 scratch["target"] = (sinks, start, start + chunk.shape[1])
                 prompt.run(torch.cat([head, prompt.closing, chunk], dim=1))
                 start += chunk.shape[1]
-        cache.end_probes(self._global_budgets(cache) if self.allocation == "global" else None)
 
     def observe_probe(self, layer: CompressedLayer, query: torch.Tensor) -> None:
         sinks, start, end = layer.cache.scratch(self)["target"]

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 from weakref import WeakSet
@@ -33,8 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvexp.engine.cache import KVCache
-from kvexp.methods.base import Method, register
+from kvexp.methods.base import Method, check_window, register
+from kvexp.methods.hidden_state import (  # noqa: F401 (attention_input, attention_modules: criticalkv, the trainer)
+    attention_input,
+    attention_modules,
+    hook_attention_inputs,
+    read_checkpoint,
+    runs,
+    save_checkpoint,
+)
 from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention, protect_recent, protect_sinks
 
 log = logging.getLogger(__name__)
@@ -127,31 +132,14 @@ class LearnedScorer(nn.Module):
 
 def save_scorer(scorer: LearnedScorer, path: Path, meta: dict[str, Any]) -> None:
     """The checkpoint: {format, config (the scorer's shape, FEATURES, eps), meta (how it was trained), state_dict}."""
-    config = {**scorer.config(), "features": list(FEATURES), "eps": EPS}
-    state = {k: v.detach().cpu() for k, v in scorer.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "meta": meta, "state_dict": state}, path)
+    save_checkpoint(
+        path, CHECKPOINT_FORMAT, {**scorer.config(), "features": list(FEATURES), "eps": EPS}, meta, scorer
+    )
 
 
 def load_scorer(path: str | Path, option: str = "method.checkpoint") -> tuple[LearnedScorer, dict[str, Any]]:
     """A scorer from `save_scorer`'s file (or a directory holding learned_scorer.pt) and its meta."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise ValueError(
-            f"{option}={str(path)!r}: no such file (a learned_scorer.pt from train=learned_scorer)"
-        )
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as err:  # pickle, zip and OS errors alike; their text may advise unsafe loading: not shown
-        raise ValueError(
-            f"{option}={str(path)!r} cannot be read ({type(err).__name__}): it is corrupt or truncated, or not a "
-            f"{CHECKPOINT_FORMAT} checkpoint; train one with train=learned_scorer"
-        ) from None
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{option}={str(path)!r} is not a {CHECKPOINT_FORMAT} checkpoint")
+    blob = read_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_FILE, "learned_scorer", option)
     config = blob["config"]
     if list(config["features"]) != list(FEATURES):
         raise ValueError(
@@ -161,36 +149,6 @@ def load_scorer(path: str | Path, option: str = "method.checkpoint") -> tuple[Le
     scorer = LearnedScorer(**{k: config[k] for k in shape})
     scorer.load_state_dict(blob["state_dict"])
     return scorer.eval(), dict(blob.get("meta", {}))
-
-
-def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """layer_idx -> the module the attention function is handed (the innermost module with that layer_idx):
-    its input is the attention-input hidden state (post input_layernorm / ln_1)."""
-    found = {}
-    for module in model.modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and not any(
-            getattr(sub, "layer_idx", None) == idx for sub in module.modules() if sub is not module
-        ):
-            found[idx] = module
-    return found
-
-
-def _capture(method: weakref.ref, idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook of attention module `idx`: hand the step's hidden states to the method, for a kvexp cache."""
-    learned, cache = method(), kwargs.get("past_key_values", kwargs.get("layer_past"))
-    if learned is not None and isinstance(cache, KVCache):
-        learned.capture(cache.layers[idx], attention_input(args, kwargs))
-
-
-def _remove_hooks(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
-
-
-def attention_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states [B, q, hidden] an attention module's forward pre-hook is given."""
-    return args[0] if args else kwargs["hidden_states"]
 
 
 @register
@@ -242,10 +200,7 @@ class Learned(Method):
             raise ValueError(f"method.sink_tokens must be >= 0, got {self.sink_tokens}")
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ValueError(f"method.recent_ratio must be in [0, 1], got {self.recent_ratio}")
-        if self.recent_size is not None and self.recent_size < 0:
-            raise ValueError(f"method.recent_size must be >= 0 or null, got {self.recent_size}")
-        if self.recent_size is not None and budget is not None and self.recent_size > budget:
-            raise ValueError(f"method.recent_size must be in [0, budget={budget}], got {self.recent_size}")
+        check_window("recent_size", self.recent_size, budget, up_to_budget=True, nullable=True)
         if self.gqa not in GQA_REDUCTIONS:
             raise ValueError(f"method.gqa must be one of {GQA_REDUCTIONS}, got {self.gqa!r}")
         trained_gqa = self.meta.get("gqa")
@@ -269,23 +224,13 @@ class Learned(Method):
                 f"method.checkpoint={self.checkpoint!r} scores (layers, hidden size, KV heads) = {got}, but "
                 f"{type(model).__name__} has {wanted}; train it on this model (train=learned_scorer)"
             )
-        if self.scorer.hidden_features == 0 or model in self._hooked:
-            return
-        modules = attention_modules(model)
-        if sorted(modules) != list(range(cfg.num_hidden_layers)):
-            raise ValueError(f"method=learned cannot find the attention modules of {type(model).__name__}")
-        me = weakref.ref(self)  # the hooks must not keep the method alive: they go when it goes
-        handles = [
-            module.register_forward_pre_hook(partial(_capture, me, idx), with_kwargs=True)
-            for idx, module in modules.items()
-        ]
-        weakref.finalize(self, _remove_hooks, handles)
-        self._hooked.add(model)
+        if self.scorer.hidden_features > 0:
+            hook_attention_inputs(model, self, self._hooked)
 
     def capture(self, layer, hidden: torch.Tensor) -> None:
         """Attention pre-hook's work: project this step's attention-input hidden states [B, q, d] for `layer`."""
-        owner = layer.evictor  # this method, or a wrapper holding it (prefill_decoding)
-        if layer.budget is None or (isinstance(owner, Learned) and owner is not self):
+        # the evictor is this method, or a wrapper running it (prefill_decoding)
+        if layer.budget is None or layer.cache.probing or not runs(layer.evictor, self):
             return
         if "hidden0" not in layer.state_names():
             return

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from kvexp.data import read_jsonl, read_text
 from kvexp.engine import KVCache
-from kvexp.methods import Method, make_cache
+from kvexp.methods import Method, build_method, make_cache
 from kvexp.methods.base import Probing
 from kvexp.tasks import metrics
 from kvexp.tasks.base import Loaded, eviction_times, kv_totals, share_batch_costs
@@ -816,8 +816,11 @@ def run_generation(
     `batch_size` samples at once among those whose cache takes the same shape (`batch_key`), in sample order.
 
     Sample i samples with seed `decoding.seed + i`, so a full-cache and a compressed run draw alike, batched or not.
+    A method that feeds prompts in its own blocks (`block`) sets `prefill_chunk_size` when it is not given.
     """
     name = getattr(method, "name", method)
+    if prefill_chunk_size is None:
+        prefill_chunk_size = (build_method(method) if isinstance(method, str) else method).prompt_block
     budgets = [budget_for(p.compressed_tokens(protocol)) for p in prompts]
     rows = [
         Row(

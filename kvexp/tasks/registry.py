@@ -324,7 +324,8 @@ class LmEval(Task):
 
     def run(self, cfg: DictConfig, loaded: Loaded) -> Results:
         model, tokenizer, seed = loaded.model, loaded.tokenizer, cfg.seed
-        chunks = {"chunk_size": cfg.eval.chunk_size, "prefill_chunk_size": cfg.eval.prefill_chunk_size}
+        prefill = cfg.eval.prefill_chunk_size or loaded.method.prompt_block  # the method's blocks (`block`)
+        chunks = {"chunk_size": cfg.eval.chunk_size, "prefill_chunk_size": prefill}
         before = (
             evaluate_lm_eval(cfg.dataset, model, tokenizer, "full", None, {}, seed, **chunks)[0]
             if cfg.eval.compare_to_full

@@ -29,14 +29,25 @@ class Trained:
 # use: evaluation-only runs never import the training stack).
 TRAINERS: dict[str, str] = {
     "distill": "kvexp.train.distill",
+    "kvzip_surrogate": "kvexp.train.kvzip_surrogate",
     "learned_scorer": "kvexp.train.learned_scorer",
+    "restorekv": "kvexp.train.restorekv",
 }
 TRAIN_CHOICES = ("none", *TRAINERS)
+# Trainers that run a probing method's probes themselves (the config refuses probing methods with the others).
+PROBING_TRAINERS = ("restorekv",)
 
 
 def check_train(cfg: DictConfig) -> None:
     """The trainer's own option checks (names the bad `train.*` option and its allowed values)."""
     importlib.import_module(TRAINERS[cfg.train.name]).check(cfg)
+
+
+def untrained_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """What `cfg.method` takes for the evaluation before training (`metrics_untrained`): the trainer module's
+    `UNTRAINED` (kvzip_surrogate: the surrogate at its seeded initialization, `checkpoint: random`); none by
+    default (the method as configured)."""
+    return dict(getattr(importlib.import_module(TRAINERS[cfg.train.name]), "UNTRAINED", {}))
 
 
 def run_trainer(cfg: DictConfig, checkpoint_dir: Path) -> Trained:

@@ -22,7 +22,6 @@ score (H2O's running accumulated attention a_j).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,20 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from kvexp.data import read_corpus, required_data_file
-from kvexp.methods.learned import (
-    CHECKPOINT_FILE,
-    EPS,
-    FEATURES,
-    LearnedScorer,
-    attention_input,
-    attention_modules,
-    entry_features,
-    save_scorer,
-)
+from kvexp.methods.hidden_state import recording_attention_inputs
+from kvexp.methods.learned import CHECKPOINT_FILE, EPS, FEATURES, LearnedScorer, entry_features, save_scorer
 from kvexp.methods.scoring import reduce_group
 from kvexp.models import load_model
 from kvexp.tasks.base import method_from_config
 from kvexp.train import Trained
+from kvexp.train.fitting import minibatch_fit, spearman, top_recall
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +118,16 @@ def training_windows(
     path: Path, tokenizer, texts: int, max_tokens: int, skip_chars: int
 ) -> list[torch.Tensor]:
     """`texts` token windows [1, <= max_tokens] (see the module docstring)."""
-    books = [text for _, text in read_corpus(path)]
+    return text_windows(
+        [text for _, text in read_corpus(path)], path.name, tokenizer, texts, max_tokens, skip_chars
+    )
+
+
+def text_windows(
+    books: list[str], name: str, tokenizer, texts: int, max_tokens: int, skip_chars: int
+) -> list[torch.Tensor]:
+    """`texts` windows [1, max_tokens] of the books `name` holds: window i from book i mod n_books, its
+    (i div n_books)-th stretch of text after `skip_chars`."""
     chars = 8 * max_tokens  # enough characters for max_tokens tokens of any tokenizer kvexp uses
     windows = []
     for i in range(texts):
@@ -135,7 +136,7 @@ def training_windows(
         ids = tokenizer(book[start : start + chars], return_tensors="pt").input_ids[:, :max_tokens]
         if ids.shape[1] < max_tokens:
             raise ValueError(
-                f"train.texts={texts}: window {i} of {path.name} has only {ids.shape[1]} of train.max_tokens="
+                f"train.texts={texts}: window {i} of {name} has only {ids.shape[1]} of train.max_tokens="
                 f"{max_tokens} tokens; use fewer texts or tokens"
             )
         windows.append(ids)
@@ -158,23 +159,14 @@ def record(model, ids: torch.Tensor, gqa: str) -> Recording:
     """Run `ids` [1, T] through the frozen model (full cache, eager attention) and record what the features need."""
     from transformers import DynamicCache
 
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [
-        module.register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: captured.__setitem__(i, attention_input(args, kwargs)[0].float()),
-            with_kwargs=True,
-        )
-        for i, module in attention_modules(model).items()
-    ]
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        cache = DynamicCache(config=model.config)
-        out = model(ids.to(model.device), past_key_values=cache, use_cache=True, output_attentions=True)
+        with recording_attention_inputs(model) as captured:
+            cache = DynamicCache(config=model.config)
+            out = model(ids.to(model.device), past_key_values=cache, use_cache=True, output_attentions=True)
     finally:
         model.set_attn_implementation(previous)
-        for hook in hooks:
-            hook.remove()
     layers = len(out.attentions)
     kv = [cache.layers[i] for i in range(layers)]
     cums = []
@@ -183,7 +175,7 @@ def record(model, ids: torch.Tensor, gqa: str) -> Recording:
         grouped = attention[0].float().reshape(kv_heads, heads // kv_heads, *attention.shape[2:])
         cums.append(reduce_group(grouped[None], gqa)[0].cumsum(dim=1))  # [Hkv, T(query), T(key)]
     return Recording(
-        hidden=[captured[i] for i in range(layers)],
+        hidden=[captured[i][0].float() for i in range(layers)],
         keys=[layer.keys[0].float() for layer in kv],
         values=[layer.values[0].float() for layer in kv],
         cum=cums,
@@ -237,51 +229,30 @@ def build_samples(recordings: list[Recording], times: list[list[int]], oracle: s
 
 def fit(scorer: LearnedScorer, data: Samples, t: DictConfig) -> list[float]:
     """MSE regression of every layer at once; returns the mean training loss of each epoch."""
-    generator = torch.Generator().manual_seed(t.seed)
     scorer.feature_mean.copy_(data.scalars.mean(dim=(1, 2)))
     scorer.feature_std.copy_(data.scalars.std(dim=(1, 2)).clamp_min(1e-3))
     with torch.no_grad():
         scorer.b2.copy_(data.target.mean(dim=1))  # start from the mean log importance of each layer and head
-    optimizer = torch.optim.AdamW(scorer.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    n = data.rows.numel()
-    steps_per_epoch = math.ceil(n / t.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs * steps_per_epoch)
-    losses = []
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        pred = scorer.forward_all(data.hidden[:, data.rows[batch]], data.scalars[:, batch])
+        return torch.nn.functional.mse_loss(pred, data.target[:, batch])
+
     scorer.train()
-    for _ in tqdm(range(t.epochs), desc="learned_scorer [fit]"):
-        order, total = torch.randperm(n, generator=generator), 0.0
-        for first in range(0, n, t.batch_size):
-            batch = order[first : first + t.batch_size]
-            pred = scorer.forward_all(data.hidden[:, data.rows[batch]], data.scalars[:, batch])
-            loss = torch.nn.functional.mse_loss(pred, data.target[:, batch])
-            optimizer.zero_grad()
-            loss.backward()
-            if t.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(scorer.parameters(), t.grad_clip)
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * batch.numel()
-        losses.append(total / n)
+    losses = minibatch_fit(
+        scorer.parameters(),
+        data.rows.numel(),
+        loss_of,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        seed=t.seed,
+        desc="learned_scorer [fit]",
+    )
     scorer.eval()
     return losses
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort(dim=-1).argsort(dim=-1).float()
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Rank correlation along the last axis (ties broken by order)."""
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(dim=-1, keepdim=True), rb - rb.mean(dim=-1, keepdim=True)
-    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-12)
-
-
-def top_recall(pred: torch.Tensor, oracle: torch.Tensor, k: int) -> torch.Tensor:
-    """Share of the oracle's top-k (last axis) among the predicted top-k."""
-    mine = torch.zeros_like(pred, dtype=torch.bool).scatter_(-1, pred.topk(k, dim=-1).indices, True)
-    theirs = torch.zeros_like(pred, dtype=torch.bool).scatter_(-1, oracle.topk(k, dim=-1).indices, True)
-    return (mine & theirs).sum(-1).float() / k
 
 
 def keep_count(budget: DictConfig, method, n: int) -> tuple[int, int, int] | None:
