@@ -23,6 +23,7 @@ from kvexp.methods.fastkvzip import LONG_CONTEXT
 from kvexp.methods.hidden_state import save_checkpoint
 from kvexp.tasks.generation import PromptEncoder
 from kvexp.train import kvzip_surrogate
+from kvexp.train.data import training_books
 from kvexp.train.kvzip_surrogate import Window, agreement, fit, kvzip_window
 from kvexp.train.learned_scorer import text_windows
 from tests.conftest import load
@@ -220,7 +221,7 @@ def sharp_windows():
         for layer in sharp.model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
             layer.self_attn.k_proj.weight.mul_(4.0)
-    books, name = kvzip_surrogate._books("gutenberg/books.jsonl")
+    books, name = training_books("gutenberg/books.jsonl")
     windows = [
         kvzip_window(sharp, tok, PromptEncoder(tok), tok.decode(ids[0], skip_special_tokens=True), 2000)
         for ids in text_windows(books, name, tok, 6, 160, 2000)
@@ -290,7 +291,7 @@ def test_the_checkpoint_reproduces_the_trainers_validation(trained_kvzap):
     model, tok = load("tiny_llama")
     method = build_method("kvzap", model_type="linear", checkpoint=path)
     assert method.meta["model"] == "tiny_llama" and method.meta["trained_layers"] == [0, 1]
-    books, name = kvzip_surrogate._books(cfg.train.data_file)
+    books, name = training_books(cfg.train.data_file)
     held_out = text_windows(books, name, tok, 6, 256, 2000)[-2:]  # the trainer's validation windows
     windows = [
         kvzip_window(model, tok, PromptEncoder(tok), tok.decode(ids[0], skip_special_tokens=True), 2000)[0]

@@ -48,6 +48,43 @@ class Probing:
     question: torch.Tensor | None = None
 
 
+@dataclass
+class LayerAllocation:
+    """One cache's cross-layer allocation (in its scratch), made in the first forward in which a compressing layer
+    is over budget (D2O's variance shares, KVCompose's global ranking)."""
+
+    step: int  # `layer.seen` during that forward
+    base: dict[int, int]  # every allocated layer's budget before the allocation
+    done: bool = False
+
+
+def allocation_at_last_layer(owner: Method, layer: CompressedLayer) -> LayerAllocation | Reallocation | None:
+    """The flow of a once-per-cache layer allocation decided at the last allocated layer's step, for `allocate`:
+    the first forward in which a layer (without per-head budgets) is over budget starts it; each earlier layer of
+    that forward is deferred (`Reallocation(defer=True)`, returned as is); at the last one the allocation itself is
+    returned, for the owner to decide, mark `done` and return its final `Reallocation`. None: nothing to do."""
+    from kvexp.engine.cache import Reallocation
+
+    shared = layer.cache.scratch(owner)
+    allocation = shared.get("allocation")
+    if allocation is None:
+        if layer.head_budgets is not None or not layer.over_budget():
+            return None
+        base = {
+            i: other.budget
+            for i, other in enumerate(layer.cache.layers)
+            if other.budget is not None and other.head_budgets is None
+        }
+        allocation = shared["allocation"] = LayerAllocation(step=layer.seen, base=base)
+    if allocation.done or allocation.step != layer.seen or layer.layer_idx not in allocation.base:
+        return None
+    if layer.layer_idx != max(allocation.base):
+        return Reallocation(
+            defer=True
+        )  # compressed at the last layer's step, once every layer's statistics are known
+    return allocation
+
+
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by its `name`."""
     METHODS[cls.name] = cls

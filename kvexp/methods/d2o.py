@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from kvexp.engine import Reallocation, Selection
-from kvexp.methods.base import register, skip_layers
+from kvexp.methods.base import LayerAllocation, allocation_at_last_layer, register, skip_layers
 from kvexp.methods.dynamickv import share_with_caps
 from kvexp.methods.h2o import HeavyHitters
 from kvexp.methods.merging import fold, most_similar, reject_rerotate
@@ -23,16 +23,6 @@ def attention_variance(columns: torch.Tensor, live: torch.Tensor) -> float:
     heads = variance.mean(dim=0).flatten()  # [H]
     normalised = (heads - heads.min()) / (heads.max() - heads.min() + 1e-6)
     return float(normalised.mean())
-
-
-@dataclass
-class _Allocation:
-    """One cache's layer allocation (in its scratch), made in the first forward in which a compressing layer is
-    over budget."""
-
-    step: int  # `layer.seen` during that forward
-    base: dict[int, int]  # every allocated layer's budget before the allocation
-    done: bool = False
 
 
 @register
@@ -112,21 +102,9 @@ class D2O(HeavyHitters):
         by softmax(-sigma_l): every allocated layer gets its budget and compresses."""
         if not self.layer_allocation:
             return None
-        shared = layer.cache.scratch(self)
-        allocation = shared.get("allocation")
-        if allocation is None:
-            if layer.head_budgets is not None or not layer.over_budget():
-                return None
-            base = {
-                i: other.budget
-                for i, other in enumerate(layer.cache.layers)
-                if other.budget is not None and other.head_budgets is None
-            }
-            allocation = shared["allocation"] = _Allocation(step=layer.seen, base=base)
-        if allocation.done or allocation.step != layer.seen or layer.layer_idx not in allocation.base:
-            return None
-        if layer.layer_idx != max(allocation.base):
-            return Reallocation(defer=True)  # compressed at the last layer, once every layer's sigma is known
+        allocation = allocation_at_last_layer(self, layer)
+        if not isinstance(allocation, LayerAllocation):
+            return allocation  # nothing to do, or an earlier layer deferred
         members = sorted(allocation.base)
         layers = [layer.cache.layers[i] for i in members]
         sigma = torch.tensor([attention_variance(m.scratch(self).pop("columns"), m.live()) for m in layers])

@@ -10,7 +10,7 @@ import torch
 
 from kvexp.engine import Reallocation
 from kvexp.engine.cache import rotate_keys
-from kvexp.methods.base import Method, Probing, register
+from kvexp.methods.base import LayerAllocation, Method, Probing, allocation_at_last_layer, register
 from kvexp.methods.dynamickv import share_with_caps
 from kvexp.methods.scoring import newest_attention, step_queries
 
@@ -99,15 +99,6 @@ def composite_scores(scores: torch.Tensor, live: torch.Tensor, how: str) -> torc
     head cannot fill (dead slots) is -inf under mean (no such composite token), the others' best under max."""
     ranked = scores.float().masked_fill(~live, -math.inf).sort(dim=-1, descending=True).values
     return ranked.mean(dim=1) if how == "mean" else ranked.amax(dim=1)
-
-
-@dataclass
-class _Allocation:
-    """One cache's layer allocation (in its scratch), made in the first forward in which a layer is over budget."""
-
-    step: int  # `layer.seen` during that forward
-    base: dict[int, int]  # every allocated layer's budget before the allocation
-    done: bool = False
 
 
 @register
@@ -257,21 +248,9 @@ class KVCompose(Method):
     def allocate(self, layer: CompressedLayer) -> Reallocation | None:
         """Defer each layer's compression in the allocating forward; at its last allocated layer, rank every layer's
         composite tokens together: each layer gets the number of its own among the best, and compresses."""
-        shared = layer.cache.scratch(self)
-        allocation = shared.get("allocation")
-        if allocation is None:
-            if layer.head_budgets is not None or not layer.over_budget():
-                return None
-            base = {
-                i: other.budget
-                for i, other in enumerate(layer.cache.layers)
-                if other.budget is not None and other.head_budgets is None
-            }
-            allocation = shared["allocation"] = _Allocation(step=layer.seen, base=base)
-        if allocation.done or allocation.step != layer.seen or layer.layer_idx not in allocation.base:
-            return None
-        if layer.layer_idx != max(allocation.base):
-            return Reallocation(defer=True)  # compressed at the last layer's step, every layer's scores known
+        allocation = allocation_at_last_layer(self, layer)
+        if not isinstance(allocation, LayerAllocation):
+            return allocation  # nothing to do, or an earlier layer deferred
         allocation.done = True
         return Reallocation(self.global_budgets(layer.cache, allocation.base), final=True)
 

@@ -13,10 +13,12 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
-from kvexp.data import DATA_DIR_ENV, hub_token, read_corpus, required_data_file
+from kvexp.data import DATA_DIR_ENV, WIKITEXT2, hub_token, read_corpus, read_text, required_data_file
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +103,25 @@ def token_windows(
     if not windows:
         raise ValueError(f"no training document has train.max_length={max_length} tokens")
     return torch.stack(windows[:max_windows] if max_windows else windows)
+
+
+def training_books(data_file: str) -> tuple[list[str], str]:
+    """The texts `train.data_file` names (a corpus under $KVEXP_DATA_DIR, or `wikitext2`: the embedded WikiText-2
+    test split) and a name for them."""
+    if data_file == "wikitext2":
+        return [read_text(WIKITEXT2.path)], WIKITEXT2.path.name
+    path = required_data_file(data_file, "train.data_file")
+    return [text for _, text in read_corpus(path)], path.name
+
+
+def engine_settings(cfg: Mapping) -> dict[str, Any]:
+    """make_cache's engine settings from a run's config, as its evaluation uses them (without the compiled decode,
+    which training does not run)."""
+    engine = cfg.get("engine") or {}
+    per_head = cfg.budget.get("per_head") if cfg.get("budget") is not None else None
+    return {
+        "slack": engine.get("slack", 0),
+        "when": engine.get("when", "always"),
+        "positions": engine.get("positions", "original"),
+        "head_budgets": OmegaConf.to_container(per_head) if per_head is not None else None,
+    }

@@ -44,7 +44,7 @@ from kvexp.tasks.base import method_from_config
 from kvexp.tasks.data import load_documents
 from kvexp.tracking import ACTIVE_LOGGER, atomic_write_csv, make_logger
 from kvexp.train import Trained
-from kvexp.train.data import DATA_SOURCES, check_disjoint, load_training_texts, token_windows
+from kvexp.train.data import DATA_SOURCES, check_disjoint, engine_settings, load_training_texts, token_windows
 from kvexp.train.evaluation import OBJECTIVE, TrainingEvaluator, check_evaluation
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class Distiller:
     def __init__(self, cfg: DictConfig, model, method, budget, device: torch.device):
         t = cfg.train
         self.cfg, self.t, self.method, self.budget, self.device = cfg, t, method, budget, device
-        self.engine = _engine(cfg)
+        self.engine = engine_settings(cfg)
         self.trainable = t.trainable
         self.teacher = None
         model.requires_grad_(False)
@@ -423,18 +423,6 @@ def _number(text: str) -> Any:
             return float(text)
         except ValueError:
             return text
-
-
-def _engine(cfg: DictConfig) -> dict[str, Any]:
-    """make_cache's engine settings from the config (as the evaluation uses them)."""
-    engine = cfg.get("engine") or {}
-    per_head = cfg.budget.get("per_head") if cfg.get("budget") is not None else None
-    return {
-        "slack": engine.get("slack", 0),
-        "when": engine.get("when", "always"),
-        "positions": engine.get("positions", "original"),
-        "head_budgets": OmegaConf.to_container(per_head) if per_head is not None else None,
-    }
 
 
 def micro_batch(windows: torch.Tensor, index: int, batch_size: int, seed: int) -> torch.Tensor:

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from kvexp.data import WIKITEXT2, read_corpus, read_text, required_data_file
 from kvexp.methods import build_method, make_cache
 from kvexp.methods.base import Probing
 from kvexp.methods.hidden_state import RANDOM, HiddenStateScorer, recording_attention_inputs, save_checkpoint
@@ -50,6 +49,7 @@ from kvexp.models import load_model
 from kvexp.tasks.base import method_from_config
 from kvexp.tasks.generation import GenerationSample, PromptEncoder
 from kvexp.train import Trained
+from kvexp.train.data import training_books
 from kvexp.train.fitting import minibatch_fit, spearman, top_recall
 from kvexp.train.learned_scorer import text_windows
 
@@ -146,15 +146,7 @@ def check(cfg: DictConfig) -> None:
         raise ValueError(
             f"train.chat_template must be true, false or null (the tokenizer's if it has one), got {t.chat_template!r}"
         )
-    _books(t.data_file)
-
-
-def _books(data_file: str) -> tuple[list[str], str]:
-    """The texts `train.data_file` names and a name for them."""
-    if data_file == "wikitext2":
-        return [read_text(WIKITEXT2.path)], WIKITEXT2.path.name
-    path = required_data_file(data_file, "train.data_file")
-    return [text for _, text in read_corpus(path)], path.name
+    training_books(t.data_file)
 
 
 def fit_recipe(method: str, t: DictConfig) -> dict[str, Any]:
@@ -314,7 +306,7 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
     model, tokenizer = load_model(cfg.model, cfg.hardware)
     model.eval()
     start = time.perf_counter()
-    books, name = _books(t.data_file)
+    books, name = training_books(t.data_file)
     windows = text_windows(books, name, tokenizer, t.texts, t.max_tokens, t.skip_chars)
     template = bool(getattr(tokenizer, "chat_template", None)) if t.chat_template is None else t.chat_template
     encoder = PromptEncoder(tokenizer, chat_template=template)

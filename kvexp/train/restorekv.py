@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from kvexp.budgets import resolve_budget
-from kvexp.data import WIKITEXT2, read_corpus, read_text, required_data_file
 from kvexp.methods import make_cache
 from kvexp.methods.base import Probing
 from kvexp.methods.restorekv import INIT, RestoreKV, init_adapter, lora_modules, save_adapter
 from kvexp.models import load_model
 from kvexp.tasks.base import method_from_config
 from kvexp.train import Trained
+from kvexp.train.data import engine_settings, training_books
 from kvexp.train.learned_scorer import text_windows
 
 log = logging.getLogger(__name__)
@@ -130,15 +130,7 @@ def check(cfg: DictConfig) -> None:
             f"train.max_tokens - train.continuation ({context} context tokens) must exceed budget.tokens="
             f"{budget.tokens}: otherwise nothing is evicted"
         )
-    _books(t.data_file)
-
-
-def _books(data_file: str) -> tuple[list[str], str]:
-    """The texts `train.data_file` names and a name for them."""
-    if data_file == "wikitext2":
-        return [read_text(WIKITEXT2.path)], WIKITEXT2.path.name
-    path = required_data_file(data_file, "train.data_file")
-    return [text for _, text in read_corpus(path)], path.name
+    training_books(t.data_file)
 
 
 def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -180,18 +172,6 @@ def window_loss(
     return kl_loss(student, teacher, temperature)
 
 
-def _engine(cfg: DictConfig) -> dict[str, Any]:
-    """make_cache's engine settings from the config (the evaluation's, without the compiled decode)."""
-    engine = cfg.get("engine") or {}
-    per_head = cfg.budget.get("per_head") if cfg.get("budget") is not None else None
-    return {
-        "slack": engine.get("slack", 0),
-        "when": engine.get("when", "always"),
-        "positions": engine.get("positions", "original"),
-        "head_budgets": OmegaConf.to_container(per_head) if per_head is not None else None,
-    }
-
-
 def mean_loss(model, tokenizer, method, budget, windows, t: DictConfig, engine) -> float:
     """The loss averaged over `windows`, without gradients."""
     with torch.no_grad():
@@ -223,10 +203,10 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
     params = adapter.parameters()
     for p in params.values():
         p.requires_grad_(True)
-    books, name = _books(t.data_file)
+    books, name = training_books(t.data_file)
     windows = text_windows(books, name, tokenizer, t.texts, t.max_tokens, t.skip_chars)
     budget = resolve_budget(cfg.budget, t.max_tokens - t.continuation, model.config.num_hidden_layers)
-    engine = _engine(cfg)
+    engine = engine_settings(cfg)
     optimizer = torch.optim.AdamW(list(params.values()), lr=float(t.lr), weight_decay=float(t.weight_decay))
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(t.seed)).tolist()
     start = time.perf_counter()
