@@ -125,3 +125,16 @@ def engine_settings(cfg: Mapping) -> dict[str, Any]:
         "positions": engine.get("positions", "original"),
         "head_budgets": OmegaConf.to_container(per_head) if per_head is not None else None,
     }
+
+
+def check_trainer_options(
+    cfg: Mapping, trainer: str, methods: tuple[str, ...], options: tuple[str, ...]
+) -> None:
+    """A trainer's first checks, before any model loads: the run's method is one it trains, and `train.*` holds
+    only its options (one line naming what is allowed)."""
+    if cfg.method.name not in methods:
+        trains = " or ".join(f"method={m}" for m in methods)
+        raise ValueError(f"train={trainer} trains {trains}; got method={cfg.method.name}")
+    unknown = sorted(set(cfg.train) - set(options))
+    if unknown:
+        raise ValueError(f"train={trainer} has no option(s) {unknown}; its options are: {sorted(options)}")

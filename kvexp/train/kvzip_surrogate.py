@@ -49,7 +49,7 @@ from kvexp.models import load_model
 from kvexp.tasks.base import method_from_config
 from kvexp.tasks.generation import GenerationSample, PromptEncoder
 from kvexp.train import Trained
-from kvexp.train.data import training_books
+from kvexp.train.data import check_trainer_options, training_books
 from kvexp.train.fitting import minibatch_fit, spearman, top_recall
 from kvexp.train.learned_scorer import text_windows
 
@@ -105,16 +105,8 @@ def _positive_int(value: Any) -> bool:
 
 def check(cfg: DictConfig) -> None:
     """Validate cfg.train.* (and that the method is kvzap or fastkvzip) before any model loads."""
-    if cfg.method.name not in METHODS:
-        raise ValueError(
-            f"train=kvzip_surrogate trains method=kvzap or method=fastkvzip; got method={cfg.method.name}"
-        )
+    check_trainer_options(cfg, "kvzip_surrogate", METHODS, OPTIONS)
     t = cfg.train
-    unknown = sorted(set(t) - set(OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"train=kvzip_surrogate has no option(s) {unknown}; its options are: {sorted(OPTIONS)}"
-        )
     for name in ("texts", "max_tokens", "chunk_size"):
         if not _positive_int(t[name]):
             raise ValueError(f"train.{name} must be a positive integer, got {t[name]!r}")

@@ -37,6 +37,7 @@ from kvexp.methods.scoring import reduce_group
 from kvexp.models import load_model
 from kvexp.tasks.base import method_from_config
 from kvexp.train import Trained
+from kvexp.train.data import check_trainer_options
 from kvexp.train.fitting import minibatch_fit, spearman, top_recall
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,8 @@ OPTIONS = (
 
 def check(cfg: DictConfig) -> None:
     """Validate cfg.train.* (and that the method is `learned`) before any model loads."""
-    if cfg.method.name != "learned":
-        raise ValueError(f"train=learned_scorer trains method=learned; got method={cfg.method.name}")
+    check_trainer_options(cfg, "learned_scorer", ("learned",), OPTIONS)
     t = cfg.train
-    unknown = sorted(set(t) - set(OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"train=learned_scorer has no option(s) {unknown}; its options are: {sorted(OPTIONS)}"
-        )
     if t.oracle not in ORACLES:
         raise ValueError(f"train.oracle must be one of {ORACLES}, got {t.oracle!r}")
     positive = (

@@ -44,7 +44,7 @@ from kvexp.methods.restorekv import INIT, RestoreKV, init_adapter, lora_modules,
 from kvexp.models import load_model
 from kvexp.tasks.base import method_from_config
 from kvexp.train import Trained
-from kvexp.train.data import engine_settings, training_books
+from kvexp.train.data import check_trainer_options, engine_settings, training_books
 from kvexp.train.learned_scorer import text_windows
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,8 @@ def _number(value: Any) -> bool:
 
 def check(cfg: DictConfig) -> None:
     """Validate cfg.train.* (and that the method is restorekv with a budget) before any model loads."""
-    if cfg.method.name != "restorekv":
-        raise ValueError(f"train=restorekv trains method=restorekv; got method={cfg.method.name}")
+    check_trainer_options(cfg, "restorekv", ("restorekv",), OPTIONS)
     t = cfg.train
-    unknown = sorted(set(t) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"train=restorekv has no option(s) {unknown}; its options are: {sorted(OPTIONS)}")
     for name in ("texts", "max_tokens", "continuation", "steps", "log_every"):
         if not _positive_int(t[name]):
             raise ValueError(f"train.{name} must be a positive integer, got {t[name]!r}")
