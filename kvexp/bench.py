@@ -19,9 +19,14 @@ Cases (issue 8), on the embedded model unless `--model` says otherwise:
       On a GPU most ops are a kernel launch each, so this ratio bounds a compressed step's launch overhead.
   P5  evaluation throughput: streaming perplexity (one token per step, budget `--budget`) in tokens/s vs plain
       decode at `--short-context` (target >= 90 %).
+  P6  batched generation: RULER's samples at `--p6-length` tokens (`--p6-samples` per task, the tasks that need no
+      download) through `--p6-methods` (query-agnostic, compression at prefill, greedy), answered one at a time and
+      `--p6-batch` at a time, at a token budget (`--p6-budget`) and at keep 0.5 (a budget per prompt length: rows
+      of different budgets batch together only for a method that keeps a budget per row, `Method.row_budgets`);
+      samples/s, their ratio, the batches formed and how many answers equal the one-at-a-time answers (all must).
 Writes `<out>/bench.json` and `<out>/bench.md` and prints the table with each target met or missed by how much.
 
-    python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 8192] [--budget 512]
+    python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 8192] [--budget 512] [--cases P1,...,P6]
     python -m kvexp.bench --suite gpu [...]   # the GPU suite at real model shapes (kvexp.bench_gpu)
 """
 
@@ -43,15 +48,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from kvexp.engine import use_kvexp_attention
-from kvexp.methods import make_cache
+from kvexp.export import build_samples
+from kvexp.methods import METHODS, make_cache
 from kvexp.models import load_model_by_name, peak_memory
 from kvexp.tasks.data import load_documents
+from kvexp.tasks.generation import batch_key, run_generation
 from kvexp.tasks.perplexity import score_document
 from kvexp.tracking import atomic_write_json, atomic_write_text
 
 P1_METHODS = ("streaming_llm", "knorm", "snapkv", "h2o", "tova")
 PREFILL_SCORERS = ("knorm", "snapkv", "pyramidkv", "expected_attention")
 PER_STEP_METHODS = ("streaming_llm", "knorm", "h2o", "tova")
+CASES = ("P1", "P2", "P3", "P4", "P5", "P6")
 TARGETS = {"P1": 1.10, "P2_prefill": 0.03, "P2_decode": 0.05, "P3": 1.2, "P4": 1.15, "P5": 0.90}
 
 
@@ -288,6 +296,62 @@ def p5_throughput(model, ids, args, plain_short_ms: float) -> dict[str, dict[str
     return out
 
 
+def p6_batched(model, tokenizer, args) -> dict[str, dict[str, Any]]:
+    """Samples/s answering RULER's samples one at a time vs `--p6-batch` at a time (rounds interleaved, the best of
+    `--p6-repeats` kept), and whether every batched answer is the one-at-a-time answer."""
+    overrides = [f"model={args.model}", "dataset=ruler", f"dataset.lengths=[{args.p6_length}]"]
+    _, encoder, samples = build_samples(
+        [*overrides, f"dataset.samples_per_task={args.p6_samples}"], tokenizer
+    )
+    prompts = [encoder.encode(s) for s in samples]
+    budgets = {
+        f"budget={args.p6_budget}": lambda n: args.p6_budget,
+        "keep_0.5": lambda n: max(1, int(0.5 * n)),
+    }
+    out = {}
+    for method in args.p6_methods:
+        for label, budget_for in budgets.items():
+            groups = collections.Counter(
+                batch_key(
+                    p,
+                    budget_for(p.compressed_tokens("query_agnostic")),
+                    "query_agnostic",
+                    None,
+                    "prefill",
+                    row_budgets=METHODS[method].row_budgets,
+                )
+                for p in prompts
+            )  # rows of one key may share a batch; fmt: skip
+            seconds: dict[int, list[float]] = {1: [], args.p6_batch: []}
+            answers: dict[int, list[str]] = {}
+            for _ in range(args.p6_repeats):
+                for size in seconds:
+                    start = time.perf_counter()
+                    results = run_generation(
+                        model,
+                        tokenizer,
+                        samples,
+                        prompts,
+                        method,
+                        budget_for,
+                        when="prefill",
+                        batch_size=size,
+                    )
+                    seconds[size].append(time.perf_counter() - start)
+                    answers[size] = [r.prediction for r in results]
+            one, batched = len(samples) / min(seconds[1]), len(samples) / min(seconds[args.p6_batch])
+            out[f"{method} {label}"] = {
+                "samples": len(samples),
+                "budgets": len({budget_for(p.compressed_tokens("query_agnostic")) for p in prompts}),
+                "batches": sum(-(-n // args.p6_batch) for n in groups.values()),
+                "samples_per_s_one": one,
+                "samples_per_s_batched": batched,
+                "ratio": batched / one,
+                "same_answers": sum(a == b for a, b in zip(answers[1], answers[args.p6_batch], strict=True)),
+            }
+    return out
+
+
 def _tokens(tokenizer, count: int) -> torch.Tensor:
     docs = load_documents(
         {"name": "pg19", "path": None, "local_file": "pg19/test_books.jsonl", "hub_id": "emozilla/pg19-test",
@@ -309,13 +373,14 @@ def target_verdict(value: float, target: float, higher_is_better: bool = False) 
 
 def markdown(results: dict[str, Any]) -> str:
     """The benchmark's tables with each target's verdict."""
-    lines = [
-        f"`{results['machine']}`\n",
-        "**P1 decode** (median ms/token)\n",
-        "| case | ms/token | / plain short | kept | target |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in results["P1"].items():
+    lines = [f"`{results['machine']}`\n"]
+    if results.get("P1"):
+        lines += [
+            "**P1 decode** (median ms/token)\n",
+            "| case | ms/token | / plain short | kept | target |",
+            "|---|---|---|---|---|",
+        ]
+    for name, r in results.get("P1", {}).items():
         verdict = (
             ""
             if name.startswith("plain")
@@ -324,12 +389,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r['ms_per_token']:.1f} | {r['ratio_to_plain_short']:.2f} | {r['kept']} | {verdict} |"
         )
-    lines += [
-        "\n**P2 method overhead** (share of time inside the method)\n",
-        "| case | share | target |",
-        "|---|---|---|",
-    ]
-    for name, r in results["P2"].items():
+    if results.get("P2"):
+        lines += [
+            "\n**P2 method overhead** (share of time inside the method)\n",
+            "| case | share | target |",
+            "|---|---|---|",
+        ]
+    for name, r in results.get("P2", {}).items():
         target = TARGETS["P2_prefill"] if "prefill@" in name else TARGETS["P2_decode"]
         lines.append(
             f"| {name} | {100 * r['share']:.1f}% | <= {100 * target:.0f}%: {target_verdict(r['share'], target)} |"
@@ -370,15 +436,31 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {r['ops_per_step']:.0f} | {r['ops_per_layer']:.1f} | {extra} | "
                 f"{r['ratio_to_plain']:.2f} | {evictions} | {verdict} |"
             )
-    lines += [
-        "\n**P5 evaluation throughput**\n",
-        "| case | tokens/s | / plain decode | target |",
-        "|---|---|---|---|",
-    ]
-    for name, r in results["P5"].items():
+    if results.get("P5"):
+        lines += [
+            "\n**P5 evaluation throughput**\n",
+            "| case | tokens/s | / plain decode | target |",
+            "|---|---|---|---|",
+        ]
+    for name, r in results.get("P5", {}).items():
         lines.append(
             f"| {name} | {r['tokens_per_s']:.1f} | {r['ratio_to_plain_decode']:.2f} | >= {TARGETS['P5']}: {target_verdict(r['ratio_to_plain_decode'], TARGETS['P5'], True)} |"
         )
+    if results.get("P6"):
+        size = results["args"]["p6_batch"]
+        lines += [
+            f"\n**P6 batched generation** (RULER at {results['args']['p6_length']} tokens, batch 1 vs {size})\n",
+            "| case | samples | budgets | batches | samples/s, one at a time | samples/s, batched | ratio | same answers |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in results["P6"].items():
+            same = (
+                "all" if r["same_answers"] == r["samples"] else f"**{r['same_answers']} of {r['samples']}**"
+            )
+            lines.append(
+                f"| {name} | {r['samples']} | {r['budgets']} | {r['batches']} | {r['samples_per_s_one']:.3f} | "
+                f"{r['samples_per_s_batched']:.3f} | {r['ratio']:.2f}x | {same} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -407,7 +489,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-methods", default=",".join(PREFILL_SCORERS))
     parser.add_argument("--step-methods", default=",".join(PER_STEP_METHODS))
     parser.add_argument("--p5-methods", default="streaming_llm,h2o")
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help="the cases to run (P5 needs P1's plain decode)"
+    )
     parser.add_argument("--skip-p3", action="store_true", help="no subprocess memory cases")
+    parser.add_argument("--p6-methods", default="snapkv,h2o", help="P6: batched generation ('': skip P6)")
+    parser.add_argument("--p6-length", type=int, default=512, help="P6: RULER's length in tokens")
+    parser.add_argument("--p6-samples", type=int, default=2, help="P6: samples per RULER task")
+    parser.add_argument("--p6-batch", type=int, default=8)
+    parser.add_argument("--p6-budget", type=int, default=128, help="P6: the token budget case")
+    parser.add_argument("--p6-repeats", type=int, default=1, help="P6: interleaved rounds (the best kept)")
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--p3-case", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -443,8 +534,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.p3_case:
         _p3_case(args)
         return {}
-    for name in ("methods", "compiled_methods", "prefill_methods", "step_methods", "p5_methods"):
+    for name in (
+        "methods",
+        "compiled_methods",
+        "prefill_methods",
+        "step_methods",
+        "p5_methods",
+        "p6_methods",
+        "cases",
+    ):
         setattr(args, name, [m for m in getattr(args, name).split(",") if m])
+    if not set(args.cases) <= set(CASES):
+        raise SystemExit(f"--cases must name some of {', '.join(CASES)}, got {','.join(args.cases)}")
+    if "P5" in args.cases and "P1" not in args.cases:
+        raise SystemExit("--cases: P5 compares with P1's plain decode; run P1 too")
     model, tokenizer = load_model_by_name(args.model, args.hardware)
     needed = max(args.context, args.p2_context, args.p5_tokens, 2 * args.budget) + max(
         args.steps, args.op_steps + 1
@@ -457,13 +560,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(f"kvexp bench: {machine}", flush=True)
     results: dict[str, Any] = {"machine": machine, "args": vars(args), "targets": TARGETS}
-    results["P1"] = p1_decode(model, ids, args)
-    results["P2"] = p2_overhead(model, ids, args)
-    results["P3"] = {} if args.skip_p3 else p3_memory(args)
-    results["P4"] = p4_ops(model, ids, args)
-    results["P5"] = p5_throughput(
-        model, ids, args, results["P1"][f"plain@{args.short_context}"]["ms_per_token"]
+    run = set(args.cases)
+    results["P1"] = p1_decode(model, ids, args) if "P1" in run else {}
+    results["P2"] = p2_overhead(model, ids, args) if "P2" in run else {}
+    results["P3"] = p3_memory(args) if "P3" in run and not args.skip_p3 else {}
+    results["P4"] = p4_ops(model, ids, args) if "P4" in run else {}
+    results["P5"] = (
+        p5_throughput(model, ids, args, results["P1"][f"plain@{args.short_context}"]["ms_per_token"])
+        if "P5" in run
+        else {}
     )
+    results["P6"] = p6_batched(model, tokenizer, args) if "P6" in run and args.p6_methods else {}
     out = Path(args.out)
     atomic_write_json(out / "bench.json", results)
     text = markdown(results)

@@ -17,19 +17,24 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 from kvexp.config import normalize_overrides, validate
 from kvexp.models import REPO, load_tokenizer
-from kvexp.tasks.generation import PromptEncoder
+from kvexp.tasks.generation import GenerationSample, PromptEncoder
 from kvexp.tasks.registry import DATASETS, use_chat_template
 from kvexp.tracking import atomic_write_text
 
 
-def export(out: Path, overrides: Sequence[str]) -> int:
-    """Write the samples of the dataset the overrides name to `out` (atomically); their count."""
+def build_samples(
+    overrides: Sequence[str], tokenizer: Any = None
+) -> tuple[DictConfig, PromptEncoder, list[GenerationSample]]:
+    """The run config the overrides make, its prompt encoder and the dataset's samples as a run builds them (with
+    `tokenizer`, or the model's own, loaded alone)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=normalize_overrides(list(overrides)))
@@ -38,9 +43,14 @@ def export(out: Path, overrides: Sequence[str]) -> int:
     if entry.task != "generation" or entry.run is not None:
         exportable = sorted(n for n, d in DATASETS.items() if d.task == "generation" and d.run is None)
         raise ValueError(f"dataset={cfg.dataset.name} has no samples to export; choose one of {exportable}")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model) if tokenizer is None else tokenizer
     encoder = PromptEncoder(tokenizer, use_chat_template(cfg, tokenizer), cfg.model.max_context)
-    samples = entry.load(cfg.dataset, encoder, cfg.eval.max_samples, cfg.seed)
+    return cfg, encoder, entry.load(cfg.dataset, encoder, cfg.eval.max_samples, cfg.seed)
+
+
+def export(out: Path, overrides: Sequence[str]) -> int:
+    """Write the samples of the dataset the overrides name to `out` (atomically); their count."""
+    cfg, encoder, samples = build_samples(overrides)
     lines = [
         json.dumps(
             {

@@ -90,18 +90,91 @@ def test_rows_with_different_budgets_and_questions_batch_by_what_they_share(name
     alone = run_generation(model, tok, samples, prompts, method, budget, when=when)
     together = run_generation(model, tok, samples, prompts, method, budget, when=when, batch_size=8)
     _same(alone, together)
-    keys = {
-        batch_key(p, budget(p.compressed_tokens("query_agnostic")), "query_agnostic", None, when)
+    per_row = METHODS[name].row_budgets
+    keys = [
+        batch_key(
+            p,
+            budget(p.compressed_tokens("query_agnostic")),
+            "query_agnostic",
+            None,
+            when,
+            row_budgets=per_row,
+        )
         for p in prompts
-    }
-    assert len(keys) < len(samples)  # some rows did share a batch
-    shared = [
-        k
-        for k in keys
-        if sum(batch_key(p, budget(p.context.shape[1]), "query_agnostic", None, when) == k for p in prompts)
-        > 1
     ]
+    assert len(set(keys)) < len(samples)  # some rows did share a batch
+    shared = [k for k in set(keys) if keys.count(k) > 1]
     assert len({r.wall_s for r in together if r.wall_s is not None}) == len(shared)  # one share per batch
+
+
+ROW_BUDGETS = sorted(n for n, cls in METHODS.items() if cls.row_budgets and cls.batches and cls.compresses)
+
+
+@pytest.mark.parametrize("name", ROW_BUDGETS)
+@pytest.mark.parametrize("when", ["prefill", "always"])
+@torch.no_grad()
+def test_rows_with_their_own_budgets_share_one_batch_and_answer_as_alone(name, when):
+    """keep_ratio-like budgets of prompts of different lengths: a method that keeps a budget per row answers them in
+    one batch, each row with its own budget, kept counts per head and answer as alone."""
+    model, tok = load("tiny_llama")
+    method = build_method(name, **PARAMS.get(name, {}))
+    samples = _samples(6, seed=2)
+    prompts = [PromptEncoder(tok).encode(s) for s in samples]
+
+    def budget(n):
+        return max(12, n // 2)
+
+    assert len({budget(p.compressed_tokens("query_agnostic")) for p in prompts}) > 2
+    alone = run_generation(model, tok, samples, prompts, method, budget, when=when)
+    together = run_generation(model, tok, samples, prompts, method, budget, when=when, batch_size=6)
+    _same(alone, together)
+    assert [r.budget for r in together] == [r.budget for r in alone]
+    assert len({r.wall_s for r in together}) == 1  # one batch
+
+
+@torch.no_grad()
+def test_a_cache_keeps_each_rows_own_budget():
+    """Two left-padded rows (12 and 40 tokens) at row budgets 8 and 20 under StreamingLLM (2 sinks): each keeps its
+    sinks and newest tokens by its own budget; admit raises both; when the longer row leaves, the layer shrinks to
+    what the shorter row holds."""
+    model, tok = load("tiny_llama")
+    with pytest.raises(ValueError, match="method=h2o reads the budget beyond the kept counts"):
+        make_cache(model, "h2o", row_budgets=[8, 20])
+    with pytest.raises(ValueError, match="row_budgets replaces budget"):
+        make_cache(model, "streaming_llm", 8, row_budgets=[8, 20], sink_tokens=2)
+    same = make_cache(model, "streaming_llm", row_budgets=[8, 8], sink_tokens=2)
+    assert all(layer.budget == 8 and layer.row_budgets is None for layer in same.layers)
+    pyramid = make_cache(model, "pyramidkv", row_budgets=[16, 32], window_size=2)
+    by_budget = {
+        b: build_method("pyramidkv", window_size=2).layer_budgets([b] * len(pyramid.layers)) for b in (16, 32)
+    }
+    for i, layer in enumerate(pyramid.layers):  # each row's layer budgets, as its own budget gives them
+        assert layer.row_budgets.tolist() == [by_budget[16][i], by_budget[32][i]]
+        assert layer.budget == max(by_budget[16][i], by_budget[32][i])
+
+    cache = make_cache(model, "streaming_llm", row_budgets=[8, 20], sink_tokens=2)
+    ids = torch.full((2, 40), tok.pad_token_id)
+    ids[0, 28:], ids[1] = torch.randint(3, 200, (12,)), torch.randint(3, 200, (40,))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :28] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    for layer in cache.layers:
+        kept = [
+            sorted(layer.positions[r, h][layer.live()[r, h]].tolist())
+            for r in range(2)
+            for h in range(layer.kv_heads)
+        ]
+        assert kept[0] == [0, 1, *range(6, 12)] and kept[-1] == [0, 1, *range(22, 40)]
+        assert layer.length == 20 and layer.budget == 20
+    cache.admit(3)
+    assert cache.layers[0].row_budgets.tolist() == [11, 23] and cache.layers[0].budget == 23
+    cache.reorder_cache(torch.tensor([0]))
+    assert cache.layers[0].row_budgets.tolist() == [11] and cache.layers[0].budget == 11
+    step = torch.randint(3, 200, (1, 1))
+    model(step, position_ids=torch.tensor([[12]]), past_key_values=cache)
+    # The row holds 8 + 1 entries, under its budget of 11: it keeps them all, and the layer drops the other row's slots.
+    assert all(layer.length == 9 and bool(layer.live().all()) for layer in cache.layers)
 
 
 def test_batch_keys_name_what_rows_must_share():
@@ -122,6 +195,13 @@ def test_batch_keys_name_what_rows_must_share():
     assert batch_key(prompt, 16, "query_agnostic", None, "prefill", slack=4) == (16, 30)
     assert batch_key(prompt, [8, 16], "query_aware", None) == ((8, 16),)
     assert batch_key(prompt, None, "query_agnostic", 8, "always") == (None,)  # the full cache: anything goes
+    # A method that keeps a budget per row: any budgets together, unless chunks or slack tie them to the length.
+    assert batch_key(prompt, 16, "query_agnostic", None, "always", row_budgets=True) == (
+        "a budget per row",
+        5,
+    )
+    assert batch_key(prompt, 16, "query_aware", 8, "always", row_budgets=True) == (16, 35)
+    assert batch_key(prompt, [8, 16], "query_aware", None, row_budgets=True) == ((8, 16),)
 
 
 @torch.no_grad()
@@ -277,6 +357,25 @@ def test_documents_scored_together_score_as_alone(name, chunk):
         assert a.kv["tokens_kept_per_head"] == b.kv["tokens_kept_per_head"]
         assert a.kv["tokens_seen"] == b.kv["tokens_seen"] and len(a.step_s) == len(b.step_s)
     assert len({r.wall_s for r in together}) == 1 and together[0].wall_s is not None
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "snapkv", "tova", "pyramidkv"])
+@torch.no_grad()
+def test_documents_with_their_own_budgets_score_together_as_alone(name):
+    """Perplexity with a budget per document (a third of its tokens): one batch, each document's NLL and kept
+    entries as alone."""
+    from kvexp.tasks.perplexity import score_document, score_in_batches
+
+    model, _ = load("tiny_llama")
+    g = torch.Generator().manual_seed(1)
+    docs = [(f"d{i}", torch.randint(3, 200, (1, n), generator=g)) for i, n in enumerate((36, 72, 48, 60))]
+    method = build_method(name, **PARAMS.get(name, {}))
+    alone = [score_document(model, ids, method, ids.shape[1] // 3, 1, i) for i, ids in docs]
+    together = score_in_batches(model, docs, method, lambda n: n // 3, 1, batch_size=4)
+    for a, b in zip(alone, together, strict=True):
+        assert b.nll == pytest.approx(a.nll, rel=1e-5) and a.correct == b.correct
+        assert a.kv["tokens_kept_per_head"] == b.kv["tokens_kept_per_head"]
+    assert len({r.wall_s for r in together}) == 1  # one batch
 
 
 def test_a_batched_perplexity_run_gives_the_one_at_a_time_perplexity(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from kvexp import bench
@@ -24,7 +25,9 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     args = ["--model", "tiny_llama", "--context", "192", "--short-context", "64", "--p2-context", "128",
             "--p5-tokens", "48", "--budget", "48", "--chunk", "16", "--steps", "4", "--warmup", "1", "--repeats", "1",
             "--op-steps", "6", "--skip-p3", "--methods", "streaming_llm,h2o", "--compiled-methods", "h2o",
-            "--prefill-methods", "snapkv", "--step-methods", "h2o", "--p5-methods", "h2o", "--out", str(tmp_path)]  # fmt: skip
+            "--prefill-methods", "snapkv", "--step-methods", "h2o", "--p5-methods", "h2o", "--out", str(tmp_path),
+            "--p6-methods", "snapkv,h2o", "--p6-length", "2048", "--p6-samples", "1", "--p6-batch", "4",
+            "--p6-budget", "64"]  # fmt: skip
     results = bench.main(args)
     written = json.loads((tmp_path / "bench.json").read_text())
     assert set(written["P1"]) == {
@@ -45,7 +48,17 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
             assert r["extra_per_layer"] > 0  # eviction is not free
     text = (tmp_path / "bench.md").read_text()
     assert "**P4 aten ops per decode step**" in text and "| h2o |" in text and "<= 1.15:" in text
-    assert set(results) >= {"P1", "P2", "P4", "P5"}
+    assert set(results) >= {"P1", "P2", "P4", "P5", "P6"}
+    p6 = written["P6"]
+    assert p6.keys() == {"snapkv budget=64", "snapkv keep_0.5", "h2o budget=64", "h2o keep_0.5"}
+    for r in p6.values():
+        assert r["same_answers"] == r["samples"] == 11  # RULER's tasks that need no download, one sample each
+        assert r["ratio"] == pytest.approx(r["samples_per_s_batched"] / r["samples_per_s_one"])
+    assert p6["snapkv budget=64"]["batches"] == p6["h2o budget=64"]["batches"] == 3  # 11 rows in batches of 4
+    # keep 0.5 gives the prompts their own budgets: SnapKV keeps a budget per row, H2O batches equal budgets only.
+    assert p6["snapkv keep_0.5"]["budgets"] > 1 and p6["snapkv keep_0.5"]["batches"] == 3
+    assert p6["h2o keep_0.5"]["batches"] > 3
+    assert "**P6 batched generation**" in text and "| snapkv keep_0.5 | 11 |" in text
 
 
 def test_gpu_suite_smoke_run_on_the_cpu(tmp_path):
@@ -73,3 +86,10 @@ def test_gpu_suite_smoke_run_on_the_cpu(tmp_path):
         assert run["prefill"]["one-shot"]["peak_kv_ratio"] == 128 / (48 + 16)  # the whole prompt, once
     text = (tmp_path / "bench_gpu.md").read_text()
     assert "**tiny, batch 2: decode**" in text and "<= 1.1:" in text and "| chunked/16 |" in text
+
+
+def test_bench_cases_are_checked_before_the_model_loads():
+    with pytest.raises(SystemExit, match="P5 compares with P1's plain decode"):
+        bench.main(["--cases", "P5", "--model", "no_such_model"])
+    with pytest.raises(SystemExit, match="--cases must name some of P1, P2, P3, P4, P5, P6"):
+        bench.main(["--cases", "P7", "--model", "no_such_model"])

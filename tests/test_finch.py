@@ -17,17 +17,21 @@ def _ids(model, n, seed=0):
     return torch.randint(3, model.config.vocab_size, (1, n), generator=g)
 
 
-def _finch(model, method, context, question, budget, recorder=None):
-    """FINCH's prefill through a fresh cache, as the generation task drives it; (cache, question logits)."""
+def _finch(model, method, context, question, budget, recorder=None, chunk_size=None, fed=None):
+    """FINCH's prefill through a fresh cache, as the generation task drives it; (cache, question logits). `fed`: a
+    list that gets, before each feed, every layer's kept positions per head."""
     cache = make_cache(model, method, budget, recorder=recorder)
 
     def feed(ids):
+        if fed is not None:
+            fed.append([[layer.positions[0, h].sort().values.tolist() for h in range(layer.kv_heads)]
+                        for layer in cache.layers if layer.is_initialized])  # fmt: skip
         return model(ids, past_key_values=cache).logits[:, -1].float()
 
     def run(ids):
         model(ids, past_key_values=cache)
 
-    probing = Probing(context, 0, torch.zeros(1, 0, dtype=torch.long), None, run, feed, question)
+    probing = Probing(context, 0, torch.zeros(1, 0, dtype=torch.long), None, run, feed, question, chunk_size)
     return cache, method.prefill(cache, probing)
 
 
@@ -74,6 +78,42 @@ def test_the_context_keeps_what_the_question_attends_to(normalize):
             assert kept[-6:].tolist() == list(range(40, 46))  # the question, fed again after the compression
             expected = reference[layer.layer_idx][h].topk(10).indices.sort().values
             assert kept[:-6].tolist() == expected.tolist()
+
+
+@torch.no_grad()
+def test_chunk_by_chunk_each_chunk_is_read_over_what_the_question_kept_of_the_last():
+    """eval.prefill_chunk_size=16 over a 40-token context, budget 16, a 6-token question: after the first chunk the
+    cache holds the 10 entries of it the question attends to most (as FINCH over that chunk alone); each later
+    chunk is fed over the 10 kept, and the cache ends with 10 context entries and the question."""
+    model, _ = load("tiny_llama")
+    context, question = _ids(model, 40), _ids(model, 6, seed=1)
+    fed = []
+    cache, _ = _finch(model, build_method("finch"), context, question, 16, chunk_size=16, fed=fed)
+    assert len(fed) == 4  # three chunks (16, 16, 8), then the question
+    reference = _reference_scores(model, context[:, :16], question, True)
+    for i, layer in enumerate(cache.layers):
+        for h in range(layer.kv_heads):
+            assert fed[1][i][h] == reference[i][h].topk(10).indices.sort().values.tolist()
+            assert len(fed[2][i][h]) == 10 and max(fed[2][i][h]) >= 16  # the second chunk too was read
+            kept = layer.positions[0, h].sort().values.tolist()
+            assert len(kept) == 16 and kept[-6:] == list(range(40, 46))
+    whole, _ = _finch(model, build_method("finch"), context, question, 16)
+    assert any(  # reading in chunks changes the choice somewhere
+        not torch.equal(a.positions.sort().values, b.positions.sort().values)
+        for a, b in zip(cache.layers, whole.layers, strict=True)
+    )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_masking_oracle_chunk_by_chunk(chunk_size):
+    model, _ = load("tiny_llama")
+    ids = _ids(model, 40)
+    vis = Visibility(1, model.config.num_key_value_heads, 40)
+    cache, first = _finch(model, build_method("finch"), ids[:, :30], ids[:, 30:34], 12, vis, chunk_size)
+    logits = [model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1].float() for t in range(34, 39)]
+    ours = torch.stack([first, *logits], dim=1)
+    assert max_logprob_error(ours, oracle_logits(model, ids, vis)[:, 33:39], ids[:, 34:40]) < 1e-4
 
 
 @torch.no_grad()

@@ -139,6 +139,25 @@ def test_snapkv_window_votes_pooled_with_the_window_kept(setup, pooling):
         assert _is_top(kept, pooled)  # max pooling makes exact ties between neighbours
 
 
+def test_temporal_pooling_skips_dead_slots_as_a_row_alone_has_none():
+    """Scores of four live entries at positions 0..3 stored out of order, with a left-padding slot (-1) and an entry
+    killed by a smaller budget (position 2 of an older, evicted token) among them: pooled over live neighbours only."""
+    from kvexp.methods.scoring import temporal_pool
+
+    scores = torch.tensor([[[9.0, 4.0, 1.0, 7.0, 2.0, 5.0]]])
+    positions = torch.tensor(
+        [[[-1, 3, 0, 5, 1, 2]]]
+    )  # slot 3: a killed entry; the live ones in time: 1, 2, 5, 4
+    live = torch.tensor([[[False, True, True, False, True, True]]])
+    avg = temporal_pool(scores, positions, 3, "avgpool", live)
+    # time order of the live slots: pos 0 -> 1.0, pos 1 -> 2.0, pos 2 -> 5.0, pos 3 -> 4.0
+    assert avg[0, 0, [2, 4, 5, 1]].tolist() == pytest.approx([1.5, 8 / 3, 11 / 3, 4.5])
+    top = temporal_pool(scores, positions, 3, "maxpool", live)
+    assert top[0, 0, [2, 4, 5, 1]].tolist() == [2.0, 5.0, 5.0, 5.0]
+    plain = temporal_pool(scores[..., [2, 4, 5, 1]], torch.tensor([[[0, 1, 2, 3]]]), 3, "avgpool")
+    assert plain[0, 0].tolist() == pytest.approx([1.5, 8 / 3, 11 / 3, 4.5])  # the same row without dead slots
+
+
 @pytest.mark.parametrize("method,params", [("knorm", {}), ("snapkv", {"window_size": 4, "kernel_size": 3})])
 def test_scorers_select_per_kv_head(setup, method, params):
     model, ids, _ = setup

@@ -195,6 +195,7 @@ def test_the_authors_adapter_is_found_by_the_model_name_in_the_hub_cache(tmp_pat
     model, _ = load("tiny_llama")
     monkeypatch.setattr(model.config, "_name_or_path", "org/Tiny-Llama")
     assert published_id(model) == "higokri/RestoreKV-Tiny-Llama"
+    assert published_id(model, plus=True) == "higokri/RestoreKV-Tiny-Llama_plus"
     snapshot = tmp_path / "models--higokri--RestoreKV-Tiny-Llama" / "snapshots" / ("a" * 40)
     save_adapter(_random_adapter(model), snapshot)
     (snapshot.parents[1] / "refs").mkdir()

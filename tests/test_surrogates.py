@@ -279,6 +279,7 @@ def trained_kvzap(tmp_path_factory):
 def test_the_trainer_reports_agreement_with_kvzip_and_beats_random(trained_kvzap):
     _, path, m = trained_kvzap
     assert path.endswith("kvzap.pt") and m["trained_layers"] == [0, 1]
+    assert m["oracle"] == "kvzip_plus"  # KVzap's paper trains on KVzip+
     assert m["train_samples"] > m["val_samples"] > 0
     # measured: 0.46 vs 0.05 (the tiny model's KVzip scores differ by a few percent only)
     assert m["val_spearman_surrogate"] > m["val_spearman_random"] + 0.25
@@ -294,9 +295,11 @@ def test_the_checkpoint_reproduces_the_trainers_validation(trained_kvzap):
     books, name = training_books(cfg.train.data_file)
     held_out = text_windows(books, name, tok, 6, 256, 2000)[-2:]  # the trainer's validation windows
     windows = [
-        kvzip_window(model, tok, PromptEncoder(tok), tok.decode(ids[0], skip_special_tokens=True), 2000)[0]
+        kvzip_window(
+            model, tok, PromptEncoder(tok), tok.decode(ids[0], skip_special_tokens=True), 2000, True
+        )[0]
         for ids in held_out
-    ]
+    ]  # KVzip+ scores, the trainer's default oracle for kvzap
     again = agreement(method, [0, 1], windows, cfg.budget, cfg.train.seed)
     assert again["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
     assert again["val_spearman_surrogate"] == pytest.approx(metrics["val_spearman_surrogate"], abs=1e-6)
@@ -501,6 +504,11 @@ def test_configs_compose_and_validate(name):
         (("method=kvzap", "train.chat_template=maybe"), "train.chat_template must be true, false or null"),
         (("method=kvzap", "train.data_file=/nonexistent/books.jsonl"), "train.data_file"),
         (("method=kvzap", "+train.epoch=3"), r"has no option\(s\) \['epoch'\]"),
+        (("method=kvzap", "train.oracle=h2o"), "train.oracle must be one of kvzip, kvzip_plus or null"),
+        (
+            ("method=fastkvzip", "train.oracle=kvzip_plus"),
+            "cannot train method=fastkvzip: its gate's cross-entropy",
+        ),
     ],
 )
 def test_trainer_options_fail_before_the_model_loads(overrides, match):

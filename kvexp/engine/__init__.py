@@ -121,6 +121,7 @@ def make_cache(
     budget: int | list[int] | None = None,
     *,
     head_budgets: list[list[int]] | None = None,
+    row_budgets: list[int] | None = None,
     slack: int = 0,
     when: str = "always",
     positions: str = "original",
@@ -134,7 +135,8 @@ def make_cache(
 
     `budget`: kept entries per KV head, one int for every layer or a list with one per layer (None: no budget).
     `head_budgets`: per layer, one budget per KV head (real memory saving: the layer is as long as its longest
-    head). `slack`: compress only once a layer exceeds budget + slack. `when`: "always" or "prefill" (only
+    head). `row_budgets`: one budget per batch row instead of `budget` (each row keeps what it keeps alone with its
+    own; the layer is as long as the largest), for a method with `row_budgets`. `slack`: compress only once a layer exceeds budget + slack. `when`: "always" or "prefill" (only
     multi-token steps compress). `positions`: "original" or "rerotate". `differentiable`: training mode (copy-on-write
     buffers, no-grad scoring; see kvexp/engine/cache.py), dense K/V methods only. `compile`: decode steps that evict
     one entry run as one `torch.compile`d step (attention, observation, eviction), in `compile_mode` (None:
@@ -168,6 +170,14 @@ def make_cache(
             f"method={method.name} stores encoded entries, which the differentiable (training) mode cannot hold"
         )
     n_layers = model.config.num_hidden_layers
+    if row_budgets is not None and len(set(row_budgets)) == 1:
+        budget, row_budgets = row_budgets[0], None  # one budget for every row
+    if row_budgets is not None and (budget is not None or head_budgets is not None):
+        raise ValueError("row_budgets replaces budget and head_budgets: give one of them")
+    if row_budgets is not None and not evictor.row_budgets:
+        raise ValueError(
+            f"method={evictor.name} reads the budget beyond the kept counts: the rows of a batch need one budget"
+        )
     if head_budgets is not None:
         if len(head_budgets) != n_layers:
             raise ValueError(f"head_budgets needs one list per layer ({n_layers}), got {len(head_budgets)}")
@@ -175,7 +185,7 @@ def make_cache(
     budgets = budget if isinstance(budget, list) else [budget] * n_layers
     if len(budgets) != n_layers:
         raise ValueError(f"a per-layer budget needs {n_layers} entries, got {len(budgets)}")
-    for b in budgets:
+    for b in budgets if row_budgets is None else row_budgets:
         if b is not None and b < 1:
             raise ValueError(f"budget must be a positive number of tokens, got {b}")
         method.validate(b)
@@ -199,11 +209,16 @@ def make_cache(
     )
     sliding = sliding_layers(model)
     budgets = [None if local else b for b, local in zip(budgets, sliding, strict=True)]
+    # Per row, the layers' budgets as the method sets them from that row's budget; a layer's rows side by side.
+    by_row = [evictor.layer_budgets([None if local else b for local in sliding]) for b in row_budgets or ()]
     layers = []
     for i, layer_budget in enumerate(evictor.layer_budgets(budgets)):
         layer_budget = None if sliding[i] else layer_budget
         heads = head_budgets[i] if head_budgets is not None and layer_budget is not None else None
-        layers.append(CompressedLayer(i, layer_budget, method, options, head_budgets=heads))
+        rows = [row[i] for row in by_row] if by_row and by_row[0][i] is not None and not sliding[i] else None
+        if rows is not None:
+            layer_budget = max(rows)
+        layers.append(CompressedLayer(i, layer_budget, method, options, head_budgets=heads, row_budgets=rows))
     if any(layer.budget is not None for layer in layers):
         evictor.prepare(model)
     if stored is not None:

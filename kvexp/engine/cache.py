@@ -18,6 +18,10 @@ Contracts (proved by the masking-oracle tests in tests/test_engine.py):
   (the step's new tokens included); a step with q new tokens attends to at most `budget + slack + q` keys.
 * Per-head budgets: each KV head keeps its own number of live entries; the layer is as long as its longest
   head and the shorter heads are padded with dead (-inf) slots, recompacted at every compression.
+* Per-row budgets: the rows of a batch may each keep their own number of entries (`row_budgets`, [B]: prompts of
+  different lengths at one `keep_ratio`), the layer's budget their largest, a row below it padded with dead slots
+  the same way. Only for a method whose choice reads the budget through the kept counts alone
+  (`Method.row_budgets`); the row budgets follow the rows in batch operations.
 * Method side state (`state[name]`, `[B, Hkv, L_phys]`) moves with the same indices as K/V.
 * A compression asks the method to `score` the slots; it answers scores or a `Selection` (scores plus the merge
   plan it made while scoring). Merging methods (`method.merges`) see the decision before compaction:
@@ -261,6 +265,7 @@ class CompressedLayer(DynamicLayer):
         method: Method,
         options: CacheOptions,
         head_budgets: list[int] | None = None,
+        row_budgets: list[int] | None = None,
     ):
         super().__init__()
         self._views: dict[tuple[str, ...], torch.Tensor] = {}
@@ -273,6 +278,18 @@ class CompressedLayer(DynamicLayer):
         # The token-selection method: the method itself, or a storage method's `evictor` (KIVI, ZACK and ThinK
         # store the entries; their `evict` node chooses which stay).
         self.evictor: Method = method.evictor if isinstance(method, SupportsStorage) else method
+        # Each batch row's own budget [B] (CPU, long), the layer's budget their largest; None: one for every row.
+        self.row_budgets: torch.Tensor | None = None
+        if row_budgets is not None:
+            if budget is None or max(row_budgets) != budget or head_budgets is not None:
+                raise ValueError(
+                    f"layer {layer_idx}: per-row budgets need the layer budget to be their largest, and no per-head budgets"
+                )
+            if not self.evictor.row_budgets:
+                raise ValueError(
+                    f"method={self.evictor.name} reads the budget beyond the kept counts: the rows of a batch need one budget"
+                )
+            self.row_budgets = torch.tensor(row_budgets, dtype=torch.long)
         self.options = options
         self.storage: Storage | None = None  # a storage method's encoded K/V (None: dense K/V buffers)
         self.seen = 0  # logical tokens seen
@@ -562,9 +579,20 @@ class CompressedLayer(DynamicLayer):
         the step). Never while the cache holds its entries for a method's probes (`KVCache.holding`)."""
         if self.budget is None or self.deferred or self.cache.holding:
             return False
-        if self.length <= self.budget + self.options.slack and not self.evictor.compresses_under_budget:
+        if (
+            self.length <= self.budget + self.options.slack
+            and not self.evictor.compresses_under_budget
+            and not self._row_over_budget()
+        ):
             return False
         return any_step or self.options.when == "always" or self.new_tokens > 1
+
+    def _row_over_budget(self) -> bool:
+        """Whether a row holds more live entries (in its fullest head) than its own budget plus slack."""
+        if self.row_budgets is None:
+            return False
+        live = self.live().sum(-1).amax(-1).cpu()  # [B]
+        return bool((live > self.row_budgets + self.options.slack).any())
 
     def compress(self, any_step: bool = False) -> None:
         """Evict down to the method's target: score, select (per head), compact in place, re-rotate if asked. A
@@ -645,10 +673,20 @@ class CompressedLayer(DynamicLayer):
 
     def _head_counts(self, scores: torch.Tensor | None, target: int) -> torch.Tensor | None:
         """Live entries each KV head keeps at this compression [B, Hkv]: the method's dynamic per-head counts
-        (AdaKV), else the cache's per-head budgets; None: `target` for every head."""
+        (AdaKV), else the cache's per-head or per-row budgets; None: `target` for every head."""
         counts = self.evictor.head_counts(self, scores, target)
+        if counts is not None and self.row_budgets is not None:
+            raise RuntimeError(
+                f"method={self.evictor.name} sets its own head counts: it cannot keep a budget per row"
+            )
         if counts is None and self.head_budgets is not None:
             counts = torch.tensor(self.head_budgets, device=self.device).expand(self.batch, -1)
+        if counts is None and self.row_budgets is not None:
+            budgets = self.row_budgets.to(self.device)[:, None]  # [B, 1]
+            live = self.live().sum(-1)  # [B, Hkv]
+            # A row within its own budget (plus slack) keeps every live entry: alone, it would not compress now.
+            over = (live > budgets + self.options.slack).any(-1, keepdim=True)
+            counts = torch.where(over, budgets.expand_as(live), live)
         return counts
 
     def keep_counts(self) -> torch.Tensor:
@@ -711,6 +749,7 @@ class CompressedLayer(DynamicLayer):
             or self.new_tokens != 1
             or token_mask is not None
             or self.storage is not None
+            or self.row_budgets is not None
         ):
             return False
         method = self.evictor
@@ -812,6 +851,10 @@ class CompressedLayer(DynamicLayer):
 
     # -- batch and beam operations: every buffer follows -----------------------------------------------------------
     def _index_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.row_budgets is not None:
+            self.row_budgets = fn(self.row_budgets)
+            # The rows left set the layer's length from the next compression on.
+            self.budget = int(self.row_budgets.max())
         if self.is_initialized:
             self._set_buffers([fn(t) for t in self._buffers()])
             self.batch = self._bias.shape[0]
@@ -965,10 +1008,11 @@ class KVCache(Cache):
         finally:
             self.probing = False
 
-    def end_probes(self, budgets: dict[int, int] | None = None) -> None:
+    def end_probes(self, budgets: dict[int, int] | None = None, hold: bool = False) -> None:
         """The probes ran: apply the layer budgets the method allocated from them (`budgets`, layer -> kept entries
         per KV head; their total no more than the cache's) and compress every layer to its budget, whatever the
-        step and `engine.when`."""
+        step and `engine.when`. `hold`: more of the prompt and probes follow (FINCH's chunks): the layers hold what
+        is fed next until the next `end_probes`."""
         self.holding = False
         for i, budget in (budgets or {}).items():
             layer = self.layers[i]
@@ -984,6 +1028,7 @@ class KVCache(Cache):
         for layer in self.layers:
             if layer.is_initialized:
                 layer.compress(any_step=True)
+        self.holding = hold
 
     def admit(self, tokens: int) -> None:
         """Raise every compressed layer's budget (and per-head budgets) by `tokens` before a step of that many
@@ -995,6 +1040,8 @@ class KVCache(Cache):
                 self.allocated += tokens
                 if layer.head_budgets is not None:
                     layer.head_budgets = [b + tokens for b in layer.head_budgets]
+                if layer.row_budgets is not None:
+                    layer.row_budgets = layer.row_budgets + tokens
 
     def physical_lengths(self) -> list[int]:
         return [layer.length for layer in self.layers]

@@ -36,7 +36,9 @@ class Probing:
     the answer (the template's; "\\n" without one); `encode`: text -> ids [1, m] without special tokens; `run`: a
     probe forward of ids [1, q] after everything fed (inside `cache.probe()`); `feed`: feeds real prompt ids
     [1, q] and returns the last position's logits [1, V] (fp32); `question` [1, q]: the question the query-aware
-    protocol compresses with the context (None under the query-agnostic protocol, where the task feeds it after).
+    protocol compresses with the context (None under the query-agnostic protocol, where the task feeds it after);
+    `chunk_size`: the task's prompt chunk (`eval.prefill_chunk_size`; None: the prompt in one forward), for a method
+    that compresses between chunks (FINCH).
     """
 
     ids: torch.Tensor
@@ -46,6 +48,7 @@ class Probing:
     run: Callable[[torch.Tensor], None]
     feed: Callable[[torch.Tensor], torch.Tensor] | None = None
     question: torch.Tensor | None = None
+    chunk_size: int | None = None
 
 
 @dataclass
@@ -108,6 +111,10 @@ class Method:
     # position, not by physical slot). False: the method couples the rows (one allocation for the batch) or
     # draws per physical slot; `eval.batch_size` > 1 is refused for it.
     batches: ClassVar[bool] = True
+    # True: the method reads the budget only through the number of entries each head keeps (`target_size`'s default,
+    # `keep_counts()`): the rows of one batch may keep different numbers (`row_budgets`: a `keep_ratio` budget of
+    # prompts of different lengths), each what it keeps alone. False: rows batch only with rows of the same budget.
+    row_budgets: ClassVar[bool] = False
     # True: a layer compresses after every step (every multi-token step under engine.when=prefill), not only once it
     # exceeds its budget; the budget stays the cap. DMS's threshold evicts an entry the step it leaves its window.
     compresses_under_budget: ClassVar[bool] = False

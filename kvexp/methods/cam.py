@@ -47,6 +47,7 @@ class CaM(StreamingLLM):
     """
 
     name = "cam"
+    row_budgets = False  # it does not batch (`batches`)
     description = (
         "evicted values merged into the next kept tokens with attention-ratio probability (Zhang et al. 2024)"
     )

@@ -56,6 +56,7 @@ class CAP(Method):
     """
 
     name = "cap"
+    row_budgets = True  # its scores never read the budget
     description = "query-aware capacity (log-det leverage) of the values, anchor-weighted (Yang et al. 2026)"
     observes = True
     row_scratch = (

@@ -52,6 +52,7 @@ class CUR(Method):
     """
 
     name = "cur"
+    row_budgets = True  # its scores never read the budget
     description = (
         "CUR leverage of keys x values from projected row norms, local windows (Sengupta et al. 2025)"
     )

@@ -75,6 +75,7 @@ class DynamicKV(SnapKV):
     """
 
     name = "dynamickv"
+    row_budgets = False  # its allocation pools the rows
     batches = False  # one allocation for the whole batch (the global top-k pools the rows' votes)
     description = "task-aware layer budgets: global top-k over the prefill's window votes (Zhou et al. 2025)"
     state_names = ("votes",)  # the allocating forward's votes, for truncating a layer again later in it

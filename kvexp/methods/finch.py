@@ -31,9 +31,13 @@ class Finch(Method):
     by definition: it runs under `eval.protocol=query_aware` only (the query-agnostic protocol never shows the
     question to the compression). One prompt at a time.
 
-    Deviations: the paper processes a document longer than the model's window chunk by chunk, each chunk attending
-    to the cache compressed so far; kvexp scores the held context in one question probe (the paper's setting when
-    the document fits the window) and does not re-process chunks. The paper re-positions the kept keys (kvpress's
+    Chunk by chunk (the paper's processing of a document longer than the model's window), under
+    `eval.prefill_chunk_size`: the context is fed a chunk at a time, each chunk attending to the cache compressed so
+    far; after each chunk the question probes the cache (the kept entries and the chunk), every context entry is
+    scored anew and the context is compressed to the budget minus the question before the next chunk. Without
+    it the whole context is one chunk.
+
+    Deviations: the paper re-positions the kept keys (kvpress's
     `rerotate_keys=True`): that is kvexp's engine option `engine.positions=rerotate`, off by default for every
     method. kvpress's normalization multiplies query i's weights by (context + i) rather than the keys it sees
     (context + i + 1).
@@ -73,13 +77,18 @@ class Finch(Method):
                     f"method=finch keeps the question ({question} tokens) within the budget; layer {layer.layer_idx}'s "
                     f"budget {layer.budget} leaves no room for the context"
                 )
-        if prompt.ids.shape[1]:
-            prompt.feed(prompt.ids)  # the context, held whole
+        budgets = {
+            layer.layer_idx: layer.budget - question for layer in cache.layers if layer.budget is not None
+        }
+        n = prompt.ids.shape[1]
+        step = prompt.chunk_size or max(n, 1)
+        for start in range(0, n, step):
+            prompt.feed(prompt.ids[:, start : start + step])  # held with what was kept before
             with cache.probe():
                 prompt.run(prompt.question)
-        cache.end_probes(
-            {layer.layer_idx: layer.budget - question for layer in cache.layers if layer.budget is not None}
-        )
+            cache.end_probes(budgets, hold=start + step < n)  # down to budget - question; the next chunk held
+        if not n:
+            cache.end_probes(budgets)
         cache.admit(question)  # the question stays whole, the budgets back to what they were
         return prompt.feed(prompt.question)
 

@@ -34,6 +34,7 @@ class KeyDiff(Method):
     """
 
     name = "keydiff"
+    row_budgets = True  # its scores never read the budget
     description = "keep the keys least cosine-similar to the mean normalized key (Park et al. 2025)"
 
     def score(self, layer: CompressedLayer) -> torch.Tensor:

@@ -98,10 +98,9 @@ class KVzap(HiddenStateScorer):
     `checkpoint`: a `train=kvzip_surrogate` checkpoint, kvpress's KVzapModel (a folder with config.json and
     model.safetensors, or its hub id `nvidia/KVzap-mlp-Qwen3-8B`), `random` (the untrained initialization) or
     null: the published `nvidia/KVzap-{model_type}-<model>` for the model (downloaded, or from the hub cache),
-    refused without one. Defaults are the paper's (the MLP, 512 wide: kvpress's training script). Deviations:
-    kvexp's trainer regresses KVzip's own score (the max attention of the reconstruction), not the paper's KVzip+
-    (that attention divided by the repeating token's hidden-state norm and multiplied by ||W_o v||); no sink or
-    recent window is protected by the method itself (DMS's window does it); the surrogate runs in fp32.
+    refused without one. Defaults are the paper's (the MLP, 512 wide: kvpress's training script); as the paper,
+    kvexp's trainer regresses log KVzip+ (`train.oracle`). Deviations: no sink or recent window is protected by the
+    method itself (DMS's window does it); the surrogate runs in fp32.
     """
 
     name = "kvzap"

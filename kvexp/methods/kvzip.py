@@ -1,15 +1,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from weakref import WeakSet
 
 import torch
 
 from kvexp.methods.adakv import adaptive_counts
 from kvexp.methods.base import Method, Probing, register
+from kvexp.methods.criticalkv import output_projections
+from kvexp.methods.hidden_state import hook_attention_inputs
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from kvexp.engine.cache import CompressedLayer, KVCache
 
 ALLOCATIONS = ("global", "layer", "uniform")
@@ -60,6 +65,12 @@ class KVzip(Method):
     lengths are real per-head budgets (dead-slot padding; the layer as long as its longest head). A run of one
     prompt at a time (`batches = False`): each prompt's chunks and allocation are its own. Deviations: the softmax
     is in fp32; the paper's head-level eviction (whole heads by their maximum score) is left to `duo_attention`.
+
+    `plus`: KVzip+ (Jegou & Jeblick, KVzap, arXiv 2601.07891; kvpress `kvzip_plus_normalization`): each attention
+    weight of the reconstruction, query t of query head h on entry j, is divided by ||h_t|| (the probe token's
+    attention-input hidden state) and multiplied by ||v_j W_o^h||_2 (the entry's value through the head's slice of
+    the output projection) before the maximum: an entry counts by what it adds to the residual stream, relative to
+    the stream it is added to.
     """
 
     name = "kvzip"
@@ -71,6 +82,11 @@ class KVzip(Method):
     n_sink: int = 4
     prev_postfix_size: int = 8
     allocation: str = "global"
+    plus: bool = False
+    # Read from the model by `prepare` (plus only): each layer's output projection [H, D, hidden] (views of the
+    # weights), and the attention-input hooks that hand each probe step's hidden states to `capture`.
+    _w_o: list[torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    _hooked: WeakSet = field(default_factory=WeakSet, init=False, repr=False, compare=False)
 
     def validate(self, budget: int | None) -> None:
         if self.chunk_size < 1:
@@ -79,6 +95,8 @@ class KVzip(Method):
             raise ValueError(f"method.n_sink must be >= 0, got {self.n_sink}")
         if self.prev_postfix_size < 0:
             raise ValueError(f"method.prev_postfix_size must be >= 0, got {self.prev_postfix_size}")
+        if not isinstance(self.plus, bool):
+            raise ValueError(f"method.plus must be true or false, got {self.plus!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(
                 f"method.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}"
@@ -86,6 +104,16 @@ class KVzip(Method):
 
     def initial_state(self, name: str) -> float:
         return math.inf  # sinks and entries after the prompt; the probes score the context's
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        if self.plus:
+            self._w_o = output_projections(model)
+            hook_attention_inputs(model, self, self._hooked)
+
+    def capture(self, layer: CompressedLayer, hidden: torch.Tensor) -> None:
+        """A step's attention-input hidden states [1, q, d]: during a probe, their norms ||h_t|| [q] (KVzip+)."""
+        if layer.cache.probing:
+            layer.scratch(self)["hidden_norms"] = hidden[0].float().norm(dim=-1)
 
     def score(self, layer: CompressedLayer) -> torch.Tensor:
         return layer.state("kvzip")
@@ -139,7 +167,31 @@ class KVzip(Method):
             seen &= key_pos[None, :] > query_pos[:, None] - layer.window
         probs = logits.masked_fill(~seen, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
         target = (key_pos >= start) & (key_pos < end)
-        layer.state("kvzip")[:, :, slots[target]] = probs[..., target].amax(dim=(2, 3))
+        probs = probs[..., target]  # [1, Hkv, G, q, t]
+        if self.plus:
+            probs = self._plus_weights(layer, probs, slots[target])
+        layer.state("kvzip")[:, :, slots[target]] = probs.amax(dim=(2, 3))
+
+    def _plus_weights(self, layer: CompressedLayer, probs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """KVzip+: the probe's attention [1, Hkv, G, q, t] on the entries at `slots` [t], / ||h_q|| x ||v W_o^h||."""
+        if self._w_o is None:
+            raise RuntimeError(
+                "kvzip plus=true has not read its model: build the cache with make_cache(model, ...), which calls "
+                "method.prepare"
+            )
+        hidden = layer.scratch(self).pop("hidden_norms")  # [q]
+        w_o = self._w_o[layer.layer_idx]  # [H, D, hidden]
+        group = w_o.shape[0] // layer.kv_heads
+        values = layer.values[0, :, slots].float()  # [Hkv, t, D]
+        out = torch.stack(
+            [
+                (values[h // group] @ w_o[h].to(device=values.device, dtype=torch.float32)).norm(dim=-1)
+                for h in range(w_o.shape[0])
+            ]
+        ).view(
+            1, layer.kv_heads, group, 1, -1
+        )  # ||v_j W_o^h|| [1, Hkv, G, 1, t]: query head h reads KV head h // G
+        return probs / hidden.view(1, 1, 1, -1, 1) * out
 
     def _global_budgets(self, cache: KVCache) -> dict[int, int]:
         """Each compressed layer's budget from one ranking of every layer's and head's scores: its share of the

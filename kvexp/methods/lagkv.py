@@ -76,6 +76,7 @@ class LagKV(Method):
     """
 
     name = "lagkv"
+    row_budgets = True  # its scores never read the budget
     description = (
         "min-max normalize each chunk by the next one, keep high-variance tokens (Liang et al. 2025)"
     )

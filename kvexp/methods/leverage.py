@@ -82,6 +82,7 @@ class Leverage(Method):
     """
 
     name = "leverage"
+    row_budgets = True  # its scores never read the budget
     description = (
         "approximate statistical leverage of the pre-RoPE keys, Gaussian sketch (Chari & Van Durme 2025)"
     )

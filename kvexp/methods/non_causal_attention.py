@@ -63,6 +63,7 @@ class NonCausalAttention(Method):
     """
 
     name = "non_causal_attention"
+    row_budgets = True  # its scores never read the budget
     description = (
         "attention from the context's own queries within chunks, both directions (Chari & Van Durme 2025)"
     )
@@ -115,11 +116,8 @@ class NonCausalAttention(Method):
             scores = scores * layer.values.float().norm(dim=-1)
         if self.kernel_size == 1:
             return scores
-        live = layer.live()
-        # The mean over the live slots among k temporal neighbours (dead slots are gaps, not zeros).
-        total = temporal_pool(scores.masked_fill(~live, 0.0), layer.positions, self.kernel_size, "avgpool")
-        share = temporal_pool(live.float(), layer.positions, self.kernel_size, "avgpool")
-        return total / share.clamp_min(1e-12)
+        # The mean over k temporal neighbours among the live slots (dead ones are no neighbours).
+        return temporal_pool(scores, layer.positions, self.kernel_size, "avgpool", layer.live())
 
     def score(self, layer) -> torch.Tensor:
         return self.attention_scores(layer).masked_fill(~layer.live(), float("-inf"))

@@ -18,6 +18,7 @@ class ObservedAttention(Method):
     """
 
     name = "observed_attention"
+    row_budgets = True  # its scores never read the budget
     description = "H2O's attention sums normalized by the queries that saw each key (kvpress)"
     observes = True
     reads_step_attention = True

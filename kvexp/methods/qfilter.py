@@ -185,6 +185,7 @@ class QFilter(QueryCalibration, Method):
     """
 
     name = "qfilter"
+    row_budgets = True  # its scores never read the budget
     calibration_dir = "qfilter"
     description = (
         "keep keys with the largest projection on the queries' main SVD direction (Godey et al. 2025)"

@@ -265,9 +265,14 @@ def published_adapter(repo_id: str) -> Path | None:
     return path if all((path / name).is_file() for name in CHECKPOINT_FILES) else None
 
 
-def published_id(model: PreTrainedModel) -> str:
-    """The hub repository of the authors' adapter for `model` (kvpress's naming: the model's last path part)."""
-    return HUB_PREFIX + str(model.config._name_or_path or "").rstrip("/").split("/")[-1]
+def published_id(model: PreTrainedModel, plus: bool = False) -> str:
+    """The hub repository of the authors' adapter for `model` (kvpress's naming: the model's last path part; `plus`:
+    the adapter trained with KVzip+ scoring)."""
+    return (
+        HUB_PREFIX
+        + str(model.config._name_or_path or "").rstrip("/").split("/")[-1]
+        + ("_plus" if plus else "")
+    )
 
 
 @register
@@ -293,7 +298,7 @@ class RestoreKV(KVzip):
     and `restore_embeddings.safetensors`; what `train=restorekv` writes), a hub id of one, `init` (the untrained
     adapter: vocabulary-token embeddings and a zero LoRA; train=restorekv's starting point) or null (the authors'
     adapter for the model, `higokri/RestoreKV-<model name>`, downloaded or from the hub cache; refused when there is
-    none). The authors' `_plus` adapters were trained with KVzip+ scoring, which kvexp's `kvzip` does not have.
+    none; with `plus`, KVzip+ scoring, the authors' `_plus` adapter, trained with it).
     `restore_tokens`: n (the paper's 8); a checkpoint must hold as many. Only the embeddings and the LoRA are
     learned (`train=restorekv`: self-distillation from the full-cache model); the base model is frozen.
     One prompt at a time (KVzip's probes and allocation are per prompt).
@@ -343,6 +348,7 @@ class RestoreKV(KVzip):
     def prepare(self, model: PreTrainedModel) -> None:
         """The adapter for `model` (`init`: built from it; null: the authors' for it), checked against its shape and
         moved to its device; the model is remembered (weakly) for the restore pass."""
+        super().prepare(model)  # KVzip+ (`plus`) reads the model's output projections
         self._model = weakref.ref(model)
         key = model_fingerprint(model)
         if self._adapter is None or (self.checkpoint in (None, INIT) and self._adapter_for != key):
@@ -361,7 +367,7 @@ class RestoreKV(KVzip):
     def _adapter_for_model(self, model: PreTrainedModel) -> RestoreAdapter:
         if self.checkpoint == INIT:
             return init_adapter(model, self.restore_tokens)
-        repo = published_id(model)
+        repo = published_id(model, self.plus)
         path = published_adapter(repo)
         if path is None:
             raise ValueError(

@@ -125,22 +125,39 @@ def reduce_group(scores: torch.Tensor, how: str = "mean") -> torch.Tensor:
 
 
 def temporal_pool(
-    scores: torch.Tensor, positions: torch.Tensor, kernel: int, how: str = "avgpool"
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    kernel: int,
+    how: str = "avgpool",
+    live: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pool [B, Hkv, n] scores over temporal neighbours (kernel k, padding k//2, stride 1, length kept).
 
-    Physical slot order is not temporal, so scores are sorted by position, pooled and put back.
+    Physical slot order is not temporal, so scores are sorted by position, pooled and put back. With `live`
+    ([B, Hkv, n] bool), a dead slot (padding, an entry killed by a smaller per-head or per-row budget) is no
+    neighbour: the live entries are pooled as if the dead ones were not there, as a row alone pools them (the dead
+    slots' own results are meaningless).
     """
     if kernel <= 1:
         return scores
     if kernel % 2 == 0:
         raise ValueError(f"method.kernel_size must be odd (so pooling keeps the length), got {kernel}")
-    order = positions.argsort(dim=-1)
+    # Dead slots first, then the live ones in temporal order: a live entry's neighbours are live entries.
+    order = (positions if live is None else positions.masked_fill(~live, -1)).argsort(dim=-1, stable=True)
     ordered = scores.gather(-1, order)
+    alive = None if live is None else live.gather(-1, order)
     flat = ordered.reshape(-1, 1, ordered.shape[-1])
     if how == "avgpool":
-        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        if alive is None:
+            pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        else:  # the mean over the live slots in the window: the leading dead ones count as the edge's padding
+            weight = alive.reshape(flat.shape).to(flat.dtype)
+            total = F.avg_pool1d(flat.masked_fill(weight == 0, 0.0), kernel, stride=1, padding=kernel // 2)
+            share = F.avg_pool1d(weight, kernel, stride=1, padding=kernel // 2)
+            pooled = total / share.clamp_min(1e-12)
     elif how == "maxpool":
+        if alive is not None:
+            flat = flat.masked_fill(~alive.reshape(flat.shape), float("-inf"))
         pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
     else:
         raise ValueError(f"method.pooling must be one of {POOLINGS}, got {how!r}")

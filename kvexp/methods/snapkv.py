@@ -27,6 +27,7 @@ class SnapKV(Method):
     """
 
     name = "snapkv"
+    row_budgets = True  # its scores never read the budget
     description = "observation-window attention votes + pooling (Li et al. 2024)"
     observes = True
     window_size: int = 32
@@ -48,6 +49,7 @@ class SnapKV(Method):
 
     def score(self, layer) -> torch.Tensor:
         votes = reduce_group(window_attention(layer).sum(dim=3), self.gqa)  # [B, Hkv, n]
-        pooled = temporal_pool(votes, layer.positions, self.kernel_size, self.pooling)
+        live = layer.live() if layer.has_bias else None
+        pooled = temporal_pool(votes, layer.positions, self.kernel_size, self.pooling, live)
         window_start = layer.query_window[1][:, :1, None]  # oldest remembered query position, [B, 1, 1]
         return pooled.masked_fill(layer.positions >= window_start, float("inf"))

@@ -32,5 +32,6 @@ class SnapKVLite(Method):
             raise ValueError(f"method.kernel_size must be odd and >= 1, got {self.kernel_size}")
 
     def score(self, layer) -> torch.Tensor:
-        pooled = temporal_pool(lowest_key_norm(layer), layer.positions, self.kernel_size, "avgpool")
+        live = layer.live() if layer.has_bias else None
+        pooled = temporal_pool(lowest_key_norm(layer), layer.positions, self.kernel_size, "avgpool", live)
         return protect_recent(pooled, layer.positions, self.window_size)

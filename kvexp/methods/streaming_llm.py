@@ -16,6 +16,7 @@ class StreamingLLM(Method):
     """
 
     name = "streaming_llm"
+    row_budgets = True  # its scores never read the budget
     description = "attention sinks + recent window (Xiao et al. 2024)"
     sink_tokens: int = 4
 

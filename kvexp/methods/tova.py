@@ -17,6 +17,7 @@ class TOVA(Method):
     """
 
     name = "tova"
+    row_budgets = True  # its scores never read the budget
     description = "keep what the current query attends to, head-averaged (Oren et al. 2024)"
     observes = True
     reads_step_attention = True

@@ -77,6 +77,7 @@ class UNComp(SnapKV):
     """
 
     name = "uncomp"
+    row_budgets = False  # its head budgets split the layer's one budget
     description = "head budgets by truncated matrix entropy of the keys, SnapKV inside (Xiong et al. 2024)"
     window_size: int = 8
     group_weights: list[float] = field(default_factory=lambda: [0.5, 1.5])

@@ -262,6 +262,7 @@ def _probed_prefill(
     prompt: Prompt,
     feed: Callable[[torch.Tensor], torch.Tensor],
     protocol: str,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """The prompt of a probing method (`Method.probes`: KVzip, FINCH), fed and compressed by the method with the
     probes it runs (their entries never stay): the context, and the question under the query-aware protocol.
@@ -276,7 +277,9 @@ def _probed_prefill(
 
     closing = prompt.closing if prompt.closing is not None else encode("\n")
     question = prompt.question.to(device) if protocol == "query_aware" else None
-    probing = Probing(prompt.context.to(device), prompt.opening, closing, encode, run, feed, question)
+    probing = Probing(
+        prompt.context.to(device), prompt.opening, closing, encode, run, feed, question, chunk_size
+    )
     return cache.layers[0].evictor.prefill(cache, probing)
 
 
@@ -338,7 +341,7 @@ def generate_answer(
     probed = cache.holding  # a probing method feeds the prompt itself
     if probed:
         feed = lambda ids: _forward(model, ids, cache, prefill_chunk_size)  # noqa: E731
-        logits = _probed_prefill(model, tokenizer, cache, prompt, feed, protocol)
+        logits = _probed_prefill(model, tokenizer, cache, prompt, feed, protocol, prefill_chunk_size)
     elif protocol == "query_aware":
         logits = _forward(model, torch.cat([context, question], dim=1), cache, prefill_chunk_size)
     if protocol == "query_agnostic":
@@ -432,12 +435,15 @@ def generate_batch(
     budget: int | list[int] | None,
     protocol: str = "query_agnostic",
     prefill_chunk_size: int | None = None,
+    *,
+    row_budgets: Sequence[int] | None = None,
     **cache_kwargs,
 ) -> list[GenerationResult]:
     """Answer several prompts at once through one compressed cache, each row left-padded (padding is dead slots,
     positions are each row's own): every row gets the tokens it gets alone, provided the rows share what shapes
     the cache (`batch_key`: the budget; with chunked prefill the context length; with decode-time compression
     under the query-agnostic protocol the question length). A finished row leaves the batch (its cache rows too).
+    `row_budgets`: each row's own budget instead of `budget`, for a method with `Method.row_budgets`.
 
     Each result holds its row's own figures: TTFT and step times are the batch's (the row waited for them), its
     kv stats the row's own entries when it finished with its share (1 / rows) of the bytes held and of the
@@ -449,7 +455,10 @@ def generate_batch(
             raise ValueError(f"sample {row.sample_id}: the prompt has no tokens")
     n = len(rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    cache = make_cache(model, method, budget, **cache_kwargs)
+    if row_budgets is not None:
+        cache = make_cache(model, method, row_budgets=list(row_budgets), **cache_kwargs)
+    else:
+        cache = make_cache(model, method, budget, **cache_kwargs)
     feed = _Feed(model, cache, n)
     eos = _eos_ids(model, tokenizer)
     generators = [
@@ -469,7 +478,9 @@ def generate_batch(
         def feed_prompt(ids: torch.Tensor) -> torch.Tensor:
             return feed(ids.cpu(), torch.ones_like(ids.cpu()), prefill_chunk_size)
 
-        logits = _probed_prefill(model, tokenizer, cache, rows[0].prompt, feed_prompt, protocol)
+        logits = _probed_prefill(
+            model, tokenizer, cache, rows[0].prompt, feed_prompt, protocol, prefill_chunk_size
+        )
     elif protocol == "query_aware":
         logits = feed(
             *_left_padded([torch.cat(p, dim=1) for p in zip(contexts, questions, strict=True)], pad),
@@ -504,7 +515,7 @@ def generate_batch(
             ttft_s=ttft,
             step_s=steps[: len(tokens[i]) - 1],
             kv=cache.stats(row=at, seen=int(feed.seen[at])) if n > 1 else cache.stats(),
-            budget=budget,
+            budget=budget if row_budgets is None else row_budgets[i],
         )
 
     def done(i: int) -> bool:
@@ -819,8 +830,9 @@ def run_generation(
     A method that feeds prompts in its own blocks (`block`) sets `prefill_chunk_size` when it is not given.
     """
     name = getattr(method, "name", method)
+    built = build_method(method) if isinstance(method, str) else method
     if prefill_chunk_size is None:
-        prefill_chunk_size = (build_method(method) if isinstance(method, str) else method).prompt_block
+        prefill_chunk_size = built.prompt_block
     budgets = [budget_for(p.compressed_tokens(protocol)) for p in prompts]
     rows = [
         Row(
@@ -835,7 +847,9 @@ def run_generation(
     results: list[GenerationResult | None] = [None] * len(rows)
     groups: dict[tuple, list[int]] = {}
     for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
-        key = batch_key(prompt, budget, protocol, prefill_chunk_size, **cache_kwargs)
+        key = batch_key(
+            prompt, budget, protocol, prefill_chunk_size, row_budgets=built.row_budgets, **cache_kwargs
+        )
         groups.setdefault(key, []).append(i)
     size = 1 if decoding.num_beams > 1 else batch_size  # beam search spends the batch on its beams
     batches = [idx[j : j + size] for idx in groups.values() for j in range(0, len(idx), size)]
@@ -852,9 +866,10 @@ def run_generation(
                 )
             ]  # fmt: skip
         else:
+            own = [budgets[i] for i in batch]
             answers = generate_batch(
-                model, tokenizer, [rows[i] for i in batch], method, budgets[batch[0]], protocol, prefill_chunk_size,
-                **cache_kwargs,
+                model, tokenizer, [rows[i] for i in batch], method, own[0], protocol, prefill_chunk_size,
+                row_budgets=own if any(b != own[0] for b in own) else None, **cache_kwargs,
             )  # fmt: skip
         for i, result in zip(batch, answers, strict=True):
             result.scores = score_prediction(samples[i], result.prediction)
@@ -875,13 +890,17 @@ def batch_key(
     prefill_chunk_size: int | None,
     when: str = "always",
     slack: int = 0,
+    row_budgets: bool = False,
     **_: Any,
 ) -> tuple:
-    """What rows of one batch must share so that each gets the answer it gets alone: the budget; the compressed
+    """What rows of one batch must share so that each gets the answer it gets alone: the budget (unless the method
+    keeps a budget per row, `row_budgets`, and no chunking or slack ties it to the length); the compressed
     prompt's length when chunk boundaries or amortized compression (slack) depend on it; the question's length
     when the query-agnostic protocol compresses while decoding (every row's budget grows by the batch's longest
     question before the question step, so rows with shorter ones would keep more while decoding)."""
     key: tuple = (tuple(budget) if isinstance(budget, list) else budget,)
+    if row_budgets and isinstance(budget, int) and not (prefill_chunk_size or slack):
+        key = ("a budget per row",)
     if budget is not None and (prefill_chunk_size or slack):
         key += (prompt.compressed_tokens(protocol),)
     if budget is not None and protocol == "query_agnostic" and when == "always":

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvexp.methods import Method, make_cache
+from kvexp.methods import METHODS, Method, make_cache
 from kvexp.tasks.base import eviction_times, kv_totals, share_batch_costs
 from kvexp.tracking import log_progress
 
@@ -87,14 +87,20 @@ def score_documents(
     budget: int | list[int] | None,
     chunk_size: int = 1,
     progress: bool = False,
+    *,
+    row_budgets: list[int] | None = None,
     **cache_kwargs,
 ) -> list[DocumentResult]:
     """Feed several documents at once through one compressed cache, each a batch row from position 0: every step
     takes the next `chunk_size` tokens of each row still going (a row's last chunk, if shorter, is right-padded and
     its padding masked), and a finished row leaves the batch. Each document gets the figures it gets alone (its own
-    NLL, hits and kept entries; its share of the batch's bytes, method time and wall time)."""
+    NLL, hits and kept entries; its share of the batch's bytes, method time and wall time). `row_budgets`: each
+    document's own budget instead of `budget`, for a method with `Method.row_budgets`."""
     n_rows = len(documents)
-    cache = make_cache(model, method, budget, **cache_kwargs)
+    if row_budgets is not None:
+        cache = make_cache(model, method, row_budgets=row_budgets, **cache_kwargs)
+    else:
+        cache = make_cache(model, method, budget, **cache_kwargs)
     pad = 0
     inputs = [ids.to(model.device)[0, :-1] for _, ids in documents]
     targets = [ids.to(model.device)[0, 1:] for _, ids in documents]
@@ -161,21 +167,29 @@ def score_in_batches(
     **cache_kwargs,
 ) -> list[DocumentResult]:
     """Every document with the budget `budget_for(its tokens)`, up to `batch_size` at once among documents of the
-    same budget (a batch's rows share the layer budgets), results in document order; `on_batch(results so far)`
+    same budget (a batch's rows share the layer budgets) or, for a method that keeps a budget per row
+    (`Method.row_budgets`, without slack), among all; results in document order; `on_batch(results so far)`
     after each batch."""
+    kind = METHODS[method] if isinstance(method, str) else type(method)
+    per_row = kind.row_budgets and not cache_kwargs.get("slack")
+    budgets = [budget_for(ids.shape[1]) for _, ids in documents]
     groups: dict[tuple, list[int]] = {}
-    for i, (_, ids) in enumerate(documents):
-        budget = budget_for(ids.shape[1])
-        groups.setdefault(tuple(budget) if isinstance(budget, list) else (budget,), []).append(i)
+    for i, budget in enumerate(budgets):
+        if per_row and isinstance(budget, int):
+            key: tuple = ("a budget per row",)
+        else:
+            key = tuple(budget) if isinstance(budget, list) else (budget,)
+        groups.setdefault(key, []).append(i)
     batches = sorted(
         idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)
     )
     results: list[DocumentResult | None] = [None] * len(documents)
     for batch in batches:
-        budget = budget_for(documents[batch[0]][1].shape[1])
+        own = [budgets[i] for i in batch]
         scored = score_documents(
-            model, [documents[i] for i in batch], method, budget, chunk_size, len(batch) == 1, **cache_kwargs
-        )
+            model, [documents[i] for i in batch], method, own[0], chunk_size, len(batch) == 1,
+            row_budgets=own if any(b != own[0] for b in own) else None, **cache_kwargs,
+        )  # fmt: skip
         for i, result in zip(batch, scored, strict=True):
             results[i] = result
         if on_batch is not None:

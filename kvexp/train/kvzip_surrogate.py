@@ -9,7 +9,9 @@ Each window is prefilled through a kvzip cache (allocation uniform, budget = the
 the attention-input hidden state h_j of every token is recorded at every layer; KVzip's probes then run (the repeat
 prompt, the turn closing, the window again, in chunks of `chunk_size`: kvexp's `method=kvzip`) and every context
 entry's score s_j, per layer and KV head, is read from the cache. The sinks (KVzip scores none) are left out; a
-layer without a budget (Gemma-3's sliding layers, never compressed) is not trained.
+layer without a budget (Gemma-3's sliding layers, never compressed) is not trained. `oracle`: the score trained on,
+`kvzip` (the reconstruction's max attention) or `kvzip_plus` (KVzip+: `method=kvzip method.plus=true`); null takes the
+method's paper: KVzap trains on KVzip+, Fast KVzip on KVzip (its gate's cross-entropy needs scores in [0, 1]).
 
 The fit follows the method's paper (null options take these values):
 * kvzap `model_type: linear`: ridge regression of y = log(s + 1e-6) on h, per layer (closed form, penalty `ridge`;
@@ -93,10 +95,23 @@ OPTIONS = (
     "val_fraction",
     "chat_template",
     "chunk_size",
+    "oracle",
     *FIT_OPTIONS,
     "ridge",
     "seed",
 )
+
+
+ORACLES = ("kvzip", "kvzip_plus")
+PAPER_ORACLES = {
+    "kvzap": "kvzip_plus",
+    "fastkvzip": "kvzip",
+}  # what each paper trains on (train.oracle: null)
+
+
+def oracle_of(cfg: DictConfig) -> str:
+    """The score the surrogate is trained on: train.oracle, else its paper's."""
+    return cfg.train.oracle or PAPER_ORACLES[cfg.method.name]
 
 
 def _positive_int(value: Any) -> bool:
@@ -127,6 +142,14 @@ def check(cfg: DictConfig) -> None:
     if t.weight_decay is not None and t.weight_decay < 0:
         raise ValueError(
             f"train.weight_decay must be >= 0 or null (the method's recipe), got {t.weight_decay}"
+        )
+    if t.oracle is not None and t.oracle not in ORACLES:
+        raise ValueError(
+            f"train.oracle must be one of {', '.join(ORACLES)} or null (the method's paper), got {t.oracle!r}"
+        )
+    if cfg.method.name == "fastkvzip" and t.oracle == "kvzip_plus":
+        raise ValueError(
+            "train.oracle=kvzip_plus cannot train method=fastkvzip: its gate's cross-entropy needs scores in [0, 1]"
         )
     if not t.ridge >= 0:
         raise ValueError(f"train.ridge must be >= 0 (kvzap linear's ridge penalty), got {t.ridge}")
@@ -162,14 +185,15 @@ class Window:
 
 @torch.no_grad()
 def kvzip_window(
-    model, tokenizer, encoder: PromptEncoder, text: str, chunk_size: int
+    model, tokenizer, encoder: PromptEncoder, text: str, chunk_size: int, plus: bool = False
 ) -> tuple[Window, list[int]]:
-    """KVzip's scores of one window and the hidden states of its tokens, and the layers that have them."""
+    """KVzip's scores (KVzip+'s with `plus`) of one window and the hidden states of its tokens, and the layers that
+    have them."""
     prompt = encoder.encode(GenerationSample("window", text, "", []), max_new_tokens=1)
     device = model.device
     ids = prompt.context.to(device)
     n = ids.shape[1]
-    method = build_method("kvzip", chunk_size=chunk_size, allocation="uniform")
+    method = build_method("kvzip", chunk_size=chunk_size, allocation="uniform", plus=plus)
     cache = make_cache(model, method, n)  # the budget holds the prompt: nothing is evicted
 
     def encode(words: str) -> torch.Tensor:
@@ -302,10 +326,10 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
     windows = text_windows(books, name, tokenizer, t.texts, t.max_tokens, t.skip_chars)
     template = bool(getattr(tokenizer, "chat_template", None)) if t.chat_template is None else t.chat_template
     encoder = PromptEncoder(tokenizer, chat_template=template)
-    data, trained = [], None
-    for ids in tqdm(windows, desc="kvzip_surrogate [KVzip scores]"):
+    data, trained, oracle = [], None, oracle_of(cfg)
+    for ids in tqdm(windows, desc=f"kvzip_surrogate [{oracle} scores]"):
         text = tokenizer.decode(ids[0], skip_special_tokens=True)
-        window, layers = kvzip_window(model, tokenizer, encoder, text, t.chunk_size)
+        window, layers = kvzip_window(model, tokenizer, encoder, text, t.chunk_size, oracle == "kvzip_plus")
         if trained is not None and layers != trained:
             raise RuntimeError(f"the compressed layers changed between windows: {trained} then {layers}")
         data.append(window)
@@ -321,6 +345,7 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
     start = time.perf_counter()
     metrics: dict[str, Any] = {
         "method": method.name,
+        "oracle": oracle,
         "trained_layers": trained,
         "train_samples": int(train_data.hidden.shape[1]),
         "val_samples": int(sum(w.hidden.shape[1] for w in val_windows)),
@@ -335,6 +360,7 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
     meta = {
         "model": cfg.model.name,
         "train": OmegaConf.to_container(t, resolve=True),
+        "oracle": oracle,
         "trained_layers": trained,
     }
     save_checkpoint(path, method.checkpoint_format, config, meta, method.surrogate)
