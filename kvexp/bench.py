@@ -371,15 +371,19 @@ def target_verdict(value: float, target: float, higher_is_better: bool = False) 
     return f"missed by {100 * abs(value - target) / target:.0f}%"
 
 
+def _table(title: str, columns: str) -> list[str]:
+    """A markdown section's title and its table's header rows (`columns`: "a | b | ...")."""
+    return [title, f"| {columns} |", "|" + "---|" * (columns.count("|") + 1)]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The benchmark's tables with each target's verdict."""
     lines = [f"`{results['machine']}`\n"]
     if results.get("P1"):
-        lines += [
+        lines += _table(
             "**P1 decode** (median ms/token)\n",
-            "| case | ms/token | / plain short | kept | target |",
-            "|---|---|---|---|---|",
-        ]
+            "case | ms/token | / plain short | kept | target",
+        )
     for name, r in results.get("P1", {}).items():
         verdict = (
             ""
@@ -390,22 +394,20 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {name} | {r['ms_per_token']:.1f} | {r['ratio_to_plain_short']:.2f} | {r['kept']} | {verdict} |"
         )
     if results.get("P2"):
-        lines += [
+        lines += _table(
             "\n**P2 method overhead** (share of time inside the method)\n",
-            "| case | share | target |",
-            "|---|---|---|",
-        ]
+            "case | share | target",
+        )
     for name, r in results.get("P2", {}).items():
         target = TARGETS["P2_prefill"] if "prefill@" in name else TARGETS["P2_decode"]
         lines.append(
             f"| {name} | {100 * r['share']:.1f}% | <= {100 * target:.0f}%: {target_verdict(r['share'], target)} |"
         )
     if results.get("P3"):
-        lines += [
+        lines += _table(
             "\n**P3 peak memory** (chunked prefill)\n",
-            "| case | peak KV MiB | / (budget + chunk) | prefill RSS growth MiB | process peak RSS MiB | target |",
-            "|---|---|---|---|---|---|",
-        ]
+            "case | peak KV MiB | / (budget + chunk) | prefill RSS growth MiB | process peak RSS MiB | target",
+        )
         for name, r in results["P3"].items():
             verdict = (
                 ""
@@ -419,11 +421,10 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {r['peak_kv_bytes'] / 2**20:.1f} | {r['peak_kv_ratio']:.2f} | {growth} | {rss / 2**20:.0f} | {verdict} |"
             )
     if results.get("P4"):
-        lines += [
+        lines += _table(
             "\n**P4 aten ops per decode step** (amortized; hardware-independent)\n",
-            "| case | ops/step | ops/layer | extra/layer | / plain | evictions/layer/step | target |",
-            "|---|---|---|---|---|---|---|",
-        ]
+            "case | ops/step | ops/layer | extra/layer | / plain | evictions/layer/step | target",
+        )
         for name, r in results["P4"].items():
             verdict = (
                 ""
@@ -437,22 +438,20 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r['ratio_to_plain']:.2f} | {evictions} | {verdict} |"
             )
     if results.get("P5"):
-        lines += [
+        lines += _table(
             "\n**P5 evaluation throughput**\n",
-            "| case | tokens/s | / plain decode | target |",
-            "|---|---|---|---|",
-        ]
+            "case | tokens/s | / plain decode | target",
+        )
     for name, r in results.get("P5", {}).items():
         lines.append(
             f"| {name} | {r['tokens_per_s']:.1f} | {r['ratio_to_plain_decode']:.2f} | >= {TARGETS['P5']}: {target_verdict(r['ratio_to_plain_decode'], TARGETS['P5'], True)} |"
         )
     if results.get("P6"):
         size = results["args"]["p6_batch"]
-        lines += [
+        lines += _table(
             f"\n**P6 batched generation** (RULER at {results['args']['p6_length']} tokens, batch 1 vs {size})\n",
-            "| case | samples | budgets | batches | samples/s, one at a time | samples/s, batched | ratio | same answers |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+            "case | samples | budgets | batches | samples/s, one at a time | samples/s, batched | ratio | same answers",
+        )
         for name, r in results["P6"].items():
             same = (
                 "all" if r["same_answers"] == r["samples"] else f"**{r['same_answers']} of {r['samples']}**"
@@ -555,9 +554,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids = _tokens(tokenizer, needed).to(model.device)
     machine = (
         f"{args.model} on {model.device} ({model.dtype}), torch {torch.__version__}, threads={torch.get_num_threads()}, "
-        f"{platform.processor() or platform.machine()}, {args.repeats} interleaved rounds of {args.steps} steps "
-        f"(first {args.warmup} of each dropped)"
+        f"{platform.processor() or platform.machine()}"
     )
+    if "P1" in args.cases:
+        machine += f", P1: {args.repeats} interleaved rounds of {args.steps} steps (first {args.warmup} of each dropped)"
     print(f"kvexp bench: {machine}", flush=True)
     results: dict[str, Any] = {"machine": machine, "args": vars(args), "targets": TARGETS}
     run = set(args.cases)
