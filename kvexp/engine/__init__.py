@@ -174,10 +174,6 @@ def make_cache(
         budget, row_budgets = row_budgets[0], None  # one budget for every row
     if row_budgets is not None and (budget is not None or head_budgets is not None):
         raise ValueError("row_budgets replaces budget and head_budgets: give one of them")
-    if row_budgets is not None and not evictor.row_budgets:
-        raise ValueError(
-            f"method={evictor.name} reads the budget beyond the kept counts: the rows of a batch need one budget"
-        )
     if head_budgets is not None:
         if len(head_budgets) != n_layers:
             raise ValueError(f"head_budgets needs one list per layer ({n_layers}), got {len(head_budgets)}")
