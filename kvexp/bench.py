@@ -49,7 +49,7 @@ from transformers import DynamicCache
 
 from kvexp.engine import use_kvexp_attention
 from kvexp.export import build_samples
-from kvexp.methods import METHODS, make_cache
+from kvexp.methods import build_method, make_cache
 from kvexp.models import load_model_by_name, peak_memory
 from kvexp.tasks.data import load_documents
 from kvexp.tasks.generation import batch_key, run_generation
@@ -318,7 +318,7 @@ def p6_batched(model, tokenizer, args) -> dict[str, dict[str, Any]]:
                     "query_agnostic",
                     None,
                     "prefill",
-                    row_budgets=METHODS[method].row_budgets,
+                    row_budgets=build_method(method).row_budgets,
                 )
                 for p in prompts
             )  # rows of one key may share a batch; fmt: skip

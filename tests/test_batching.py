@@ -107,17 +107,35 @@ def test_rows_with_different_budgets_and_questions_batch_by_what_they_share(name
     assert len({r.wall_s for r in together if r.wall_s is not None}) == len(shared)  # one share per batch
 
 
-ROW_BUDGETS = sorted(n for n, cls in METHODS.items() if cls.row_budgets and cls.batches and cls.compresses)
+ROW_BUDGETS = [
+    pytest.param(n, PARAMS.get(n, {}), id=n)
+    for n, cls in sorted(METHODS.items())
+    if cls.batches and cls.compresses and cls.row_budgets and build_method(n, **PARAMS.get(n, {})).row_budgets
+]
+# The head splits at their default floor (the test parameters above make the heads uniform), each row split by its own
+# budget; H2O with a recent window that is not half the budget.
+SMALL_SNAPKV = {"window_size": 4, "kernel_size": 3}
+ROW_BUDGETS += [
+    pytest.param("adakv", {"scorer_params": SMALL_SNAPKV}, id="adakv-split"),
+    pytest.param("criticaladakv", {"scorer_params": SMALL_SNAPKV}, id="criticaladakv-split"),
+    pytest.param(
+        "adakv",
+        {"scorer": "criticalkv", "scorer_params": {"scorer_params": SMALL_SNAPKV}},
+        id="adakv-criticalkv-split",
+    ),
+    pytest.param("h2o", {"recent_ratio": 0.3}, id="h2o-recent-0.3"),
+]
 
 
-@pytest.mark.parametrize("name", ROW_BUDGETS)
+@pytest.mark.parametrize(("name", "params"), ROW_BUDGETS)
 @pytest.mark.parametrize("when", ["prefill", "always"])
 @torch.no_grad()
-def test_rows_with_their_own_budgets_share_one_batch_and_answer_as_alone(name, when):
+def test_rows_with_their_own_budgets_share_one_batch_and_answer_as_alone(name, params, when):
     """keep_ratio-like budgets of prompts of different lengths: a method that keeps a budget per row answers them in
     one batch, each row with its own budget, kept counts per head and answer as alone."""
     model, tok = load("tiny_llama")
-    method = build_method(name, **PARAMS.get(name, {}))
+    method = build_method(name, **params)
+    assert method.row_budgets
     samples = _samples(6, seed=2)
     prompts = [PromptEncoder(tok).encode(s) for s in samples]
 
@@ -139,7 +157,7 @@ def test_a_cache_keeps_each_rows_own_budget():
     what the shorter row holds."""
     model, tok = load("tiny_llama")
     with pytest.raises(ValueError, match="method=h2o reads the budget beyond the kept counts"):
-        make_cache(model, "h2o", row_budgets=[8, 20])
+        make_cache(model, "h2o", row_budgets=[8, 20], per_layer=False)  # one ranking for every row
     with pytest.raises(ValueError, match="row_budgets replaces budget"):
         make_cache(model, "streaming_llm", 8, row_budgets=[8, 20], sink_tokens=2)
     same = make_cache(model, "streaming_llm", row_budgets=[8, 8], sink_tokens=2)

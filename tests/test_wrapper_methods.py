@@ -379,7 +379,9 @@ def test_compression_ratio_decoding_keeps_int_ratio_of_seen_at_every_interval(bu
                 kept = _kept(layer, h)
                 # The same key norms: a repeated token's keys tie (RoPE keeps norms) up to rounding, either may stay.
                 assert len(kept) == length and set(kept) <= set(held)
-                assert torch.allclose(norms[h, kept].sort().values, norms[h, expected].sort().values, atol=1e-6)
+                assert torch.allclose(
+                    norms[h, kept].sort().values, norms[h, expected].sort().values, atol=1e-6
+                )
         else:
             length = min(length, budget)
         for layer in cache.layers:

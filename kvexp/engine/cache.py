@@ -673,21 +673,23 @@ class CompressedLayer(DynamicLayer):
 
     def _head_counts(self, scores: torch.Tensor | None, target: int) -> torch.Tensor | None:
         """Live entries each KV head keeps at this compression [B, Hkv]: the method's dynamic per-head counts
-        (AdaKV), else the cache's per-head or per-row budgets; None: `target` for every head."""
-        counts = self.evictor.head_counts(self, scores, target)
-        if counts is not None and self.row_budgets is not None:
-            raise RuntimeError(
-                f"method={self.evictor.name} sets its own head counts: it cannot keep a budget per row"
-            )
+        (AdaKV; under per-row budgets from each row's own budget), else the cache's per-head or per-row budgets;
+        None: `target` for every head."""
+        counts = self.evictor.head_counts(self, scores, self.row_targets(target))
         if counts is None and self.head_budgets is not None:
             counts = torch.tensor(self.head_budgets, device=self.device).expand(self.batch, -1)
-        if counts is None and self.row_budgets is not None:
+        if self.row_budgets is not None:
             budgets = self.row_budgets.to(self.device)[:, None]  # [B, 1]
             live = self.live().sum(-1)  # [B, Hkv]
             # A row within its own budget (plus slack) keeps every live entry: alone, it would not compress now.
             over = (live > budgets + self.options.slack).any(-1, keepdim=True)
-            counts = torch.where(over, budgets.expand_as(live), live)
+            counts = torch.where(over, budgets.expand_as(live) if counts is None else counts, live)
         return counts
+
+    def row_targets(self, target: int) -> int | torch.Tensor:
+        """What each row keeps at this compression: `target`, or under per-row budgets each row's own budget
+        [B, 1] (long, on the layer's device), for a method that splits or shares out the budget itself."""
+        return target if self.row_budgets is None else self.row_budgets.to(self.device)[:, None]
 
     def keep_counts(self) -> torch.Tensor:
         """[B, Hkv] live entries each KV head keeps at the compression running now, for a method that plans its

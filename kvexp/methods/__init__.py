@@ -16,7 +16,7 @@ for _module in pkgutil.iter_modules(__path__):
 _CACHE_OPTIONS = set(inspect.signature(engine.make_cache).parameters) - {"model", "method"}
 
 
-def _method_and_options(method: str | Method, kwargs: dict[str, Any]) -> Method:
+def method_and_options(method: str | Method, kwargs: dict[str, Any]) -> Method:
     """The method object (built by name from the keyword arguments that are not cache options, which stay in
     `kwargs`)."""
     params = {k: kwargs.pop(k) for k in list(kwargs) if k not in _CACHE_OPTIONS}
@@ -35,7 +35,7 @@ def make_cache(
     """`kvexp.engine.make_cache` with the method given by name: `make_cache(model, "h2o", 256, recent_ratio=0.3,
     slack=8)`; keyword arguments that are not cache options (budget, head_budgets, slack, when, positions,
     recorder, differentiable) are the method's parameters."""
-    return engine.make_cache(model, _method_and_options(method, kwargs), budget, **kwargs)
+    return engine.make_cache(model, method_and_options(method, kwargs), budget, **kwargs)
 
 
 def compress_cache(
@@ -48,9 +48,16 @@ def compress_cache(
     """`kvexp.engine.compress_cache` with the method given by name: an existing transformers cache compressed at
     once, e.g. `compress_cache(model, past_key_values, "streaming_llm", 512, sink_tokens=4)` for the kvcompress
     study's `streaming_llm_compress(past_key_values, start_size=4, recent_size=508)`."""
-    return engine.compress_cache(
-        model, past_key_values, _method_and_options(method, kwargs), budget, **kwargs
-    )
+    return engine.compress_cache(model, past_key_values, method_and_options(method, kwargs), budget, **kwargs)
 
 
-__all__ = ["METHODS", "Method", "build_method", "compress_cache", "list_methods", "make_cache", "register"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "build_method",
+    "compress_cache",
+    "list_methods",
+    "make_cache",
+    "method_and_options",
+    "register",
+]

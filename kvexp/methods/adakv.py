@@ -7,8 +7,9 @@ from kvexp.methods.base import register
 from kvexp.methods.scorer_wrapper import ScorerWrapper
 
 
-def adaptive_counts(scores: torch.Tensor, target: int, floor_alpha: float) -> torch.Tensor:
-    """Ada-KV's live entries per head for one layer (docs/methods.md#adakv): scores [B, Hkv, n] -> [B, Hkv].
+def adaptive_counts(scores: torch.Tensor, target: int | torch.Tensor, floor_alpha: float) -> torch.Tensor:
+    """Ada-KV's live entries per head for one layer (docs/methods.md#adakv): scores [B, Hkv, n] -> [B, Hkv];
+    `target` per head, or per row [B, 1].
 
     `+inf` scores are protected (SnapKV's window: kept on top, as the reference adds the window to every head),
     `-inf` are dead slots. Head h has `b_h = target - protected_h` free entries and a floor `int(b_h alpha)`.
@@ -73,7 +74,11 @@ class AdaKV(ScorerWrapper):
             raise ValueError(f"method.floor_alpha must be in [0, 1], got {self.floor_alpha}")
         super().validate(budget)
 
-    def head_counts(self, layer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
+    @property
+    def row_budgets(self) -> bool:  # the split reads each row's own budget (head_counts' target)
+        return self._scorer.row_budgets
+
+    def head_counts(self, layer, scores: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor | None:
         if layer.head_budgets is not None:
             return None
         return adaptive_counts(scores, target, self.floor_alpha)

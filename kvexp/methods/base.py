@@ -112,8 +112,9 @@ class Method:
     # draws per physical slot; `eval.batch_size` > 1 is refused for it.
     batches: ClassVar[bool] = True
     # True: the method reads the budget only through the number of entries each head keeps (`target_size`'s default,
-    # `keep_counts()`): the rows of one batch may keep different numbers (`row_budgets`: a `keep_ratio` budget of
-    # prompts of different lengths), each what it keeps alone. False: rows batch only with rows of the same budget.
+    # `keep_counts()`, `head_counts`' target) or per row (`layer.row_targets`): the rows of one batch may keep
+    # different numbers (`row_budgets`: a `keep_ratio` budget of prompts of different lengths), each what it keeps
+    # alone. False: rows batch only with rows of the same budget.
     row_budgets: ClassVar[bool] = False
     # True: a layer compresses after every step (every multi-token step under engine.when=prefill), not only once it
     # exceeds its budget; the budget stays the cap. DMS's threshold evicts an entry the step it leaves its window.
@@ -157,9 +158,12 @@ class Method:
         """How many entries a compression keeps; the budget unless the method says otherwise."""
         return layer.budget
 
-    def head_counts(self, layer: CompressedLayer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
+    def head_counts(
+        self, layer: CompressedLayer, scores: torch.Tensor, target: int | torch.Tensor
+    ) -> torch.Tensor | None:
         """Live entries each KV head keeps at this compression, [B, Hkv] long (None: `target` for every head,
-        or the cache's static per-head budgets). The layer becomes as long as the largest count."""
+        or the cache's static per-head budgets). The layer becomes as long as the largest count. Under per-row
+        budgets (methods with `row_budgets`) `target` is each row's budget, [B, 1]."""
         return None
 
     def initial_state(self, name: str) -> float:

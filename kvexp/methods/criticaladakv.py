@@ -41,14 +41,16 @@ class CriticalAdaKV(CriticalKV):
         if layer.head_budgets is not None:
             return super().score(layer)
         base = self.base_scores(layer)
-        counts = adaptive_counts(base, self.target_size(layer), self.floor_alpha)
+        counts = adaptive_counts(base, layer.row_targets(self.target_size(layer)), self.floor_alpha)
         # this compression's head budgets, read by head_counts right after
         layer.scratch(self)["counts"] = counts
         return two_stage_scores(
             layer, base, self.value_norms(layer), counts, self.first_stage_ratio, self.epsilon
         )
 
-    def head_counts(self, layer: CompressedLayer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
+    def head_counts(
+        self, layer: CompressedLayer, scores: torch.Tensor, target: int | torch.Tensor
+    ) -> torch.Tensor | None:
         if layer.head_budgets is not None:
             return None
         return layer.scratch(self).pop("counts")

@@ -155,6 +155,10 @@ class CriticalKV(ScorerWrapper):
         scratch["seen"] = layer.seen
         return norms
 
+    @property
+    def row_budgets(self) -> bool:  # the stages read each row's own budget (head_caps)
+        return self._scorer.row_budgets
+
     def score(self, layer: CompressedLayer) -> torch.Tensor:
         base = self.base_scores(layer)
         budgets = head_caps(layer, self.target_size(layer))

@@ -37,11 +37,18 @@ class HeavyHitters(Method):
     def recent(self, budget: int) -> int:
         return self.recent_size if self.recent_size is not None else int(budget * self.recent_ratio)
 
+    def row_recent(self, layer) -> int | torch.Tensor:
+        """The recent window: `recent(budget)`, or under per-row budgets each row's own, [B, 1, 1]."""
+        if layer.row_budgets is None or self.recent_size is not None:
+            return self.recent(layer.budget)
+        # fp64 and truncation: int(budget * recent_ratio), as `recent` computes it
+        return (layer.row_targets(layer.budget).double() * self.recent_ratio).long()[:, :, None]
+
     def observe(self, layer, query: torch.Tensor) -> None:
         accumulate_attention(layer, query, "acc", self.gqa)
 
     def score(self, layer) -> torch.Tensor:
-        return protect_recent(layer.state("acc"), layer.positions, self.recent(layer.budget))
+        return protect_recent(layer.state("acc"), layer.positions, self.row_recent(layer))
 
 
 @register
@@ -64,10 +71,13 @@ class H2O(HeavyHitters):
     per_layer: bool = True
     track_attention: bool = True
 
+    row_budgets = True  # per layer, its recent window is each row's share of its own budget (`row_recent`)
+
     def __post_init__(self) -> None:
         # Instance-level values of the ClassVars the engine reads.
         self.observes = self.track_attention
         self.allocates = not self.per_layer
+        self.row_budgets = self.per_layer  # the global mode ranks once for the whole batch's budget
 
     def validate(self, budget: int | None) -> None:
         super().validate(budget)

@@ -164,11 +164,11 @@ def temporal_pool(
     return torch.empty_like(scores).scatter_(-1, order, pooled.reshape(ordered.shape))
 
 
-def protect_recent(scores: torch.Tensor, positions: torch.Tensor, recent: int) -> torch.Tensor:
-    """Force-keep each row's `recent` most recent tokens: positions newest - recent + 1 .. newest, the newest being
-    the largest position the head holds (the step's token, present until its compaction), so a left-padded row
-    counts its own tokens, as it would alone. A tensor threshold, not the token count: a compiled step's graph
-    does not depend on it."""
+def protect_recent(scores: torch.Tensor, positions: torch.Tensor, recent: int | torch.Tensor) -> torch.Tensor:
+    """Force-keep each row's `recent` most recent tokens (one count, or each row's own [B, 1, 1]): positions
+    newest - recent + 1 .. newest, the newest being the largest position the head holds (the step's token, present
+    until its compaction), so a left-padded row counts its own tokens, as it would alone. A tensor threshold, not
+    the token count: a compiled step's graph does not depend on it."""
     newest = positions.amax(dim=-1, keepdim=True)  # [B, Hkv, 1]
     return scores.masked_fill(positions > newest - recent, float("inf"))
 

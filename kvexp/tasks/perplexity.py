@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvexp.methods import METHODS, Method, make_cache
+from kvexp.methods import Method, make_cache, method_and_options
 from kvexp.tasks.base import eviction_times, kv_totals, share_batch_costs
 from kvexp.tracking import log_progress
 
@@ -170,8 +170,8 @@ def score_in_batches(
     same budget (a batch's rows share the layer budgets) or, for a method that keeps a budget per row
     (`Method.row_budgets`, without slack), among all; results in document order; `on_batch(results so far)`
     after each batch."""
-    kind = METHODS[method] if isinstance(method, str) else type(method)
-    per_row = kind.row_budgets and not cache_kwargs.get("slack")
+    built = method_and_options(method, dict(cache_kwargs))  # by name: its parameters are among cache_kwargs
+    per_row = built.row_budgets and not cache_kwargs.get("slack")
     budgets = [budget_for(ids.shape[1]) for _, ids in documents]
     groups: dict[tuple, list[int]] = {}
     for i, budget in enumerate(budgets):
