@@ -83,6 +83,7 @@ class ExpectedAttentionStats(QueryCalibration, Method):
         "expected attention of future queries from precomputed per-head query statistics, times value norms "
         "(Devoto et al. 2025)"
     )
+    row_budgets = True  # its scores never read the budget
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True

@@ -141,6 +141,7 @@ class FastKVzip(HiddenStateScorer):
 
     name = "fastkvzip"
     description = "a per-layer sink-attention gate on each token's hidden state, trained on KVzip's scores (Kim et al. 2026)"
+    row_budgets = True  # its scores never read the budget
     state_names = ("fastkvzip",)
     checkpoint_format = CHECKPOINT_FORMAT
     checkpoint_file = "fastkvzip.pt"

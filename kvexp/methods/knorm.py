@@ -24,6 +24,11 @@ class Knorm(Method):
     prune_after: int = 2048
     skip_layers: list[int] = field(default_factory=list)
 
+    row_budgets = True  # with a token budget its scores never read it
+
+    def __post_init__(self) -> None:
+        self.row_budgets = self.keep_ratio is None  # l2_compress keeps a share of the length, not of a row budget
+
     def validate(self, budget: int | None) -> None:
         if self.keep_ratio is not None and not 0.0 < self.keep_ratio < 1.0:
             raise ValueError(f"method.keep_ratio must be in (0, 1) or null, got {self.keep_ratio}")

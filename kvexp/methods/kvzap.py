@@ -105,6 +105,7 @@ class KVzap(HiddenStateScorer):
 
     name = "kvzap"
     description = "a per-layer linear/MLP surrogate of KVzip's score read off each token's hidden state (Jégou, Jeblick 2026)"
+    row_budgets = True  # its scores never read the budget
     state_names = ("kvzap",)
     checkpoint_format = CHECKPOINT_FORMAT
     checkpoint_file = "kvzap.pt"

@@ -25,6 +25,7 @@ class LRU(Method):
 
     name = "lru"
     description = "evict the least recently attended key (the H2O study's LRU)"
+    row_budgets = True  # its scores never read the budget
     observes = True
     state_names = ("last_attended",)
     threshold: float = 0.01

@@ -85,7 +85,13 @@ class Merging(ScorerWrapper):
             raise ValueError(f"method.merge_fraction must be in (0, 1], got {self.merge_fraction}")
         super().validate(budget)
 
-    def head_counts(self, layer: CompressedLayer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
+    @property
+    def row_budgets(self) -> bool:  # the merge folds into the survivors the engine chose
+        return self._scorer.row_budgets
+
+    def head_counts(
+        self, layer: CompressedLayer, scores: torch.Tensor, target: int | torch.Tensor
+    ) -> torch.Tensor | None:
         return self._scorer.head_counts(layer, scores, target)
 
     def score(self, layer: CompressedLayer) -> torch.Tensor:

@@ -59,6 +59,7 @@ class SimCalKV(Method):
     description = (
         "least-attended tokens merged into their most similar kept key, bias-calibrated (Cheng et al.)"
     )
+    row_budgets = True  # its scores never read the budget
     observes = True
     reads_step_attention = True
     merges = True

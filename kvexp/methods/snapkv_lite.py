@@ -23,6 +23,7 @@ class SnapKVLite(Method):
 
     name = "snapkv_lite"
     description = "pooled inverted key norm + kept window, L2 stand-in for SnapKV (the kvcompress study)"
+    row_budgets = True  # its scores never read the budget
     window_size: int = 32
     kernel_size: int = 5
 
