@@ -54,7 +54,9 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     for r in p6.values():
         assert r["same_answers"] == r["samples"] == 11  # RULER's tasks that need no download, one sample each
         assert r["ratio"] == pytest.approx(r["samples_per_s_batched"] / r["samples_per_s_one"])
-    assert p6["h2o budget=64"]["batches"] == p6["kvmerger budget=64"]["batches"] == 3  # 11 rows in batches of 4
+    assert (
+        p6["h2o budget=64"]["batches"] == p6["kvmerger budget=64"]["batches"] == 3
+    )  # 11 rows in batches of 4
     # keep 0.5 gives the prompts their own budgets: H2O keeps a budget per row (its recent window each row's share),
     # KVMerger's merging batches equal budgets only.
     assert p6["h2o keep_0.5"]["budgets"] > 1 and p6["h2o keep_0.5"]["batches"] == 3

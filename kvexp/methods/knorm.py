@@ -27,7 +27,9 @@ class Knorm(Method):
     row_budgets = True  # with a token budget its scores never read it
 
     def __post_init__(self) -> None:
-        self.row_budgets = self.keep_ratio is None  # l2_compress keeps a share of the length, not of a row budget
+        self.row_budgets = (
+            self.keep_ratio is None
+        )  # l2_compress keeps a share of the length, not of a row budget
 
     def validate(self, budget: int | None) -> None:
         if self.keep_ratio is not None and not 0.0 < self.keep_ratio < 1.0:

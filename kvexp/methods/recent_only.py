@@ -14,5 +14,6 @@ class RecentOnly(Method):
     description = "sliding window of the most recent tokens, no sinks (control)"
 
     row_budgets = True  # its scores never read the budget
+
     def score(self, layer) -> torch.Tensor:
         return layer.positions.float()
