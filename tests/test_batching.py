@@ -124,6 +124,15 @@ ROW_BUDGETS += [
         id="adakv-criticalkv-split",
     ),
     pytest.param("h2o", {"recent_ratio": 0.3}, id="h2o-recent-0.3"),
+    # Streaming heads beside retrieval ones, each row's own budget on the streaming heads (and Razor's compensation
+    # token folding what each row evicts); SimLayerKV with lazy and full rows, each row's window its own budget's.
+    pytest.param("duo_attention", {"sparsity": 0.5}, id="duo_attention-mixed"),
+    pytest.param("razor_attention", {"retrieval_heads": [[0, 0], [1, 1]]}, id="razor_attention-compensation"),
+    pytest.param("simlayerkv", {"lazy_threshold": 0.5}, id="simlayerkv-mixed"),
+    # DMS's threshold evicts in rows under their budget too (a row within budget is not left whole), capped per row.
+    pytest.param(
+        "dms", {"threshold": 0.03, "window_size": 2, "scorer_params": SMALL_SNAPKV}, id="dms-threshold"
+    ),
 ]
 
 
@@ -139,10 +148,11 @@ def test_rows_with_their_own_budgets_share_one_batch_and_answer_as_alone(name, p
     samples = _samples(6, seed=2)
     prompts = [PromptEncoder(tok).encode(s) for s in samples]
 
-    def budget(n):
-        return max(12, n // 2)
+    def budget(n):  # some prompts within their budget (a short prompt under a token budget), the others over
+        return n + 4 if n % 3 == 0 else max(12, n // 2)
 
-    assert len({budget(p.compressed_tokens("query_agnostic")) for p in prompts}) > 2
+    lengths = [p.compressed_tokens("query_agnostic") for p in prompts]
+    assert len({budget(n) for n in lengths}) > 2 and any(n < budget(n) for n in lengths)
     alone = run_generation(model, tok, samples, prompts, method, budget, when=when)
     together = run_generation(model, tok, samples, prompts, method, budget, when=when, batch_size=6)
     _same(alone, together)
@@ -193,6 +203,30 @@ def test_a_cache_keeps_each_rows_own_budget():
     model(step, position_ids=torch.tensor([[12]]), past_key_values=cache)
     # The row holds 8 + 1 entries, under its budget of 11: it keeps them all, and the layer drops the other row's slots.
     assert all(layer.length == 9 and bool(layer.live().all()) for layer in cache.layers)
+
+
+@torch.no_grad()
+def test_simlayerkv_judges_each_row_by_its_own_budgets_window():
+    """SimLayerKV's lazy test measures the attention on the sinks and the window a lazy layer would keep: under per-row
+    budgets, each row's own window (budget - sinks), so each row's mass is the one it gets alone."""
+    model, _ = load("tiny_llama")
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, 200, (1, n), generator=g) for n in (30, 40)]
+    budgets = [10, 24]
+    alone = []
+    for ids, budget in zip(rows, budgets, strict=True):
+        cache = make_cache(model, "simlayerkv", budget, when="prefill")
+        model(ids, past_key_values=cache)
+        alone.append([float(layer.scratch(layer.method)["mass"][0]) for layer in cache.layers])
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    ids[0, 10:], ids[1] = rows[0][0], rows[1][0]
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :10] = 0
+    cache = make_cache(model, "simlayerkv", row_budgets=budgets, when="prefill")
+    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    together = [layer.scratch(layer.method)["mass"].tolist() for layer in cache.layers]
+    for i in range(2):
+        assert [t[i] for t in together] == pytest.approx(alone[i], rel=1e-5)
 
 
 def test_batch_keys_name_what_rows_must_share():

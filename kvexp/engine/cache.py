@@ -681,9 +681,12 @@ class CompressedLayer(DynamicLayer):
         if self.row_budgets is not None:
             budgets = self.row_budgets.to(self.device)[:, None]  # [B, 1]
             live = self.live().sum(-1)  # [B, Hkv]
-            # A row within its own budget (plus slack) keeps every live entry: alone, it would not compress now.
-            over = (live > budgets + self.options.slack).any(-1, keepdim=True)
-            counts = torch.where(over, budgets.expand_as(live) if counts is None else counts, live)
+            if counts is None:
+                counts = budgets.expand_as(live)
+            if not self.evictor.compresses_under_budget:
+                # A row within its own budget (plus slack) keeps every live entry: alone, it would not compress now.
+                over = (live > budgets + self.options.slack).any(-1, keepdim=True)
+                counts = torch.where(over, counts, live)
         return counts
 
     def row_targets(self, target: int) -> int | torch.Tensor:

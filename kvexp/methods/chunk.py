@@ -70,6 +70,14 @@ class Chunk(ScorerWrapper):
         layer.scratch(self)["base"] = base  # the scorer's per-head counts read its own scores
         return chunk_scores(base, layer.positions, layer.live(), self.chunk_length)
 
-    def head_counts(self, layer: CompressedLayer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
+    @property
+    def row_budgets(
+        self,
+    ) -> bool:  # chunks share out the kept counts the scorer (or the engine) gives each row
+        return self._scorer.row_budgets
+
+    def head_counts(
+        self, layer: CompressedLayer, scores: torch.Tensor, target: int | torch.Tensor
+    ) -> torch.Tensor | None:
         base = layer.scratch(self).pop("base", None)
         return self._scorer.head_counts(layer, scores if base is None else base, target)

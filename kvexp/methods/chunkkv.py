@@ -7,7 +7,8 @@ import torch
 
 from kvexp.engine.cache import ranking_keys
 from kvexp.methods.base import register
-from kvexp.methods.scorer_wrapper import ScorerWrapper, head_caps
+from kvexp.methods.scorer_wrapper import ScorerWrapper
+from kvexp.methods.scoring import head_caps
 
 if TYPE_CHECKING:
     from kvexp.engine.cache import CompressedLayer

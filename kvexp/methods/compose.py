@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvexp.methods.base import Method, build_method, register
-from kvexp.methods.scorer_wrapper import head_caps
-from kvexp.methods.scoring import rank_within_groups
+from kvexp.methods.scoring import head_caps, rank_within_groups
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -10,7 +10,8 @@ from transformers.pytorch_utils import Conv1D
 from kvexp.engine.cache import ranking_keys
 from kvexp.methods.base import register
 from kvexp.methods.learned import attention_modules
-from kvexp.methods.scorer_wrapper import ScorerWrapper, head_caps
+from kvexp.methods.scorer_wrapper import ScorerWrapper
+from kvexp.methods.scoring import head_caps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

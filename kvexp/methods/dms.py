@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvexp.methods.base import check_window, register
-from kvexp.methods.scorer_wrapper import ScorerWrapper, head_caps
+from kvexp.methods.scorer_wrapper import ScorerWrapper
+from kvexp.methods.scoring import head_caps
 
 if TYPE_CHECKING:
     from kvexp.engine.cache import CompressedLayer
@@ -80,7 +81,13 @@ class DMS(ScorerWrapper):
         scores = base.clamp_min(torch.finfo(torch.float32).min).masked_fill(window, float("inf"))
         return scores.masked_fill(evicted | ~live, float("-inf"))
 
-    def head_counts(self, layer: CompressedLayer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
+    @property
+    def row_budgets(self) -> bool:  # the cap is each row's own budget (head_caps)
+        return self._scorer.row_budgets
+
+    def head_counts(
+        self, layer: CompressedLayer, scores: torch.Tensor, target: int | torch.Tensor
+    ) -> torch.Tensor | None:
         kept = (scores > float("-inf")).sum(dim=-1)
         counts = torch.minimum(kept, head_caps(layer, target))
         tally = layer.cache.scratch(self).setdefault("tally", {})

@@ -15,6 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from kvexp.engine import sliding_layers
 from kvexp.methods.base import Method, check_window, register
+from kvexp.methods.scoring import head_caps
 from kvexp.models import model_fingerprint
 
 if TYPE_CHECKING:
@@ -227,6 +228,7 @@ class DuoAttention(Method):
 
     name = "duo_attention"
     description = "retrieval heads keep everything, streaming heads sinks + recent window (Xiao et al. 2025)"
+    row_budgets = True  # streaming heads keep each row's own budget (head_caps)
     sparsity: float | None = 0.5
     threshold: float = 0.5
     sink_size: int = 4
@@ -371,9 +373,7 @@ class DuoAttention(Method):
         retrieval = self.retrieval(layer)
         if not bool(retrieval.any()):
             return None  # streaming heads only: the budget, or the per-head budgets
-        budgets = layer.head_budgets if layer.head_budgets is not None else [layer.budget] * layer.kv_heads
-        counts = torch.tensor(budgets, device=layer.device).expand(layer.batch, -1)
-        return torch.where(retrieval, layer.live().sum(dim=-1), counts)
+        return torch.where(retrieval, layer.live().sum(dim=-1), head_caps(layer, layer.budget))
 
     def score(self, layer: CompressedLayer) -> torch.Tensor:
         """Keep order: the sinks, then the newest tokens; dead slots last."""

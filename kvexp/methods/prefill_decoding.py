@@ -70,10 +70,14 @@ class PrefillDecoding(Method):
             raise RuntimeError("method.prefill and method.decoding both reallocated budgets in the same step")
         return plans[0] if plans else None
 
+    @property
+    def row_budgets(self) -> bool:  # each phase's method keeps a budget per row
+        return all(method.row_budgets for method in self._methods.values())
+
     def target_size(self, layer) -> int:
         return self._active(layer).target_size(layer)
 
-    def head_counts(self, layer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
+    def head_counts(self, layer, scores: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor | None:
         return self._active(layer).head_counts(layer, scores, target)
 
     def score(self, layer) -> torch.Tensor | Selection:

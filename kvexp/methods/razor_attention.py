@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvexp.methods.base import Method, register
-from kvexp.methods.scoring import write_slots
+from kvexp.methods.scoring import head_caps, write_slots
 from kvexp.models import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class RazorAttention(Method):
 
     name = "razor_attention"
     description = "retrieval heads full; others sinks + recent + a compensation token (Tang et al. 2024)"
+    row_budgets = True  # the other heads keep each row's own budget (head_caps, keep_counts)
     state_names = ("tokens",)  # how many tokens a slot stands for (1, or more for the compensation token)
     induction_ratio: float = 0.14
     echo_ratio: float = 0.01
@@ -182,9 +183,7 @@ class RazorAttention(Method):
 
     def _counts(self, layer) -> torch.Tensor:
         """Live entries each KV head keeps [B, Hkv]: its budget, or every live entry for a retrieval head."""
-        budgets = layer.head_budgets if layer.head_budgets is not None else [layer.budget] * layer.kv_heads
-        counts = torch.tensor(budgets, device=layer.device).expand(layer.batch, -1)
-        return torch.where(self._retrieval(layer), layer.live().sum(dim=-1), counts)
+        return torch.where(self._retrieval(layer), layer.live().sum(dim=-1), head_caps(layer, layer.budget))
 
     def initial_state(self, name: str) -> float:
         return 1.0
@@ -216,7 +215,9 @@ class RazorAttention(Method):
         """Merge the live slots outside each head's keep set into its compensation token (making the newest
         evicted slot the token on a head's first eviction, which then ranks first in `order`)."""
         live = order > float("-inf")
-        counts = self._counts(layer)
+        counts = (
+            layer.keep_counts()
+        )  # the engine's counts (a row within its own budget keeps every live entry)
         evicting = live.sum(dim=-1) > counts  # [B, Hkv]
         if not bool(evicting.any()):
             return

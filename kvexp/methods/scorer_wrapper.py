@@ -20,16 +20,6 @@ if TYPE_CHECKING:
     from kvexp.engine.cache import CompressedLayer
 
 
-def head_caps(layer: CompressedLayer, target: int) -> torch.Tensor:
-    """[B, Hkv] long: the most live entries each KV head may keep at this compression: its per-head budget
-    (`budget.per_head`), else `target` (the layer's budget or the scorer's target size), or the row's own budget
-    under per-row budgets."""
-    if layer.row_budgets is not None:
-        return layer.row_targets(target).expand(-1, layer.kv_heads)
-    caps = layer.head_budgets if layer.head_budgets is not None else [target] * layer.kv_heads
-    return torch.tensor(caps, dtype=torch.long, device=layer.device).expand(layer.batch, -1)
-
-
 @dataclass
 class ScorerWrapper(Method):
     """A method around a `scorer` (a registered method that compresses and does not merge, built with

@@ -173,6 +173,16 @@ def protect_recent(scores: torch.Tensor, positions: torch.Tensor, recent: int | 
     return scores.masked_fill(positions > newest - recent, float("inf"))
 
 
+def head_caps(layer: CompressedLayer, target: int) -> torch.Tensor:
+    """[B, Hkv] long: the most live entries each KV head may keep at this compression: its per-head budget
+    (`budget.per_head`), else `target` (the layer's budget or the scorer's target size), or the row's own budget
+    under per-row budgets."""
+    if layer.row_budgets is not None:
+        return layer.row_targets(target).expand(-1, layer.kv_heads)
+    caps = layer.head_budgets if layer.head_budgets is not None else [target] * layer.kv_heads
+    return torch.tensor(caps, dtype=torch.long, device=layer.device).expand(layer.batch, -1)
+
+
 def prerope_queries(query: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
     """Rotated queries [B, H, q, D] at `positions` [B, q] turned back to pre-RoPE (fp32): the first
     `rotary.rotary_dims` dims are rotated by -position, the others were never rotated. This is the query as the

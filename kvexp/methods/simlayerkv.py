@@ -6,17 +6,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvexp.methods.base import Method, register
+from kvexp.methods.scoring import head_caps
 
 if TYPE_CHECKING:
     from kvexp.engine.cache import CompressedLayer
 
 
 def lazy_mass(
-    layer: CompressedLayer, query: torch.Tensor, n_last: int, n_initial: int, recent: int
+    layer: CompressedLayer, query: torch.Tensor, n_last: int, n_initial: int, recent: int | torch.Tensor
 ) -> torch.Tensor:
     """[B] fp32: each row's attention mass from its last `n_last` queries (of this step, [B, H, q, D]) on its first
-    `n_initial` tokens and its `recent` newest, averaged over the query heads and those queries. Causal by position,
-    over the live slots (the step's attention, recomputed in fp32); a row's padding queries are left out."""
+    `n_initial` tokens and its `recent` newest (one count, or each row's own [B, 1]), averaged over the query heads
+    and those queries. Causal by position, over the live slots (the step's attention, recomputed in fp32); a row's
+    padding queries are left out."""
     rows = min(n_last, query.shape[2])
     logits = layer.attention_logits(query[:, :, -rows:], layer.scaling)  # [B, Hkv, G, r, n]
     positions = layer.positions  # [B, Hkv, n]
@@ -25,7 +27,7 @@ def lazy_mass(
     probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).nan_to_num(0.0)
     newest = positions.amax(dim=(1, 2))  # [B]: the row's last position
     initial = (positions >= 0) & (positions < n_initial)
-    window = positions > (newest - recent)[:, None, None]
+    window = positions > (newest[:, None] - recent)[:, :, None]
     kept = (initial | window) & layer.live()  # what a lazy layer keeps
     mass = (probs * kept[:, :, None, None, :]).sum(dim=-1)  # [B, Hkv, G, r]
     real = (asked >= 0).float()[:, None, None, :]
@@ -57,6 +59,7 @@ class SimLayerKV(Method):
 
     name = "simlayerkv"
     description = "lazy layers keep sinks + a recent window, the others every token (Zhang et al. 2024)"
+    row_budgets = True  # a lazy layer keeps each row's own budget, its window detected by it
     observes = True
     row_scratch = ("lazy", "mass")  # [B]: the layer is lazy for that row, and the mass that decided it
     lazy_threshold: float = 0.9
@@ -80,7 +83,9 @@ class SimLayerKV(Method):
         scratch = layer.scratch(self)
         if "lazy" in scratch or not layer.over_budget():
             return
-        mass = lazy_mass(layer, query, self.n_last, self.n_initial, layer.budget - self.n_initial)
+        # the window a lazy layer keeps: under per-row budgets, each row's own
+        recent = layer.row_targets(layer.budget) - self.n_initial
+        mass = lazy_mass(layer, query, self.n_last, self.n_initial, recent)
         scratch["mass"] = mass
         scratch["lazy"] = mass > self.lazy_threshold
 
@@ -88,9 +93,7 @@ class SimLayerKV(Method):
         lazy = layer.scratch(self).get("lazy")
         if lazy is None or bool(lazy.all()):
             return None  # lazy for every row: the budget (or the per-head budgets)
-        budgets = layer.head_budgets if layer.head_budgets is not None else [layer.budget] * layer.kv_heads
-        counts = torch.tensor(budgets, device=layer.device).expand(layer.batch, -1)
-        return torch.where(lazy[:, None], counts, layer.live().sum(dim=-1))
+        return torch.where(lazy[:, None], head_caps(layer, layer.budget), layer.live().sum(dim=-1))
 
     def score(self, layer: CompressedLayer) -> torch.Tensor:
         """StreamingLLM's keep order: the sinks, then the newest tokens; dead slots last."""
