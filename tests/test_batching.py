@@ -73,7 +73,7 @@ def test_every_batching_method_answers_each_row_as_alone(name):
     assert all(r.wall_s is not None for r in together[:4]) and all(r.wall_s is None for r in alone)
 
 
-@pytest.mark.parametrize("name", ["snapkv", "knorm", "adakv", "kvmerger"])
+@pytest.mark.parametrize("name", ["snapkv", "pyramidinfer", "adakv", "kvmerger"])
 @pytest.mark.parametrize("when", ["prefill", "always"])
 @torch.no_grad()
 def test_rows_with_different_budgets_and_questions_batch_by_what_they_share(name, when):

@@ -26,7 +26,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
             "--p5-tokens", "48", "--budget", "48", "--chunk", "16", "--steps", "4", "--warmup", "1", "--repeats", "1",
             "--op-steps", "6", "--skip-p3", "--methods", "streaming_llm,h2o", "--compiled-methods", "h2o",
             "--prefill-methods", "snapkv", "--step-methods", "h2o", "--p5-methods", "h2o", "--out", str(tmp_path),
-            "--p6-methods", "h2o,kvmerger", "--p6-length", "2048", "--p6-samples", "1", "--p6-batch", "4",
+            "--p6-methods", "h2o,pyramidinfer", "--p6-length", "2048", "--p6-samples", "1", "--p6-batch", "4",
             "--p6-budget", "64"]  # fmt: skip
     results = bench.main(args)
     written = json.loads((tmp_path / "bench.json").read_text())
@@ -50,17 +50,17 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     assert "**P4 aten ops per decode step**" in text and "| h2o |" in text and "<= 1.15:" in text
     assert set(results) >= {"P1", "P2", "P4", "P5", "P6"}
     p6 = written["P6"]
-    assert p6.keys() == {"h2o budget=64", "h2o keep_0.5", "kvmerger budget=64", "kvmerger keep_0.5"}
+    assert p6.keys() == {"h2o budget=64", "h2o keep_0.5", "pyramidinfer budget=64", "pyramidinfer keep_0.5"}
     for r in p6.values():
         assert r["same_answers"] == r["samples"] == 11  # RULER's tasks that need no download, one sample each
         assert r["ratio"] == pytest.approx(r["samples_per_s_batched"] / r["samples_per_s_one"])
     assert (
-        p6["h2o budget=64"]["batches"] == p6["kvmerger budget=64"]["batches"] == 3
+        p6["h2o budget=64"]["batches"] == p6["pyramidinfer budget=64"]["batches"] == 3
     )  # 11 rows in batches of 4
     # keep 0.5 gives the prompts their own budgets: H2O keeps a budget per row (its recent window each row's share),
-    # KVMerger's merging batches equal budgets only.
+    # PyramidInfer's recent window (a share of the largest layer budget) batches equal budgets only.
     assert p6["h2o keep_0.5"]["budgets"] > 1 and p6["h2o keep_0.5"]["batches"] == 3
-    assert p6["kvmerger keep_0.5"]["batches"] > 3
+    assert p6["pyramidinfer keep_0.5"]["batches"] > 3
     assert "**P6 batched generation**" in text and "| h2o keep_0.5 | 11 |" in text
 
 

@@ -38,6 +38,7 @@ class KVMerger(Method):
 
     name = "kvmerger"
     description = "runs of consecutive similar keys merged, Gaussian-kernel weighted around the most attended (Wang et al. 2024)"
+    row_budgets = True  # its sets bring each row to its own kept counts (keep_counts)
     observes = True
     reads_step_attention = True
     merges = True
@@ -66,9 +67,7 @@ class KVMerger(Method):
         """Accumulated attention, -inf for the members each set folds into its pivot: exactly the head's budget
         stays; the sets and their weights go to `merge` in the selection."""
         reject_rerotate(layer, self.name)
-        budgets = layer.head_budgets if layer.head_budgets is not None else [layer.budget] * layer.kv_heads
-        counts = torch.tensor(budgets, device=layer.device).expand(layer.batch, -1)
-        target, dropped = merging_sets(layer, counts, self.protect_ratio)
+        target, dropped = merging_sets(layer, layer.keep_counts(), self.protect_ratio)
         scores = layer.state("acc").masked_fill(dropped, float("-inf"))
         return Selection(scores, groups=target, weights=self._weights(layer, target))
 
