@@ -245,3 +245,16 @@ def test_pyramid_allocation_runs_end_to_end_and_is_reported(tmp_path):
 def test_bad_allocation_config_fails_early_naming_the_option(overrides, match):
     with pytest.raises(ValueError, match=match):
         validate(_compose(*overrides))
+
+
+def test_adakv_splits_each_rows_own_budget():
+    # The two hand-checked layers above as one batch, each with its own target ([B, 1]): each row gets its own split.
+    head0, head1 = torch.arange(100.0, 85.0, -1.0), torch.arange(15.0, 0.0, -1.0) / 100
+    first = torch.stack([torch.cat([head0, torch.tensor([INF])]), torch.cat([head1, torch.tensor([INF])])])
+    second = torch.tensor(
+        [[6.0, 5, 4, 3, 2, 1, -INF, -INF, -INF, -INF, -INF, -INF, -INF, -INF, -INF, -INF]] * 2
+    )
+    second[1, 2:] = -INF
+    second[1, :2] = torch.tensor([10.0, 9])
+    rows = torch.stack([first, second])
+    assert adaptive_counts(rows, torch.tensor([[11], [4]]), 0.2).tolist() == [[15, 7], [6, 2]]
