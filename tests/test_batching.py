@@ -129,6 +129,8 @@ ROW_BUDGETS += [
     pytest.param("duo_attention", {"sparsity": 0.5}, id="duo_attention-mixed"),
     pytest.param("razor_attention", {"retrieval_heads": [[0, 0], [1, 1]]}, id="razor_attention-compensation"),
     pytest.param("simlayerkv", {"lazy_threshold": 0.5}, id="simlayerkv-mixed"),
+    # UNComp's two entropy groups (the test parameters above make the heads uniform): each row's own head budgets.
+    pytest.param("uncomp", {"window_size": 4, "kernel_size": 3}, id="uncomp-groups"),
     # DMS's threshold evicts in rows under their budget too (a row within budget is not left whole), capped per row.
     pytest.param(
         "dms", {"threshold": 0.03, "window_size": 2, "scorer_params": SMALL_SNAPKV}, id="dms-threshold"
@@ -203,6 +205,66 @@ def test_a_cache_keeps_each_rows_own_budget():
     model(step, position_ids=torch.tensor([[12]]), past_key_values=cache)
     # The row holds 8 + 1 entries, under its budget of 11: it keeps them all, and the layer drops the other row's slots.
     assert all(layer.length == 9 and bool(layer.live().all()) for layer in cache.layers)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("uncomp", {"window_size": 4, "kernel_size": 3}),  # two entropy groups
+        ("simlayerkv", {"lazy_threshold": 0.5}),
+        ("adakv", {"scorer_params": {"window_size": 4, "kernel_size": 3}}),
+    ],
+)
+@torch.no_grad()
+def test_rows_within_a_token_budget_keep_everything_and_decide_later_as_alone(name, params):
+    """One token budget for prompts of different lengths: the short rows stay within it at the prefill and cross it
+    while decoding. A method with its own head counts leaves such a row whole until then, and a method that decides
+    once (UNComp's head budgets, SimLayerKV's lazy layers) decides for each row at that row's first compression,
+    from that row's own keys: the same answers and kept counts as alone."""
+    model, tok = load("tiny_llama")
+    method = build_method(name, **params)
+    samples = _samples(6, seed=2)
+    prompts = [PromptEncoder(tok).encode(s) for s in samples]
+    lengths = sorted(p.compressed_tokens("query_agnostic") for p in prompts)
+    budget = lengths[1] + 3  # the shortest two within it at the prefill, crossing it after a few new tokens
+    alone = run_generation(model, tok, samples, prompts, method, lambda n: budget, max_new_tokens=8)
+    together = run_generation(
+        model, tok, samples, prompts, method, lambda n: budget, max_new_tokens=8, batch_size=6
+    )
+    _same(alone, together)
+
+
+@torch.no_grad()
+def test_simlayerkv_decides_for_each_row_at_its_own_first_compression():
+    """A 40-token row over a 24-token budget at the prefill and a 20-token row within it: only the first decides at
+    the prefill; the second decides at the decode step that takes it over its budget, from that step's query, with
+    the mass it gets alone."""
+    model, _ = load("tiny_llama")
+    g = torch.Generator().manual_seed(4)
+    long, short = torch.randint(3, 200, (1, 40), generator=g), torch.randint(3, 200, (1, 20), generator=g)
+    steps = torch.randint(3, 200, (2, 6), generator=g)  # each row's next six tokens
+
+    alone = make_cache(model, "simlayerkv", 24)
+    model(short, past_key_values=alone)
+    for t in range(6):
+        model(steps[1:, t : t + 1], position_ids=torch.tensor([[20 + t]]), past_key_values=alone)
+    cache = make_cache(model, "simlayerkv", 24)
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    ids[0], ids[1, 20:] = long[0], short[0]
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :20] = 0
+    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    assert all(layer.scratch(layer.method)["decided"].tolist() == [True, False] for layer in cache.layers)
+    for t in range(6):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        position = torch.tensor([[40 + t], [20 + t]])
+        model(steps[:, t : t + 1], attention_mask=mask, position_ids=position, past_key_values=cache)
+        decided = [layer.scratch(layer.method)["decided"].tolist() for layer in cache.layers]
+        assert all(d == [True, 20 + t + 1 > 24] for d in decided)  # the short row crosses at its 25th token
+    for layer, own in zip(cache.layers, alone.layers, strict=True):
+        ours, mine = layer.scratch(layer.method), own.scratch(own.method)
+        assert float(ours["mass"][1]) == pytest.approx(float(mine["mass"][0]), rel=1e-5)
+        assert bool(ours["lazy"][1]) == bool(mine["lazy"][0])
 
 
 @torch.no_grad()

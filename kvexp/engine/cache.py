@@ -589,10 +589,17 @@ class CompressedLayer(DynamicLayer):
 
     def _row_over_budget(self) -> bool:
         """Whether a row holds more live entries (in its fullest head) than its own budget plus slack."""
-        if self.row_budgets is None:
-            return False
-        live = self.live().sum(-1).amax(-1).cpu()  # [B]
-        return bool((live > self.row_budgets + self.options.slack).any())
+        return self.row_budgets is not None and bool(self.rows_over_budget().any())
+
+    def rows_over_budget(self) -> torch.Tensor:
+        """[B] bool: the rows a compression now compresses, as each would alone: those holding more live entries (in
+        their fullest head) than their own budget plus slack; every row under a method that compresses under its
+        budget. A method that decides once per row at its first compression (UNComp's head budgets, SimLayerKV's
+        lazy layers) decides for these rows."""
+        if self.evictor.compresses_under_budget:
+            return torch.ones(self.batch, dtype=torch.bool, device=self.device)
+        live = self.live().sum(-1)  # [B, Hkv]
+        return (live > self.row_targets(self.budget) + self.options.slack).any(-1)
 
     def compress(self, any_step: bool = False) -> None:
         """Evict down to the method's target: score, select (per head), compact in place, re-rotate if asked. A
@@ -678,16 +685,16 @@ class CompressedLayer(DynamicLayer):
         counts = self.evictor.head_counts(self, scores, self.row_targets(target))
         if counts is None and self.head_budgets is not None:
             counts = torch.tensor(self.head_budgets, device=self.device).expand(self.batch, -1)
-        if self.row_budgets is not None:
-            budgets = self.row_budgets.to(self.device)[:, None]  # [B, 1]
-            live = self.live().sum(-1)  # [B, Hkv]
-            if counts is None:
-                counts = budgets.expand_as(live)
-            if not self.evictor.compresses_under_budget:
-                # A row within its own budget (plus slack) keeps every live entry: alone, it would not compress now.
-                over = (live > budgets + self.options.slack).any(-1, keepdim=True)
-                counts = torch.where(over, counts, live)
-        return counts
+        if counts is None and self.row_budgets is not None:
+            counts = self.row_budgets.to(self.device)[:, None].expand(self.batch, self.kv_heads)
+        return None if counts is None else self.spare_rows_within_budget(counts)
+
+    def spare_rows_within_budget(self, counts: torch.Tensor) -> torch.Tensor:
+        """`counts` [B, Hkv], except that a row within its own budget (plus slack) keeps every live entry: alone, it
+        would not compress now (one row under per-row budgets: the layer may be longer from rows that left)."""
+        if self.batch == 1 and self.row_budgets is None:
+            return counts
+        return torch.where(self.rows_over_budget()[:, None], counts, self.live().sum(-1))
 
     def row_targets(self, target: int) -> int | torch.Tensor:
         """What each row keeps at this compression: `target`, or under per-row budgets each row's own budget

@@ -111,7 +111,7 @@ class RazorAttention(Method):
 
     name = "razor_attention"
     description = "retrieval heads full; others sinks + recent + a compensation token (Tang et al. 2024)"
-    row_budgets = True  # the other heads keep each row's own budget (head_caps, keep_counts)
+    row_budgets = True  # the other heads keep each row's own budget (head_caps)
     state_names = ("tokens",)  # how many tokens a slot stands for (1, or more for the compensation token)
     induction_ratio: float = 0.14
     echo_ratio: float = 0.01
@@ -215,9 +215,7 @@ class RazorAttention(Method):
         """Merge the live slots outside each head's keep set into its compensation token (making the newest
         evicted slot the token on a head's first eviction, which then ranks first in `order`)."""
         live = order > float("-inf")
-        counts = (
-            layer.keep_counts()
-        )  # the engine's counts (a row within its own budget keeps every live entry)
+        counts = layer.spare_rows_within_budget(self._counts(layer))  # the counts the engine applies next
         evicting = live.sum(dim=-1) > counts  # [B, Hkv]
         if not bool(evicting.any()):
             return

@@ -48,7 +48,8 @@ class SimLayerKV(Method):
     newest tokens (per-head budgets: each head its own); otherwise it keeps every token and never evicts, so it
     is as long as the sequence (memory per layer = its longest head: a batch with one non-lazy row holds the
     whole sequence in that layer, the lazy rows' evicted slots as dead padding). The decision lives in the
-    cache's per-layer scratch (`lazy`, [B] bool) and follows beam reorders.
+    cache's per-layer scratch (`lazy`, [B] bool) and follows beam reorders; each batch row decides at its own first
+    compression, as alone.
     Defaults: `n_last=1` is SimLayerKV-decode, the reference's LongBench setting (the first generated token;
     kvpress takes the prompt's last token), `n_initial=4`, and `lazy_threshold=0.9`, the paper's Llama-3 value
     (Llama-2 0.65, Mistral 0.8, Qwen 0.85; kvpress defaults to 1.0, which disables it). Deviations: the decision
@@ -61,7 +62,8 @@ class SimLayerKV(Method):
     description = "lazy layers keep sinks + a recent window, the others every token (Zhang et al. 2024)"
     row_budgets = True  # a lazy layer keeps each row's own budget, its window detected by it
     observes = True
-    row_scratch = ("lazy", "mass")  # [B]: the layer is lazy for that row, and the mass that decided it
+    # [B]: the layer is lazy for that row, the mass that decided it, and whether the row has decided yet
+    row_scratch = ("lazy", "mass", "decided")
     lazy_threshold: float = 0.9
     n_last: int = 1
     n_initial: int = 4
@@ -81,13 +83,21 @@ class SimLayerKV(Method):
 
     def observe(self, layer: CompressedLayer, query: torch.Tensor) -> None:
         scratch = layer.scratch(self)
-        if "lazy" in scratch or not layer.over_budget():
+        if not layer.over_budget():
+            return
+        deciding = layer.rows_over_budget()  # each row decides once, at its own first compression
+        if "decided" in scratch:
+            deciding &= ~scratch["decided"]
+        if not bool(deciding.any()):
             return
         # the window a lazy layer keeps: under per-row budgets, each row's own
         recent = layer.row_targets(layer.budget) - self.n_initial
         mass = lazy_mass(layer, query, self.n_last, self.n_initial, recent)
-        scratch["mass"] = mass
-        scratch["lazy"] = mass > self.lazy_threshold
+        if "decided" in scratch:
+            mass = torch.where(deciding, mass, scratch["mass"])
+            deciding |= scratch["decided"]
+        scratch["mass"], scratch["decided"] = mass, deciding
+        scratch["lazy"] = (mass > self.lazy_threshold) & deciding  # a row not decided yet keeps everything
 
     def head_counts(self, layer: CompressedLayer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
         lazy = layer.scratch(self).get("lazy")
@@ -103,7 +113,8 @@ class SimLayerKV(Method):
         return order.masked_fill(~layer.live(), float("-inf"))
 
     def statistics(self, layers: list[CompressedLayer]) -> dict[str, Any]:
-        decided = [layer.scratch(self)["lazy"].float() for layer in layers if "lazy" in layer.scratch(self)]
-        if not decided:
+        scratches = [layer.scratch(self) for layer in layers if "decided" in layer.scratch(self)]
+        if not scratches:
             return {}
-        return {"lazy_layer_share": float(torch.stack([d.mean() for d in decided]).mean())}
+        shares = [s["lazy"][s["decided"]].float().mean() for s in scratches]  # over the rows that decided
+        return {"lazy_layer_share": float(torch.stack(shares).mean())}

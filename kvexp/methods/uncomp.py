@@ -37,18 +37,22 @@ def truncated_entropy(x: torch.Tensor, top: int | None = None) -> torch.Tensor:
     return (terms * inside).sum(dim=-1)
 
 
-def group_budgets(entropy: torch.Tensor, weights: list[float], budget: int, window: int) -> torch.Tensor:
-    """Per-head budgets [Hkv] from head entropies [Hkv]: heads sorted by entropy fall into `len(weights)`
-    groups of (nearly) equal size, lowest entropy first; head h keeps the window plus a share of the layer's
-    `Hkv * (budget - window)` selected tokens proportional to its group's weight (largest remainder, ties to
-    the lower head), so the layer's total stays `Hkv * budget`."""
+def group_budgets(
+    entropy: torch.Tensor, weights: list[float], budget: int | torch.Tensor, window: int
+) -> torch.Tensor:
+    """Per-head budgets [..., Hkv] from head entropies [..., Hkv] (one layer, or each batch row's; `budget` one, or
+    each row's [B, 1]): heads sorted by entropy fall into `len(weights)` groups of (nearly) equal size, lowest
+    entropy first; head h keeps the window plus a share of the layer's `Hkv * (budget - window)` selected tokens
+    proportional to its group's weight (largest remainder, ties to the lower head), so the layer's total stays
+    `Hkv * budget`."""
     heads = entropy.shape[-1]
-    rank = entropy.argsort(stable=True).argsort()  # 0 = lowest entropy
+    rank = entropy.argsort(dim=-1, stable=True).argsort(dim=-1)  # 0 = lowest entropy
     weight = torch.tensor(weights, dtype=torch.float64, device=entropy.device)[rank * len(weights) // heads]
     selected = heads * (budget - window)
-    share = selected * weight / weight.sum()
+    share = selected * weight / weight.sum(dim=-1, keepdim=True)
     counts = share.floor()
-    extra = (counts - share).argsort(stable=True).argsort() < selected - int(counts.sum())
+    left = selected - counts.sum(dim=-1, keepdim=True).long()  # the remainders' tokens
+    extra = (counts - share).argsort(dim=-1, stable=True).argsort(dim=-1) < left
     return counts.long() + extra.long() + window
 
 
@@ -61,11 +65,11 @@ class UNComp(SnapKV):
     Truncated matrix entropy (`truncated_entropy`: the trace-normalized Gram spectrum's top-K eigenvalues, K
     up to the elbow or `top_eigen`) measures how much a head's token representations spread; heads with
     higher entropy keep more of the cache. At a layer's first compression each KV head's entropy is computed
-    from the pre-RoPE keys the cache holds (the prompt at prefill; averaged over the batch), the layer's heads
-    are split by entropy into `len(group_weights)` equal groups, lowest first, and share `Hkv * budget` in
-    proportion to their group's weight, window included (`group_budgets`). The budgets hold for the rest of
-    the sequence; inside a head SnapKV's window votes pick the tokens. A layer is as long as its longest head
-    (shorter heads hold dead slots); per-head budgets (`budget.per_head`) take precedence. GQA: entropy and
+    from the pre-RoPE keys the cache holds (the prompt at prefill; each batch row from its own, at its own first
+    compression), the layer's heads are split by entropy into `len(group_weights)` equal groups, lowest first, and
+    share `Hkv * budget` in proportion to their group's weight, window included (`group_budgets`). The budgets hold
+    for the rest of the sequence; inside a head SnapKV's window votes pick the tokens. A layer is as long as its
+    longest head (shorter heads hold dead slots); per-head budgets (`budget.per_head`) take precedence. GQA: entropy and
     budget are per KV head, shared by its query heads (the model's native grouping, not the paper's unverified
     "training-free GQA" regrouping).
     Open in the paper (docs/methods.md#uncomp), chosen here: the keys (the paper finds Q and K alike), pre-RoPE (the
@@ -77,7 +81,8 @@ class UNComp(SnapKV):
     """
 
     name = "uncomp"
-    row_budgets = False  # its head budgets split the layer's one budget
+    row_budgets = True  # each row's head budgets split its own budget
+    row_scratch = ("budgets", "decided")  # [B, Hkv] head budgets, [B] whether the row has them yet
     description = "head budgets by truncated matrix entropy of the keys, SnapKV inside (Xiong et al. 2024)"
     window_size: int = 8
     group_weights: list[float] = field(default_factory=lambda: [0.5, 1.5])
@@ -92,12 +97,20 @@ class UNComp(SnapKV):
         if self.top_eigen is not None and self.top_eigen < 1:
             raise ValueError(f"method.top_eigen must be >= 1 or null (the elbow), got {self.top_eigen}")
 
-    def head_counts(self, layer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
+    def head_counts(self, layer, scores: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor | None:
         if layer.head_budgets is not None:
             return None
         scratch = layer.scratch(self)
-        if "budgets" not in scratch:  # [Hkv], from the layer's first compression
+        # Each row's head budgets [B, Hkv], from its own keys at its first compression (`decided` [B]).
+        deciding = layer.rows_over_budget()
+        if "decided" in scratch:
+            deciding &= ~scratch["decided"]
+        if bool(deciding.any()):
             keys = prerope_keys(layer).masked_fill(~layer.live()[..., None], 0.0)
-            entropy = truncated_entropy(keys, self.top_eigen).mean(dim=0)  # [Hkv]
-            scratch["budgets"] = group_budgets(entropy, self.group_weights, layer.budget, self.window_size)
-        return scratch["budgets"].clamp_max(layer.length).expand(layer.batch, -1)
+            entropy = truncated_entropy(keys, self.top_eigen)  # [B, Hkv]
+            budgets = group_budgets(entropy, self.group_weights, target, self.window_size)
+            if "decided" in scratch:
+                budgets = torch.where(deciding[:, None], budgets, scratch["budgets"])
+                deciding |= scratch["decided"]
+            scratch["budgets"], scratch["decided"] = budgets, deciding
+        return scratch["budgets"].clamp_max(layer.length)
