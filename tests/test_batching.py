@@ -2,6 +2,7 @@
 cache figures it gets alone, for every method that batches; the others are refused; timings are shares."""
 
 import csv
+import math
 import random
 
 import pytest
@@ -124,6 +125,8 @@ ROW_BUDGETS += [
         id="adakv-criticalkv-split",
     ),
     pytest.param("h2o", {"recent_ratio": 0.3}, id="h2o-recent-0.3"),
+    # Layer budgets decaying with depth from each row's own budget, each row's sinks and window from its layer's.
+    pytest.param("pyramid_kv_decay", {"layer_decay": 0.9, "min_size": 4}, id="pyramid_kv_decay-exponential"),
     # Streaming heads beside retrieval ones, each row's own budget on the streaming heads (and Razor's compensation
     # token folding what each row evicts); SimLayerKV with lazy and full rows, each row's window its own budget's.
     pytest.param("duo_attention", {"sparsity": 0.5}, id="duo_attention-mixed"),
@@ -265,6 +268,43 @@ def test_simlayerkv_decides_for_each_row_at_its_own_first_compression():
         ours, mine = layer.scratch(layer.method), own.scratch(own.method)
         assert float(ours["mass"][1]) == pytest.approx(float(mine["mass"][0]), rel=1e-5)
         assert bool(ours["lazy"][1]) == bool(mine["lazy"][0])
+
+
+@torch.no_grad()
+def test_d2o_moves_each_rows_merge_threshold_only_when_that_row_compresses():
+    """D2O's EMA threshold tau is per row and starts at the row's first compression: a 20-token row within a
+    24-token budget at the prefill keeps no threshold while the 40-token row sets its own; the short row sets its own
+    at the decode step that takes it over its budget, the value it has alone."""
+    model, _ = load("tiny_llama")
+    params = {"skip_layers": [], "layer_allocation": False, "sink_tokens": 1}
+    g = torch.Generator().manual_seed(5)
+    long, short = torch.randint(3, 200, (1, 40), generator=g), torch.randint(3, 200, (1, 20), generator=g)
+    steps = torch.randint(3, 200, (2, 6), generator=g)
+
+    def thresholds(cache):
+        return [layer.scratch(layer.method)["threshold"].tolist() for layer in cache.layers]
+
+    long_alone = make_cache(model, "d2o", 24, **params)
+    model(long, past_key_values=long_alone)
+    short_alone = make_cache(model, "d2o", 24, **params)
+    model(short, past_key_values=short_alone)
+    assert all("threshold" not in layer.scratch(layer.method) for layer in short_alone.layers)
+    for t in range(6):
+        model(steps[1:, t : t + 1], position_ids=torch.tensor([[20 + t]]), past_key_values=short_alone)
+    cache = make_cache(model, "d2o", 24, **params)
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    ids[0], ids[1, 20:] = long[0], short[0]
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :20] = 0
+    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    for (tau_long, tau_short), (own,) in zip(thresholds(cache), thresholds(long_alone), strict=True):
+        assert tau_long == pytest.approx(own, rel=1e-5) and math.isnan(tau_short)
+    for t in range(6):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        position = torch.tensor([[40 + t], [20 + t]])
+        model(steps[:, t : t + 1], attention_mask=mask, position_ids=position, past_key_values=cache)
+    for (_, tau_short), (own,) in zip(thresholds(cache), thresholds(short_alone), strict=True):
+        assert tau_short == pytest.approx(own, rel=1e-5)
 
 
 @torch.no_grad()

@@ -60,6 +60,7 @@ class D2O(HeavyHitters):
     allocates = True
     # Per row: the attention columns until the allocation, and the EMA threshold tau [B].
     row_scratch = ("columns", "threshold")
+    row_budgets = True  # without the layer allocation (`__post_init__`): H2O's per-row recent window
     sink_tokens: int = 4
     alpha: float = 0.5
     beta: float = 0.5
@@ -67,9 +68,8 @@ class D2O(HeavyHitters):
     skip_layers: list[int] = field(default_factory=lambda: [0, 1, -1])
 
     def __post_init__(self) -> None:
-        self.batches = (
-            not self.layer_allocation
-        )  # one layer allocation for the whole batch (pooled variances)
+        # One layer allocation for the whole batch (pooled variances); without it each row keeps its own budget.
+        self.batches = self.row_budgets = not self.layer_allocation
 
     def validate(self, budget: int | None) -> None:
         super().validate(budget)
@@ -125,8 +125,13 @@ class D2O(HeavyHitters):
         if not bool(found.any()):
             return
         mean = torch.where(found, similarity, 0.0).sum(dim=(1, 2)) / found.sum(dim=(1, 2)).clamp_min(1)  # [B]
+        # tau moves only in the rows that evicted something (a row within its budget in a batch does not compress
+        # now, as alone); NaN: a row's first compression is still to come.
         tau = layer.scratch(self).get("threshold")
-        tau = mean if tau is None else self.alpha * tau + self.beta * mean
+        if tau is None:
+            tau = torch.full_like(mean, float("nan"))
+        moved = torch.where(tau.isnan(), mean, self.alpha * tau + self.beta * mean)
+        tau = torch.where(found.flatten(1).any(-1), moved, tau)
         layer.scratch(self)["threshold"] = tau
         merged = found & (similarity >= tau[:, None, None])
         # The reference's scatter mean of {k_c} and {u_e k_e}: scale the evicted rows (dropped after this merge)
@@ -142,7 +147,9 @@ class D2O(HeavyHitters):
     def statistics(self, layers) -> dict:
         return {
             "merge_threshold_per_layer": [
-                float(tau.mean()) if (tau := layer.scratch(self).get("threshold")) is not None else None
+                float(tau.nanmean())
+                if (tau := layer.scratch(self).get("threshold")) is not None and not tau.isnan().all()
+                else None
                 for layer in layers
             ]
         }

@@ -4,7 +4,7 @@ import torch
 
 from kvexp.methods.base import Method, register, skip_layers
 from kvexp.methods.random import Random
-from kvexp.methods.scoring import lowest_key_norm, protect_recent
+from kvexp.methods.scoring import fraction, lowest_key_norm, protect_recent, row_budget
 
 STRATEGIES = ("keep_low", "keep_high", "random")
 
@@ -26,6 +26,7 @@ class FixSizeL2(Method):
     description = (
         "fixed size: protected recent zone + low/high/random key-norm eviction (the kvcompress study)"
     )
+    row_budgets = True  # its recent zone is each row's share of its own budget
     recent_ratio: float = 0.0
     strategy: str = "keep_low"
     skip_layers: list[int] = field(default_factory=lambda: [0, 1])
@@ -45,7 +46,7 @@ class FixSizeL2(Method):
         return skip_layers(budgets, self.skip_layers, self.name)
 
     def score(self, layer) -> torch.Tensor:
-        recent = int(layer.budget * self.recent_ratio)
+        recent = fraction(row_budget(layer), self.recent_ratio)
         if self.strategy == "keep_low":
             return lowest_key_norm(layer, recent=recent)
         if self.strategy == "keep_high":

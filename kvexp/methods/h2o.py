@@ -4,7 +4,7 @@ import torch
 
 from kvexp.engine import Reallocation
 from kvexp.methods.base import Method, check_window, register
-from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention, protect_recent
+from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention, fraction, protect_recent, row_budget
 
 
 @dataclass
@@ -34,21 +34,15 @@ class HeavyHitters(Method):
         if self.gqa not in GQA_REDUCTIONS:
             raise ValueError(f"method.gqa must be one of {GQA_REDUCTIONS}, got {self.gqa!r}")
 
-    def recent(self, budget: int) -> int:
-        return self.recent_size if self.recent_size is not None else int(budget * self.recent_ratio)
-
-    def row_recent(self, layer) -> int | torch.Tensor:
-        """The recent window: `recent(budget)`, or under per-row budgets each row's own, [B, 1, 1]."""
-        if layer.row_budgets is None or self.recent_size is not None:
-            return self.recent(layer.budget)
-        # fp64 and truncation: int(budget * recent_ratio), as `recent` computes it
-        return (layer.row_targets(layer.budget).double() * self.recent_ratio).long()[:, :, None]
+    def recent(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        """The recent window of a budget, or of each row's ([B, 1, 1], `row_budget`)."""
+        return self.recent_size if self.recent_size is not None else fraction(budget, self.recent_ratio)
 
     def observe(self, layer, query: torch.Tensor) -> None:
         accumulate_attention(layer, query, "acc", self.gqa)
 
     def score(self, layer) -> torch.Tensor:
-        return protect_recent(layer.state("acc"), layer.positions, self.row_recent(layer))
+        return protect_recent(layer.state("acc"), layer.positions, self.recent(row_budget(layer)))
 
 
 @register
@@ -71,7 +65,7 @@ class H2O(HeavyHitters):
     per_layer: bool = True
     track_attention: bool = True
 
-    row_budgets = True  # per layer, its recent window is each row's share of its own budget (`row_recent`)
+    row_budgets = True  # per layer, its recent window is each row's share of its own budget (`row_budget`)
 
     def __post_init__(self) -> None:
         # Instance-level values of the ClassVars the engine reads.

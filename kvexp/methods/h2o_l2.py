@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvexp.methods.base import Method, register
-from kvexp.methods.scoring import lowest_key_norm
+from kvexp.methods.scoring import fraction, lowest_key_norm, row_budget
 
 
 @register
@@ -24,6 +24,7 @@ class H2OL2(Method):
     description = (
         "sinks + lowest-key-norm 'heavy hitters' + recent window, L2 stand-in for H2O (the kvcompress study)"
     )
+    row_budgets = True  # its heavy part and recent window are each row's shares of its own budget
     start_size: int = 4
     heavy_ratio: float = 0.125
     heavy_size: int | None = None
@@ -41,9 +42,11 @@ class H2OL2(Method):
                 f"method.heavy_size / method.heavy_ratio) must not exceed the budget ({budget})"
             )
 
-    def heavy(self, budget: int) -> int:
-        return self.heavy_size if self.heavy_size is not None else int(budget * self.heavy_ratio)
+    def heavy(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        """The heavy-hitter part of a budget, or of each row's ([B, 1, 1], `row_budget`)."""
+        return self.heavy_size if self.heavy_size is not None else fraction(budget, self.heavy_ratio)
 
     def score(self, layer) -> torch.Tensor:
-        recent = layer.budget - self.start_size - self.heavy(layer.budget)
+        budget = row_budget(layer)
+        recent = budget - self.start_size - self.heavy(budget)
         return lowest_key_norm(layer, sinks=self.start_size, recent=recent)

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvexp.methods.base import Method, register, skip_layers
-from kvexp.methods.scoring import lowest_key_norm
+from kvexp.methods.scoring import lowest_key_norm, row_budget
 
 MAX_SINKS = 4  # the study's sinks: min(4, size // 8)
 PROFILES = ("exponential", "linear", "constant")
@@ -25,6 +25,9 @@ class PyramidKVDecay(Method):
 
     name = "pyramid_kv_decay"
     description = "exponential / linear / constant layer budgets; sinks + recent + lowest key norms (the kvcompress study)"
+    row_budgets = (
+        True  # each row's layer budgets from its own budget; its sinks and window from its layer budget
+    )
     layer_decay: float = 0.9
     min_size: int = 64
     profile: str = "exponential"
@@ -55,5 +58,6 @@ class PyramidKVDecay(Method):
         return sizes
 
     def score(self, layer) -> torch.Tensor:
-        size = layer.budget
-        return lowest_key_norm(layer, sinks=min(MAX_SINKS, size // 8), recent=size // 2)
+        size = row_budget(layer)
+        sinks = min(MAX_SINKS, size // 8) if isinstance(size, int) else (size // 8).clamp(max=MAX_SINKS)
+        return lowest_key_norm(layer, sinks=sinks, recent=size // 2)

@@ -173,6 +173,17 @@ def protect_recent(scores: torch.Tensor, positions: torch.Tensor, recent: int | 
     return scores.masked_fill(positions > newest - recent, float("inf"))
 
 
+def row_budget(layer: CompressedLayer) -> int | torch.Tensor:
+    """The layer's budget, or under per-row budgets each row's own, [B, 1, 1] long: the size a method cuts its
+    windows and shares from (a recent window of half the budget is half of each row's own budget)."""
+    return layer.budget if layer.row_budgets is None else layer.row_targets(layer.budget)[:, :, None]
+
+
+def fraction(budget: int | torch.Tensor, ratio: float) -> int | torch.Tensor:
+    """`int(budget * ratio)` for one budget or for each row's (`row_budget`): fp64 and truncation, as Python's."""
+    return int(budget * ratio) if isinstance(budget, int) else (budget.double() * ratio).long()
+
+
 def head_caps(layer: CompressedLayer, target: int) -> torch.Tensor:
     """[B, Hkv] long: the most live entries each KV head may keep at this compression: its per-head budget
     (`budget.per_head`), else `target` (the layer's budget or the scorer's target size), or the row's own budget
@@ -208,14 +219,18 @@ def prerope_keys(layer: CompressedLayer) -> torch.Tensor:
     )
 
 
-def protect_sinks(scores: torch.Tensor, positions: torch.Tensor, sinks: int) -> torch.Tensor:
-    """Force-keep the first `sinks` tokens of the sequence (positions 0 .. sinks-1; padding is -1)."""
+def protect_sinks(scores: torch.Tensor, positions: torch.Tensor, sinks: int | torch.Tensor) -> torch.Tensor:
+    """Force-keep the first `sinks` tokens of the sequence (positions 0 .. sinks-1; padding is -1); one count or
+    each row's own [B, 1, 1]."""
     return scores.masked_fill((positions >= 0) & (positions < sinks), float("inf"))
 
 
-def lowest_key_norm(layer: CompressedLayer, sinks: int = 0, recent: int = 0) -> torch.Tensor:
+def lowest_key_norm(
+    layer: CompressedLayer, sinks: int | torch.Tensor = 0, recent: int | torch.Tensor = 0
+) -> torch.Tensor:
     """The kvcompress study's L2 family: `-||k||` per KV head (low-norm keys draw attention, Devoto et al. 2024), with the
-    first `sinks` and the `recent` newest tokens forced in; the rest of the budget goes to the lowest norms."""
+    first `sinks` and the `recent` newest tokens forced in (counts, or each row's own [B, 1, 1]); the rest of the
+    budget goes to the lowest norms."""
     scores = protect_sinks(-layer.keys.float().norm(dim=-1), layer.positions, sinks)
     return protect_recent(scores, layer.positions, recent)
 
