@@ -127,6 +127,12 @@ ROW_BUDGETS += [
     pytest.param("h2o", {"recent_ratio": 0.3}, id="h2o-recent-0.3"),
     # Layer budgets decaying with depth from each row's own budget, each row's sinks and window from its layer's.
     pytest.param("pyramid_kv_decay", {"layer_decay": 0.9, "min_size": 4}, id="pyramid_kv_decay-exponential"),
+    # A chain whose first stage's recent window is each row's share of its own budget.
+    pytest.param(
+        "compose",
+        {"methods": [{"name": "h2o", "recent_ratio": 0.3}, {"name": "knorm"}]},
+        id="compose-h2o-knorm",
+    ),
     # Streaming heads beside retrieval ones, each row's own budget on the streaming heads (and Razor's compensation
     # token folding what each row evicts); SimLayerKV with lazy and full rows, each row's window its own budget's.
     pytest.param("duo_attention", {"sparsity": 0.5}, id="duo_attention-mixed"),
@@ -268,6 +274,33 @@ def test_simlayerkv_decides_for_each_row_at_its_own_first_compression():
         ours, mine = layer.scratch(layer.method), own.scratch(own.method)
         assert float(ours["mass"][1]) == pytest.approx(float(mine["mass"][0]), rel=1e-5)
         assert bool(ours["lazy"][1]) == bool(mine["lazy"][0])
+
+
+@torch.no_grad()
+def test_chunkkv_reuses_the_leaders_positions_beside_a_row_within_its_budget():
+    """ChunkKV's layer-wise index reuse in a batch of a 40-token row over a 30-token budget and a 29-token row within
+    it (whose 25 candidates, 3 whole chunks of 8 and one more, the chunk rule alone would cut to 3 chunks): the second
+    layer keeps exactly the first layer's positions in the long row, as alone, and the short row keeps all 29."""
+    model, _ = load("tiny_llama")
+    params = {"chunk_length": 8, "reuse_layers": 2, "scorer_params": {"window_size": 4, "kernel_size": 1}}
+    g = torch.Generator().manual_seed(6)
+    long, short = torch.randint(3, 200, (1, 40), generator=g), torch.randint(3, 200, (1, 29), generator=g)
+
+    def kept(layer, row):
+        return [sorted(layer.positions[row, h][layer.live()[row, h]].tolist()) for h in range(layer.kv_heads)]
+
+    alone = make_cache(model, "chunkkv", 30, **params)
+    model(long, past_key_values=alone)
+    assert kept(alone.layers[1], 0) == kept(alone.layers[0], 0)
+    cache = make_cache(model, "chunkkv", 30, **params)
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    ids[0], ids[1, 11:] = long[0], short[0]
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :11] = 0
+    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    for layer, own in zip(cache.layers, alone.layers, strict=True):
+        assert kept(layer, 0) == kept(own, 0)
+        assert kept(layer, 1) == [list(range(29))] * layer.kv_heads
 
 
 @torch.no_grad()

@@ -83,6 +83,10 @@ class ChunkKV(ScorerWrapper):
     chunk_length: int = 10
     reuse_layers: int = 1
 
+    @property
+    def row_budgets(self) -> bool:  # the chunks fill each row's own budget (`head_caps`)
+        return self._scorer.row_budgets
+
     def validate(self, budget: int | None) -> None:
         if self.chunk_length < 1:
             raise ValueError(f"method.chunk_length must be >= 1, got {self.chunk_length}")
@@ -124,7 +128,8 @@ class ChunkKV(ScorerWrapper):
     @staticmethod
     def _record(layer: CompressedLayer, scores: torch.Tensor, counts: torch.Tensor) -> dict[str, Any]:
         """What a leader keeps at this compression, as the engine will choose it: each head's top `count` by
-        (score, position); its positions sorted ([B, Hkv, max count], padded above every position)."""
+        (score, position); its positions sorted ([B, Hkv, max count], padded above every position). A batch row
+        within its budget: the engine spares it in the leader and in the layers that reuse these counts alike."""
         rank = ranking_keys(scores, layer.positions).argsort(dim=-1, descending=True).argsort(dim=-1)
         stays = rank < counts[..., None]
         positions = (
@@ -134,6 +139,7 @@ class ChunkKV(ScorerWrapper):
             "seen": layer.seen,
             "budget": layer.budget,
             "head_budgets": layer.head_budgets,
+            "row_budgets": None if layer.row_budgets is None else layer.row_budgets.tolist(),
             "positions": positions.contiguous(),
             "counts": counts,
         }
@@ -149,6 +155,7 @@ class ChunkKV(ScorerWrapper):
             or record["seen"] != layer.seen
             or record["budget"] != layer.budget
             or record["head_budgets"] != layer.head_budgets
+            or record["row_budgets"] != (None if layer.row_budgets is None else layer.row_budgets.tolist())
             or record["counts"].shape != (layer.batch, layer.kv_heads)
         ):
             return None

@@ -79,6 +79,7 @@ class Compose(Method):
     description = "a chain of methods, each choosing among what the one before kept (kvpress ComposedPress)"
     methods: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "snapkv"}, {"name": "knorm"}])
     keep_ratios: list[float] = field(default_factory=lambda: [0.5])
+    row_budgets = True  # when every stage keeps a budget per row (`__post_init__`)
     _stages: list[Method] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +99,8 @@ class Compose(Method):
         self.observes = any(stage.observes for stage in self._stages)
         self.reads_step_attention = any(stage.reads_step_attention for stage in self._stages)
         self.batches = all(stage.batches for stage in self._stages)
+        # Every stage keeps each row's own share (`chain_scores`' caps are the rows' budgets).
+        self.row_budgets = all(stage.row_budgets for stage in self._stages)
         self.state_names = tuple(owners)
         # Each stage's remembered query window, per batch row (it follows beam reorders).
         self.row_scratch = tuple(
