@@ -162,6 +162,7 @@ class KVCompose(Method):
     first_layer_max: bool = True
     layer_allocation: bool = True
     queries: str = "own"
+    row_budgets = True  # without the layer allocation and the probe (`__post_init__`)
 
     def __post_init__(self) -> None:
         # Instance-level values of the ClassVars the engine reads: the allocation pools the rows' composite tokens;
@@ -170,6 +171,7 @@ class KVCompose(Method):
         self.probes = repeat
         self.allocates = self.layer_allocation and not repeat
         self.batches = not self.layer_allocation and not repeat
+        self.row_budgets = self.batches  # its scores never read the budget; the allocation sets it
 
     def validate(self, budget: int | None) -> None:
         for option in ("agg_task", "agg_group", "agg_head"):
