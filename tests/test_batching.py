@@ -135,7 +135,7 @@ ROW_BUDGETS += [
     ),
     # Streaming heads beside retrieval ones, each row's own budget on the streaming heads (and Razor's compensation
     # token folding what each row evicts); SimLayerKV with lazy and full rows, each row's window its own budget's.
-    pytest.param("duo_attention", {"sparsity": 0.5}, id="duo_attention-mixed"),
+    pytest.param("duo_attention", {"sparsity": 0.5, "gates_cache": None}, id="duo_attention-mixed"),
     pytest.param("razor_attention", {"retrieval_heads": [[0, 0], [1, 1]]}, id="razor_attention-compensation"),
     pytest.param("simlayerkv", {"lazy_threshold": 0.5}, id="simlayerkv-mixed"),
     # UNComp's two entropy groups (the test parameters above make the heads uniform): each row's own head budgets.

@@ -204,11 +204,14 @@ def test_head_patterns_load_as_the_authors_files_clipped_and_checked(tmp_path):
         load_head_patterns(tmp_path / "bad.tsv")
 
 
-def test_identified_heads_are_the_optimized_gates_selection_cached_per_model(monkeypatch):
+def test_identified_heads_are_the_optimized_gates_selection_cached_per_model(monkeypatch, tmp_path):
     model, _ = load("tiny_llama")
     probe = dict(probe_length=48, probe_passkeys=2, passkey_length=8, probe_steps=4, probe_seed=3)
+    probe["gates_cache"] = str(tmp_path)
+    monkeypatch.setattr(duo_module, "_GATES", {})
     method = build_method("duo_attention", sink_size=2, recent_size=8, **probe)
     make_cache(model, method, budget=12)
+    (stored,) = (tmp_path / "duo_attention").iterdir()  # the gates on disk, for the next process
     ids, answer = passkey_probe(model.config.vocab_size, model.config.bos_token_id, 48, 2, 8, 3)
     gates = optimize_gates(model, ids, answer, 2, 8, 4, 0.02, 0.05)
     expected = select_retrieval(gates, torch.ones(2, dtype=torch.bool), 0.5, 0.5)
@@ -221,6 +224,14 @@ def test_identified_heads_are_the_optimized_gates_selection_cached_per_model(mon
     again = build_method("duo_attention", sink_size=2, recent_size=8, **probe)
     make_cache(model, again, budget=16)  # the same model and setting: the cached gates
     assert torch.equal(again._retrieval, expected)
+    monkeypatch.setattr(duo_module, "_GATES", {})  # a new process: the gates come from the disk
+    fresh = build_method("duo_attention", sink_size=2, recent_size=8, **probe)
+    make_cache(model, fresh, budget=16)
+    assert torch.equal(fresh._retrieval, expected) and torch.equal(duo_module._GATES.popitem()[1], gates)
+    other = build_method("duo_attention", sink_size=2, recent_size=8, **{**probe, "probe_seed": 4})
+    with pytest.raises(AssertionError, match="ran again"):  # another setting: its own identification
+        make_cache(model, other, budget=16)
+    assert [p.name for p in (tmp_path / "duo_attention").iterdir()] == [stored.name]
     make_cache(model, build_method("duo_attention", sparsity=1.0, **probe), budget=16)  # no gates needed
 
 

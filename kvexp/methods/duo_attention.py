@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from contextvars import ContextVar
@@ -15,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from kvexp.engine import sliding_layers
 from kvexp.methods.base import Method, check_window, register
+from kvexp.methods.qfilter import load_tensors, save_tensors
 from kvexp.methods.scoring import head_caps
 from kvexp.models import model_fingerprint
 
@@ -222,7 +224,9 @@ class DuoAttention(Method):
     steps; the regularizer is the mean |gate| (the authors' `l1_loss`, whose normalisation is not published in
     the paper). `sink_size` defaults to StreamingLLM's 4, not the paper's 64 (sized for its 128-token attention
     blocks), so that small budgets run; `recent_size` is the identification's window (the paper's 256), the
-    deployed recent window being the budget less the sinks. The identification needs the model: give the method to
+    deployed recent window being the budget less the sinks. The identified gates are cached per model and setting
+    in the process and under `gates_cache`/duo_attention/ (None: not on disk), so a sweep identifies once. The
+    identification needs the model: give the method to
     `make_cache` directly (it calls `prepare`), not wrapped in another method.
     """
 
@@ -241,6 +245,7 @@ class DuoAttention(Method):
     probe_lr: float = 0.02
     reg_weight: float = 0.05
     probe_seed: int = 0
+    gates_cache: str | None = "~/.cache/kvexp"
     # What `prepare` learns from the model: [NL, Hkv] bool, the retrieval heads.
     _retrieval: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -321,6 +326,13 @@ class DuoAttention(Method):
                 self.probe_seed,
             )
         )
+        cached = None
+        if self.gates_cache:
+            name = hashlib.sha256(key.encode()).hexdigest()[:24]
+            cached = Path(self.gates_cache).expanduser() / "duo_attention" / f"{name}.pt"
+        if key not in _GATES and cached is not None and cached.is_file():
+            _GATES[key] = load_tensors(cached)["gates"]
+            log.info("duo_attention: gates loaded from %s", cached)
         if key not in _GATES:
             vocab = model.get_input_embeddings().num_embeddings
             ids, answer = passkey_probe(
@@ -341,6 +353,9 @@ class DuoAttention(Method):
                 self.probe_lr,
                 self.reg_weight,
             )
+            if cached is not None:
+                save_tensors(cached, {"gates": _GATES[key]})
+                log.info("duo_attention: gates saved to %s", cached)
         return _GATES[key]
 
     def prepare(self, model: PreTrainedModel) -> None:

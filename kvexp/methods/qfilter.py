@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,14 +58,17 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `tensors` as `load_tensors` reads them back (safetensors or torch, by the suffix of `path`)."""
+    """Write `tensors` as `load_tensors` reads them back (safetensors or torch, by the suffix of `path`); through a
+    temporary file renamed into place, so a run killed while writing leaves no torn file for the next to load."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
     else:
-        torch.save(tensors, path)
+        torch.save(tensors, partial)
+    os.replace(partial, path)
 
 
 class QueryCalibration:
