@@ -601,6 +601,25 @@ class CompressedLayer(DynamicLayer):
         live = self.live().sum(-1)  # [B, Hkv]
         return (live > self.row_targets(self.budget) + self.options.slack).any(-1)
 
+    def deciding_rows(self, owner: object) -> torch.Tensor:
+        """[B] bool: for a method that decides once per row, at the row's own first compression (UNComp's head
+        budgets, SimLayerKV's lazy layers), the rows that decide now: over their budget and not decided yet (the
+        `decided` row scratch that `decide` keeps)."""
+        decided = self.scratch(owner).get("decided")
+        deciding = self.rows_over_budget()
+        return deciding if decided is None else deciding & ~decided
+
+    def decide(self, owner: object, deciding: torch.Tensor, **values: torch.Tensor) -> None:
+        """Keep `values` ([B, ...] row scratch of `owner`) for the `deciding` rows, the earlier ones for the others,
+        and mark the deciding rows decided. The names belong in the method's `row_scratch`, with "decided"."""
+        scratch = self.scratch(owner)
+        decided = scratch.get("decided")
+        for name, value in values.items():
+            if decided is not None:
+                value = torch.where(deciding.view(-1, *[1] * (value.dim() - 1)), value, scratch[name])
+            scratch[name] = value
+        scratch["decided"] = deciding if decided is None else deciding | decided
+
     def compress(self, any_step: bool = False) -> None:
         """Evict down to the method's target: score, select (per head), compact in place, re-rotate if asked. A
         sliding-window layer first drops what no later query can see (`_slide`)."""

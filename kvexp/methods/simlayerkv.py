@@ -82,22 +82,17 @@ class SimLayerKV(Method):
             )
 
     def observe(self, layer: CompressedLayer, query: torch.Tensor) -> None:
-        scratch = layer.scratch(self)
         if not layer.over_budget():
             return
-        deciding = layer.rows_over_budget()  # each row decides once, at its own first compression
-        if "decided" in scratch:
-            deciding &= ~scratch["decided"]
+        deciding = layer.deciding_rows(self)  # each row decides once, at its own first compression
         if not bool(deciding.any()):
             return
         # the window a lazy layer keeps: under per-row budgets, each row's own
         recent = layer.row_targets(layer.budget) - self.n_initial
-        mass = lazy_mass(layer, query, self.n_last, self.n_initial, recent)
-        if "decided" in scratch:
-            mass = torch.where(deciding, mass, scratch["mass"])
-            deciding |= scratch["decided"]
-        scratch["mass"], scratch["decided"] = mass, deciding
-        scratch["lazy"] = (mass > self.lazy_threshold) & deciding  # a row not decided yet keeps everything
+        layer.decide(self, deciding, mass=lazy_mass(layer, query, self.n_last, self.n_initial, recent))
+        # a row not decided yet keeps everything
+        scratch = layer.scratch(self)
+        scratch["lazy"] = (scratch["mass"] > self.lazy_threshold) & scratch["decided"]
 
     def head_counts(self, layer: CompressedLayer, scores: torch.Tensor, target: int) -> torch.Tensor | None:
         lazy = layer.scratch(self).get("lazy")

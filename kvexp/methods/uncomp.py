@@ -100,17 +100,11 @@ class UNComp(SnapKV):
     def head_counts(self, layer, scores: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor | None:
         if layer.head_budgets is not None:
             return None
-        scratch = layer.scratch(self)
-        # Each row's head budgets [B, Hkv], from its own keys at its first compression (`decided` [B]).
-        deciding = layer.rows_over_budget()
-        if "decided" in scratch:
-            deciding &= ~scratch["decided"]
+        # Each row's head budgets [B, Hkv], from its own keys at its first compression.
+        deciding = layer.deciding_rows(self)
         if bool(deciding.any()):
             keys = prerope_keys(layer).masked_fill(~layer.live()[..., None], 0.0)
             entropy = truncated_entropy(keys, self.top_eigen)  # [B, Hkv]
             budgets = group_budgets(entropy, self.group_weights, target, self.window_size)
-            if "decided" in scratch:
-                budgets = torch.where(deciding[:, None], budgets, scratch["budgets"])
-                deciding |= scratch["decided"]
-            scratch["budgets"], scratch["decided"] = budgets, deciding
-        return scratch["budgets"].clamp_max(layer.length)
+            layer.decide(self, deciding, budgets=budgets)
+        return layer.scratch(self)["budgets"].clamp_max(layer.length)
