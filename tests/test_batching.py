@@ -127,6 +127,8 @@ ROW_BUDGETS += [
     pytest.param("h2o", {"recent_ratio": 0.3}, id="h2o-recent-0.3"),
     # Layer budgets decaying with depth from each row's own budget, each row's sinks and window from its layer's.
     pytest.param("pyramid_kv_decay", {"layer_decay": 0.9, "min_size": 4}, id="pyramid_kv_decay-exponential"),
+    # Log-age pooling windows from each row's own ages; the "best" member by its accumulated attention.
+    pytest.param("pooling_merge", {"seq_pooling_type": "best", "sink_tokens": 2}, id="pooling_merge-best"),
     # A chain whose first stage's recent window is each row's share of its own budget.
     pytest.param(
         "compose",

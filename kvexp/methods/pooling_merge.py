@@ -20,7 +20,7 @@ def log_age_groups(
     tokens: torch.Tensor,  # [B, Hkv, n] how many consecutive tokens each slot stands for (ending at its position)
     region: torch.Tensor,  # [B, Hkv, n] bool: the slots that may be pooled
     groups: torch.Tensor,  # [B, Hkv] how many slots the region may keep
-    seen: int,
+    seen: int | torch.Tensor,  # tokens seen, or each head's [B, Hkv, 1]
 ) -> torch.Tensor:
     """Partition each row's region, in temporal order, into `groups` runs of consecutive slots covering equal
     spans of log age: the group slot (the newest of its run, which it folds into) for every region slot, -1
@@ -106,6 +106,12 @@ class PoolingMerge(Method):
     reads_step_attention = True  # `best` accumulates attention
 
     @property
+    def row_budgets(
+        self,
+    ) -> bool:  # its groups fill each row's kept count; skipping the prefill keeps it whole
+        return not self.skip_prefill_compression
+
+    @property
     def observes(self) -> bool:  # only `best` needs attention
         return self.seq_pooling_type == "best"
 
@@ -183,7 +189,9 @@ class PoolingMerge(Method):
         sinks = live & (positions < self.sink_tokens)
         region = live & ~sinks
         groups = layer.keep_counts() - sinks.sum(-1)
-        planned = log_age_groups(positions, layer.state("tokens"), region, groups, layer.seen)
+        # Each row's own tokens seen (its newest position + 1): a left-padded row's ages are its own.
+        seen = positions.amax(dim=-1, keepdim=True) + 1  # [B, Hkv, 1]
+        planned = log_age_groups(positions, layer.state("tokens"), region, groups, seen)
         slots = torch.arange(layer.length, device=layer.device)
         # Sinks and group slots stay; should the engine keep more, the newest of the rest.
         scores = torch.where(sinks | (planned == slots), float("inf"), positions.float())
