@@ -129,6 +129,8 @@ ROW_BUDGETS += [
     pytest.param("pyramid_kv_decay", {"layer_decay": 0.9, "min_size": 4}, id="pyramid_kv_decay-exponential"),
     # Log-age pooling windows from each row's own ages; the "best" member by its accumulated attention.
     pytest.param("pooling_merge", {"seq_pooling_type": "best", "sink_tokens": 2}, id="pooling_merge-best"),
+    # Each row re-clusters on its own schedule (every 8 of its own tokens), its exact window the rest of its budget.
+    pytest.param("semantic_cluster", {"num_clusters": 2, "cluster_every": 8}, id="semantic_cluster-every-8"),
     # A chain whose first stage's recent window is each row's share of its own budget.
     pytest.param(
         "compose",
@@ -224,6 +226,10 @@ def test_a_cache_keeps_each_rows_own_budget():
         ("uncomp", {"window_size": 4, "kernel_size": 3}),  # two entropy groups
         ("simlayerkv", {"lazy_threshold": 0.5}),
         ("adakv", {"scorer_params": {"window_size": 4, "kernel_size": 3}}),
+        (
+            "semantic_cluster",
+            {"num_clusters": 2, "cluster_every": 8},
+        ),  # re-clustering by each row's own count
     ],
 )
 @torch.no_grad()
@@ -276,6 +282,65 @@ def test_simlayerkv_decides_for_each_row_at_its_own_first_compression():
         ours, mine = layer.scratch(layer.method), own.scratch(own.method)
         assert float(ours["mass"][1]) == pytest.approx(float(mine["mass"][0]), rel=1e-5)
         assert bool(ours["lazy"][1]) == bool(mine["lazy"][0])
+
+
+def _entries(layer, row):
+    """Each KV head's live entries of one batch row, by position: (positions, keys, values)."""
+    out = []
+    for h in range(layer.kv_heads):
+        live = layer.live()[row, h]
+        order = layer.positions[row, h][live].argsort()
+        out.append(tuple(t[row, h][live][order] for t in (layer.positions, layer.keys, layer.values)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("semantic_cluster", {"num_clusters": 2, "cluster_every": 3}),  # a schedule 20 tokens off the batch's
+        ("pooling_merge", {"seq_pooling_type": "best", "sink_tokens": 2}),
+        ("d2o", {"skip_layers": [], "layer_allocation": False, "sink_tokens": 1}),
+        ("kvmerger", {"skip_layers": []}),
+        ("merging", {}),
+    ],
+)
+@torch.no_grad()
+def test_merging_methods_hold_each_rows_own_entries_as_alone(name, params):
+    """A 40-token row and a 20-token row (left-padded) under one 24-token budget, then ten decode steps (the short row
+    crosses its budget at the fifth): each row's live entries, positions, merged keys and values, are the ones it holds
+    alone (its ages, schedules and thresholds are its own, not the batch's)."""
+    model, _ = load("tiny_llama")
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randint(3, 200, (1, n), generator=g) for n in (40, 20)]
+    steps = torch.randint(3, 200, (2, 10), generator=g)
+    alone = []
+    for r, ids in enumerate(rows):
+        cache = make_cache(model, name, 24, **params)
+        model(ids, past_key_values=cache)
+        for t in range(10):
+            model(
+                steps[r : r + 1, t : t + 1],
+                position_ids=torch.tensor([[ids.shape[1] + t]]),
+                past_key_values=cache,
+            )
+        alone.append(cache)
+    cache = make_cache(model, name, 24, **params)
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    ids[0], ids[1, 20:] = rows[0][0], rows[1][0]
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :20] = 0
+    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    for t in range(10):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        position = torch.tensor([[40 + t], [20 + t]])
+        model(steps[:, t : t + 1], attention_mask=mask, position_ids=position, past_key_values=cache)
+    for r in range(2):
+        for layer, own in zip(cache.layers, alone[r].layers, strict=True):
+            for ours, mine in zip(_entries(layer, r), _entries(own, 0), strict=True):
+                assert torch.equal(ours[0], mine[0]), (layer.layer_idx, r)
+                assert torch.allclose(ours[1], mine[1], atol=1e-5) and torch.allclose(
+                    ours[2], mine[2], atol=1e-5
+                )
 
 
 @torch.no_grad()

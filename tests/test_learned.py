@@ -14,9 +14,11 @@ from kvexp.app import train_or_eval
 from kvexp.config import validate
 from kvexp.methods import build_method, make_cache
 from kvexp.methods.learned import EPS, FEATURES, entry_features, load_scorer
+from kvexp.tasks.generation import PromptEncoder, run_generation
 from kvexp.train import learned_scorer
 from tests.conftest import load
 from tests.oracle import max_logprob_error, oracle_logits, streamed_logits
+from tests.test_batching import _same, _samples
 from tests.test_config import _compose
 
 SMALL = ("train.texts=4", "train.max_tokens=256", "train.future_window=32", "train.epochs=10")
@@ -216,3 +218,21 @@ def test_trained_method_matches_the_masking_oracle(trained, chunk):
     assert max(cache.physical_lengths()) <= 12
     ref = oracle_logits(model, ids, vis)
     assert max_logprob_error(logits[:, :-1], ref[:, :-1], ids[:, 1:]) < 1e-4
+
+
+@torch.no_grad()
+def test_trained_method_answers_each_row_of_a_batch_as_alone(trained):
+    """Left-padded rows of different lengths and budgets in one batch: each row's features (its own ages) and recent
+    window (its own budget's share) are what it gets alone, so are its answer and kept counts."""
+    path, _ = trained
+    model, tok = load("tiny_llama")
+    method = build_method("learned", checkpoint=path)
+    samples = _samples(6, seed=2)
+    prompts = [PromptEncoder(tok).encode(s) for s in samples]
+
+    def budget(n):
+        return n + 4 if n % 3 == 0 else max(12, n // 2)
+
+    alone = run_generation(model, tok, samples, prompts, method, budget)
+    together = run_generation(model, tok, samples, prompts, method, budget, batch_size=6)
+    _same(alone, together)

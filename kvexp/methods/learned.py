@@ -40,7 +40,14 @@ from kvexp.methods.hidden_state import (  # noqa: F401 (attention_input, attenti
     runs,
     save_checkpoint,
 )
-from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention, protect_recent, protect_sinks
+from kvexp.methods.scoring import (
+    GQA_REDUCTIONS,
+    accumulate_attention,
+    fraction,
+    protect_recent,
+    protect_sinks,
+    row_budget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +61,8 @@ def entry_features(
     keys: torch.Tensor,  # [..., Hkv, n, D]
     values: torch.Tensor,  # [..., Hkv, n, Dv]
     positions: torch.Tensor,  # [..., Hkv, n] logical positions (-1: padding)
-    seen: int,  # tokens seen: the decision is taken after token seen - 1
+    seen: int
+    | torch.Tensor,  # tokens seen (or each row's, [..., Hkv, 1]): the decision follows token seen - 1
     acc: torch.Tensor,  # [..., Hkv, n] attention received since cached (group-reduced)
 ) -> torch.Tensor:
     """The scalar features `FEATURES` of every entry: [..., Hkv, n, 6] (fp32; see the module docstring)."""
@@ -178,6 +186,7 @@ class Learned(Method):
     name = "learned"
     description = "per-layer MLP predicting H2O-oracle log importance from hidden state, norms, age, attention (the H2O study)"
     observes = True
+    row_budgets = True  # its recent window is each row's share of its own budget; ages are each row's own
     reads_step_attention = True
     checkpoint: str | None = None
     sink_tokens: int = 4
@@ -209,8 +218,9 @@ class Learned(Method):
                 f"method.gqa={self.gqa!r} but method.checkpoint was trained with gqa={trained_gqa!r}; use the same"
             )
 
-    def recent(self, budget: int) -> int:
-        return self.recent_size if self.recent_size is not None else int(budget * self.recent_ratio)
+    def recent(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        """The recent window of a budget, or of each row's ([B, 1, 1], `row_budget`)."""
+        return self.recent_size if self.recent_size is not None else fraction(budget, self.recent_ratio)
 
     def prepare(self, model) -> None:
         if self.scorer is None:
@@ -253,7 +263,8 @@ class Learned(Method):
 
     def predict(self, layer) -> torch.Tensor:
         """The predicted log importance of every slot [B, Hkv, n] (no protection)."""
-        scalars = entry_features(layer.keys, layer.values, layer.positions, layer.seen, layer.state("acc"))
+        seen = layer.positions.amax(dim=-1, keepdim=True) + 1  # each row's own (a left-padded row's ages)
+        scalars = entry_features(layer.keys, layer.values, layer.positions, seen, layer.state("acc"))
         if self.scorer is None:
             return scalars[..., FEATURES.index("acc")]
         hidden = [layer.state(f"hidden{i}") for i in range(self.scorer.hidden_features)]
@@ -263,4 +274,4 @@ class Learned(Method):
 
     def score(self, layer) -> torch.Tensor:
         scores = protect_sinks(self.predict(layer), layer.positions, self.sink_tokens)
-        return protect_recent(scores, layer.positions, self.recent(layer.budget))
+        return protect_recent(scores, layer.positions, self.recent(row_budget(layer)))

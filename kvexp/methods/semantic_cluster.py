@@ -68,6 +68,10 @@ class SemanticCluster(TrainableMergedBias, Method):
     def __post_init__(self) -> None:
         self._load_checkpoint()
 
+    @property
+    def row_budgets(self) -> bool:  # a set K: each row's exact window is the rest of its own kept count
+        return self.num_clusters is not None
+
     def clusters(self, budget: int) -> int:
         return self.num_clusters if self.num_clusters is not None else max(1, budget // 8)
 
@@ -100,16 +104,21 @@ class SemanticCluster(TrainableMergedBias, Method):
         pool = live & ~sinks & ~newest(live & ~sinks, positions, exact)
         keys, tokens = layer.keys.float(), layer.state("tokens")
         held = pool & (layer.state("cluster") > 0)
-        period = layer.seen // self.cluster_every != (layer.seen - layer.new_tokens) // self.cluster_every
-        if period or bool((held.sum(-1) < clusters).any()):
+        # Each batch row re-clusters on its own schedule: its own tokens seen (a left-padded row's are fewer).
+        seen = positions.amax(dim=-1).amax(dim=-1) + 1  # [B]
+        before = (seen - layer.new_tokens).clamp_min(0)
+        period = seen // self.cluster_every != before // self.cluster_every
+        recluster = period | (held.sum(-1) < clusters).any(-1)  # [B]
+        if bool(recluster.any()):
             centers, valid = weighted_kmeans(keys, tokens, pool, clusters, self.iterations)
             label, d2 = nearest_center(keys, centers, valid)
             # The representative of a cluster: its member nearest the centroid.
             members = pool[..., None] & (label[..., None] == torch.arange(clusters, device=label.device))
             rep_d2, rep = d2.masked_fill(~members, float("inf")).min(dim=2)  # [B, Hkv, K]
             valid = rep_d2.isfinite()
-            self._record(layer, silhouette(keys, pool, label, clusters, self.silhouette_sample))
-        else:  # the clusters stay; the new old tokens join their nearest one
+            self._record(layer, silhouette(keys, pool, label, clusters, self.silhouette_sample)[recluster])
+            fresh = (rep, valid, label, d2)
+        if not bool(recluster.all()):  # the clusters stay; the new old tokens join their nearest one
             rep = held.float().topk(clusters, dim=-1).indices  # [B, Hkv, K]: the cluster slots
             valid = torch.ones_like(rep, dtype=torch.bool)
             label, d2 = nearest_center(keys, gather_rows(keys, rep), valid)
@@ -117,6 +126,10 @@ class SemanticCluster(TrainableMergedBias, Method):
                 2, rep, torch.arange(clusters, device=rep.device).expand_as(rep)
             )
             label = torch.where(held, own_cluster, label)
+            if bool(recluster.any()):  # rows of both kinds in one batch
+                rows = recluster.view(-1, 1, 1)
+                rep, valid = torch.where(rows, fresh[0], rep), torch.where(rows, fresh[1], valid)
+                label, d2 = torch.where(rows, fresh[2], label), torch.where(rows[..., None], fresh[3], d2)
         own = d2.gather(3, label[..., None])[..., 0]  # [B, Hkv, n]
         is_rep = torch.zeros_like(label).scatter_add_(2, rep, valid.long()) > 0
         # Sinks, the window and one representative per cluster stay; if a cluster came out empty (fewer distinct
@@ -128,7 +141,10 @@ class SemanticCluster(TrainableMergedBias, Method):
         target = group_targets(selection.groups, evicted)
         if self.fold:
             fold(layer, target)
-        layer.state("cluster").copy_(target == torch.arange(layer.length, device=layer.device))
+        clustered = target == torch.arange(layer.length, device=layer.device)
+        # A batch row within its budget does not compress now (as alone): its slots stay what they were.
+        compressing = layer.rows_over_budget()[:, None, None]
+        layer.state("cluster").copy_(torch.where(compressing, clustered, layer.state("cluster") > 0))
 
     def _record(self, layer, scores: torch.Tensor) -> None:
         """Add one clustering's mean silhouette to the layer's running [sum, count]."""
