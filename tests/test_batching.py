@@ -302,6 +302,7 @@ def _entries(layer, row):
         ("d2o", {"skip_layers": [], "layer_allocation": False, "sink_tokens": 1}),
         ("kvmerger", {"skip_layers": []}),
         ("merging", {}),
+        ("adaptive_kmeans", {"pruning_interval": 1}),
     ],
 )
 @torch.no_grad()

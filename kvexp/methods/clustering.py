@@ -128,7 +128,9 @@ def silhouette(
 def group_targets(pending: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
     """The `fold` target of every slot from a method's planned grouping `pending` [B, Hkv, n] (slot index, the
     group's own slot mapping to itself, -1 for none): the engine's evicted slots fold into their group's slot;
-    a slot the engine kept although planned for a group stays as it is."""
+    a slot the engine kept although planned for a group stays as it is. A batch row that evicts nothing (within
+    its budget: alone it would not compress now) forms no group."""
     slots = torch.arange(pending.shape[-1], device=pending.device)
-    joins = (evicted | (pending == slots)) & (pending >= 0)
+    evicting = evicted.flatten(1).any(dim=-1)[:, None, None]  # [B, 1, 1]
+    joins = (evicted | (pending == slots)) & (pending >= 0) & evicting
     return pending.masked_fill(~joins, -1)

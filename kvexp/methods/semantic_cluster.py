@@ -142,9 +142,9 @@ class SemanticCluster(TrainableMergedBias, Method):
         if self.fold:
             fold(layer, target)
         clustered = target == torch.arange(layer.length, device=layer.device)
-        # A batch row within its budget does not compress now (as alone): its slots stay what they were.
-        compressing = layer.rows_over_budget()[:, None, None]
-        layer.state("cluster").copy_(torch.where(compressing, clustered, layer.state("cluster") > 0))
+        # A batch row that evicts nothing (within its budget, `group_targets`) keeps its clusters as they were.
+        evicting = evicted.flatten(1).any(dim=-1)[:, None, None]
+        layer.state("cluster").copy_(torch.where(evicting, clustered, layer.state("cluster") > 0))
 
     def _record(self, layer, scores: torch.Tensor) -> None:
         """Add one clustering's mean silhouette to the layer's running [sum, count]."""
