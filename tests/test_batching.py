@@ -294,19 +294,20 @@ def _entries(layer, row):
     return out
 
 
-@pytest.mark.parametrize(
-    ("name", "params"),
-    [
-        ("semantic_cluster", {"num_clusters": 2, "cluster_every": 3}),  # a schedule 20 tokens off the batch's
-        ("pooling_merge", {"seq_pooling_type": "best", "sink_tokens": 2}),
-        ("d2o", {"skip_layers": [], "layer_allocation": False, "sink_tokens": 1}),
-        ("kvmerger", {"skip_layers": []}),
-        ("merging", {}),
-        ("adaptive_kmeans", {"pruning_interval": 1}),
-    ],
-)
+# Whose scores may tie to within float rounding (a random-weight surrogate's, sketched leverage's): an entry a row
+# evicts in a batch may differ from alone when the padded batch's sums round otherwise (their answers are tested).
+NEAR_TIES = {"leverage", "kvzap", "fastkvzip"}
+ENTRIES = [pytest.param(n, PARAMS.get(n, {}), id=n) for n in BATCHED if n not in NEAR_TIES] + [
+    # Merging methods where a row's own ages, schedule or threshold matter.
+    pytest.param("semantic_cluster", {"num_clusters": 2, "cluster_every": 3}, id="semantic_cluster-every-3"),
+    pytest.param("pooling_merge", {"seq_pooling_type": "best", "sink_tokens": 2}, id="pooling_merge-best"),
+    pytest.param("d2o", {"skip_layers": [], "layer_allocation": False, "sink_tokens": 1}, id="d2o-sink-1"),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), ENTRIES)
 @torch.no_grad()
-def test_merging_methods_hold_each_rows_own_entries_as_alone(name, params):
+def test_every_batching_method_holds_each_rows_own_entries_as_alone(name, params):
     """A 40-token row and a 20-token row (left-padded) under one 24-token budget, then ten decode steps (the short row
     crosses its budget at the fifth): each row's live entries, positions, merged keys and values, are the ones it holds
     alone (its ages, schedules and thresholds are its own, not the batch's)."""
