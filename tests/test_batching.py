@@ -251,6 +251,24 @@ def test_rows_within_a_token_budget_keep_everything_and_decide_later_as_alone(na
     _same(alone, together)
 
 
+def _left_padded(model, cache, rows: list[torch.Tensor]) -> torch.Tensor:
+    """Feed `rows` ([1, n] ids of different lengths) as one left-padded batch through `cache`; its attention mask."""
+    n = max(row.shape[1] for row in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, n - row.shape[1] :], mask[i, n - row.shape[1] :] = row[0], 1
+    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    return mask
+
+
+def _decode_step(model, cache, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """One decode step of a left-padded batch (`tokens` [B, 1], each row at its own next position); the new mask."""
+    mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=torch.long)], dim=1)
+    model(tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache)
+    return mask
+
+
 @torch.no_grad()
 def test_simlayerkv_decides_for_each_row_at_its_own_first_compression():
     """A 40-token row over a 24-token budget at the prefill and a 20-token row within it: only the first decides at
@@ -266,16 +284,10 @@ def test_simlayerkv_decides_for_each_row_at_its_own_first_compression():
     for t in range(6):
         model(steps[1:, t : t + 1], position_ids=torch.tensor([[20 + t]]), past_key_values=alone)
     cache = make_cache(model, "simlayerkv", 24)
-    ids = torch.zeros(2, 40, dtype=torch.long)
-    ids[0], ids[1, 20:] = long[0], short[0]
-    mask = torch.ones(2, 40, dtype=torch.long)
-    mask[1, :20] = 0
-    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    mask = _left_padded(model, cache, [long, short])
     assert all(layer.scratch(layer.method)["decided"].tolist() == [True, False] for layer in cache.layers)
     for t in range(6):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        position = torch.tensor([[40 + t], [20 + t]])
-        model(steps[:, t : t + 1], attention_mask=mask, position_ids=position, past_key_values=cache)
+        mask = _decode_step(model, cache, mask, steps[:, t : t + 1])
         decided = [layer.scratch(layer.method)["decided"].tolist() for layer in cache.layers]
         assert all(d == [True, 20 + t + 1 > 24] for d in decided)  # the short row crosses at its 25th token
     for layer, own in zip(cache.layers, alone.layers, strict=True):
@@ -327,15 +339,9 @@ def test_every_batching_method_holds_each_rows_own_entries_as_alone(name, params
             )
         alone.append(cache)
     cache = make_cache(model, name, 24, **params)
-    ids = torch.zeros(2, 40, dtype=torch.long)
-    ids[0], ids[1, 20:] = rows[0][0], rows[1][0]
-    mask = torch.ones(2, 40, dtype=torch.long)
-    mask[1, :20] = 0
-    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    mask = _left_padded(model, cache, [rows[0], rows[1]])
     for t in range(10):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        position = torch.tensor([[40 + t], [20 + t]])
-        model(steps[:, t : t + 1], attention_mask=mask, position_ids=position, past_key_values=cache)
+        mask = _decode_step(model, cache, mask, steps[:, t : t + 1])
     for r in range(2):
         for layer, own in zip(cache.layers, alone[r].layers, strict=True):
             for ours, mine in zip(_entries(layer, r), _entries(own, 0), strict=True):
@@ -362,11 +368,7 @@ def test_chunkkv_reuses_the_leaders_positions_beside_a_row_within_its_budget():
     model(long, past_key_values=alone)
     assert kept(alone.layers[1], 0) == kept(alone.layers[0], 0)
     cache = make_cache(model, "chunkkv", 30, **params)
-    ids = torch.zeros(2, 40, dtype=torch.long)
-    ids[0], ids[1, 11:] = long[0], short[0]
-    mask = torch.ones(2, 40, dtype=torch.long)
-    mask[1, :11] = 0
-    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    _left_padded(model, cache, [long, short])
     for layer, own in zip(cache.layers, alone.layers, strict=True):
         assert kept(layer, 0) == kept(own, 0)
         assert kept(layer, 1) == [list(range(29))] * layer.kv_heads
@@ -394,17 +396,11 @@ def test_d2o_moves_each_rows_merge_threshold_only_when_that_row_compresses():
     for t in range(6):
         model(steps[1:, t : t + 1], position_ids=torch.tensor([[20 + t]]), past_key_values=short_alone)
     cache = make_cache(model, "d2o", 24, **params)
-    ids = torch.zeros(2, 40, dtype=torch.long)
-    ids[0], ids[1, 20:] = long[0], short[0]
-    mask = torch.ones(2, 40, dtype=torch.long)
-    mask[1, :20] = 0
-    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    mask = _left_padded(model, cache, [long, short])
     for (tau_long, tau_short), (own,) in zip(thresholds(cache), thresholds(long_alone), strict=True):
         assert tau_long == pytest.approx(own, rel=1e-5) and math.isnan(tau_short)
     for t in range(6):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        position = torch.tensor([[40 + t], [20 + t]])
-        model(steps[:, t : t + 1], attention_mask=mask, position_ids=position, past_key_values=cache)
+        mask = _decode_step(model, cache, mask, steps[:, t : t + 1])
     for (_, tau_short), (own,) in zip(thresholds(cache), thresholds(short_alone), strict=True):
         assert tau_short == pytest.approx(own, rel=1e-5)
 
@@ -422,12 +418,8 @@ def test_simlayerkv_judges_each_row_by_its_own_budgets_window():
         cache = make_cache(model, "simlayerkv", budget, when="prefill")
         model(ids, past_key_values=cache)
         alone.append([float(layer.scratch(layer.method)["mass"][0]) for layer in cache.layers])
-    ids = torch.zeros(2, 40, dtype=torch.long)
-    ids[0, 10:], ids[1] = rows[0][0], rows[1][0]
-    mask = torch.ones(2, 40, dtype=torch.long)
-    mask[0, :10] = 0
     cache = make_cache(model, "simlayerkv", row_budgets=budgets, when="prefill")
-    model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+    _left_padded(model, cache, rows)
     together = [layer.scratch(layer.method)["mass"].tolist() for layer in cache.layers]
     for i in range(2):
         assert [t[i] for t in together] == pytest.approx(alone[i], rel=1e-5)
