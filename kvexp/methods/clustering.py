@@ -125,12 +125,17 @@ def silhouette(
     return score.masked_fill((size > 0).sum(dim=-1) < 2, float("nan"))
 
 
+def evicting_rows(evicted: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1] bool: the batch rows whose compression evicts something (`evicted` [B, Hkv, n]); a row within its
+    budget evicts nothing: alone it would not compress now."""
+    return evicted.flatten(1).any(dim=-1)[:, None, None]
+
+
 def group_targets(pending: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
     """The `fold` target of every slot from a method's planned grouping `pending` [B, Hkv, n] (slot index, the
     group's own slot mapping to itself, -1 for none): the engine's evicted slots fold into their group's slot;
     a slot the engine kept although planned for a group stays as it is. A batch row that evicts nothing (within
     its budget: alone it would not compress now) forms no group."""
     slots = torch.arange(pending.shape[-1], device=pending.device)
-    evicting = evicted.flatten(1).any(dim=-1)[:, None, None]  # [B, 1, 1]
-    joins = (evicted | (pending == slots)) & (pending >= 0) & evicting
+    joins = (evicted | (pending == slots)) & (pending >= 0) & evicting_rows(evicted)
     return pending.masked_fill(~joins, -1)

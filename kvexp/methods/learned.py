@@ -47,6 +47,7 @@ from kvexp.methods.scoring import (
     protect_recent,
     protect_sinks,
     row_budget,
+    tokens_seen,
 )
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,7 @@ def entry_features(
     keys: torch.Tensor,  # [..., Hkv, n, D]
     values: torch.Tensor,  # [..., Hkv, n, Dv]
     positions: torch.Tensor,  # [..., Hkv, n] logical positions (-1: padding)
-    seen: int
-    | torch.Tensor,  # tokens seen (or each row's, [..., Hkv, 1]): the decision follows token seen - 1
+    seen: int | torch.Tensor,  # tokens seen, or each row's [..., Hkv, 1]: the decision follows token seen - 1
     acc: torch.Tensor,  # [..., Hkv, n] attention received since cached (group-reduced)
 ) -> torch.Tensor:
     """The scalar features `FEATURES` of every entry: [..., Hkv, n, 6] (fp32; see the module docstring)."""
@@ -263,7 +263,7 @@ class Learned(Method):
 
     def predict(self, layer) -> torch.Tensor:
         """The predicted log importance of every slot [B, Hkv, n] (no protection)."""
-        seen = layer.positions.amax(dim=-1, keepdim=True) + 1  # each row's own (a left-padded row's ages)
+        seen = tokens_seen(layer.positions)  # each row's own: a left-padded row's ages are its own
         scalars = entry_features(layer.keys, layer.values, layer.positions, seen, layer.state("acc"))
         if self.scorer is None:
             return scalars[..., FEATURES.index("acc")]

@@ -8,7 +8,7 @@ from kvexp.engine import Selection
 from kvexp.methods.base import Method, register
 from kvexp.methods.clustering import group_targets
 from kvexp.methods.merging import fold, reject_rerotate
-from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention
+from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention, tokens_seen
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,8 @@ class PoolingMerge(Method):
     reads_step_attention = True  # `best` accumulates attention
 
     @property
-    def row_budgets(
-        self,
-    ) -> bool:  # its groups fill each row's kept count; skipping the prefill keeps it whole
+    def row_budgets(self) -> bool:
+        # its groups fill each row's kept count; skipping the prefill keeps the layer whole instead
         return not self.skip_prefill_compression
 
     @property
@@ -189,9 +188,8 @@ class PoolingMerge(Method):
         sinks = live & (positions < self.sink_tokens)
         region = live & ~sinks
         groups = layer.keep_counts() - sinks.sum(-1)
-        # Each row's own tokens seen (its newest position + 1): a left-padded row's ages are its own.
-        seen = positions.amax(dim=-1, keepdim=True) + 1  # [B, Hkv, 1]
-        planned = log_age_groups(positions, layer.state("tokens"), region, groups, seen)
+        # Ages from each row's own tokens seen: a left-padded row's are its own.
+        planned = log_age_groups(positions, layer.state("tokens"), region, groups, tokens_seen(positions))
         slots = torch.arange(layer.length, device=layer.device)
         # Sinks and group slots stay; should the engine keep more, the newest of the rest.
         scores = torch.where(sinks | (planned == slots), float("inf"), positions.float())

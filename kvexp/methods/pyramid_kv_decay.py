@@ -25,9 +25,8 @@ class PyramidKVDecay(Method):
 
     name = "pyramid_kv_decay"
     description = "exponential / linear / constant layer budgets; sinks + recent + lowest key norms (the kvcompress study)"
-    row_budgets = (
-        True  # each row's layer budgets from its own budget; its sinks and window from its layer budget
-    )
+    # each row's layer budgets from its own budget; its sinks and window from its layer budget
+    row_budgets = True
     layer_decay: float = 0.9
     min_size: int = 64
     profile: str = "exponential"

@@ -169,8 +169,14 @@ def protect_recent(scores: torch.Tensor, positions: torch.Tensor, recent: int | 
     newest - recent + 1 .. newest, the newest being the largest position the head holds (the step's token, present
     until its compaction), so a left-padded row counts its own tokens, as it would alone. A tensor threshold, not
     the token count: a compiled step's graph does not depend on it."""
-    newest = positions.amax(dim=-1, keepdim=True)  # [B, Hkv, 1]
+    newest = tokens_seen(positions) - 1  # [B, Hkv, 1]
     return scores.masked_fill(positions > newest - recent, float("inf"))
+
+
+def tokens_seen(positions: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, 1] each row's own tokens seen: its newest position + 1 (the step's token, present until its
+    compaction). A left-padded row counts its own tokens, as alone; the layer's `seen` counts the batch's."""
+    return positions.amax(dim=-1, keepdim=True) + 1
 
 
 def row_budget(layer: CompressedLayer) -> int | torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from kvexp.engine import Selection
 from kvexp.methods.base import Method, TrainableMergedBias, register
 from kvexp.methods.clustering import (
+    evicting_rows,
     gather_rows,
     group_targets,
     nearest_center,
@@ -18,6 +19,7 @@ from kvexp.methods.clustering import (
     weighted_kmeans,
 )
 from kvexp.methods.merging import fold, reject_rerotate
+from kvexp.methods.scoring import tokens_seen
 
 
 @register
@@ -105,7 +107,7 @@ class SemanticCluster(TrainableMergedBias, Method):
         keys, tokens = layer.keys.float(), layer.state("tokens")
         held = pool & (layer.state("cluster") > 0)
         # Each batch row re-clusters on its own schedule: its own tokens seen (a left-padded row's are fewer).
-        seen = positions.amax(dim=-1).amax(dim=-1) + 1  # [B]
+        seen = tokens_seen(positions)[:, 0, 0]  # [B]
         before = (seen - layer.new_tokens).clamp_min(0)
         period = seen // self.cluster_every != before // self.cluster_every
         recluster = period | (held.sum(-1) < clusters).any(-1)  # [B]
@@ -143,8 +145,9 @@ class SemanticCluster(TrainableMergedBias, Method):
             fold(layer, target)
         clustered = target == torch.arange(layer.length, device=layer.device)
         # A batch row that evicts nothing (within its budget, `group_targets`) keeps its clusters as they were.
-        evicting = evicted.flatten(1).any(dim=-1)[:, None, None]
-        layer.state("cluster").copy_(torch.where(evicting, clustered, layer.state("cluster") > 0))
+        layer.state("cluster").copy_(
+            torch.where(evicting_rows(evicted), clustered, layer.state("cluster") > 0)
+        )
 
     def _record(self, layer, scores: torch.Tensor) -> None:
         """Add one clustering's mean silhouette to the layer's running [sum, count]."""
