@@ -1,11 +1,16 @@
 """Shared fixtures: offline environment, tiny random models (cached per session), the embedded SmolLM2."""
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from kvexp.models import cache_root
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -15,6 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # The local evaluation data (CNN/DailyMail, XSum, PG-19 test books, the Gutenberg corpus, the essays) is not
 # part of the repository: tests that need it are marked `data` and run only when $KVEXP_DATA_DIR points at it.
 DATA_DIR = Path(os.environ["KVEXP_DATA_DIR"]).expanduser() if os.environ.get("KVEXP_DATA_DIR") else None
+
+# What methods compute once per model (calibrations, DuoAttention's gates) goes to a cache folder of the session's
+# own, so no test reads what an earlier run or an older kvexp left in the user's cache; the converted GGUF weights
+# (keyed by the file's digest) stay shared through a link. Subprocesses (`python -m kvexp`) inherit the folder.
+_user_gguf = cache_root() / "gguf"
+_user_gguf.mkdir(parents=True, exist_ok=True)
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="kvexp-test-cache-"))
+(TEST_CACHE / "gguf").symlink_to(_user_gguf, target_is_directory=True)
+os.environ["KVEXP_CACHE_DIR"] = str(TEST_CACHE)
+atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)
 
 torch.set_flush_denormal(True)
 # KVEXP_TEST_DEVICE=cuda runs the model tests on a GPU in float32 (models built there, new tensors default

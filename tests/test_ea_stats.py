@@ -308,7 +308,7 @@ def test_unprepared_method_says_how_to_prepare():
         ),
         (
             ["method=expected_attention_stats", "method.n_sink=2", "method.calibration_tokens=512"],
-            {"n_sink": 2, "calibration_tokens": 512, "calibration_cache": "~/.cache/kvexp"},
+            {"n_sink": 2, "calibration_tokens": 512, "calibration_cache": "default"},
         ),
     ],
 )

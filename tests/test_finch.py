@@ -6,7 +6,7 @@ import torch
 
 from kvexp.methods import build_method, make_cache
 from kvexp.methods.base import Probing
-from kvexp.methods.zack import record_attention_inputs
+from kvexp.methods.calibration import record_attention_inputs
 from kvexp.tasks.generation import GenerationSample, PromptEncoder, run_generation
 from tests.conftest import TINY_MODELS, load
 from tests.oracle import Visibility, max_logprob_error, oracle_logits

@@ -355,6 +355,22 @@ def test_qfilter_calibration_is_cached_per_model_and_text(tmp_path, monkeypatch)
     assert len(list((store / "qfilter").glob("*.pt"))) == 2
 
 
+def test_default_calibration_cache_is_kvexps_cache_folder(tmp_path, monkeypatch):
+    from kvexp.methods.calibration import cache_folder
+
+    monkeypatch.setenv("KVEXP_CACHE_DIR", str(tmp_path / "kvexp"))
+    assert cache_folder("default", "qfilter") == tmp_path / "kvexp" / "qfilter"
+    assert cache_folder(str(tmp_path / "mine"), "qfilter") == tmp_path / "mine" / "qfilter"
+    assert cache_folder(None, "qfilter") is None
+    model, _ = load("tiny_llama")
+    method = _qfilter(calibration_cache="default")  # the yaml's default
+    method.prepare(model)
+    assert [p.parent for p in (tmp_path / "kvexp").rglob("*.pt")] == [tmp_path / "kvexp" / "qfilter"]
+    monkeypatch.delenv("KVEXP_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_folder("default", "zack") == tmp_path / "xdg" / "kvexp" / "zack"
+
+
 def test_qfilter_calibrates_offline_on_the_embedded_novel_or_a_local_file(tmp_path, monkeypatch):
     monkeypatch.delenv("KVEXP_DATA_DIR", raising=False)
     model, tok = load("tiny_llama")

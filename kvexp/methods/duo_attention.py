@@ -16,7 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from kvexp.engine import sliding_layers
 from kvexp.methods.base import Method, check_window, register
-from kvexp.methods.qfilter import load_tensors, save_tensors
+from kvexp.methods.calibration import DEFAULT_CACHE, cache_folder, load_tensors, save_tensors
 from kvexp.methods.scoring import head_caps
 from kvexp.models import model_fingerprint
 
@@ -245,7 +245,7 @@ class DuoAttention(Method):
     probe_lr: float = 0.02
     reg_weight: float = 0.05
     probe_seed: int = 0
-    gates_cache: str | None = "~/.cache/kvexp"
+    gates_cache: str | None = DEFAULT_CACHE
     # What `prepare` learns from the model: [NL, Hkv] bool, the retrieval heads.
     _retrieval: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -326,10 +326,8 @@ class DuoAttention(Method):
                 self.probe_seed,
             )
         )
-        cached = None
-        if self.gates_cache:
-            name = hashlib.sha256(key.encode()).hexdigest()[:24]
-            cached = Path(self.gates_cache).expanduser() / "duo_attention" / f"{name}.pt"
+        folder = cache_folder(self.gates_cache, "duo_attention")
+        cached = None if folder is None else folder / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
         if key not in _GATES and cached is not None and cached.is_file():
             _GATES[key] = load_tensors(cached)["gates"]
             log.info("duo_attention: gates loaded from %s", cached)

@@ -9,8 +9,9 @@ import torch
 from kvexp.data import required_data_file
 from kvexp.engine import model_rotary
 from kvexp.methods.base import Method, register
+from kvexp.methods.calibration import DEFAULT_CACHE, TextCalibration, load_tensors
 from kvexp.methods.expected_attention import check_future_and_sinks, expected_attention_scores
-from kvexp.methods.qfilter import QueryCalibration, load_tensors, query_moments
+from kvexp.methods.qfilter import query_moments
 from kvexp.models import check_safetensors
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def attention_scales(model: PreTrainedModel) -> dict[int, float]:
 
 @register
 @dataclass
-class ExpectedAttentionStats(QueryCalibration, Method):
+class ExpectedAttentionStats(TextCalibration, Method):
     """Expected Attention with precomputed query statistics (Devoto, Jeblick, Jégou, arXiv 2510.00636; kvpress
     ExpectedAttentionStatsPress).
 
@@ -92,7 +93,7 @@ class ExpectedAttentionStats(QueryCalibration, Method):
     stats_file: str | None = None
     calibration_file: str | None = None
     calibration_tokens: int = 2048
-    calibration_cache: str | None = "~/.cache/kvexp"
+    calibration_cache: str | None = DEFAULT_CACHE
     query_mean: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)  # [NL, H, D]
     query_cov: torch.Tensor | None = field(
         default=None, init=False, repr=False, compare=False

@@ -1,20 +1,15 @@
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 
-from kvexp.data import HAYSTACK_BOOK, required_data_file
 from kvexp.methods.base import Method, check_window, register
+from kvexp.methods.calibration import DEFAULT_CACHE, TextCalibration, record_attention_inputs
 from kvexp.methods.scoring import prerope_queries, protect_recent
-from kvexp.methods.zack import basis_from_gram, calibration_text, record_attention_inputs, tokenizer_for
-from kvexp.models import model_fingerprint
+from kvexp.methods.zack import basis_from_gram
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -48,102 +43,6 @@ def query_moments(
     )
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors saved in `path`: a safetensors file (by its suffix) or a torch file of a dict of tensors."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, weights_only=True)
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `tensors` as `load_tensors` reads them back (safetensors or torch, by the suffix of `path`); through a
-    temporary file renamed into place, so a run killed while writing leaves no torn file for the next to load."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
-    else:
-        torch.save(tensors, partial)
-    os.replace(partial, path)
-
-
-class QueryCalibration:
-    """What a method calibrated once per model on the model's own queries over local text shares (Q-Filters,
-    Expected Attention with statistics): the text (`calibration_file`: None for the embedded public-domain novel),
-    its first `calibration_tokens` tokens, and a cache of the result under `calibration_cache`/`calibration_dir`/
-    (None: recompute). The class declares those three fields and `_model_key` (the calibration it holds)."""
-
-    calibration_dir: ClassVar[str] = ""  # the folder under calibration_cache
-    calibration_suffix: ClassVar[str] = ".pt"  # the cache files' format (`save_tensors`)
-
-    def check_calibration(self, min_tokens: int = 2) -> None:
-        """Validation of the calibration options (`validate`)."""
-        if self.calibration_tokens < min_tokens:
-            raise ValueError(
-                f"method.calibration_tokens must be >= {min_tokens}, got {self.calibration_tokens}"
-            )
-        if self.calibration_file is not None:
-            self._calibration_path()
-
-    def _calibration_path(self) -> Path:
-        if self.calibration_file is None:
-            return HAYSTACK_BOOK.path
-        return required_data_file(self.calibration_file, "method.calibration_file")
-
-    def calibration_tag(self) -> str:
-        """What else the calibration depends on, in its cache key ("": the model and the text alone)."""
-        return ""
-
-    def cache_file(self, model: PreTrainedModel) -> tuple[str, Path | None]:
-        """The calibration's key (model, calibration file, token count, `calibration_tag`) and the file it is cached
-        in (None: no cache)."""
-        path = self._calibration_path()
-        tag = hashlib.sha256(
-            f"{path.name}:{path.stat().st_size}:{self.calibration_tokens}{self.calibration_tag()}".encode()
-        ).hexdigest()
-        key = f"{model_fingerprint(model)[:24]}-{tag[:12]}"
-        if not self.calibration_cache:
-            return key, None
-        folder = Path(self.calibration_cache).expanduser() / self.calibration_dir
-        return key, folder / f"{key}{self.calibration_suffix}"
-
-    def calibration_ids(self, model: PreTrainedModel) -> torch.Tensor:
-        """The tokens [1, T] the calibration runs on: the first `calibration_tokens` (at most the model's maximum
-        positions) of the calibration text."""
-        path = self._calibration_path()
-        limit = getattr(model.config, "max_position_embeddings", None) or self.calibration_tokens
-        tokens = min(self.calibration_tokens, limit)
-        ids = tokenizer_for(model)(calibration_text(path, 16 * tokens), return_tensors="pt").input_ids
-        if ids.shape[1] < tokens:
-            raise ValueError(
-                f"method.calibration_file {path} holds {ids.shape[1]} tokens, fewer than calibration_tokens={tokens}"
-            )
-        return ids[:, :tokens]
-
-    def calibrated(
-        self, model: PreTrainedModel, compute: Callable[[], dict[str, torch.Tensor]]
-    ) -> dict[str, torch.Tensor] | None:
-        """The calibration's tensors for `model`: None if this object holds it already, else loaded from its cache
-        file, or `compute()`d and saved there."""
-        key, cached = self.cache_file(model)
-        if key == self._model_key:
-            return None
-        if cached is not None and cached.is_file():
-            tensors = load_tensors(cached)
-            log.info("%s: calibration loaded from %s", self.name, cached)
-        else:
-            tensors = compute()
-            if cached is not None:
-                save_tensors(cached, tensors)
-                log.info("%s: calibration saved to %s", self.name, cached)
-        self._model_key = key
-        return tensors
-
-
 def query_directions(gram: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """Each query head's Q-Filter direction u+ [..., D] (fp32, unit): the first right singular vector of its query
     matrix Q (the top eigenvector of Q^T Q, `gram` [..., D, D]), signed so that the queries project on it positively
@@ -164,7 +63,7 @@ def group_filters(directions: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 @register
 @dataclass
-class QFilter(QueryCalibration, Method):
+class QFilter(TextCalibration, Method):
     """Q-Filters (Godey, Devoto, Zhao, Scardapane, Minervini, de la Clergerie, Sagot, arXiv 2503.02812; kvpress
     QFilterPress): keep the keys with the largest projection on the queries' main direction.
 
@@ -197,7 +96,7 @@ class QFilter(QueryCalibration, Method):
     window_size: int = 0
     calibration_file: str | None = None
     calibration_tokens: int = 2048
-    calibration_cache: str | None = "~/.cache/kvexp"
+    calibration_cache: str | None = DEFAULT_CACHE
     directions: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _model_key: str | None = field(default=None, init=False, repr=False, compare=False)
 

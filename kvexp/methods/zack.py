@@ -1,23 +1,14 @@
-import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, AutoTokenizer
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvexp.data import hub_token, read_corpus, required_data_file
 from kvexp.engine.cache import Storage
 from kvexp.methods.base import Method, register
+from kvexp.methods.calibration import DEFAULT_CACHE, TextCalibration, record_attention_inputs
 from kvexp.methods.storage import StorageMethod
-from kvexp.models import model_fingerprint, tiny_tokenizer
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_ATTENTION = "kvexp_calibration"
 
 
 @dataclass(frozen=True)
@@ -47,28 +38,6 @@ def energy_rank(singular: torch.Tensor, energy: float) -> torch.Tensor:
     return ((held < energy).sum(-1) + 1).clamp_max(dim)
 
 
-@torch.no_grad()
-@torch.no_grad()
-def record_attention_inputs(model, input_ids: torch.Tensor, record: Callable[..., None]) -> None:
-    """One forward over `input_ids` [1, T] (no cache) that hands each layer's attention inputs to `record(module,
-    query [B, H, T, D] post-RoPE, key, value)` and then attends as transformers' SDPA attention with its own masks
-    (causal, and a model's sliding windows): the calibration pass of ZACK and Q-Filters."""
-    attend = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        record(module, query, key, value)
-        return attend(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register(CALIBRATION_ATTENTION, capture)
-    AttentionMaskInterface.register(CALIBRATION_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(CALIBRATION_ATTENTION)
-    try:
-        model(input_ids.to(model.device), use_cache=False)
-    finally:
-        model.set_attn_implementation(previous)
-
-
 def calibrate(model, input_ids: torch.Tensor) -> Calibration:
     """One forward over `input_ids` [1, T] recording, per layer and KV head, the Gram matrices of the post-RoPE rows
     [the G group queries; the keys] and of the values, and their SVD bases (`basis_from_gram`). The queries of a
@@ -92,27 +61,6 @@ def calibrate(model, input_ids: torch.Tensor) -> Calibration:
     key_basis, key_singular = basis_from_gram(torch.stack([grams[i][0] for i in sorted(grams)]).cpu())
     value_basis, value_singular = basis_from_gram(torch.stack([grams[i][1] for i in sorted(grams)]).cpu())
     return Calibration(key_basis.float(), key_singular.float(), value_basis.float(), value_singular.float())
-
-
-def tokenizer_for(model):
-    """The model's tokenizer, found from the model alone (`prepare` gets no tokenizer): kvexp's byte-level one for
-    the tiny random models, the GGUF's for a directory holding one GGUF file (the embedded SmolLM2), else the hub
-    id / directory the model came from."""
-    source = model.config._name_or_path
-    if not source:
-        if model.config.vocab_size == len(tiny_tokenizer()):
-            return tiny_tokenizer()
-        raise ValueError("zack: cannot find the tokenizer of a model built from a config (no name_or_path)")
-    ggufs = sorted(Path(source).glob("*.gguf")) if Path(source).is_dir() else []
-    if len(ggufs) == 1:
-        return AutoTokenizer.from_pretrained(source, gguf_file=ggufs[0].name, local_files_only=True)
-    return AutoTokenizer.from_pretrained(source, token=hub_token())
-
-
-def calibration_text(path: Path, characters: int) -> str:
-    """The first `characters` characters of a corpus (JSONL `text` records or plain text), documents joined
-    by blank lines."""
-    return "\n\n".join(text for _, text in read_corpus(path))[:characters]
 
 
 class ZACKStorage(Storage):
@@ -146,7 +94,7 @@ class ZACKStorage(Storage):
 
 @register
 @dataclass
-class ZACK(StorageMethod, Method):
+class ZACK(TextCalibration, StorageMethod, Method):
     """ZACK (Zhang & Shen, arXiv 2408.04107): KV dimensionality compression with offline SVD bases.
 
     Calibration (once per model, cached in `calibration_cache`): one forward over the first `calibration_tokens`
@@ -169,63 +117,29 @@ class ZACK(StorageMethod, Method):
     """
 
     name = "zack"
+    calibration_dir = "zack"
     description = "low-rank K/V from offline SVD bases, r-dim coefficients stored (Zhang & Shen 2024)"
     energy: float = 0.99
     calibration_file: str = "gutenberg/books.jsonl"
     calibration_tokens: int = 2048
-    calibration_cache: str | None = "~/.cache/kvexp"
+    calibration_cache: str | None = DEFAULT_CACHE
     calibration: Calibration | None = field(default=None, init=False, repr=False, compare=False)
     _model_key: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def validate(self, budget: int | None) -> None:
         if not 0.0 < self.energy <= 1.0:
             raise ValueError(f"method.energy must be in (0, 1], got {self.energy}")
-        if self.calibration_tokens < 2:
-            raise ValueError(f"method.calibration_tokens must be >= 2, got {self.calibration_tokens}")
+        self.check_calibration()
         super().validate(budget)
-
-    def _calibration_path(self) -> Path:
-        return required_data_file(self.calibration_file, "method.calibration_file")
 
     def prepare(self, model) -> None:
         """Calibrate on the model (or load its cached calibration), once per model."""
-        path = self._calibration_path()
-        tag = hashlib.sha256(
-            f"{path.name}:{path.stat().st_size}:{self.calibration_tokens}".encode()
-        ).hexdigest()
-        key = f"{model_fingerprint(model)[:24]}-{tag[:12]}"
-        if key == self._model_key:
+        tensors = self.calibrated(model, lambda: vars(calibrate(model, self.calibration_ids(model))))
+        if tensors is None:
             return
-        cached = (
-            Path(self.calibration_cache).expanduser() / "zack" / f"{key}.pt"
-            if self.calibration_cache
-            else None
-        )
-        if cached is not None and cached.is_file():
-            self.calibration = Calibration(**torch.load(cached))
-            log.info("zack: calibration loaded from %s", cached)
-        else:
-            self.calibration = calibrate(model, self.calibration_ids(model))
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(vars(self.calibration), cached)
-        self._model_key = key
+        self.calibration = Calibration(**tensors)
         key_rank, value_rank = self.ranks()
         log.info("zack: key ranks per layer %s, value ranks %s", key_rank.tolist(), value_rank.tolist())
-
-    def calibration_ids(self, model) -> torch.Tensor:
-        """The tokens [1, T] the calibration runs on: the first `calibration_tokens` (at most the model's maximum
-        positions) of `calibration_file`."""
-        path = self._calibration_path()
-        tokenizer = tokenizer_for(model)
-        limit = getattr(model.config, "max_position_embeddings", None) or self.calibration_tokens
-        tokens = min(self.calibration_tokens, limit)
-        ids = tokenizer(calibration_text(path, 16 * tokens), return_tensors="pt").input_ids[:, :tokens]
-        if ids.shape[1] < tokens:
-            raise ValueError(
-                f"method.calibration_file {path} holds {ids.shape[1]} tokens, fewer than calibration_tokens={tokens}"
-            )
-        return ids
 
     def ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored width per layer [NL] for keys and values: the largest of the layer's head ranks."""
