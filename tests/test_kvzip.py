@@ -9,9 +9,9 @@ import torch
 from kvexp.engine import sliding_layers
 from kvexp.methods import build_method, make_cache
 from kvexp.methods.base import Probing
+from kvexp.methods.calibration import record_attention_inputs
 from kvexp.methods.hidden_state import recording_attention_inputs
 from kvexp.methods.kvzip import FIRST_PROMPT, NEXT_PROMPT, largest_remainder
-from kvexp.methods.calibration import record_attention_inputs
 from kvexp.tasks.generation import Decoding, GenerationSample, PromptEncoder, generate_answer, run_generation
 from tests.conftest import TINY_MODELS, load
 from tests.oracle import Visibility, max_logprob_error, oracle_logits
