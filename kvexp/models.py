@@ -20,7 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +253,23 @@ def cache_root() -> Path:
     if os.environ.get("KVEXP_CACHE_DIR"):
         return Path(os.environ["KVEXP_CACHE_DIR"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvexp"
+
+
+def save_torch(path: Path, obj: object) -> None:
+    """`torch.save(obj, path)` through a temporary file renamed into place (no torn file after a kill)."""
+    write_atomically(path, lambda partial: torch.save(obj, partial))
+
+
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """`write(partial)` a temporary file beside `path`, then rename it to `path`: a reader sees the old file or the
+    whole new one; the temporary file is removed if writing fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @functools.cache

@@ -13,8 +13,10 @@ from kvexp.models import (
     embedded_gguf_path,
     load_model,
     load_model_by_name,
+    save_torch,
     setup_hardware,
     tiny_tokenizer,
+    write_atomically,
 )
 from tests.conftest import TINY_MODELS
 
@@ -158,6 +160,23 @@ def test_gated_hub_models_get_hf_token_or_hf_api_key(tmp_path: Path, monkeypatch
         monkeypatch.setattr(cls, "from_pretrained", spy)
     load_model_by_name(str(tmp_path))
     assert tokens == ["key", "key"]
+
+
+def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "state.pt"
+    save_torch(path, {"step": 1, "w": torch.ones(2)})
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+    def torn(partial: str) -> None:
+        Path(partial).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt  # the run killed while writing
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, torn)
+    assert torch.load(path, weights_only=True)["step"] == 1  # the previous file, whole
+    assert [p.name for p in path.parent.iterdir()] == ["state.pt"]  # no temporary file left behind
+    save_torch(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 2}
 
 
 def test_bad_source_and_architecture() -> None:

@@ -366,6 +366,14 @@ def test_default_calibration_cache_is_kvexps_cache_folder(tmp_path, monkeypatch)
     method = _qfilter(calibration_cache="default")  # the yaml's default
     method.prepare(model)
     assert [p.parent for p in (tmp_path / "kvexp").rglob("*.pt")] == [tmp_path / "kvexp" / "qfilter"]
+    key, stored = method.cache_file(model)
+    monkeypatch.setattr(type(method), "calibration_version", 2)  # a newer calibration's code
+    newer_key, newer = method.cache_file(model)
+    assert (
+        newer_key != key and newer.parent == stored.parent and newer != stored
+    )  # the old file is not loaded
+    _qfilter(calibration_cache="default").prepare(model)
+    assert sorted((tmp_path / "kvexp" / "qfilter").iterdir()) == sorted([stored, newer])
     monkeypatch.delenv("KVEXP_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_folder("default", "zack") == tmp_path / "xdg" / "kvexp" / "zack"

@@ -232,6 +232,10 @@ def test_identified_heads_are_the_optimized_gates_selection_cached_per_model(mon
     with pytest.raises(AssertionError, match="ran again"):  # another setting: its own identification
         make_cache(model, other, budget=16)
     assert [p.name for p in (tmp_path / "duo_attention").iterdir()] == [stored.name]
+    monkeypatch.setattr(duo_module, "_GATES", {})
+    monkeypatch.setattr(duo_module.DuoAttention, "identification_version", 2)  # a newer identification's code
+    with pytest.raises(AssertionError, match="ran again"):  # does not load the gates an older kvexp stored
+        make_cache(model, build_method("duo_attention", sink_size=2, recent_size=8, **probe), budget=16)
     make_cache(model, build_method("duo_attention", sparsity=1.0, **probe), budget=16)  # no gates needed
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kvexp.models import check_safetensors
+from kvexp.models import check_safetensors, write_atomically
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -225,11 +225,13 @@ class Method:
 
 
 def save_method_parameters(method: Method, path: str | Path) -> None:
-    """Write a method's trainable parameters (safetensors, the method's name in the metadata)."""
+    """Write a method's trainable parameters (safetensors, the method's name in the metadata; atomically)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.trainable_parameters(None).items()}
-    save_file(tensors, str(path), metadata={"method": method.name})
+    write_atomically(
+        Path(path), lambda partial: save_file(tensors, partial, metadata={"method": method.name})
+    )
 
 
 def load_method_parameters(name: str, path: str | Path) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -17,7 +16,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvexp.data import HAYSTACK_BOOK, hub_token, read_corpus, required_data_file
-from kvexp.models import cache_root, model_fingerprint, tiny_tokenizer
+from kvexp.models import cache_root, model_fingerprint, save_torch, tiny_tokenizer, write_atomically
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -93,15 +92,14 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write `tensors` as `load_tensors` reads them back (safetensors or torch, by the suffix of `path`); through a
     temporary file renamed into place, so a run killed while writing leaves no torn file for the next to load."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
+        write_atomically(
+            path, lambda partial: save_file({k: v.contiguous() for k, v in tensors.items()}, partial)
+        )
     else:
-        torch.save(tensors, partial)
-    os.replace(partial, path)
+        save_torch(path, tensors)
 
 
 class TextCalibration:
@@ -112,6 +110,9 @@ class TextCalibration:
 
     calibration_dir: ClassVar[str] = ""  # the folder under calibration_cache
     calibration_suffix: ClassVar[str] = ".pt"  # the cache files' format (`save_tensors`)
+    # The calibration code's version, in the cache key: raise it with any change to what a calibration computes, so
+    # that a file an older kvexp wrote is computed again rather than loaded.
+    calibration_version: ClassVar[int] = 1
 
     def check_calibration(self, min_tokens: int = 2) -> None:
         """Validation of the calibration options (`validate`)."""
@@ -132,11 +133,12 @@ class TextCalibration:
         return ""
 
     def cache_file(self, model: PreTrainedModel) -> tuple[str, Path | None]:
-        """The calibration's key (model, calibration file, token count, `calibration_tag`) and the file it is cached
-        in (None: no cache)."""
+        """The calibration's key (model, calibration file, token count, `calibration_tag`, `calibration_version`) and
+        the file it is cached in (None: no cache)."""
         path = self._calibration_path()
         tag = hashlib.sha256(
-            f"{path.name}:{path.stat().st_size}:{self.calibration_tokens}{self.calibration_tag()}".encode()
+            f"v{self.calibration_version}:{path.name}:{path.stat().st_size}:{self.calibration_tokens}"
+            f"{self.calibration_tag()}".encode()
         ).hexdigest()
         key = f"{model_fingerprint(model)[:24]}-{tag[:12]}"
         if not self.calibration_cache:

@@ -6,7 +6,7 @@ import math
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -246,6 +246,9 @@ class DuoAttention(Method):
     reg_weight: float = 0.05
     probe_seed: int = 0
     gates_cache: str | None = DEFAULT_CACHE
+    # The identification code's version, in the gates' key: raise it with any change to what it computes, so that
+    # gates an older kvexp cached are identified again rather than loaded.
+    identification_version: ClassVar[int] = 1
     # What `prepare` learns from the model: [NL, Hkv] bool, the retrieval heads.
     _retrieval: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -314,6 +317,7 @@ class DuoAttention(Method):
         key = ":".join(
             str(v)
             for v in (
+                f"v{self.identification_version}",
                 model_fingerprint(model),
                 self.sink_size,
                 self.recent_size,

@@ -32,6 +32,7 @@ from torch import nn
 from kvexp.data import hub_reachable, hub_token
 from kvexp.engine.cache import KVCache
 from kvexp.methods.base import Method
+from kvexp.models import save_torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -126,9 +127,10 @@ def recording_attention_inputs(model: nn.Module) -> Iterator[dict[int, torch.Ten
 def save_checkpoint(
     path: Path, fmt: str, config: dict[str, Any], meta: dict[str, Any], module: nn.Module
 ) -> None:
-    """A checkpoint: {format, config (the module's shape), meta (how it was trained), state_dict}."""
+    """A checkpoint: {format, config (the module's shape), meta (how it was trained), state_dict}; written atomically
+    (a run killed while saving leaves the previous checkpoint, not a torn one)."""
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    torch.save({"format": fmt, "config": config, "meta": meta, "state_dict": state}, path)
+    save_torch(path, {"format": fmt, "config": config, "meta": meta, "state_dict": state})
 
 
 def read_checkpoint(

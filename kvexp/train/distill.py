@@ -39,7 +39,7 @@ from kvexp.budgets import resolve_budget
 from kvexp.methods import make_cache
 from kvexp.methods.base import METHODS, Method, load_method_parameters, save_method_parameters
 from kvexp.methods.storage import StorageMethod
-from kvexp.models import load_model
+from kvexp.models import load_model, save_torch, write_atomically
 from kvexp.tasks.base import method_from_config
 from kvexp.tasks.data import load_documents
 from kvexp.tracking import ACTIVE_LOGGER, atomic_write_csv, make_logger
@@ -351,7 +351,7 @@ class Distiller:
         elif self.trainable == "all":
             from safetensors.torch import save_model
 
-            save_model(self.model, str(directory / "model.safetensors"))
+            write_atomically(directory / "model.safetensors", lambda partial: save_model(self.model, partial))
         else:
             save_method_parameters(self.method, directory / "compressor.safetensors")
         state = {
@@ -361,8 +361,7 @@ class Distiller:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "trainable": self.trainable,
         }
-        torch.save(state, directory / f"{STATE_FILE}.tmp")
-        (directory / f"{STATE_FILE}.tmp").replace(directory / STATE_FILE)
+        save_torch(directory / STATE_FILE, state)
         if log_rows:
             atomic_write_csv(directory / LOG_FILE, log_rows)
         return found
