@@ -147,6 +147,10 @@ def test_a_lone_keep_ratio_replaces_the_default_token_budget():
         (["method=h2o", "method.recent_ratio=abc"], r"method.recent_ratio='abc' must be a number"),
         (["method=h2o", "method.recent_size=1.5"], r"method.recent_size=1.5 must be an integer or null"),
         (["method=random", "method.seed=abc"], r"method.seed='abc' must be an integer"),
+        (
+            ["method=dms", "method.threshold=-.inf"],
+            r"'-.inf' must be a number .*written inf / -inf on the command",
+        ),
         (["method=knorm", "method.keep_ratio=2.0"], "method.keep_ratio"),
         (["dataset=text_file"], "dataset.path"),
         (["dataset=text_file", "dataset.path=/no/such/file.txt"], "dataset.path"),

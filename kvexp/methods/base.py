@@ -386,6 +386,9 @@ def _check_types(name: str, cls: type, params: dict[str, Any]) -> None:
             expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[
                 kind
             ]
+            hint = ""
+            if kind == "float" and isinstance(value, str) and value.lower().lstrip("+-") == ".inf":
+                hint = "; YAML's .inf is written inf / -inf on the command line"
             raise ValueError(
-                f"method.{key}={value!r} must be {expected}{' or null' if optional else ''} (method {name!r})"
+                f"method.{key}={value!r} must be {expected}{' or null' if optional else ''} (method {name!r}){hint}"
             )
