@@ -261,15 +261,23 @@ def save_torch(path: Path, obj: object) -> None:
 
 
 def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """`write(partial)` a temporary file beside `path`, then rename it to `path`: a reader sees the old file or the
-    whole new one; the temporary file is removed if writing fails."""
+    """`write(partial)` a temporary file beside `path`, fsync it, then rename it to `path` (an atomic rename on one
+    file system): a reader sees the old file or the whole new one, even after a crash; the temporary file is
+    removed if writing fails. An existing file keeps its permissions; a new one gets 0o644 (mkstemp's 0o600
+    would hide results from co-workers)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        write(str(partial))
+        write(partial)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(partial, mode)
         os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        Path(partial).unlink(missing_ok=True)
 
 
 @functools.cache
