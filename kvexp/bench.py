@@ -49,12 +49,13 @@ from transformers import DynamicCache
 
 from kvexp.engine import use_kvexp_attention
 from kvexp.export import build_samples
+from kvexp.files import atomic_write_text
 from kvexp.methods import build_method, make_cache
 from kvexp.models import load_model_by_name, peak_memory
 from kvexp.tasks.data import load_documents
 from kvexp.tasks.generation import batch_key, run_generation
 from kvexp.tasks.perplexity import score_document
-from kvexp.tracking import atomic_write_json, atomic_write_text
+from kvexp.tracking import atomic_write_json
 
 P1_METHODS = ("streaming_llm", "knorm", "snapkv", "h2o", "tova")
 PREFILL_SCORERS = ("knorm", "snapkv", "pyramidkv", "expected_attention")

@@ -35,8 +35,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from kvexp.bench import prefill, sync_device, target_verdict
 from kvexp.engine import use_kvexp_attention
+from kvexp.files import atomic_write_text
 from kvexp.methods import make_cache
-from kvexp.tracking import atomic_write_json, atomic_write_text
+from kvexp.tracking import atomic_write_json
 
 # The published configs' shapes (what decode time depends on); rope scaling as released.
 SHAPES: dict[str, dict[str, Any]] = {

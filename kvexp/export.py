@@ -24,10 +24,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from kvexp.config import normalize_overrides, validate
+from kvexp.files import atomic_write_text
 from kvexp.models import REPO, load_tokenizer
 from kvexp.tasks.generation import GenerationSample, PromptEncoder
 from kvexp.tasks.registry import DATASETS, use_chat_template
-from kvexp.tracking import atomic_write_text
 
 
 def build_samples(

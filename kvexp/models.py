@@ -20,7 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from kvexp.data import hub_reachable, hub_token
+from kvexp.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -258,26 +259,6 @@ def cache_root() -> Path:
 def save_torch(path: Path, obj: object) -> None:
     """`torch.save(obj, path)` through a temporary file renamed into place (no torn file after a kill)."""
     write_atomically(path, lambda partial: torch.save(obj, partial))
-
-
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """`write(partial)` a temporary file beside `path`, fsync it, then rename it to `path` (an atomic rename on one
-    file system): a reader sees the old file or the whole new one, even after a crash; the temporary file is
-    removed if writing fails. An existing file keeps its permissions; a new one gets 0o644 (mkstemp's 0o600
-    would hide results from co-workers)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(partial)
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(partial, mode)
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
 
 
 @functools.cache

@@ -37,8 +37,9 @@ from typing import Any
 
 import yaml
 
+from kvexp.files import atomic_write_text
 from kvexp.tasks.metrics import lower_is_better
-from kvexp.tracking import atomic_write_csv, atomic_write_text
+from kvexp.tracking import atomic_write_csv
 
 log = logging.getLogger(__name__)
 

@@ -1,20 +1,18 @@
 """Run-directory files and Weights & Biases logging (the job's W&B run: `start_wandb`).
 
-Results files are written atomically (temp file + ``os.replace``) because sweeps are killed and preempted:
+Results files are written atomically (`kvexp.files`: temp file + ``os.replace``) because sweeps are killed and preempted:
 a reader — a resumed sweep, an aggregation notebook — must see either the old file or the new one, never
 half a JSON. W&B is optional and imported only when a W&B logger is made.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from kvexp.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +39,6 @@ def log_progress(values: Mapping[str, float]) -> None:
     logger = ACTIVE_LOGGER.get()
     if logger is not None:
         logger.log_progress(values)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (utf-8) to ``path`` so that it holds either its old content or all of ``text``.
-
-    The temp file lives in the same directory, so ``os.replace`` is an atomic rename on the same file
-    system; it is fsynced first so a crash right after the rename cannot leave an empty file. An existing
-    file keeps its permissions; a new one gets 0o644 (mkstemp's 0o600 would hide results from co-workers).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
 
 
 def _jsonable(obj: Any) -> Any:

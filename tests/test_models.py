@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from kvexp.files import write_atomically
 from kvexp.models import (
     MODEL_SOURCES,
     embedded_gguf_path,
@@ -16,7 +17,6 @@ from kvexp.models import (
     save_torch,
     setup_hardware,
     tiny_tokenizer,
-    write_atomically,
 )
 from tests.conftest import TINY_MODELS
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvexp.files import atomic_write_text
 from kvexp.tracking import (
     WandbLogger,
     atomic_write_csv,
     atomic_write_json,
-    atomic_write_text,
     flatten,
     has_wandb_api_key,
     make_logger,

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kvexp.models import check_safetensors, write_atomically
+from kvexp.files import write_atomically
+from kvexp.models import check_safetensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -16,7 +16,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvexp.data import HAYSTACK_BOOK, hub_token, read_corpus, required_data_file
-from kvexp.models import cache_root, model_fingerprint, save_torch, tiny_tokenizer, write_atomically
+from kvexp.files import write_atomically
+from kvexp.models import cache_root, model_fingerprint, save_torch, tiny_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

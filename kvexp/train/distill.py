@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from kvexp.budgets import resolve_budget
+from kvexp.files import write_atomically
 from kvexp.methods import make_cache
 from kvexp.methods.base import METHODS, Method, load_method_parameters, save_method_parameters
 from kvexp.methods.storage import StorageMethod
-from kvexp.models import load_model, save_torch, write_atomically
+from kvexp.models import load_model, save_torch
 from kvexp.tasks.base import method_from_config
 from kvexp.tasks.data import load_documents
 from kvexp.tracking import ACTIVE_LOGGER, atomic_write_csv, make_logger
