@@ -38,6 +38,7 @@ from kvexp.methods.lukv import (
     marginal_gains,
     oracle_importance,
     pava_nonincreasing,
+    profile_contexts,
     profile_curve,
 )
 from kvexp.tasks.base import method_from_config
@@ -562,7 +563,7 @@ def test_oracle_importance_is_the_largest_output_contribution_over_the_decoded_t
 def test_profiled_curves_spend_each_global_ratio_and_are_cached(monkeypatch):
     model, _ = load("tiny_gemma3")  # local layers 0 and 2: never compressed, the global ratio as filler
     method = build_method(
-        "lukv", scorer="snapkv", scorer_params=SNAP, probe_length=40, probe_horizon=4, probe_samples=2
+        "lukv", scorer="snapkv", scorer_params=SNAP, calibration_tokens=80, probe_length=40, probe_horizon=4
     )
     make_cache(model, method, budget=12)
     curve = method._curve
@@ -573,10 +574,22 @@ def test_profiled_curves_spend_each_global_ratio_and_are_cached(monkeypatch):
     assert bool(((curve >= 0) & (curve <= 1)).all())
     monkeypatch.setattr(lukv_module, "profile_curve", lambda *a, **k: pytest.fail("profiled again"))
     again = build_method(
-        "lukv", scorer="snapkv", scorer_params=SNAP, probe_length=40, probe_horizon=4, probe_samples=2
+        "lukv", scorer="snapkv", scorer_params=SNAP, calibration_tokens=80, probe_length=40, probe_horizon=4
     )
     make_cache(model, again, budget=20)
     assert torch.equal(again._curve, curve)
+
+
+def test_profiling_contexts_are_consecutive_windows_of_the_text():
+    ids = torch.arange(10)[None]
+    assert [c.tolist() for c in profile_contexts(ids, 4)] == [
+        [[0, 1, 2, 3]],
+        [[4, 5, 6, 7]],
+    ]  # tail 8, 9 dropped
+    with pytest.raises(
+        ValueError, match=r"method.probe_length \(11\) is longer than the profiling text's 10"
+    ):
+        profile_contexts(ids, 11)
 
 
 # -- lukv: online budgets ------------------------------------------------------------------------------------
@@ -752,7 +765,8 @@ def test_lukv_curve_files_are_checked(tmp_path):
         ("lukv", {"sink_tokens": 60, "window": 4}, 64, r"method.sink_tokens \+ method.window \(64\)"),
         ("lukv", {"head_cap": 0.5}, 64, "method.head_cap must be >= 1"),
         ("lukv", {"curve": "/nonexistent/curve.npy"}, 64, "method.curve='/nonexistent/curve.npy' must be an"),
-        ("lukv", {"probe_samples": 0}, 64, "method.probe_samples must be >= 1"),
+        ("lukv", {"probe_horizon": 0}, 64, "method.probe_horizon must be >= 1"),
+        ("lukv", {"calibration_tokens": 100}, 64, r"method.calibration_tokens must be >= 512"),
         ("lukv", {"probe_length": 5}, 64, r"method.probe_length \(5\) must exceed"),
         ("lukv", {"scorer": "snapkv", "scorer_params": {}, "probe_length": 20}, 64, r"\(20\) does not suit"),
         (

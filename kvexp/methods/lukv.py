@@ -3,7 +3,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -12,9 +12,9 @@ from kvexp.engine import Reallocation, Selection
 from kvexp.engine import make_cache as engine_make_cache
 from kvexp.engine.cache import ranking_keys
 from kvexp.methods.base import Method, check_window, register
+from kvexp.methods.calibration import DEFAULT_CACHE, TextCalibration
 from kvexp.methods.criticalkv import output_projections
 from kvexp.methods.scorer_wrapper import ScorerWrapper
-from kvexp.models import model_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     from kvexp.engine.cache import CompressedLayer
 
 GRID = 99  # global compression ratios 1%, 2%, ..., 99%: the rows of a budget curve [99, NL, Hkv]
-# Budget curves per model fingerprint and profiling setting: [GRID, NL, Hkv] local prune ratios (CPU, fp64).
-_CURVES: dict[str, torch.Tensor] = {}
 
 
 def grid_index(sigma: float) -> int:
@@ -179,18 +177,15 @@ def metric_scores(
     return out
 
 
-def profile_contexts(model: PreTrainedModel, length: int, samples: int, seed: int) -> list[torch.Tensor]:
-    """The profiling contexts: `samples` sequences [1, length] of [BOS] + random token ids, seeded."""
-    config = model.config
-    vocab = model.get_input_embeddings().num_embeddings
-    lead = torch.tensor([config.bos_token_id] if config.bos_token_id is not None else [], dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    return [
-        torch.cat([lead, torch.randint(0, vocab, (length - lead.numel(),), generator=g)])[None].to(
-            model.device
+def profile_contexts(ids: torch.Tensor, length: int) -> list[torch.Tensor]:
+    """The profiling contexts: the text's tokens `ids` [1, T] cut into consecutive windows [1, length] (a shorter
+    tail is dropped)."""
+    if ids.shape[1] < length:
+        raise ValueError(
+            f"method.probe_length ({length}) is longer than the profiling text's {ids.shape[1]} tokens (its first "
+            "calibration_tokens, at most the model's maximum positions)"
         )
-        for _ in range(samples)
-    ]
+    return [ids[:, start : start + length] for start in range(0, ids.shape[1] - length + 1, length)]
 
 
 def profile_curve(
@@ -243,7 +238,7 @@ def load_curve(path: str | Path) -> torch.Tensor:
 
 @register
 @dataclass
-class LUKV(ScorerWrapper):
+class LUKV(TextCalibration, ScorerWrapper):
     """LU-KV (Tang, Jiao, Chen, Liu, Li, Chen, ICML 2026, arXiv 2602.08585: "Predicting Future Utility: Global
     Combinatorial Optimization for Task-Agnostic KV Cache Eviction"): layer and head budgets around any scorer, from
     each head's long-horizon marginal utility.
@@ -271,15 +266,20 @@ class LUKV(ScorerWrapper):
     tokens do not return). The scorer's own layer allocation (pyramidkv's pyramid) is not used, scorers that
     allocate across layers are refused (LU-KV allocates), and a scorer that reads the layer's budget (criticalkv's
     two stages) reads that per-step budget.
-    Deviations: kvexp has no text at run time, so `probe_samples` seeded random-token contexts of `probe_length`
-    tokens, each followed by `probe_horizon` greedily decoded tokens as the future, stand for the paper's ~4k-token
-    profiling text and its 30 decoded queries; the budgets apply at every compression (streaming, decoding), not
-    once after the prefill (`engine.when=prefill` for that). kvpress (which needs a curve file per model and scorer)
+    Profiling text: the first `calibration_tokens` tokens of `calibration_file` (None: the embedded public-domain
+    novel, as ZACK's and Q-Filters' calibrations; the paper profiles on a ~4k-token text), cut into consecutive
+    contexts of `probe_length` tokens, each followed by `probe_horizon` greedily decoded tokens as its future (the
+    paper: 30 decoded queries); the curve is cached per model and setting in `calibration_cache`.
+    Deviations: the contexts are `probe_length` windows of the text, not the whole text in one pass (eager attention
+    weights over 4k tokens do not fit a small machine's memory); the budgets apply at every compression (streaming,
+    decoding), not once after the prefill (`engine.when=prefill` for that). kvpress (which needs a curve file per model and scorer)
     rounds each layer's keep total on its own and keeps at least one token per head; here the whole cache's total
     is exact.
     """
 
     name = "lukv"
+    calibration_dir = "lukv"
+    calibration_version: ClassVar[int] = 1
     description = (
         "layer and head budgets from offline long-horizon utility curves around a scorer (Tang et al. 2026)"
     )
@@ -289,12 +289,14 @@ class LUKV(ScorerWrapper):
     window: int = 1
     head_cap: float | None = None
     curve: str | None = None
+    calibration_file: str | None = None
+    calibration_tokens: int = 4096
+    calibration_cache: str | None = DEFAULT_CACHE
     probe_length: int = 512
     probe_horizon: int = 32
-    probe_samples: int = 4
-    probe_seed: int = 0
     # What `prepare` learns from the model: the budget curve [GRID, NL, Hkv] of local prune ratios.
     _curve: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _model_key: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -327,9 +329,8 @@ class LUKV(ScorerWrapper):
             if not path.is_file() or path.suffix != ".npy":
                 raise ValueError(f"method.curve={self.curve!r} must be an existing .npy file")
         else:
-            for option in ("probe_horizon", "probe_samples"):
-                if getattr(self, option) < 1:
-                    raise ValueError(f"method.{option} must be >= 1, got {getattr(self, option)}")
+            if self.probe_horizon < 1:
+                raise ValueError(f"method.probe_horizon must be >= 1, got {self.probe_horizon}")
             if self.probe_length <= self.sink_tokens + self.window + 1:
                 raise ValueError(
                     f"method.probe_length ({self.probe_length}) must exceed sink_tokens + window + 1 "
@@ -341,6 +342,7 @@ class LUKV(ScorerWrapper):
                 raise ValueError(
                     f"method.probe_length ({self.probe_length}) does not suit the scorer: {err}"
                 ) from err
+            self.check_calibration(min_tokens=self.probe_length)  # at least one context
         super().validate(budget)
 
     def check_model(self, num_layers: int, kv_heads: int) -> None:
@@ -361,25 +363,24 @@ class LUKV(ScorerWrapper):
             self.check_model(config.num_hidden_layers, kv_heads)
             self._curve = load_curve(self.curve)
             return
-        key = ":".join(
-            str(v)
-            for v in (
-                model_fingerprint(model),
-                repr(self._scorer),
-                self.sink_tokens,
-                self.window,
-                self.probe_length,
-                self.probe_horizon,
-                self.probe_samples,
-                self.probe_seed,
-            )
+        tensors = self.calibrated(
+            model,
+            lambda: {
+                "curve": profile_curve(
+                    model,
+                    self._scorer,
+                    self.sink_tokens,
+                    self.window,
+                    profile_contexts(self.calibration_ids(model), self.probe_length),
+                    self.probe_horizon,
+                )
+            },
         )
-        if key not in _CURVES:
-            contexts = profile_contexts(model, self.probe_length, self.probe_samples, self.probe_seed)
-            _CURVES[key] = profile_curve(
-                model, self._scorer, self.sink_tokens, self.window, contexts, self.probe_horizon
-            )
-        self._curve = _CURVES[key]
+        if tensors is not None:
+            self._curve = tensors["curve"]
+
+    def calibration_tag(self) -> str:
+        return f":{self._scorer!r}:{self.sink_tokens}:{self.window}:{self.probe_length}:{self.probe_horizon}"
 
     def layer_budgets(self, budgets: list[int | None]) -> list[int | None]:
         # The scorer's skipped layers stay uncompressed; its layer allocation (a pyramid) is not used.
