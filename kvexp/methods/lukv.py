@@ -3,7 +3,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -272,14 +272,13 @@ class LUKV(TextCalibration, ScorerWrapper):
     paper: 30 decoded queries); the curve is cached per model and setting in `calibration_cache`.
     Deviations: the contexts are `probe_length` windows of the text, not the whole text in one pass (eager attention
     weights over 4k tokens do not fit a small machine's memory); the budgets apply at every compression (streaming,
-    decoding), not once after the prefill (`engine.when=prefill` for that). kvpress (which needs a curve file per model and scorer)
-    rounds each layer's keep total on its own and keeps at least one token per head; here the whole cache's total
-    is exact.
+    decoding), not once after the prefill (`engine.when=prefill` for that). kvpress (which needs a curve file per
+    model and scorer) rounds each layer's keep total on its own and keeps at least one token per head; here the
+    whole cache's total is exact.
     """
 
     name = "lukv"
     calibration_dir = "lukv"
-    calibration_version: ClassVar[int] = 1
     description = (
         "layer and head budgets from offline long-horizon utility curves around a scorer (Tang et al. 2026)"
     )
@@ -371,7 +370,7 @@ class LUKV(TextCalibration, ScorerWrapper):
                     self._scorer,
                     self.sink_tokens,
                     self.window,
-                    profile_contexts(self.calibration_ids(model), self.probe_length),
+                    profile_contexts(self.calibration_ids(model).to(model.device), self.probe_length),
                     self.probe_horizon,
                 )
             },
