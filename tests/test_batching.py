@@ -21,7 +21,7 @@ from tests.test_config import _compose
 from tests.test_engine import SMALL_PARAMS
 
 # At their defaults; d2o with its layer allocation (the test below runs it without).
-UNBATCHED = {"random", "expected_attention", "dynamickv", "cam", "adaptive_l2", "kivi", "zack", "think"}
+UNBATCHED = {"random", "dynamickv", "cam", "adaptive_l2", "kivi", "zack", "think"}
 UNBATCHED |= {"compression_ratio_decoding"}  # its decoding target follows the longest row's length
 UNBATCHED |= {"kvzip", "finch"}  # each prompt's probes (and KVzip's allocation) are its own
 UNBATCHED |= {"restorekv"}  # KVzip's probes, then its restore pass, per prompt
@@ -58,13 +58,18 @@ def _same(alone, together):
             assert a.kv[key] == b.kv[key], (a.id, key)
 
 
-@pytest.mark.parametrize("name", BATCHED)
+# LU-KV around its default scorer (Expected Attention: each row's own query moments) as well as the test's SnapKV.
+ANSWERING = [pytest.param(n, PARAMS.get(n, {}), id=n) for n in BATCHED]
+ANSWERING += [pytest.param("lukv", {"head_cap": 1.0}, id="lukv-expected_attention")]
+
+
+@pytest.mark.parametrize(("name", "params"), ANSWERING)
 @torch.no_grad()
-def test_every_batching_method_answers_each_row_as_alone(name):
+def test_every_batching_method_answers_each_row_as_alone(name, params):
     """Contexts of 15-45 words left-padded into one batch, compressed at prefill and while decoding (query-agnostic,
     one question length): the same tokens, kept counts per head and compression ratio as one sample at a time."""
     model, tok = load("tiny_llama")
-    method = build_method(name, **PARAMS.get(name, {}))
+    method = build_method(name, **params)
     assert method.batches
     samples = _samples()
     prompts = [PromptEncoder(tok).encode(s) for s in samples]
@@ -560,11 +565,11 @@ def test_a_batched_run_writes_the_answers_of_a_one_at_a_time_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["snapkv", "adakv", "kvmerger", "h2o"])
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "kvmerger", "h2o", "expected_attention"])
 @torch.no_grad()
 def test_smollm2_batch_of_four_answers_as_one_at_a_time(smollm2, name):
     """The embedded SmolLM2 on the QA stand-in's real prompts (chat template, keep_ratio budgets, query-agnostic):
-    a per-head method (AdaKV) and a merging one (KVMerger) included."""
+    a per-head method (AdaKV), a merging one (KVMerger) and one with per-row query moments (Expected Attention)."""
     from kvexp.tasks.qa import qa_jsonl_samples
 
     model, tok = smollm2

@@ -125,7 +125,7 @@ def test_the_statistics_of_the_context_give_expected_attentions_scores(tmp_path)
     cache = _run(model, ids, make_cache(model, "expected_attention", budget=ids.shape[1] + 1))
     moments = [layer.scratch(layer.method) for layer in cache.layers]
     mean = torch.stack([m["mean"][0] for m in moments])
-    cov = torch.stack([(m["m2"] / m["count"])[0] for m in moments])
+    cov = torch.stack([m["m2"][0] / m["count"][0] for m in moments])
     method = build_method("expected_attention_stats", stats_file=_stats_file(tmp_path, mean, cov))
     method.prepare(model)
     for layer in cache.layers:

@@ -12,8 +12,10 @@ import torch
 
 from kvexp.engine.cache import Rotary
 from kvexp.methods import make_cache
+from kvexp.methods.expected_attention import add_query_moments
 from kvexp.methods.scoring import prerope_queries
 from tests.conftest import load
+from tests.test_batching import _left_padded
 
 T, BUDGET = 24, 10
 
@@ -253,17 +255,47 @@ def test_prerope_queries_undo_the_models_rope(model_name):
 
 
 def test_expected_attention_keeps_its_statistics_per_batch_row():
+    """A 30-token row and an 18-token row left-padded into one batch (nothing evicted): each row's scores of its own
+    entries are the ones it gets alone (its moments skip its padding and its own sinks, not the first row's)."""
     model, _ = load("tiny_llama")
-    rows = torch.cat([_ids(model), _ids(model).flip(1)])  # two different sequences in one batch
-    caches = [make_cache(model, "expected_attention", budget=BUDGET) for _ in range(3)]
+    long = _ids(model, 30)
+    short = _ids(model, 18, seed=5)
+    alone = []
     with torch.no_grad():
-        together = _run(model, rows, caches[0])
-        alone = [_run(model, rows[i : i + 1], caches[1 + i]) for i in range(2)]
+        for ids in (long, short):
+            cache = make_cache(model, "expected_attention", budget=64)
+            model(ids, past_key_values=cache)
+            alone.append(cache)
+        together = make_cache(model, "expected_attention", budget=64)
+        _left_padded(model, together, [long, short])
     for layer, *single in zip(together.layers, *(c.layers for c in alone), strict=True):
         scores = layer.method.score(layer)
-        for row, other in enumerate(single):
-            assert torch.equal(layer.positions[row], other.positions[0])
-            torch.testing.assert_close(scores[row], other.method.score(other)[0], rtol=1e-4, atol=1e-6)
+        for row, (other, n) in enumerate(zip(single, (30, 18), strict=True)):
+            assert torch.equal(layer.positions[row, :, 30 - n :], other.positions[0])
+            torch.testing.assert_close(
+                scores[row, :, 30 - n :], other.method.score(other)[0], rtol=1e-4, atol=1e-6
+            )
+
+
+def test_query_moments_are_each_rows_mean_and_covariance_of_its_counted_queries():
+    """Chan's update over three steps with rows counting different queries (padding, sinks, a step with none for
+    one row) gives each row torch's mean and biased covariance of exactly its counted queries."""
+    torch.manual_seed(0)
+    queries = torch.randn(2, 3, 10, 4) * 3 + 5  # [B, H, n, D], far from zero mean: cancellation would show
+    counted = torch.ones(2, 10, dtype=torch.bool)
+    counted[0, :3] = False  # row 0: padding / sinks first
+    counted[1, 4:7] = False  # row 1: nothing counted in the middle step
+    stats: dict = {}
+    for step in (slice(0, 4), slice(4, 7), slice(7, 10)):
+        add_query_moments(stats, queries[:, :, step], counted[:, step], covariance=True)
+    for row in range(2):
+        seen = queries[row][:, counted[row]]  # [H, m, D]
+        centred = seen - seen.mean(dim=1, keepdim=True)
+        assert stats["count"][row] == counted[row].sum()
+        torch.testing.assert_close(stats["mean"][row], seen.mean(dim=1))
+        torch.testing.assert_close(
+            stats["m2"][row] / stats["count"][row], centred.transpose(-1, -2) @ centred / seen.shape[1]
+        )
 
 
 # -- validation ----------------------------------------------------------------------------------------------------

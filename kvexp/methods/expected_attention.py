@@ -13,21 +13,25 @@ if TYPE_CHECKING:
     from kvexp.engine.cache import CompressedLayer
 
 
-def add_query_moments(stats: dict, queries: torch.Tensor, covariance: bool) -> None:
-    """Merge queries [B, H, n, D] (fp32) into the running per-row moments in `stats` (`count`, `mean` [B, H, D],
-    `m2` [B, H, D, D]: the sum of (q - mean)(q - mean)^T, with the covariance term) by Chan et al.'s parallel
-    update: a centred sum of squares stays accurate in fp32 where E[qq^T] - mu mu^T would cancel."""
-    n, count = queries.shape[2], stats.get("count", 0)
+def add_query_moments(stats: dict, queries: torch.Tensor, counted: torch.Tensor, covariance: bool) -> None:
+    """Merge the `counted` [B, n] queries of [B, H, n, D] (fp32) into the running per-row moments in `stats`
+    (`count` [B], `mean` [B, H, D], `m2` [B, H, D, D]: the sum of (q - mean)(q - mean)^T, with the covariance term)
+    by Chan et al.'s parallel update, row by row: a centred sum of squares stays accurate in fp32 where
+    E[qq^T] - mu mu^T would cancel. A row with nothing counted keeps its moments."""
+    weight = counted.to(queries.dtype)  # [B, n]
+    n = weight.sum(dim=1)  # [B]
+    count = stats.get("count", torch.zeros_like(n))
     total = count + n
-    batch_mean = queries.mean(dim=2)
+    batch_mean = torch.einsum("bhnd,bn->bhd", queries, weight) / n.clamp_min(1.0)[:, None, None]
     mean = stats.get("mean", torch.zeros_like(batch_mean))
     delta = batch_mean - mean
-    stats["mean"] = mean + delta * (n / total)
+    share = n / total.clamp_min(1.0)  # [B]: 0 for a row with nothing counted
+    stats["mean"] = mean + delta * share[:, None, None]
     if covariance:
-        centred = queries - batch_mean[:, :, None]
+        centred = (queries - batch_mean[:, :, None]) * weight[:, None, :, None]
         outer = delta[..., :, None] * delta[..., None, :]
         m2 = stats.get("m2", torch.zeros_like(outer))
-        stats["m2"] = m2 + centred.transpose(-1, -2) @ centred + outer * (count * n / total)
+        stats["m2"] = m2 + centred.transpose(-1, -2) @ centred + outer * (count * share)[:, None, None, None]
     stats["count"] = total
 
 
@@ -127,18 +131,17 @@ class ExpectedAttention(Method):
     model has one, as kvpress's `get_prerope_query_states`). Deviations: the statistics are running sums over
     every step (prefill, chunks, decode), so the method runs at any step, not once per prefill (kvpress's
     DecodingPress recomputes them from buffered hidden states); the softmax also excludes dead slots. The
-    statistics are per batch row, in the layer's scratch space (`row_scratch`: they follow beam reorders).
+    statistics are per batch row (each row counts only its own non-sink, non-padding queries), in the layer's scratch
+    space (`row_scratch`: they follow beam reorders), so a left-padded batch scores each row as alone.
     """
 
     name = "expected_attention"
-    # Each step's query moments skip sink and padding positions as row 0 has them: rows of unequal length would not
-    # score as alone (the future rotation is each row's own). expected_attention_stats batches.
-    batches = False
+    row_budgets = True  # its scores never read the budget
     description = (
         "expected attention of future queries modelled as a Gaussian, times value norms (Devoto et al. 2025)"
     )
     observes = True
-    row_scratch = ("mean", "m2")  # each row's query moments [B, H, D], [B, H, D, D]
+    row_scratch = ("count", "mean", "m2")  # each row's query moments: [B], [B, H, D], [B, H, D, D]
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True
@@ -151,13 +154,16 @@ class ExpectedAttention(Method):
     def observe(self, layer, query: torch.Tensor) -> None:
         query, positions = step_queries(layer, query)
         queries = prerope_queries(query, positions, layer.options.rotary)  # [B, H, q, D]
-        counted = positions[0] >= self.n_sink  # sink positions and padding (-1) left out (rows go in step)
+        counted = positions >= self.n_sink  # [B, q]: sink positions and padding (-1) left out, row by row
         if counted.any():
-            add_query_moments(layer.scratch(self), queries[:, :, counted], self.use_covariance)
+            add_query_moments(layer.scratch(self), queries, counted, self.use_covariance)
 
     def score(self, layer) -> torch.Tensor:
         stats = layer.scratch(self)
-        cov = stats["m2"] / stats["count"] if self.use_covariance else None  # biased, as the reference
+        count = stats["count"].clamp_min(1.0)[
+            :, None, None, None
+        ]  # a row with no query counted yet: 0 moments
+        cov = stats["m2"] / count if self.use_covariance else None  # biased, as the reference
         return expected_attention_scores(
             layer,
             stats["mean"],
