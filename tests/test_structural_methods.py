@@ -23,6 +23,7 @@ from kvexp.methods import build_method, make_cache
 from kvexp.methods import duo_attention as duo_module
 from kvexp.methods import lukv as lukv_module
 from kvexp.methods import simlayerkv as simlayerkv_module
+from kvexp.methods.calibration import calibration_path, text_ids
 from kvexp.methods.duo_attention import (
     PROBE_ATTENTION,
     load_head_patterns,
@@ -88,15 +89,24 @@ def _eager(model, ids, **kwargs):
 
 
 def test_passkey_probe_plants_the_passkeys_at_spread_depths_and_repeats_them_as_the_answer():
-    ids, answer = passkey_probe(vocab=50, bos=1, length=40, passkeys=3, passkey_length=4, seed=7)
+    haystack = torch.arange(100, 140)  # 40 tokens of "text"
+    ids, answer = passkey_probe(haystack, vocab=50, bos=1, passkeys=3, passkey_length=4, seed=7)
     assert ids.shape == (1, 1 + 40 + 12) and answer == 41 and ids[0, 0] == 1
     keys = ids[0, answer:].view(3, 4)
-    for p, start in enumerate([6, 18, 30]):  # int((p + 0.5) * (40 - 4) / 3)
+    starts = [6, 18, 30]  # int((p + 0.5) * (40 - 4) / 3)
+    for p, start in enumerate(starts):
         assert torch.equal(ids[0, 1 + start : 1 + start + 4], keys[p])
-    again, _ = passkey_probe(vocab=50, bos=1, length=40, passkeys=3, passkey_length=4, seed=7)
-    other, _ = passkey_probe(vocab=50, bos=1, length=40, passkeys=3, passkey_length=4, seed=8)
+    text = torch.ones(40, dtype=torch.bool)
+    for start in starts:
+        text[start : start + 4] = False
+    assert torch.equal(ids[0, 1:41][text], haystack[text])  # the rest is the haystack's own tokens, in order
+    assert torch.equal(haystack, torch.arange(100, 140))  # not written over in place
+    again, _ = passkey_probe(haystack, vocab=50, bos=1, passkeys=3, passkey_length=4, seed=7)
+    other, _ = passkey_probe(haystack, vocab=50, bos=1, passkeys=3, passkey_length=4, seed=8)
     assert torch.equal(ids, again) and not torch.equal(ids, other)
-    assert passkey_probe(50, None, 40, 3, 4, 7)[1] == 40  # no BOS
+    assert passkey_probe(haystack, 50, None, 3, 4, 7)[1] == 40  # no BOS
+    led = torch.cat([torch.tensor([1]), haystack[1:]])  # a text the tokenizer began with BOS: no second one
+    assert passkey_probe(led, 50, 1, 3, 4, 7)[0][0, :2].tolist() == [1, 101]
 
 
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
@@ -145,7 +155,9 @@ def test_gate_optimization_with_only_the_regulariser_follows_adam_and_the_schedu
     model, _ = load("tiny_llama")
     params = [p.requires_grad for p in model.parameters()]
     previous = model.config._attn_implementation
-    ids, answer = passkey_probe(model.config.vocab_size, model.config.bos_token_id, 32, 2, 4, 0)
+    ids, answer = passkey_probe(
+        _ids(model, 32)[0], model.config.vocab_size, model.config.bos_token_id, 2, 4, 0
+    )
     gates = optimize_gates(model, ids, answer, sink=2, recent=10**6, steps=10, lr=0.02, reg_weight=0.05)
     assert torch.allclose(gates, torch.full((2, 2), 1 - 0.02 * 9), atol=1e-5)
     assert model.config._attn_implementation == previous
@@ -154,7 +166,9 @@ def test_gate_optimization_with_only_the_regulariser_follows_adam_and_the_schedu
 
 def test_gate_optimization_is_deterministic_and_without_the_regulariser_keeps_full_attention():
     model, _ = load("tiny_llama")
-    ids, answer = passkey_probe(model.config.vocab_size, model.config.bos_token_id, 64, 2, 8, 0)
+    ids, answer = passkey_probe(
+        _ids(model, 64)[0], model.config.vocab_size, model.config.bos_token_id, 2, 8, 0
+    )
     first = optimize_gates(model, ids, answer, sink=2, recent=8, steps=6, lr=0.02, reg_weight=0.05)
     again = optimize_gates(model, ids, answer, sink=2, recent=8, steps=6, lr=0.02, reg_weight=0.05)
     assert torch.equal(first, again) and bool(((first >= 0) & (first < 1)).all())
@@ -213,7 +227,8 @@ def test_identified_heads_are_the_optimized_gates_selection_cached_per_model(mon
     method = build_method("duo_attention", sink_size=2, recent_size=8, **probe)
     make_cache(model, method, budget=12)
     (stored,) = (tmp_path / "duo_attention").iterdir()  # the gates on disk, for the next process
-    ids, answer = passkey_probe(model.config.vocab_size, model.config.bos_token_id, 48, 2, 8, 3)
+    text = text_ids(model, calibration_path(None), 48, "probe_length")[0]  # the novel's first 48 tokens
+    ids, answer = passkey_probe(text, model.config.vocab_size, model.config.bos_token_id, 2, 8, 3)
     gates = optimize_gates(model, ids, answer, 2, 8, 4, 0.02, 0.05)
     expected = select_retrieval(gates, torch.ones(2, dtype=torch.bool), 0.5, 0.5)
     assert torch.equal(method._retrieval, expected) and int(expected.sum()) == 2
@@ -232,9 +247,18 @@ def test_identified_heads_are_the_optimized_gates_selection_cached_per_model(mon
     other = build_method("duo_attention", sink_size=2, recent_size=8, **{**probe, "probe_seed": 4})
     with pytest.raises(AssertionError, match="ran again"):  # another setting: its own identification
         make_cache(model, other, budget=16)
+    (tmp_path / "other.txt").write_text("Another text entirely, long enough to be a haystack. " * 20)
+    other_text = build_method(
+        "duo_attention", sink_size=2, recent_size=8, **probe, calibration_file=str(tmp_path / "other.txt")
+    )
+    with pytest.raises(AssertionError, match="ran again"):  # another haystack text: its own identification
+        make_cache(model, other_text, budget=16)
+    with pytest.raises(ValueError, match="method.calibration_file"):  # a missing text fails at validation
+        build_method("duo_attention", calibration_file=str(tmp_path / "missing.txt")).validate(16)
     assert [p.name for p in (tmp_path / "duo_attention").iterdir()] == [stored.name]
     monkeypatch.setattr(duo_module, "_GATES", {})
-    monkeypatch.setattr(duo_module.DuoAttention, "identification_version", 2)  # a newer identification's code
+    version = duo_module.DuoAttention.identification_version + 1  # a newer identification's code
+    monkeypatch.setattr(duo_module.DuoAttention, "identification_version", version)
     with pytest.raises(AssertionError, match="ran again"):  # does not load the gates an older kvexp stored
         make_cache(model, build_method("duo_attention", sink_size=2, recent_size=8, **probe), budget=16)
     make_cache(model, build_method("duo_attention", sparsity=1.0, **probe), budget=16)  # no gates needed

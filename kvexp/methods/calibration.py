@@ -81,6 +81,24 @@ def calibration_text(path: Path, characters: int) -> str:
     return "\n\n".join(text for _, text in read_corpus(path))[:characters]
 
 
+def calibration_path(calibration_file: str | None) -> Path:
+    """The text a method calibrates on: `method.calibration_file`, or the embedded public-domain novel (None)."""
+    if calibration_file is None:
+        return HAYSTACK_BOOK.path
+    return required_data_file(calibration_file, "method.calibration_file")
+
+
+def text_ids(model, path: Path, tokens: int, option: str) -> torch.Tensor:
+    """The first `tokens` tokens [1, tokens] of the text at `path` in the model's tokenizer (no special tokens added
+    by hand); `option` names the count in the error a shorter text raises."""
+    ids = tokenizer_for(model)(calibration_text(path, 16 * tokens), return_tensors="pt").input_ids
+    if ids.shape[1] < tokens:
+        raise ValueError(
+            f"method.calibration_file {path} holds {ids.shape[1]} tokens, fewer than {option}={tokens}"
+        )
+    return ids[:, :tokens]
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors saved in `path`: a safetensors file (by its suffix) or a torch file of a dict of tensors."""
     if path.suffix == ".safetensors":
@@ -125,9 +143,7 @@ class TextCalibration:
             self._calibration_path()
 
     def _calibration_path(self) -> Path:
-        if self.calibration_file is None:
-            return HAYSTACK_BOOK.path
-        return required_data_file(self.calibration_file, "method.calibration_file")
+        return calibration_path(self.calibration_file)
 
     def calibration_tag(self) -> str:
         """What else the calibration depends on, in its cache key ("": the model and the text alone)."""
@@ -151,15 +167,10 @@ class TextCalibration:
     def calibration_ids(self, model: PreTrainedModel) -> torch.Tensor:
         """The tokens [1, T] the calibration runs on: the first `calibration_tokens` (at most the model's maximum
         positions) of the calibration text."""
-        path = self._calibration_path()
         limit = getattr(model.config, "max_position_embeddings", None) or self.calibration_tokens
-        tokens = min(self.calibration_tokens, limit)
-        ids = tokenizer_for(model)(calibration_text(path, 16 * tokens), return_tensors="pt").input_ids
-        if ids.shape[1] < tokens:
-            raise ValueError(
-                f"method.calibration_file {path} holds {ids.shape[1]} tokens, fewer than calibration_tokens={tokens}"
-            )
-        return ids[:, :tokens]
+        return text_ids(
+            model, self._calibration_path(), min(self.calibration_tokens, limit), "calibration_tokens"
+        )
 
     def calibrated(
         self, model: PreTrainedModel, compute: Callable[[], dict[str, torch.Tensor]]

@@ -16,7 +16,14 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from kvexp.engine import sliding_layers
 from kvexp.methods.base import Method, check_window, register
-from kvexp.methods.calibration import DEFAULT_CACHE, cache_folder, load_tensors, save_tensors
+from kvexp.methods.calibration import (
+    DEFAULT_CACHE,
+    cache_folder,
+    calibration_path,
+    load_tensors,
+    save_tensors,
+    text_ids,
+)
 from kvexp.methods.scoring import head_caps
 from kvexp.models import model_fingerprint
 
@@ -76,20 +83,22 @@ AttentionMaskInterface.register(PROBE_ATTENTION, lambda *args, **kwargs: None)  
 
 
 def passkey_probe(
-    vocab: int, bos: int | None, length: int, passkeys: int, passkey_length: int, seed: int
+    haystack: torch.Tensor, vocab: int, bos: int | None, passkeys: int, passkey_length: int, seed: int
 ) -> tuple[torch.Tensor, int]:
-    """The identification's synthetic sequence [1, n] and where its answer starts: [BOS] + a haystack of `length`
-    random tokens holding `passkeys` random passkeys of `passkey_length` tokens at evenly spread depths (the
-    i-th centred at (i + 0.5) / passkeys of the haystack), then the passkeys again in order (the answer, whose
-    hidden states the distillation compares). Seeded: the same arguments give the same sequence."""
+    """The identification's passkey sequence [1, n] and where its answer starts: [BOS] + the `haystack` tokens
+    [length] (a text's) holding `passkeys` seeded random passkeys of `passkey_length` tokens written over it at
+    evenly spread depths (the i-th centred at (i + 0.5) / passkeys of the haystack), then the passkeys again in order
+    (the answer, whose hidden states the distillation compares). BOS is not added to a haystack that starts with
+    it. Seeded: the same arguments give the same sequence."""
     g = torch.Generator().manual_seed(seed)
-    haystack = torch.randint(0, vocab, (length,), generator=g)
+    haystack = haystack.clone()
+    length = haystack.numel()
     keys = torch.randint(0, vocab, (passkeys, passkey_length), generator=g)
     span = length - passkey_length
     for p in range(passkeys):
         start = int((p + 0.5) * span / passkeys)
         haystack[start : start + passkey_length] = keys[p]
-    lead = torch.tensor([bos] if bos is not None else [], dtype=torch.long)
+    lead = torch.tensor([bos] if bos is not None and int(haystack[0]) != bos else [], dtype=torch.long)
     return torch.cat([lead, haystack, keys.flatten()])[None], lead.numel() + length
 
 
@@ -205,9 +214,9 @@ class DuoAttention(Method):
     `sparsity` share with the lowest (the paper's deployment knob; kvpress's `head_compression_ratio`), or with
     `sparsity: null` those whose gate is at least `threshold`. The gates come from `head_patterns`, the authors'
     published `full_attention_heads.tsv` (or its directory; clipped to [0, 1] as they load it), or from the paper's
-    optimization run once per model (`optimize_gates`): on a seeded synthetic passkey sequence (`passkey_probe`:
-    `probe_length` random tokens holding `probe_passkeys` passkeys of `passkey_length` tokens, the passkeys repeated
-    at the end), each layer's attention output is `gate * full + (1 - gate) * streaming` per KV head (streaming:
+    optimization run once per model (`optimize_gates`): on a passkey sequence (`passkey_probe`: the first
+    `probe_length` tokens of `calibration_file`, the embedded public-domain novel by default, holding
+    `probe_passkeys` seeded random passkeys of `passkey_length` tokens, the passkeys repeated at the end), each layer's attention output is `gate * full + (1 - gate) * streaming` per KV head (streaming:
     `sink_size` sinks + `recent_size` recent tokens), and `probe_steps` AdamW steps (lr `probe_lr`, the authors'
     warm-up/decay schedule) minimise the squared distance of the answer tokens' last hidden states to the full
     model's plus `reg_weight` x mean |gate|, gates starting at 1 and clamped to [0, 1]. Gemma-3's local layers
@@ -220,8 +229,7 @@ class DuoAttention(Method):
     live-entry counts show every streaming head's saving); kvpress's reported compression ratio (streaming share x
     (1 - window / length)) is kvexp's live-entry compression ratio.
     Deviations: the paper identifies on 2000 steps over many synthetic passkey samples of 1k-32k tokens of
-    BookSum text; kvexp (no data at run time) optimises on one seeded random-token sequence for `probe_steps`
-    steps; the regularizer is the mean |gate| (the authors' `l1_loss`, whose normalisation is not published in
+    BookSum text; kvexp optimises on one sequence of a book's text for `probe_steps` steps; the regularizer is the mean |gate| (the authors' `l1_loss`, whose normalisation is not published in
     the paper). `sink_size` defaults to StreamingLLM's 4, not the paper's 64 (sized for its 128-token attention
     blocks), so that small budgets run; `recent_size` is the identification's window (the paper's 256), the
     deployed recent window being the budget less the sinks. The identified gates are cached per model and setting
@@ -245,10 +253,11 @@ class DuoAttention(Method):
     probe_lr: float = 0.02
     reg_weight: float = 0.05
     probe_seed: int = 0
+    calibration_file: str | None = None
     gates_cache: str | None = DEFAULT_CACHE
     # The identification code's version, in the gates' key: raise it with any change to what it computes, so that
     # gates an older kvexp cached are identified again rather than loaded.
-    identification_version: ClassVar[int] = 1
+    identification_version: ClassVar[int] = 2  # 2: a text haystack (1: random tokens)
     # What `prepare` learns from the model: [NL, Hkv] bool, the retrieval heads.
     _retrieval: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -279,6 +288,7 @@ class DuoAttention(Method):
             return
         if not self._needs_gates():
             return
+        calibration_path(self.calibration_file)  # a missing file fails here, before the model loads
         for option in ("probe_passkeys", "passkey_length", "probe_steps"):
             if getattr(self, option) < 1:
                 raise ValueError(f"method.{option} must be >= 1, got {getattr(self, option)}")
@@ -314,6 +324,7 @@ class DuoAttention(Method):
         if self.head_patterns is not None:
             self.check_model(config.num_hidden_layers, kv_heads)
             return load_head_patterns(self.head_patterns)
+        text = calibration_path(self.calibration_file)
         key = ":".join(
             str(v)
             for v in (
@@ -328,6 +339,8 @@ class DuoAttention(Method):
                 self.probe_lr,
                 self.reg_weight,
                 self.probe_seed,
+                text.name,
+                text.stat().st_size,
             )
         )
         folder = cache_folder(self.gates_cache, "duo_attention")
@@ -338,9 +351,9 @@ class DuoAttention(Method):
         if key not in _GATES:
             vocab = model.get_input_embeddings().num_embeddings
             ids, answer = passkey_probe(
+                text_ids(model, text, self.probe_length, "probe_length")[0],
                 vocab,
                 config.bos_token_id,
-                self.probe_length,
                 self.probe_passkeys,
                 self.passkey_length,
                 self.probe_seed,
