@@ -21,7 +21,8 @@ class AdaptiveL2(Method):
     budget is the study's `target_size`, the most a layer holds after any step (with the study's defaults its
     progressive sizes stay below it; they are capped at it anyway); `soft_limit = int(soft_ratio * budget)`,
     `hard_limit = int(hard_ratio * budget)` (0.5 and 2.0: the study's 256 and 1024 for 512), and L is the
-    logical sequence length seen (the study's cache length, equal to it when the study compresses a prompt once).
+    logical sequence length seen (the study's cache length, equal to it when the study compresses a prompt once),
+    each batch row's own (its padding not counted), so a left-padded batch keeps what each row keeps alone.
     Whenever a layer exceeds its budget (the engine's trigger) it keeps the study's size for L: a sawtooth
     below the budget while soft < L <= hard, the full budget past hard. Per KV head from its keys
     (GQA-native). Deviations: the budget cannot be the study's hard limit, since then nothing would be
@@ -52,27 +53,34 @@ class AdaptiveL2(Method):
                 f"{self.keep_ratio_min} and {self.keep_ratio_max}"
             )
 
-    # The kept count follows the sequence length seen, one number for the batch (its padding included).
-    batches = False
-
-    def plan(self, layer) -> tuple[int, int, int]:
-        """(entries kept, sinks, recent tokens protected) at a compression, from the sequence length seen."""
-        budget, seen = layer.budget, layer.seen
+    def plan(self, budget: int, seen: int) -> tuple[int, int, int]:
+        """(entries kept, sinks, recent tokens protected) at a compression of a row that has seen `seen` tokens."""
         soft, hard = int(self.soft_ratio * budget), int(self.hard_ratio * budget)
         if seen > hard:
             recent = budget // 2
             if budget - recent > LONG_SINKS:
                 return budget, LONG_SINKS, recent
             return budget, 0, budget  # the study's fallback when no middle part fits: the newest tokens only
-        # seen > budget > soft here: the engine compresses only over budget
+        if (
+            seen <= budget
+        ):  # a row within its budget is not compressed (the engine spares it): nothing to plan
+            return seen, 0, 0
         progress = (seen - soft) / (hard - soft)
         ratio = self.keep_ratio_max - progress * (self.keep_ratio_max - self.keep_ratio_min)
         keep = min(max(int(seen * ratio), soft, 1), budget)
         return keep, 0, int(keep * PROGRESSIVE_RECENT)
 
+    def row_plans(self, layer) -> torch.Tensor:
+        """[B, 3] long: each row's plan from its own tokens seen (a left-padded row's padding not counted)."""
+        seen = (layer.positions.amax(dim=(1, 2)) + 1).tolist()
+        return torch.tensor([self.plan(layer.budget, n) for n in seen], device=layer.device)
+
     def target_size(self, layer) -> int:
-        return self.plan(layer)[0]
+        return int(self.row_plans(layer)[:, 0].max())
+
+    def head_counts(self, layer, scores: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+        return self.row_plans(layer)[:, :1].expand(-1, layer.kv_heads)
 
     def score(self, layer) -> torch.Tensor:
-        _, sinks, recent = self.plan(layer)
-        return lowest_key_norm(layer, sinks=sinks, recent=recent)
+        plans = self.row_plans(layer)[:, :, None, None]  # [B, 3, 1, 1]
+        return lowest_key_norm(layer, sinks=plans[:, 1], recent=plans[:, 2])
