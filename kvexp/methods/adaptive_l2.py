@@ -61,9 +61,7 @@ class AdaptiveL2(Method):
             if budget - recent > LONG_SINKS:
                 return budget, LONG_SINKS, recent
             return budget, 0, budget  # the study's fallback when no middle part fits: the newest tokens only
-        if (
-            seen <= budget
-        ):  # a row within its budget is not compressed (the engine spares it): nothing to plan
+        if seen <= budget:  # a row within its budget is not compressed (the engine spares it)
             return seen, 0, 0
         progress = (seen - soft) / (hard - soft)
         ratio = self.keep_ratio_max - progress * (self.keep_ratio_max - self.keep_ratio_min)
@@ -78,7 +76,9 @@ class AdaptiveL2(Method):
     def target_size(self, layer) -> int:
         return int(self.row_plans(layer)[:, 0].max())
 
-    def head_counts(self, layer, scores: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+    def head_counts(self, layer, scores: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor | None:
+        if layer.head_budgets is not None:
+            return None  # explicit per-head budgets take precedence, as for every method
         return self.row_plans(layer)[:, :1].expand(-1, layer.kv_heads)
 
     def score(self, layer) -> torch.Tensor:

@@ -216,8 +216,9 @@ class DuoAttention(Method):
     published `full_attention_heads.tsv` (or its directory; clipped to [0, 1] as they load it), or from the paper's
     optimization run once per model (`optimize_gates`): on a passkey sequence (`passkey_probe`: the first
     `probe_length` tokens of `calibration_file`, the embedded public-domain novel by default, holding
-    `probe_passkeys` seeded random passkeys of `passkey_length` tokens, the passkeys repeated at the end), each layer's attention output is `gate * full + (1 - gate) * streaming` per KV head (streaming:
-    `sink_size` sinks + `recent_size` recent tokens), and `probe_steps` AdamW steps (lr `probe_lr`, the authors'
+    `probe_passkeys` seeded random passkeys of `passkey_length` tokens, the passkeys repeated at the end), each
+    layer's attention output is `gate * full + (1 - gate) * streaming` per KV head (streaming: `sink_size` sinks +
+    `recent_size` recent tokens), and `probe_steps` AdamW steps (lr `probe_lr`, the authors'
     warm-up/decay schedule) minimise the squared distance of the answer tokens' last hidden states to the full
     model's plus `reg_weight` x mean |gate|, gates starting at 1 and clamped to [0, 1]. Gemma-3's local layers
     keep the model's window and take no part in the ranking.
@@ -229,8 +230,8 @@ class DuoAttention(Method):
     live-entry counts show every streaming head's saving); kvpress's reported compression ratio (streaming share x
     (1 - window / length)) is kvexp's live-entry compression ratio.
     Deviations: the paper identifies on 2000 steps over many synthetic passkey samples of 1k-32k tokens of
-    BookSum text; kvexp optimises on one sequence of a book's text for `probe_steps` steps; the regularizer is the mean |gate| (the authors' `l1_loss`, whose normalisation is not published in
-    the paper). `sink_size` defaults to StreamingLLM's 4, not the paper's 64 (sized for its 128-token attention
+    BookSum text; kvexp optimises on one sequence of a book's text for `probe_steps` steps; the regularizer is the
+    mean |gate| (the authors' `l1_loss`, whose normalisation is not published in the paper). `sink_size` defaults to StreamingLLM's 4, not the paper's 64 (sized for its 128-token attention
     blocks), so that small budgets run; `recent_size` is the identification's window (the paper's 256), the
     deployed recent window being the budget less the sinks. The identified gates are cached per model and setting
     in the process and under `gates_cache`/duo_attention/ (None: not on disk), so a sweep identifies once. The
