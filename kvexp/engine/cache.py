@@ -537,6 +537,11 @@ class CompressedLayer(DynamicLayer):
         """[B, Hkv, L_phys] bool: slots that hold a real key (not padding, not per-head padding)."""
         return self.bias > float("-inf")
 
+    def rows_seen(self) -> torch.Tensor:
+        """[B] long: the tokens each row has seen, its newest position + 1 (a left-padded row's padding not counted,
+        unlike `seen`); in a step the newest token is held until the step's compression, so this is exact there."""
+        return self.positions.amax(dim=(1, 2)) + 1
+
     def attention_bias(self) -> torch.Tensor:
         """The bias the attention adds to the logits [B, Hkv, L_phys]: `bias`, plus the method's `bias_offset`
         (trainable corrections of merged entries) when it has one."""

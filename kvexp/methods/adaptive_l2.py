@@ -70,8 +70,9 @@ class AdaptiveL2(Method):
 
     def row_plans(self, layer) -> torch.Tensor:
         """[B, 3] long: each row's plan from its own tokens seen (a left-padded row's padding not counted)."""
-        seen = (layer.positions.amax(dim=(1, 2)) + 1).tolist()
-        return torch.tensor([self.plan(layer.budget, n) for n in seen], device=layer.device)
+        return torch.tensor(
+            [self.plan(layer.budget, n) for n in layer.rows_seen().tolist()], device=layer.device
+        )
 
     def target_size(self, layer) -> int:
         return int(self.row_plans(layer)[:, 0].max())

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvexp.methods.base import Method, check_window, register
-from kvexp.methods.expected_attention import check_future_and_sinks, mean_rotation
+from kvexp.methods.expected_attention import check_future_and_sinks, future_rotations
 from kvexp.methods.scoring import prerope_queries, protect_sinks, remember_queries, step_queries
 
 if TYPE_CHECKING:
@@ -103,11 +103,8 @@ class CAP(Method):
         rotary = layer.options.rotary
         if rotary is None:
             return mean
-        starts = (layer.positions.amax(dim=(1, 2)) + 1).tolist()  # each row's next position
-        rotations = {
-            s: mean_rotation(rotary, s, self.n_future_positions, mean.shape[-1]) for s in set(starts)
-        }
-        return torch.stack([mean[b] @ rotations[s].T for b, s in enumerate(starts)])
+        rotation = future_rotations(layer, rotary, self.n_future_positions, mean.shape[-1])  # [B, D, D]
+        return mean @ rotation.transpose(-1, -2)
 
     def score(self, layer) -> torch.Tensor:
         live = layer.live()

@@ -28,7 +28,7 @@ def row_zscore(scores: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 def compression_ratio(layer: CompressedLayer) -> torch.Tensor:
     """[B, Hkv, 1]: the fraction of each row's tokens a head does not keep at this compression, 1 - kept / seen,
     seen = the row's newest position + 1 (its own tokens, padding not counted)."""
-    seen = layer.positions.amax(dim=(1, 2)).float() + 1.0  # [B]
+    seen = layer.rows_seen().float()  # [B]
     kept = layer.keep_counts().float()  # [B, Hkv]
     return (1.0 - kept / seen[:, None].clamp_min(1.0)).clamp(0.0, 1.0)[..., None]
 

@@ -67,10 +67,10 @@ def check_future_and_sinks(n_future_positions: int, n_sink: int, epsilon: float,
         raise ValueError(f"method.epsilon must be >= 0, got {epsilon}")
 
 
-def future_rotations(rotary: Rotary, positions: torch.Tensor, steps: int, dim: int) -> torch.Tensor:
+def future_rotations(layer: CompressedLayer, rotary: Rotary, steps: int, dim: int) -> torch.Tensor:
     """Each row's averaged future rotation [B, D, D]: `mean_rotation` over the `steps` positions after the row's
-    newest one (`positions` [B, Hkv, n], -1 padding), so a left-padded row turns as it would alone."""
-    starts = (positions.amax(dim=(1, 2)) + 1).tolist()
+    newest one (`rows_seen`), so a left-padded row turns as it would alone."""
+    starts = layer.rows_seen().tolist()
     rotations = {start: mean_rotation(rotary, start, steps, dim) for start in set(starts)}
     return torch.stack([rotations[start] for start in starts])
 
@@ -97,7 +97,7 @@ def expected_attention_scores(
     cov = None if cov is None else cov.expand(batch, -1, -1, -1)
     rotary = layer.options.rotary
     if rotary is not None:
-        rotation = future_rotations(rotary, layer.positions, n_future_positions, dim)  # [B, D, D]
+        rotation = future_rotations(layer, rotary, n_future_positions, dim)  # [B, D, D]
         mean = mean @ rotation.transpose(-1, -2)
         cov = None if cov is None else rotation[:, None] @ cov @ rotation.transpose(-1, -2)[:, None]
     keys = layer.keys.float()  # [B, Hkv, n, D]

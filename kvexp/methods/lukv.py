@@ -418,7 +418,7 @@ class LUKV(TextCalibration, ScorerWrapper):
         shared = self._shared(layer)
         layers = sorted(shared["base"])
         budgets = [shared["base"][i] for i in layers]
-        seen = (layer.positions.amax(dim=(1, 2)) + 1).tolist()  # each row's real tokens
+        seen = layer.rows_seen().tolist()  # each row's real tokens
         key = (tuple(seen), tuple(budgets))
         if shared.get("key") != key:
             shared["key"] = key
