@@ -15,8 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kvexp.config import validate
-from kvexp.run_dir import check_run_dir, config_hash, finished_summary, record_sweep_job, sweep_dir
-from kvexp.tasks.base import objective
+from kvexp.files import Journal
+from kvexp.run_dir import JOURNAL, check_run_dir, config_hash, finished_summary, record_sweep_job, sweep_dir
+from kvexp.tasks.base import objective, versions
 from kvexp.tasks.registry import TASKS, dataset_inputs
 from kvexp.tracking import ACTIVE_LOGGER, WandbLogger, atomic_write_csv, atomic_write_json, start_wandb
 from kvexp.train import run_trainer, untrained_overrides
@@ -66,8 +67,11 @@ def _evaluate_and_write(
 ) -> dict[str, Any]:
     """Evaluate (training first with `train=`), write summary.json and samples.csv, log the summary to W&B."""
     torch.manual_seed(cfg.seed)
+    journal = Journal(out / JOURNAL, {"config_hash": digest, "versions": versions()})
+    if not cfg.resume:
+        journal.remove()  # resume=false: nothing of an earlier attempt is read back
     if cfg.train.name == "none":
-        summary, rows = TASKS[cfg.dataset.task].evaluate(cfg)
+        summary, rows = TASKS[cfg.dataset.task].evaluate(cfg, journal=journal)
     else:
         summary, rows = _train_then_evaluate(cfg, out)
     summary["config_hash"] = digest
@@ -86,6 +90,7 @@ def _evaluate_and_write(
         summary["failed"] = {"reason": "non-finite metrics", "metrics": non_finite}
     atomic_write_csv(out / "samples.csv", rows)
     atomic_write_json(out / "summary.json", summary)
+    journal.remove()  # its batches are in samples.csv and summary.json now
     record_sweep_job(sweep, digest, out)
     if logger is not None:
         logger.log_summary({k: v for k, v in summary.items() if k != "config"})

@@ -1,5 +1,6 @@
-"""A run's directory: the config hash that names its results, resuming a finished run, never two configs'
-results in one dir, and the records by which a sweep's report finds its jobs' dirs (kvexp.callbacks)."""
+"""A run's directory: the config hash that names its results, resuming a finished run (and, from its journal, an
+unfinished one), never two configs' results in one dir, and the records by which a sweep's report finds its jobs'
+dirs (kvexp.callbacks)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvexp.callbacks import SWEEP_ID_ENV, SWEEP_JOBS
 from kvexp.config import validate
+from kvexp.files import journal_header
 from kvexp.tasks import base
 from kvexp.tasks.registry import dataset_inputs
 from kvexp.tracking import atomic_write_json
@@ -25,6 +27,10 @@ log = logging.getLogger(__name__)
 
 # Options that change neither what is computed nor its results: a finished run with other values is reused.
 _HASH_EXCLUDED = ("logger", "resume", "objective", "tags", "overwrite")
+
+# The compressed run's finished batches while it runs (kvexp.files.Journal, headed by the config hash and versions):
+# a killed job re-run with the same config reads them back; removed once summary.json is written.
+JOURNAL = "journal.jsonl"
 
 
 def config_hash(cfg: DictConfig, inputs: str | None = "", versions: dict[str, str] | None = None) -> str:
@@ -62,8 +68,9 @@ def sweep_dir() -> Path | None:
 
 def job_subdir(num: str, root: DictConfig) -> str:
     """A sweep job's run dir name (`hydra.sweep.subdir`): the dir of the sweep holding this config's results (the
-    job resumes there, so the .hydra/config.yaml Hydra writes agrees with its summary.json), else the job number,
-    or `<num>-<config hash>` when that dir holds another config's results (a job never overwrites them)."""
+    job resumes there, so the .hydra/config.yaml Hydra writes agrees with its summary.json; or its unfinished run's
+    journal), else the job number, or `<num>-<config hash>` when that dir holds another config's results or
+    journal (a job never overwrites them)."""
     try:
         content = OmegaConf.to_container(root, resolve=False)
         content.pop("hydra", None)
@@ -71,13 +78,13 @@ def job_subdir(num: str, root: DictConfig) -> str:
         inputs = dataset_inputs(cfg)
         sweep = Path(str(root.hydra.sweep.dir))
         dirs = sorted(d for d in sweep.iterdir() if d.is_dir()) if sweep.is_dir() else []
-        mine = [d.name for d in dirs if _held(d) is not None and _other_config(cfg, d, inputs) is None]
+        mine = [d.name for d in dirs if _claim(d) is not None and _other_config(cfg, d, inputs) is None]
     except Exception as err:  # a config that does not even hash fails in validation, with its own message
         log.debug("job dir by config hash unavailable (%s); using the job number", err)
         return str(num)
     if mine:
         return mine[0]
-    if _held(sweep / str(num)) is None:
+    if _claim(sweep / str(num)) is None:
         return str(num)
     return f"{num}-{config_hash(cfg, inputs)[:8]}"
 
@@ -90,10 +97,16 @@ def _held(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _claim(run_dir: Path) -> dict[str, Any] | None:
+    """What says which config a run dir is for: its summary, else an unfinished run's journal header (both hold
+    `config_hash` and `versions`); None: neither."""
+    return _held(run_dir) or journal_header(run_dir / JOURNAL)
+
+
 def _other_config(cfg: DictConfig, run_dir: Path, inputs: str | None) -> str | None:
-    """The config hash of another config's results in `run_dir`; None when it holds none, or this config's (under
-    any kvexp / torch / transformers versions: a rerun with new software replaces its own results)."""
-    held = _held(run_dir)
+    """The config hash of another config's results (or unfinished run) in `run_dir`; None when it holds none, or
+    this config's (under any kvexp / torch / transformers versions: a rerun with new software replaces its own)."""
+    held = _claim(run_dir)
     if held is None or held.get("config_hash") is None:
         return None
     versions = held.get("versions")
@@ -118,7 +131,7 @@ def check_run_dir(cfg: DictConfig, out: Path, inputs: str | None) -> None:
     other = _other_config(cfg, out, inputs)
     if other is not None and not cfg.overwrite:
         raise ValueError(
-            f"{out} holds the results of another config (or other inputs) (summary.json, config hash {other}; this one is "
+            f"{out} holds the results of another config (or other inputs) (summary.json or {JOURNAL}, config hash {other}; this one is "
             f"{config_hash(cfg, inputs)}): choose another hydra.run.dir, or overwrite=true to replace them"
         )
 

@@ -326,7 +326,9 @@ def test_resume_skips_a_finished_run_of_the_same_config_only(text_file, tmp_path
     written = (out / "summary.json").read_text()
     calls = []
     monkeypatch.setattr(
-        kvexp.tasks.registry.TASKS["perplexity"], "evaluate", lambda cfg: calls.append(cfg) or (first, [])
+        kvexp.tasks.registry.TASKS["perplexity"],
+        "evaluate",
+        lambda cfg, journal=None: calls.append(cfg) or (first, []),
     )
     again = train_or_eval(_compose(*overrides, "logger=none", "objective=accuracy"), out)  # bookkeeping only
     assert calls == [] and (out / "summary.json").read_text() == written
@@ -396,8 +398,8 @@ def test_a_non_finite_metric_fails_the_run_but_keeps_its_results(text_file, tmp_
     )  # fmt: skip
     real = kvexp.tasks.registry.TASKS["perplexity"].evaluate
 
-    def overflowing(cfg):
-        summary, rows = real(cfg)
+    def overflowing(cfg, journal=None):
+        summary, rows = real(cfg, journal=journal)
         summary["metrics_after"]["perplexity"] = summary["objective"] = float("nan")
         return summary, rows
 
@@ -635,7 +637,7 @@ def test_the_wandb_run_exists_while_the_job_goes(text_file, tmp_path, monkeypatc
 
     events.clear()
 
-    def crashing(cfg):
+    def crashing(cfg, journal=None):
         kvexp.tracking.log_progress({"compressed/documents": 1})
         raise RuntimeError("out of memory")
 

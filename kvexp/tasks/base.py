@@ -7,15 +7,16 @@ import dataclasses
 import math
 import platform
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
+from kvexp.files import Journal
 from kvexp.methods import Method, build_method
 from kvexp.models import load_model, peak_memory
 from kvexp.tasks.metrics import lower_is_better
@@ -84,8 +85,9 @@ class Task(ABC):
         """The model, the method (`given`, else `prepare`d from the config) and the samples."""
 
     @abstractmethod
-    def run(self, cfg: DictConfig, loaded: Loaded) -> Results:
-        """The samples through the full cache (unless `eval.compare_to_full=false`), then the compressed one."""
+    def run(self, cfg: DictConfig, loaded: Loaded, journal: Journal | None = None) -> Results:
+        """The samples through the full cache (unless `eval.compare_to_full=false`), then the compressed one, whose
+        finished batches go to `journal` (a killed run's are read back from it)."""
 
     @abstractmethod
     def aggregate(self, cfg: DictConfig, loaded: Loaded, results: Results) -> dict[str, Any]:
@@ -100,15 +102,22 @@ class Task(ABC):
         return lower_is_better(cfg.objective) if cfg.objective is not None else self.lower_is_better
 
     def evaluate(
-        self, cfg: DictConfig, given: Prepared | None = None
+        self, cfg: DictConfig, given: Prepared | None = None, journal: Journal | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The summary (full-cache timings from another process marked, the dataset's own keys last) and the rows;
-        `given`: evaluate a model and method already in memory (evaluation during training)."""
+        `given`: evaluate a model and method already in memory (evaluation during training); `journal`: where the
+        compressed run records its finished batches. A run that read some back (`resumed`: how many samples) was
+        timed in two processes: its timings are not compared with the full cache's."""
         loaded = self.load(cfg, given)
-        results = self.run(cfg, loaded)
+        results = self.run(cfg, loaded, journal)
+        resumed = journal.restored if journal is not None else 0
+        if resumed:
+            results.comparable = False
         summary = self.aggregate(cfg, loaded, results)
         if results.comparable is not None:
             _mark_comparable(summary, results.comparable)
+        if resumed:
+            summary["resumed"] = resumed
         summary.update(results.extra)
         return summary, self.rows(results)
 
@@ -189,6 +198,39 @@ def share_batch_costs(results: Sequence, cache, peak: int, wall: float) -> None:
             for key in _SHARED_STATS:
                 result.kv[key] = shared.get(key, 0) / rows
             result.wall_s = wall / rows
+
+
+T = TypeVar("T")
+
+
+def run_journaled(
+    batches: Sequence[Sequence[int]],
+    total: int,
+    answer: Callable[[list[int]], Sequence[T]],
+    journal: Journal | None,
+    restore: Callable[[int, dict[str, Any]], T],
+    on_batch: Callable[[list[int], list[T | None]], None] | None = None,
+) -> list[T]:
+    """The results of `total` samples by index: each batch of indices `answer`ed in the given order, recorded in
+    `journal` (its results as dicts) as it finishes; a batch a killed job's journal already holds is `restore`d
+    from it instead (the same batches as before: batches are formed before any is run). `on_batch(indices done,
+    results by index so far)` after each batch."""
+    held = journal.entries() if journal is not None else {}
+    results: list[Any] = [None] * total
+    done: list[int] = []
+    for batch in batches:
+        if all(i in held for i in batch):
+            answers = [restore(i, held[i]) for i in batch]
+        else:
+            answers = answer(list(batch))
+            if journal is not None:
+                journal.append({i: dataclasses.asdict(a) for i, a in zip(batch, answers, strict=True)})
+        for i, result in zip(batch, answers, strict=True):
+            results[i] = result
+        done.extend(batch)
+        if on_batch is not None:
+            on_batch(done, results)
+    return results
 
 
 def eviction_times(results: Sequence) -> dict[str, float | None]:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kvexp.files import Journal
 from kvexp.tasks import base
 from kvexp.tracking import atomic_write_json
 
@@ -41,12 +42,14 @@ def ids_hash(*ids: torch.Tensor) -> str:
 def reuse_or_run(
     cfg: DictConfig,
     content: dict[str, Any],
-    run: Callable[[], list[T]],
+    run: Callable[[Journal | None], list[T]],
     restore: Callable[[list[dict[str, Any]]], list[T]],
 ) -> tuple[list[T], bool]:
     """The full-cache results of this model, hardware and `content` (settings, sample hashes): stored ones
-    (`restore`d from their dicts) when `cfg.cache_dir` holds them, else `run()`'s, stored there; and whether
-    their timings are comparable with this run's (timed in this very process)."""
+    (`restore`d from their dicts) when `cfg.cache_dir` holds them, else `run(journal)`'s, stored there; and whether
+    their timings are comparable with this run's (timed in this very process). The journal beside the stored
+    results (`<key>.partial.jsonl`) lets a full-cache run killed midway resume, in any job of any sweep; results
+    partly read back from it were timed in two processes and are never comparable."""
     path = _path(cfg, content)
     if path is not None and path.exists():
         stored = json.loads(path.read_text())
@@ -57,11 +60,13 @@ def reuse_or_run(
             "" if comparable else " (timed in another process: its timings are not compared with this run's)",
         )
         return restore(stored["results"]), comparable
-    results = run()
+    journal = None if path is None else Journal(path.with_suffix(".partial.jsonl"), {"full_cache": path.stem})
+    results = run(journal)
+    timed_in = _TIMED_IN if journal is None or journal.restored == 0 else None
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"timed_in": _TIMED_IN, "results": [dataclasses.asdict(r) for r in results]})
-    return results, True
+        atomic_write_json(path, {"timed_in": timed_in, "results": [dataclasses.asdict(r) for r in results]})
+        journal.remove()
+    return results, timed_in is not None
 
 
 def _path(cfg: DictConfig, content: dict[str, Any]) -> Path | None:

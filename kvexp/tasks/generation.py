@@ -44,10 +44,11 @@ from tqdm.auto import tqdm
 
 from kvexp.data import read_jsonl, read_text
 from kvexp.engine import KVCache
+from kvexp.files import Journal
 from kvexp.methods import Method, build_method, make_cache
 from kvexp.methods.base import Probing
 from kvexp.tasks import metrics
-from kvexp.tasks.base import Loaded, eviction_times, kv_totals, share_batch_costs
+from kvexp.tasks.base import Loaded, eviction_times, kv_totals, run_journaled, share_batch_costs
 from kvexp.tasks.data import (
     LOCAL_SPLIT,
     check_split,
@@ -821,6 +822,7 @@ def run_generation(
     prefill_chunk_size: int | None = None,
     batch_size: int = 1,
     progress: bool = False,
+    journal: Journal | None = None,
     **cache_kwargs,
 ) -> list[GenerationResult]:
     """Every sample through a fresh cache of `method`, with the budget `budget_for(compressed tokens)`; up to
@@ -828,6 +830,8 @@ def run_generation(
 
     Sample i samples with seed `decoding.seed + i`, so a full-cache and a compressed run draw alike, batched or not.
     A method that feeds prompts in its own blocks (`block`) sets `prefill_chunk_size` when it is not given.
+    `journal`: each batch's answers are recorded as they finish, and a killed run's recorded batches are read back
+    (and re-scored) instead of answered again.
     """
     name = getattr(method, "name", method)
     built = build_method(method) if isinstance(method, str) else method
@@ -844,7 +848,6 @@ def run_generation(
         )
         for i, (sample, prompt) in enumerate(zip(samples, prompts, strict=True))
     ]
-    results: list[GenerationResult | None] = [None] * len(rows)
     groups: dict[tuple, list[int]] = {}
     for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
         key = batch_key(
@@ -854,8 +857,8 @@ def run_generation(
     size = 1 if decoding.num_beams > 1 else batch_size  # beam search spends the batch on its beams
     batches = [idx[j : j + size] for idx in groups.values() for j in range(0, len(idx), size)]
     bar = tqdm(total=len(rows), desc=f"generate [{name}]", disable=not progress)
-    done: list[int] = []
-    for batch in sorted(batches):  # in order of each batch's first sample
+
+    def answer(batch: list[int]) -> list[GenerationResult]:
         if decoding.num_beams > 1:
             row = rows[batch[0]]
             answers = [
@@ -873,12 +876,21 @@ def run_generation(
             )  # fmt: skip
         for i, result in zip(batch, answers, strict=True):
             result.scores = score_prediction(samples[i], result.prediction)
-            results[i] = result
-            done.append(i)
-        bar.update(len(batch))
+        return answers
+
+    def restore(i: int, stored: dict[str, Any]) -> GenerationResult:
+        result = GenerationResult(**stored)
+        result.scores = score_prediction(samples[i], result.prediction)
+        return result
+
+    def on_batch(done: list[int], results: list[GenerationResult | None]) -> None:
+        bar.update(len(done) - bar.n)
         _sample_progress(
             "full" if name == "full" else "compressed", [samples[i] for i in done], [results[i] for i in done]
         )
+
+    # in order of each batch's first sample
+    results = run_journaled(sorted(batches), len(rows), answer, journal, restore, on_batch)
     bar.close()
     return results
 

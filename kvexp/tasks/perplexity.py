@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kvexp.files import Journal
 from kvexp.methods import Method, make_cache, method_and_options
-from kvexp.tasks.base import eviction_times, kv_totals, share_batch_costs
+from kvexp.tasks.base import eviction_times, kv_totals, run_journaled, share_batch_costs
 from kvexp.tracking import log_progress
 
 
@@ -164,12 +165,14 @@ def score_in_batches(
     chunk_size: int,
     batch_size: int,
     on_batch: Callable[[list[DocumentResult]], None] | None = None,
+    journal: Journal | None = None,
     **cache_kwargs,
 ) -> list[DocumentResult]:
     """Every document with the budget `budget_for(its tokens)`, up to `batch_size` at once among documents of the
     same budget (a batch's rows share the layer budgets) or, for a method that keeps a budget per row
     (`Method.row_budgets`, without slack), among all; results in document order; `on_batch(results so far)`
-    after each batch."""
+    after each batch. `journal`: each batch's results are recorded as they finish, and a killed run's recorded
+    batches are read back instead of scored again."""
     built = method_and_options(method, dict(cache_kwargs))  # by name: its parameters are among cache_kwargs
     per_row = built.row_budgets and not cache_kwargs.get("slack")
     budgets = [budget_for(ids.shape[1]) for _, ids in documents]
@@ -183,18 +186,21 @@ def score_in_batches(
     batches = sorted(
         idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)
     )
-    results: list[DocumentResult | None] = [None] * len(documents)
-    for batch in batches:
+
+    def score(batch: list[int]) -> list[DocumentResult]:
         own = [budgets[i] for i in batch]
-        scored = score_documents(
+        return score_documents(
             model, [documents[i] for i in batch], method, own[0], chunk_size, len(batch) == 1,
             row_budgets=own if any(b != own[0] for b in own) else None, **cache_kwargs,
         )  # fmt: skip
-        for i, result in zip(batch, scored, strict=True):
-            results[i] = result
+
+    def progress(done: list[int], results: list[DocumentResult | None]) -> None:
         if on_batch is not None:
             on_batch([r for r in results if r is not None])
-    return results
+
+    return run_journaled(
+        batches, len(documents), score, journal, lambda i, stored: DocumentResult(**stored), progress
+    )
 
 
 def aggregate(results: list[DocumentResult]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from kvexp.budgets import resolve_budget
+from kvexp.files import Journal
 from kvexp.tasks import full_cache
 from kvexp.tasks.base import Loaded, Prepared, Results, Task, build_summary, engine_options, prepare
 from kvexp.tasks.context_compression import compress_prompts, count_dropped_tokens, requested_compression
@@ -111,7 +112,7 @@ class Perplexity(Task):
             )
         return Loaded(model, tokenizer, method, samples)
 
-    def run(self, cfg: DictConfig, loaded: Loaded) -> Results:
+    def run(self, cfg: DictConfig, loaded: Loaded, journal: Journal | None = None) -> Results:
         model, samples = loaded.model, loaded.samples
         if cfg.eval.warmup:
             warm_up_perplexity(model, samples[0][1], cfg.eval.chunk_size)
@@ -127,6 +128,7 @@ class Perplexity(Task):
             chunk,
             cfg.eval.batch_size,
             lambda done: document_progress("compressed", done),
+            journal=journal,
             **engine,
         )
         return Results(samples, before, after, comparable)
@@ -146,7 +148,7 @@ class Perplexity(Task):
 def _full_documents(cfg: DictConfig, model, samples) -> tuple[list[DocumentResult], bool]:
     """The full-cache run of the same documents, reused across a sweep, and whether its timings are comparable."""
 
-    def run() -> list[DocumentResult]:
+    def run(journal: Journal | None) -> list[DocumentResult]:
         return score_in_batches(
             model,
             samples,
@@ -155,6 +157,7 @@ def _full_documents(cfg: DictConfig, model, samples) -> tuple[list[DocumentResul
             cfg.eval.chunk_size,
             cfg.eval.batch_size,
             lambda done: document_progress("full", done),
+            journal=journal,
         )
 
     content = {
@@ -193,7 +196,7 @@ class Generation(Task):
             prompts = [encoder.encode(s, cfg.eval.max_new_tokens) for s in samples]
         return GenerationSetup(model, tokenizer, method, samples, encoder, prompts, generation_settings(cfg))
 
-    def run(self, cfg: DictConfig, loaded: GenerationSetup) -> Results:
+    def run(self, cfg: DictConfig, loaded: GenerationSetup, journal: Journal | None = None) -> Results:
         entry = DATASETS[cfg.dataset.name]
         if entry.run is not None:
             return entry.run(cfg, loaded)
@@ -219,6 +222,7 @@ class Generation(Task):
             loaded.method,
             lambda tokens: resolve_budget(cfg.budget, tokens, layers),  # keep_ratio: of the compressed prompt
             progress=True,
+            journal=journal,
             **settings,
             **engine_options(cfg),
         )
@@ -270,10 +274,18 @@ def _full_answers(cfg: DictConfig, setup: GenerationSetup) -> tuple[list[Generat
         ],
     }
 
-    def run() -> list[GenerationResult]:
+    def run(journal: Journal | None) -> list[GenerationResult]:
         model, tokenizer = setup.model, setup.tokenizer
         return run_generation(
-            model, tokenizer, samples, prompts, "full", lambda tokens: None, progress=True, **settings
+            model,
+            tokenizer,
+            samples,
+            prompts,
+            "full",
+            lambda tokens: None,
+            progress=True,
+            journal=journal,
+            **settings,
         )
 
     def restore(stored: list[dict[str, Any]]) -> list[GenerationResult]:
@@ -322,7 +334,8 @@ class LmEval(Task):
         model, tokenizer, method = prepare(cfg, given)
         return Loaded(model, tokenizer, method, [])  # lm-eval reads its own samples
 
-    def run(self, cfg: DictConfig, loaded: Loaded) -> Results:
+    def run(self, cfg: DictConfig, loaded: Loaded, journal: Journal | None = None) -> Results:
+        # lm-eval's own loop runs every request: nothing is journaled, a killed run starts again
         model, tokenizer, seed = loaded.model, loaded.tokenizer, cfg.seed
         prefill = cfg.eval.prefill_chunk_size or loaded.method.prompt_block  # the method's blocks (`block`)
         chunks = {"chunk_size": cfg.eval.chunk_size, "prefill_chunk_size": prefill}
