@@ -24,9 +24,13 @@ Cases (issue 8), on the embedded model unless `--model` says otherwise:
       `--p6-batch` at a time, at a token budget (`--p6-budget`) and at keep 0.5 (a budget per prompt length: rows
       of different budgets batch together only for a method that keeps a budget per row, `Method.row_budgets`);
       samples/s, their ratio, the batches formed and how many answers equal the one-at-a-time answers (all must).
+  P7  padded prefill: `--p7-batch` prompts of `--p7-length` down to half as many tokens, left-padded into one
+      forward, through the plain model (stock SDPA attention, DynamicCache) and kvexp's full cache, the same padding
+      mask and positions; seconds, best of `--p7-repeats` interleaved rounds, and the ratio to plain (target <= 1.10:
+      the engine's masks and buffers cost a batched prefill little).
 Writes `<out>/bench.json` and `<out>/bench.md` and prints the table with each target met or missed by how much.
 
-    python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 8192] [--budget 512] [--cases P1,...,P6]
+    python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 8192] [--budget 512] [--cases P1,...,P7]
     python -m kvexp.bench --suite gpu [...]   # the GPU suite at real model shapes (kvexp.bench_gpu)
 """
 
@@ -60,8 +64,8 @@ from kvexp.tracking import atomic_write_json
 P1_METHODS = ("streaming_llm", "knorm", "snapkv", "h2o", "tova")
 PREFILL_SCORERS = ("knorm", "snapkv", "pyramidkv", "expected_attention")
 PER_STEP_METHODS = ("streaming_llm", "knorm", "h2o", "tova")
-CASES = ("P1", "P2", "P3", "P4", "P5", "P6")
-TARGETS = {"P1": 1.10, "P2_prefill": 0.03, "P2_decode": 0.05, "P3": 1.2, "P4": 1.15, "P5": 0.90}
+CASES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7")
+TARGETS = {"P1": 1.10, "P2_prefill": 0.03, "P2_decode": 0.05, "P3": 1.2, "P4": 1.15, "P5": 0.90, "P7": 1.10}
 
 
 def sync_device(device: torch.device) -> None:
@@ -353,6 +357,31 @@ def p6_batched(model, tokenizer, args) -> dict[str, dict[str, Any]]:
     return out
 
 
+@torch.no_grad()
+def p7_padded_prefill(model, ids: torch.Tensor, args) -> dict[str, dict[str, float]]:
+    """One left-padded prefill of `--p7-batch` prompts (lengths from `--p7-length` down to half of it) through the
+    plain model and kvexp's full cache: the best seconds of `--p7-repeats` interleaved rounds, and the ratio."""
+    length, rows = args.p7_length, args.p7_batch
+    lengths = [length - (length // 2) * i // max(1, rows - 1) for i in range(rows)]
+    batch = torch.zeros(rows, length, dtype=ids.dtype, device=ids.device)
+    mask = torch.zeros(rows, length, dtype=torch.long, device=ids.device)
+    for row, n in enumerate(lengths):
+        batch[row, length - n :], mask[row, length - n :] = ids[0, :n], 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    forward = {"attention_mask": mask, "position_ids": positions, "logits_to_keep": 1}
+    seconds: dict[str, list[float]] = {"plain": [], "full cache": []}
+    for _ in range(args.p7_repeats):
+        model.set_attn_implementation("sdpa")
+        seconds["plain"].append(prefill(model, batch, DynamicCache(config=model.config), None, **forward))
+        use_kvexp_attention(model)
+        seconds["full cache"].append(prefill(model, batch, make_cache(model, "full"), None, **forward))
+    plain = min(seconds["plain"])
+    return {
+        name: {"rows": rows, "tokens": sum(lengths), "seconds": min(t), "ratio_to_plain": min(t) / plain}
+        for name, t in seconds.items()
+    }
+
+
 def _tokens(tokenizer, count: int) -> torch.Tensor:
     docs = load_documents(
         {"name": "pg19", "path": None, "local_file": "pg19/test_books.jsonl", "hub_id": "emozilla/pg19-test",
@@ -461,6 +490,20 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {r['samples']} | {r['budgets']} | {r['batches']} | {r['samples_per_s_one']:.3f} | "
                 f"{r['samples_per_s_batched']:.3f} | {r['ratio']:.2f}x | {same} |"
             )
+    if results.get("P7"):
+        args = results["args"]
+        lines += _table(
+            f"\n**P7 padded prefill** ({args['p7_batch']} prompts of {args['p7_length']} down to "
+            f"{args['p7_length'] - args['p7_length'] // 2} tokens, left-padded, one forward)\n",
+            "case | seconds | / plain | target",
+        )
+        for name, r in results["P7"].items():
+            verdict = (
+                ""
+                if name == "plain"
+                else f"<= {TARGETS['P7']:.2f}: {target_verdict(r['ratio_to_plain'], TARGETS['P7'])}"
+            )
+            lines.append(f"| {name} | {r['seconds']:.2f} | {r['ratio_to_plain']:.2f} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -499,6 +542,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--p6-batch", type=int, default=8)
     parser.add_argument("--p6-budget", type=int, default=128, help="P6: the token budget case")
     parser.add_argument("--p6-repeats", type=int, default=1, help="P6: interleaved rounds (the best kept)")
+    parser.add_argument("--p7-length", type=int, default=2048, help="P7: the longest padded prompt")
+    parser.add_argument("--p7-batch", type=int, default=4, help="P7: prompts in the padded batch")
+    parser.add_argument("--p7-repeats", type=int, default=2, help="P7: interleaved rounds (the best kept)")
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--p3-case", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -549,7 +595,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "P5" in args.cases and "P1" not in args.cases:
         raise SystemExit("--cases: P5 compares with P1's plain decode; run P1 too")
     model, tokenizer = load_model_by_name(args.model, args.hardware)
-    needed = max(args.context, args.p2_context, args.p5_tokens, 2 * args.budget) + max(
+    needed = max(args.context, args.p2_context, args.p5_tokens, args.p7_length, 2 * args.budget) + max(
         args.steps, args.op_steps + 1
     )
     ids = _tokens(tokenizer, needed).to(model.device)
@@ -572,6 +618,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else {}
     )
     results["P6"] = p6_batched(model, tokenizer, args) if "P6" in run and args.p6_methods else {}
+    results["P7"] = p7_padded_prefill(model, ids, args) if "P7" in run else {}
     out = Path(args.out)
     atomic_write_json(out / "bench.json", results)
     text = markdown(results)

@@ -27,7 +27,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
             "--op-steps", "6", "--skip-p3", "--methods", "streaming_llm,h2o", "--compiled-methods", "h2o",
             "--prefill-methods", "snapkv", "--step-methods", "h2o", "--p5-methods", "h2o", "--out", str(tmp_path),
             "--p6-methods", "h2o,pyramidinfer", "--p6-length", "2048", "--p6-samples", "1", "--p6-batch", "4",
-            "--p6-budget", "64"]  # fmt: skip
+            "--p6-budget", "64", "--p7-length", "96", "--p7-batch", "3", "--p7-repeats", "1"]  # fmt: skip
     results = bench.main(args)
     written = json.loads((tmp_path / "bench.json").read_text())
     assert set(written["P1"]) == {
@@ -62,6 +62,11 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     assert p6["h2o keep_0.5"]["budgets"] > 1 and p6["h2o keep_0.5"]["batches"] == 3
     assert p6["pyramidinfer keep_0.5"]["batches"] > 3
     assert "**P6 batched generation**" in text and "| h2o keep_0.5 | 11 |" in text
+    p7 = written["P7"]
+    assert p7.keys() == {"plain", "full cache"} and p7["plain"]["ratio_to_plain"] == 1.0
+    assert p7["full cache"]["tokens"] == 96 + 72 + 48 and p7["full cache"]["rows"] == 3  # 96 down to half
+    assert p7["full cache"]["ratio_to_plain"] == p7["full cache"]["seconds"] / p7["plain"]["seconds"]
+    assert "**P7 padded prefill** (3 prompts of 96 down to 48 tokens" in text and "| full cache |" in text
 
 
 def test_gpu_suite_smoke_run_on_the_cpu(tmp_path):
@@ -94,5 +99,5 @@ def test_gpu_suite_smoke_run_on_the_cpu(tmp_path):
 def test_bench_cases_are_checked_before_the_model_loads():
     with pytest.raises(SystemExit, match="P5 compares with P1's plain decode"):
         bench.main(["--cases", "P5", "--model", "no_such_model"])
-    with pytest.raises(SystemExit, match="--cases must name some of P1, P2, P3, P4, P5, P6"):
-        bench.main(["--cases", "P7", "--model", "no_such_model"])
+    with pytest.raises(SystemExit, match="--cases must name some of P1, P2, P3, P4, P5, P6, P7"):
+        bench.main(["--cases", "P8", "--model", "no_such_model"])
