@@ -2,6 +2,7 @@
 
 import atexit
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -86,3 +87,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "data" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    """A qa_jsonl file of three short samples (a code word repeated in each context)."""
+    rows = [
+        {
+            "context": f"Note {i}: the code word is {w}. " * 8,
+            "question": "What is the code word?",
+            "answer": w,
+        }
+        for i, w in enumerate(["apple", "river", "candle"])
+    ]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

@@ -186,21 +186,6 @@ GENERATION_SUMMARY_KEYS = SUMMARY_KEYS | {
 }  # fmt: skip
 
 
-@pytest.fixture
-def qa_file(tmp_path):
-    rows = [
-        {
-            "context": f"Note {i}: the code word is {w}. " * 8,
-            "question": "What is the code word?",
-            "answer": w,
-        }
-        for i, w in enumerate(["apple", "river", "candle"])
-    ]
-    path = tmp_path / "qa.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
 def test_cli_passkey_run_reports_accuracy_by_length_and_depth(tmp_path):
     run_dir = tmp_path / "run"
     proc = _cli(

@@ -39,21 +39,6 @@ def test_the_journal_reads_back_its_batches_and_skips_a_torn_line(tmp_path):
     assert not path.exists() and journal_header(path) is None
 
 
-@pytest.fixture
-def qa_file(tmp_path):
-    rows = [
-        {
-            "context": f"Note {i}: the code word is {w}. " * 8,
-            "question": "What is the code word?",
-            "answer": w,
-        }
-        for i, w in enumerate(["apple", "river", "candle", "stone"])
-    ]
-    path = tmp_path / "qa.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
 # task -> (the config, the module and name of the function that answers one batch, its method argument's index)
 TASKS = {
     "generation": (
@@ -173,7 +158,7 @@ def test_a_run_dir_holding_another_configs_journal_is_refused(qa_file, tmp_path)
         train_or_eval(_compose(*base, "method=h2o"), out)
     assert journal_header(out / JOURNAL) == header
     summary = train_or_eval(_compose(*base, "method=h2o", "overwrite=true"), out)
-    assert summary["metrics_after"]["samples"] == 4 and not (out / JOURNAL).exists()
+    assert summary["metrics_after"]["samples"] == 3 and not (out / JOURNAL).exists()
 
 
 def test_a_sweep_job_finds_its_unfinished_runs_dir_and_leaves_another_configs(qa_file, tmp_path):
