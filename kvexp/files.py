@@ -73,11 +73,7 @@ class Journal:
     def append(self, entries: Mapping[int, Any]) -> None:
         """Record one batch's entries (a new journal, or one of other work, starts with this header)."""
         if not self._started:
-            try:
-                first = self.path.read_text(encoding="utf-8").split("\n", 1)[0]
-            except FileNotFoundError:
-                first = ""
-            if _json_line(first) != self.header:
+            if journal_header(self.path) != self.header:
                 atomic_write_text(self.path, json.dumps(self.header, sort_keys=True) + "\n")
             self._started = True
         line = json.dumps({str(i): value for i, value in entries.items()}, sort_keys=True) + "\n"

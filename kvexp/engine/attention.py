@@ -192,7 +192,7 @@ def _attend(
         if not bias.requires_grad and bool((bias == bias[:, :1]).all()):
             # One bias for every KV head (a left-padded prefill: padding is every head's): one [B, 1, q, n] mask
             # for the query heads as they are, not one [B, Hkv, G*q, n] for the grouped rows (G*Hkv times the
-            # memory, and a prefill of 8 x 2,048 tokens about twice as slow).
+            # memory; make bench's P7 on SmolLM2: 1.25x the plain model's prefill time with it, 0.99x without).
             minimum = torch.finfo(query.dtype).min
             mask = bias[:, :1, None, :].to(query.dtype).clamp_min(minimum)  # [B, 1, 1, n]
             mask = torch.where(_future(q, n, query.device), minimum, mask)  # [B, 1, q, n]
