@@ -78,12 +78,15 @@ def atomic_write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None 
     """Write ``rows`` as CSV with a header; columns default to the union of keys in first-seen order.
 
     Missing values are written as empty cells. With explicit ``fieldnames``, a row with another key raises
-    (csv.DictWriter) before anything is written.
+    (csv.DictWriter) before anything is written. Every text cell is quoted: with "\n" line ends, Python's minimal
+    quoting leaves a lone carriage return (which a model can generate) bare, and readers split the row there.
     """
     if fieldnames is None:
         fieldnames = list(dict.fromkeys(key for row in rows for key in row))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fieldnames, restval="", lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=fieldnames, restval="", lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC
+    )
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())

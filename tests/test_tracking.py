@@ -125,6 +125,19 @@ def test_csv_round_trip(tmp_path):
     with path.open(newline="") as f:
         assert csv.DictReader(f).fieldnames == ["ppl", "method", "budget"]
     assert leftovers(tmp_path) == []
+    # generated text may hold any character: a carriage return, a newline, quotes, commas
+    texts = [
+        {"generation": "a\rb", "n": 1},
+        {"generation": 'c\n"d", e\r\n', "n": 2},
+        {"generation": None, "n": 3},
+    ]
+    atomic_write_csv(path, texts)
+    with path.open(newline="") as f:
+        assert list(csv.DictReader(f)) == [
+            {"generation": "a\rb", "n": "1"},
+            {"generation": 'c\n"d", e\r\n', "n": "2"},
+            {"generation": "", "n": "3"},
+        ]
 
 
 def test_flatten():
