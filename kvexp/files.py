@@ -76,7 +76,7 @@ class Journal:
             if journal_header(self.path) != self.header:
                 atomic_write_text(self.path, json.dumps(self.header, sort_keys=True) + "\n")
             self._started = True
-        line = json.dumps({str(i): value for i, value in entries.items()}, sort_keys=True) + "\n"
+        line = json.dumps({str(i): value for i, value in entries.items()}) + "\n"  # keys in their order
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, line.encode("utf-8"))

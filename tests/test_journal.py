@@ -13,6 +13,7 @@ from kvexp.app import train_or_eval
 from kvexp.files import Journal, journal_header
 from kvexp.run_dir import JOURNAL, config_hash, job_subdir
 from kvexp.tasks.base import versions
+from kvexp.tasks.lm_eval_harness import CompressedLM
 from kvexp.tasks.registry import dataset_inputs
 from tests.test_config import _compose
 
@@ -39,16 +40,23 @@ def test_the_journal_reads_back_its_batches_and_skips_a_torn_line(tmp_path):
     assert not path.exists() and journal_header(path) is None
 
 
-# task -> (the config, the module and name of the function that answers one batch, its method argument's index)
+# task -> (the config; what answers one batch (lm-eval: one cache's requests): where, the names, and the method
+# among its arguments)
 TASKS = {
     "generation": (
         ("dataset=qa_jsonl", "eval.max_new_tokens=3", "eval.batch_size=2"),
-        (kvexp.tasks.generation, "generate_batch", 3),
+        (kvexp.tasks.generation, ("generate_batch",), lambda args: args[3]),
     ),
     "perplexity": (
         ("dataset=wikitext2", "dataset.split_documents=true", "eval.max_samples=4", "eval.max_tokens=40",
          "eval.chunk_size=8", "eval.batch_size=2"),
-        (kvexp.tasks.perplexity, "score_documents", 2),
+        (kvexp.tasks.perplexity, ("score_documents",), lambda args: args[2]),
+    ),
+    # two documents of 4 choices (a cache each) and, with kvexp_recall_gen, two generations
+    "lm_eval": (
+        ("dataset=lm_eval", "dataset.tasks=[kvexp_recall,kvexp_recall_gen]", "dataset.limit=2",
+         "dataset.bootstrap_iters=0"),
+        (CompressedLM, ("_score_continuations", "_generate"), lambda args: args[0].method),
     ),
 }  # fmt: skip
 
@@ -56,31 +64,40 @@ TASKS = {
 def _batches(monkeypatch, task: str, fail_at: tuple[str, int] | None = None) -> list[str]:
     """Record the method of every batch answered (or scored); with `fail_at` (method, n), the n-th batch of that
     method raises, as a kill would stop the job there."""
-    module, name, index = TASKS[task][1]
-    real, calls = getattr(module, name), []
+    owner, names, method_of = TASKS[task][1]
+    calls = []
 
-    def recording(*args, **kwargs):
-        method = getattr(args[index], "name", args[index])
-        calls.append(method)
-        if fail_at is not None and calls.count(fail_at[0]) == fail_at[1] and method == fail_at[0]:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
+    def recording(real):
+        def record(*args, **kwargs):
+            method = getattr(method_of(args), "name", method_of(args))
+            calls.append(method)
+            if fail_at is not None and calls.count(fail_at[0]) == fail_at[1] and method == fail_at[0]:
+                raise KeyboardInterrupt("killed")
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, name, recording)
+        return record
+
+    for name in names:
+        monkeypatch.setattr(owner, name, recording(getattr(owner, name)))
     return calls
 
 
 def _results(run_dir) -> list[dict[str, str]]:
     """samples.csv without its timing columns."""
-    rows = list(csv.DictReader((run_dir / "samples.csv").open()))
-    timing = ("_s", "_s_before", "_s_after", "ms_per_step", "tpot", "throughput", "wall")
+    rows = list(csv.DictReader((run_dir / "samples.csv").open(newline="")))
+    timing = ("_s", "_s_before", "_s_after", "seconds", "ms_per_step", "tpot", "throughput", "wall")
     return [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in rows]
 
 
-@pytest.mark.parametrize("task", ["generation", "perplexity"])
+# task -> the samples (lm-eval: requests) of the compressed run's first batch, and its number of batches
+FIRST_BATCH = {"generation": (2, 2), "perplexity": (2, 2), "lm_eval": (4, 4)}
+
+
+@pytest.mark.parametrize("task", ["generation", "perplexity", "lm_eval"])
 def test_a_killed_compressed_run_resumes_at_its_last_finished_batch(task, qa_file, tmp_path, monkeypatch):
     data = (*TASKS[task][0], f"dataset.path={qa_file}") if task == "generation" else TASKS[task][0]
     base = ("model=tiny_llama", "method=h2o", "budget=32", "engine.when=prefill", "eval.warmup=false", *data)
+    first, batches = FIRST_BATCH[task]
     reference = train_or_eval(_compose(*base, f"cache_dir={tmp_path / 'ref_cache'}"), tmp_path / "ref")
     cfg = _compose(*base, f"cache_dir={tmp_path / 'cache'}")
     out = tmp_path / "run"
@@ -88,17 +105,16 @@ def test_a_killed_compressed_run_resumes_at_its_last_finished_batch(task, qa_fil
     with pytest.raises(KeyboardInterrupt):
         train_or_eval(cfg, out)
     lines = (out / JOURNAL).read_text().splitlines()
-    assert len(lines) == 2 and sorted(json.loads(lines[1])) == ["0", "1"]  # the header and the first batch
+    assert len(lines) == 2 and sorted(json.loads(lines[1]), key=int) == [str(i) for i in range(first)]
     assert not (out / "summary.json").exists()
     header = json.loads(lines[0])
 
     calls = _batches(monkeypatch, task)
     summary = train_or_eval(cfg, out)
-    assert calls == [
-        "h2o"
-    ]  # the full cache was stored whole; only the compressed run's second batch is redone
+    # the full cache was stored whole; only the compressed run's batches after the first are run
+    assert calls == ["h2o"] * (batches - 1)
     assert (
-        summary["resumed"] == 2
+        summary["resumed"] == first
         and "resumed" not in reference
         and header["config_hash"] == summary["config_hash"]
     )
@@ -114,7 +130,7 @@ def test_a_killed_compressed_run_resumes_at_its_last_finished_batch(task, qa_fil
     again = train_or_eval(
         _compose(*base, f"cache_dir={tmp_path / 'cache'}", "resume=false"), tmp_path / "fresh"
     )
-    assert calls == ["h2o", "h2o"] and "resumed" not in again
+    assert calls == ["h2o"] * batches and "resumed" not in again
 
 
 @pytest.mark.parametrize("task", ["generation", "perplexity"])
@@ -141,6 +157,30 @@ def test_a_killed_full_cache_run_resumes_in_the_next_job(task, qa_file, tmp_path
     later = train_or_eval(_compose(*base, "method=h2o"), tmp_path / "a")  # the killed job, re-run
     assert calls == ["h2o", "h2o"] and later["timing_full"]["comparable"] is False
     assert later["metrics_after"] == reference["metrics_after"]
+
+
+def test_lm_evals_full_cache_requests_are_kept_for_every_later_job(tmp_path, monkeypatch):
+    """lm-eval runs its own loop in every job: its full-cache requests are kept in a journal under cache_dir, so a
+    job killed midway leaves those it answered and every later job, of any method, reads them back."""
+    base = ("model=tiny_llama", "budget=32", "engine.when=prefill", "eval.warmup=false",
+            f"cache_dir={tmp_path / 'cache'}", *TASKS["lm_eval"][0])  # fmt: skip
+    reference = train_or_eval(_compose(*base, "method=h2o", f"cache_dir={tmp_path / 'ref'}"), tmp_path / "r")
+    _batches(monkeypatch, "lm_eval", fail_at=("full", 2))
+    with pytest.raises(KeyboardInterrupt):
+        train_or_eval(_compose(*base, "method=h2o"), tmp_path / "a")
+    (kept,) = (tmp_path / "cache" / "full").glob("*.jsonl")
+
+    calls = _batches(monkeypatch, "lm_eval")
+    summary = train_or_eval(_compose(*base, "method=knorm"), tmp_path / "b")  # the next job, another method
+    assert calls == ["full"] * 3 + ["knorm"] * 4  # the full cache's first document was read back
+    assert summary["timing_full"]["comparable"] is False and "resumed" not in summary
+    assert summary["metrics_before"] == reference["metrics_before"]
+    calls.clear()
+    later = train_or_eval(_compose(*base, "method=h2o"), tmp_path / "a")  # the killed job, re-run
+    assert calls == ["h2o"] * 4 and later["timing_full"]["comparable"] is False
+    assert later["metrics_before"] == reference["metrics_before"]
+    assert later["metrics_after"] == reference["metrics_after"]
+    assert kept.exists() and reference["timing_full"]["comparable"] is True
 
 
 def test_a_run_dir_holding_another_configs_journal_is_refused(qa_file, tmp_path):

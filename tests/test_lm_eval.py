@@ -9,6 +9,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from omegaconf import OmegaConf
 
+from kvexp.files import Journal
 from kvexp.tasks.lm_eval_harness import (
     LOCAL_TASKS_DIR,
     CompressedLM,
@@ -172,6 +173,34 @@ def _greedy_reference(model, ids, steps, eos):
                 break
             out.append(token)
     return out
+
+
+def test_a_journal_gives_back_a_caches_requests_only_with_the_same_inputs(tmp_path):
+    model, tok = load("tiny_llama")
+
+    def lm():
+        journal = Journal(tmp_path / "j.jsonl", {"work": 1})
+        return CompressedLM(model, tok, "streaming_llm", 16, progress=False, journal=journal)
+
+    args = [(CONTEXT, " 4821"), (CONTEXT, " 7305"), ("Question:", " no")]
+    first = lm()
+    want = first.loglikelihood(_requests("loglikelihood", args), disable_tqdm=True)
+    gen = first.generate_until(
+        _requests("generate_until", [(CONTEXT, {"until": [], "max_gen_toks": 3})]), True
+    )
+    again = lm()
+    assert again.loglikelihood(_requests("loglikelihood", args), disable_tqdm=True) == want
+    assert (
+        again.generate_until(_requests("generate_until", [(CONTEXT, {"until": [], "max_gen_toks": 3})]), True)
+        == gen
+    )
+    assert again.restored == 4 and again.records == first.records  # timings included: nothing was run again
+
+    changed = lm()  # the first context's second continuation differs: its cache's requests run again
+    got = changed.loglikelihood(_requests("loglikelihood", [*args[:1], (CONTEXT, " 9999"), *args[2:]]), True)
+    assert changed.restored == 1 and got[2] == want[2] and got[1] != want[1]
+    assert got[0][0] == pytest.approx(want[0][0], abs=1e-5)
+    assert changed.records[0]["seconds"] != first.records[0]["seconds"]
 
 
 def test_generate_until_decodes_greedily_and_stops_at_the_stop_string():

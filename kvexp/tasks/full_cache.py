@@ -69,6 +69,14 @@ def reuse_or_run(
     return results, timed_in is not None
 
 
+def kept_journal(cfg: DictConfig, content: dict[str, Any]) -> Journal | None:
+    """Where a task that runs its own loop (lm-eval) keeps its full-cache results: a journal under `cache_dir`
+    (`<key>.jsonl`), never deleted, which every later job's loop reads back instead of running again (None:
+    `cache_dir=null`). Results read back were timed in another process: comparable only when none were."""
+    path = _path(cfg, content)
+    return None if path is None else Journal(path.with_suffix(".jsonl"), {"full_cache": path.stem})
+
+
 def _path(cfg: DictConfig, content: dict[str, Any]) -> Path | None:
     """Where the full-cache results of this model, hardware and `content` live (None: `cache_dir=null`)."""
     if not cfg.cache_dir:

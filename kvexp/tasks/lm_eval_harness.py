@@ -31,15 +31,22 @@ the compressed cache of everything before that step plus the step's own tokens.
 Batch size 1: one context at a time (its continuations batched together). `CompressedLM.records` keeps one
 record per request (tokens, log-likelihood or generation, the cache's kept tokens and bytes, time), which
 `evaluate_lm_eval` returns as samples.csv rows.
+
+A killed run resumes: with a `journal`, the requests of each cache (a context's continuations, a document, a
+generation) are recorded as that cache finishes, under the request's place in lm-eval's order (the same in every
+run of one config) and a digest of its tokens; a later run reads a cache's requests back when the journal holds
+them all with the same digests, and runs the rest.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +65,7 @@ from tqdm.auto import tqdm
 
 from kvexp.budgets import resolve_budget
 from kvexp.engine import KVCache
+from kvexp.files import Journal
 from kvexp.methods import Method, make_cache
 from kvexp.tasks.perplexity import score_document
 
@@ -76,6 +84,8 @@ class CompressedLM(TemplateLM):
     rolling document (1: exact streaming, as `eval.chunk_size`). Compression runs between steps.
     `max_length`: lm-eval's truncation length (default: the model's context length, as HFLM).
     `cache_kwargs` go to make_cache (`slack`, `when`, `positions`, `head_budgets`, method parameters).
+    `journal`: each cache's requests are recorded there as it finishes, and read back instead of run when a killed
+    run recorded them (module docstring); `restored` counts the requests read back.
     """
 
     def __init__(
@@ -89,6 +99,7 @@ class CompressedLM(TemplateLM):
         prefill_chunk_size: int | None = None,
         max_length: int | None = None,
         progress: bool = True,
+        journal: Journal | None = None,
         **cache_kwargs,
     ):
         super().__init__()
@@ -103,7 +114,9 @@ class CompressedLM(TemplateLM):
         self.progress = progress
         self.cache_kwargs = cache_kwargs
         self.records: list[dict[str, Any]] = []
-        self._runs = 0  # caches made so far: records of one shared cache carry the same `cache_run`
+        self.journal = journal
+        self._held = journal.entries() if journal is not None else {}
+        self.restored = 0
         self._warned_sampling = False
 
     # -- what lm-eval asks ----------------------------------------------------------------------------------------
@@ -157,23 +170,19 @@ class CompressedLM(TemplateLM):
         by_context: dict[tuple[int, ...], list[int]] = {}
         for i, (context, _) in enumerate(fitted):
             by_context.setdefault(tuple(context), []).append(i)
+        first = len(self.records)  # the requests' places in lm-eval's order
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         records: list[dict[str, Any]] = [{}] * len(requests)
         for context, members in tqdm(
             by_context.items(), desc="loglikelihood (contexts)", disable=disable_tqdm or not self.progress
         ):
             continuations = [fitted[i][1] for i in members]
-            scores, run = self._score_continuations(list(context), continuations)
-            for i, continuation, (logprob, greedy) in zip(members, continuations, scores, strict=True):
-                results[i] = (logprob, greedy)
-                records[i] = {
-                    "request_type": "loglikelihood",
-                    "context_tokens": len(context),
-                    "continuation_tokens": len(continuation),
-                    "loglikelihood": logprob,
-                    "is_greedy": greedy,
-                    **run,
-                }
+            places = [first + i for i in members]
+            score = functools.partial(self._score_continuations, list(context), continuations, places[0])
+            keys = [["loglikelihood", list(context), c] for c in continuations]
+            scores, scored = self._journaled(places, keys, score)
+            for i, (logprob, greedy), record in zip(members, scores, scored, strict=True):
+                results[i], records[i] = (logprob, greedy), record
         self.records.extend(records)
         return results
 
@@ -188,9 +197,10 @@ class CompressedLM(TemplateLM):
 
     @torch.no_grad()
     def _score_continuations(
-        self, context: list[int], continuations: list[list[int]]
-    ) -> tuple[list[tuple[float, bool]], dict[str, Any]]:
-        """Compress `context[:-1]` once, then score every continuation in one batched step (module docstring)."""
+        self, context: list[int], continuations: list[list[int]], run: int
+    ) -> tuple[list[list], list[dict[str, Any]]]:
+        """Compress `context[:-1]` once, then score every continuation in one batched step (module docstring):
+        `[log-likelihood, is_greedy]` and a record per continuation."""
         start = time.perf_counter()
         cache = self._cache(len(context))
         self._prefill(cache, context[:-1])
@@ -206,8 +216,20 @@ class CompressedLM(TemplateLM):
             target = torch.tensor(continuation, device=self.device)
             scored = row[: len(continuation)]
             logprob = scored.gather(-1, target[:, None]).sum()
-            scores.append((float(logprob), bool((scored.argmax(-1) == target).all())))
-        return scores, self._run(kv, self._since(start))
+            scores.append([float(logprob), bool((scored.argmax(-1) == target).all())])
+        cost = self._run(kv, self._since(start), run)
+        records = [
+            {
+                "request_type": "loglikelihood",
+                "context_tokens": len(context),
+                "continuation_tokens": len(continuation),
+                "loglikelihood": logprob,
+                "is_greedy": greedy,
+                **cost,
+            }
+            for continuation, (logprob, greedy) in zip(continuations, scores, strict=True)
+        ]
+        return scores, records
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         results = []
@@ -227,27 +249,29 @@ class CompressedLM(TemplateLM):
                 results.append(0.0)
                 self.records.append({**record, "continuation_tokens": 0, "loglikelihood": 0.0})
                 continue
-            doc = score_document(
-                self.model,
-                torch.tensor([ids]),
-                self.method,
-                self._budget(len(ids)),
-                self.chunk_size,
-                f"{request.task_name}/{request.doc_id}",
-                **self.cache_kwargs,
+            place = len(self.records)
+            score = functools.partial(
+                self._score_rolling, ids, f"{request.task_name}/{request.doc_id}", place
             )
-            results.append(-doc.nll)
-            self.records.append(
-                {
-                    **record,
-                    "context_tokens": 1,
-                    "continuation_tokens": doc.tokens,
-                    "loglikelihood": -doc.nll,
-                    "is_greedy": doc.correct == doc.tokens,
-                    **self._run(doc.kv, doc.first_step_s + sum(doc.step_s)),
-                }
-            )
+            (logprob,), (scored,) = self._journaled([place], [["loglikelihood_rolling", ids]], score)
+            results.append(logprob)
+            self.records.append({**record, **scored})
         return results
+
+    def _score_rolling(self, ids: list[int], name: str, run: int) -> tuple[list[float], list[dict[str, Any]]]:
+        """Stream one document through the cache: its log-likelihood and record."""
+        doc = score_document(
+            self.model, torch.tensor([ids]), self.method, self._budget(len(ids)), self.chunk_size, name,
+            **self.cache_kwargs,
+        )  # fmt: skip
+        record = {
+            "context_tokens": 1,
+            "continuation_tokens": doc.tokens,
+            "loglikelihood": -doc.nll,
+            "is_greedy": doc.correct == doc.tokens,
+            **self._run(doc.kv, doc.first_step_s + sum(doc.step_s), run),
+        }
+        return [-doc.nll], [record]
 
     # -- generation -----------------------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
@@ -268,16 +292,20 @@ class CompressedLM(TemplateLM):
                     f"max_gen_toks={max_gen_toks} leaves no room in max_length={self.max_length}"
                 )
             ids = self.tok_encode(context)[-(self.max_length - max_gen_toks) :] or [self.prefix_token_id]
-            text, record = self._generate(ids, until, max_gen_toks)
+            place = len(self.records)
+            generate = functools.partial(self._generate, ids, until, max_gen_toks, place)
+            key = ["generate_until", ids, until, max_gen_toks]
+            (text,), (record,) = self._journaled([place], [key], generate)
             results.append(text)
             self.records.append({**_request_fields(request), **record})
         return results
 
     @torch.no_grad()
     def _generate(
-        self, context: list[int], until: list[str], max_gen_toks: int
-    ) -> tuple[str, dict[str, Any]]:
-        """Compress `context[:-1]`, then decode greedily from its last token through the compressed cache."""
+        self, context: list[int], until: list[str], max_gen_toks: int, run: int
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        """Compress `context[:-1]`, then decode greedily from its last token through the compressed cache: the
+        text and its record."""
         start = time.perf_counter()
         cache = self._cache(len(context))
         self._prefill(cache, context[:-1])
@@ -304,11 +332,31 @@ class CompressedLM(TemplateLM):
             "generation": text,
             "ttft_s": prefill_s + steps[0] if steps else None,
             "tpot_ms": 1000 * sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1 else None,
-            **self._run(cache.stats(), self._since(start)),
+            **self._run(cache.stats(), self._since(start), run),
         }
-        return text, record
+        return [text], [record]
 
     # -- shared -------------------------------------------------------------------------------------------------
+    def _journaled(
+        self, places: list[int], keys: list[list], run: Callable[[], tuple[list[Any], list[dict[str, Any]]]]
+    ) -> tuple[list[Any], list[dict[str, Any]]]:
+        """The results and records of one cache's requests (at `places` in lm-eval's order, their inputs `keys`):
+        read back from the journal when it holds all of them with the same inputs, else `run()` and recorded."""
+        digests = [hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16] for key in keys]
+        held = [self._held.get(place) for place in places]
+        if all(h is not None and h["digest"] == d for h, d in zip(held, digests, strict=True)):
+            self.restored += len(places)
+            return [h["result"] for h in held], [h["record"] for h in held]
+        results, records = run()
+        if self.journal is not None:
+            self.journal.append(
+                {
+                    place: {"digest": digest, "result": result, "record": record}
+                    for place, digest, result, record in zip(places, digests, results, records, strict=True)
+                }
+            )
+        return results, records
+
     def _budget(self, tokens: int) -> int | list[int] | None:
         if isinstance(self.budget_config, Mapping):
             return resolve_budget(self.budget_config, tokens, self.model.config.num_hidden_layers)
@@ -332,11 +380,11 @@ class CompressedLM(TemplateLM):
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
-    def _run(self, kv: Mapping[str, Any], seconds: float) -> dict[str, Any]:
-        """The cost fields of one cache (shared by the records of the requests it served)."""
-        self._runs += 1
+    def _run(self, kv: Mapping[str, Any], seconds: float, run: int) -> dict[str, Any]:
+        """The cost fields of one cache (shared by the records of the requests it served; `run`: the place of its
+        first request in lm-eval's order, which names the cache)."""
         return {
-            "cache_run": self._runs - 1,
+            "cache_run": run,
             "kv_tokens_seen": kv["tokens_seen"],
             "kv_tokens_full": kv.get("tokens_full", kv["tokens_seen"]),
             "kv_tokens_kept": kv["tokens_kept"],
@@ -533,6 +581,7 @@ def evaluate_lm_eval(
     chunk_size: int = 1,
     prefill_chunk_size: int | None = None,
     progress: bool = True,
+    journal: Journal | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run `dataset.tasks` with lm-eval through the compressed cache.
 
@@ -541,7 +590,8 @@ def evaluate_lm_eval(
     log-likelihood or generation, kept tokens and bytes of its cache, seconds) carrying its document's metric
     values. `engine`: make_cache options (slack, when, positions, head_budgets); `chunk_size` /
     `prefill_chunk_size`: `eval.chunk_size` (rolling documents) and `eval.prefill_chunk_size` (contexts).
-    Seeds lm-eval's python, numpy, torch and few-shot generators with `seed`.
+    Seeds lm-eval's python, numpy, torch and few-shot generators with `seed`. `journal`: each cache's requests are
+    recorded there, and a killed run's read back (`journal.restored`: how many requests were).
     """
     from lm_eval import simple_evaluate
 
@@ -555,6 +605,7 @@ def evaluate_lm_eval(
         chunk_size=chunk_size,
         prefill_chunk_size=prefill_chunk_size,
         progress=progress,
+        journal=journal,
         **engine,
     )
     results = simple_evaluate(
@@ -571,6 +622,8 @@ def evaluate_lm_eval(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
+    if journal is not None:
+        journal.restored = lm.restored  # held entries whose inputs differ were run again
     metrics = {**task_metrics(results["results"]), **cost_metrics(lm.records)}
     per_doc = _sample_metrics(results.get("samples") or {})
     rows = [{**r, **per_doc.get((r.get("task"), r.get("doc_id")), {})} for r in lm.records]

@@ -10,9 +10,11 @@ kvexp.tasks.full_cache) and the compressed one, and builds the summary and sampl
 from __future__ import annotations
 
 import dataclasses
+import logging
+from importlib.metadata import version
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kvexp.budgets import resolve_budget
 from kvexp.files import Journal
@@ -50,6 +52,8 @@ from kvexp.tasks.ruler import check_ruler, ruler_samples
 from kvexp.tasks.ruler import summary_fields as ruler_summary
 from kvexp.tasks.summarization import check_summarization, summarization_samples
 from kvexp.tasks.zero_scrolls import check_zero_scrolls, zero_scrolls_samples
+
+log = logging.getLogger(__name__)
 
 DATASETS: dict[str, Dataset] = {
     **TEXT_DATASETS,  # perplexity: wikitext2, pg19, text_file, python_code (kvexp.tasks.data)
@@ -335,19 +339,43 @@ class LmEval(Task):
         return Loaded(model, tokenizer, method, [])  # lm-eval reads its own samples
 
     def run(self, cfg: DictConfig, loaded: Loaded, journal: Journal | None = None) -> Results:
-        # lm-eval's own loop runs every request: nothing is journaled, a killed run starts again
+        # lm-eval runs its own loop every time: the journals make it read back the requests already answered
         model, tokenizer, seed = loaded.model, loaded.tokenizer, cfg.seed
         prefill = cfg.eval.prefill_chunk_size or loaded.method.prompt_block  # the method's blocks (`block`)
         chunks = {"chunk_size": cfg.eval.chunk_size, "prefill_chunk_size": prefill}
-        before = (
-            evaluate_lm_eval(cfg.dataset, model, tokenizer, "full", None, {}, seed, **chunks)[0]
-            if cfg.eval.compare_to_full
-            else None
-        )
+        before, comparable = None, None
+        if cfg.eval.compare_to_full:
+            content = {
+                "task": "lm_eval",
+                "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+                **chunks,
+                "seed": seed,
+                "lm_eval": version("lm_eval"),
+            }
+            kept = full_cache.kept_journal(cfg, content)
+            before = evaluate_lm_eval(
+                cfg.dataset, model, tokenizer, "full", None, {}, seed, **chunks, journal=kept
+            )[0]
+            comparable = kept is None or kept.restored == 0
+            if not comparable:
+                log.info(
+                    "full-cache lm-eval requests: %d of %d read back from %s",
+                    kept.restored,
+                    before["requests"],
+                    kept.path,
+                )
         after, rows = evaluate_lm_eval(
-            cfg.dataset, model, tokenizer, loaded.method, cfg.budget, engine_options(cfg), seed, **chunks
+            cfg.dataset,
+            model,
+            tokenizer,
+            loaded.method,
+            cfg.budget,
+            engine_options(cfg),
+            seed,
+            **chunks,
+            journal=journal,
         )
-        return Results(rows, before, after)  # the samples: lm-eval's requests, one row each
+        return Results(rows, before, after, comparable)  # the samples: lm-eval's requests, one row each
 
     def aggregate(self, cfg: DictConfig, loaded: Loaded, results: Results) -> dict[str, Any]:
         before, after = summary_aggregate(results.before), summary_aggregate(results.after)
