@@ -27,7 +27,6 @@ windows before and after training is reported (`kl_before`, `kl_after`); the che
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from kvexp.methods.base import Probing
 from kvexp.methods.restorekv import INIT, RestoreKV, init_adapter, lora_modules, save_adapter
 from kvexp.models import load_model
 from kvexp.tasks.base import method_from_config
+from kvexp.tracking import atomic_write_csv
 from kvexp.train import Trained
 from kvexp.train.data import check_trainer_options, engine_settings, training_books
 from kvexp.train.learned_scorer import text_windows
@@ -226,10 +226,7 @@ def train(cfg: DictConfig, checkpoint_dir: Path) -> Trained:
         p.requires_grad_(False)
     after = mean_loss(model, tokenizer, method, budget, windows, t, engine)
     save_adapter(adapter, checkpoint_dir)
-    with (run_dir / LOG_FILE).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_csv(run_dir / LOG_FILE, rows)
     trained = sum(p.numel() for p in params.values())
     metrics = {
         "steps": t.steps,
