@@ -7,9 +7,10 @@ after, cost figures, and a column for every config key that differs between the 
 when the runs finished, the command rebuilt from their overrides, the swept keys, hardware, versions, the config
 they share and links to their run dirs; then one captioned table per comparison group and budget in the
 kvcompress study's format: the full cache and each method, then each metric's % change against the full cache;
-then the captioned plots), the plots (`plots/*.png`: per-metric method comparison per budget, quality vs
-throughput, method x metric heatmap of % changes, cache efficiency, quality vs compression Pareto curves, cluster
-quality vs quality where a method reports it) and `report.html`, the same with the plots inline, which opens
+then, for RULER runs, its per-task tables as the leaderboards print them; then the captioned plots), the plots
+(`plots/*.png`: per-metric method comparison per budget, quality vs throughput, method x metric heatmap of %
+changes, cache efficiency, quality vs compression Pareto curves, cluster quality vs quality where a method
+reports it) and `report.html`, the same with the plots inline, which opens
 offline. A multirun writes it by itself (kvexp.callbacks). Timings are in the console's units: TTFT in s, TPOT
 in ms, throughput in tokens/s.
 
@@ -372,6 +373,97 @@ def tables(summaries: list[dict[str, Any]]) -> str:
                 out.append(f"| {name} | " + " | ".join(changes) + " |")
         out.append("")
     return "\n".join(out)
+
+
+# RULER's task names as its leaderboards print them (niah_single_1 -> s1); the others (vt, cwe, fwe, qa_1) as they are.
+_RULER_SHORT = {"niah_single_": "s", "niah_multikey_": "mk", "niah_multivalue": "mv", "niah_multiquery": "mq"}
+
+
+def _ruler_title(task: str) -> str:
+    for prefix, short in _RULER_SHORT.items():
+        if task.startswith(prefix):
+            return short + task[len(prefix) :]
+    return task
+
+
+def ruler_tables(summaries: list[dict[str, Any]]) -> str:
+    """RULER's tables (markdown) for the runs that have them (`summary["ruler"]`), one per comparison group and
+    length, as the leaderboards print them: the full cache first, then every run by budget (largest first) and
+    average (best first), with the per-task scores x 100, their average, that average as % of the full cache's,
+    and the KV cache a sample held at the end (entries per layer and KV head, K/V MiB; means over samples)."""
+    runs = [s for s in summaries if s.get("ruler")]
+    if not runs:
+        return ""
+    varying, labels = varying_keys(summaries), label_keys(summaries)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for s in runs:
+        for length in s["ruler"]["after"]:
+            groups[(comparison_group(s, varying), length)].append(s)
+    out = []
+    for (group, length), members in sorted(
+        groups.items(), key=lambda item: (str(item[0][0]), int(item[0][1]))
+    ):
+        full = next((s for s in members if s["method"]["name"] == "full"), None)
+        first = next((s for s in members if (s["ruler"].get("before") or {}).get(length)), None)
+        if full is not None:
+            base, source = (
+                full["ruler"]["after"][length],
+                f"the method=full run `{Path(full['run_dir']).name}`",
+            )
+        elif first is not None:
+            base = first["ruler"]["before"][length]
+            source = f"the full-cache pass of run `{Path(first['run_dir']).name}`"
+        else:
+            base, source = None, None
+        table = [("full", "all", base)] if base is not None else []
+        others = [
+            (run_label(s, labels), budget_label(s), s["ruler"]["after"][length])
+            for s in members
+            if s is not full
+        ]
+        table += sorted(others, key=_ruler_order)
+        tasks = list(dict.fromkeys(t for _, _, cells in table for t in cells["tasks"]))
+        model = members[0]["model"]
+        out.append(
+            f"### RULER, {length} tokens ({model}, {table[0][2]['samples']} samples)" + _group_title(group)
+        )
+        short = [t for t in tasks if _ruler_title(t) != t]
+        legend = f" Task columns: {', '.join(f'{_ruler_title(t)} = {t}' for t in short)}." if short else ""
+        out.append(
+            "\n*RULER's score per task x 100 (string_match_all, QA string_match_part), their average over the tasks "
+            "and that average as % of the full cache's"
+            + (f" (`full`: {source})" if source else " (no full-cache result)")
+            + "; KV kept: the entries a layer's KV head holds at the end of a sample, and K/V MiB the bytes it "
+            f"holds, means over the samples.{legend}*\n"
+        )
+        out.append(
+            "| method | budget | "
+            + " | ".join(_ruler_title(t) for t in tasks)
+            + " | average | % of full | KV kept | K/V MiB |"
+        )
+        out.append("|---" * (6 + len(tasks)) + "|")
+        reference = base["average"] if base is not None else None
+        for name, budget, cells in table:
+            scores = " | ".join(_fmt_score(cells["tasks"].get(t)) for t in tasks)
+            share = f"{100 * cells['average'] / reference:.0f}%" if reference else "-"
+            kept = cells.get("kv_tokens_kept")
+            kept = "-" if kept is None else f"{kept:.1f}"
+            out.append(
+                f"| {name} | {budget} | {scores} | **{cells['average']:.1f}** | {share} | {kept} | "
+                f"{_fmt_mb(cells.get('kv_bytes_kept'))} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def _ruler_order(row: tuple[str, str, dict[str, Any]]) -> tuple:
+    """A RULER table's rows: token budgets before ratios, each largest first, then the best average first."""
+    kind, size = _budget_sort(row[1])
+    return (kind, -size, -row[2]["average"], row[0])
+
+
+def _fmt_score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _metric_titles(metrics: list[str]) -> list[str]:
@@ -807,6 +899,9 @@ def write_report(dirs: list[str | Path], out_dir: str | Path | None = None, with
     table = rows(summaries)
     atomic_write_csv(out / "results.csv", table, fieldnames=_fieldnames(table))
     markdown = header(summaries, out) + "\n## Tables\n\n" + tables(summaries)
+    ruler = ruler_tables(summaries)
+    if ruler:
+        markdown += "\n## RULER\n\n" + ruler
     figures = plots(table, out / "plots") if with_plots else []
     current = {path for path, _ in figures}
     for stale in (out / "plots").glob(

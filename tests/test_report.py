@@ -641,3 +641,52 @@ def test_swept_key_plot_labels_name_only_what_varies_within_a_method():
         "streaming_llm @ 64",
         "full cache",
     ]
+
+
+def _ruler(method, keep, cells, before=None, kept=512.0, mib=23.5):
+    """A RULER run's summary (two tasks, 1k): per-task scores x 100 after (and the full cache's before)."""
+    summary = _configured("smollm2_135m", method, 0.0, 0.0)
+    summary["dataset"], summary["budget"] = "ruler", {"tokens": None, "keep_ratio": keep}
+    summary["config"]["budget"] = summary["budget"]
+
+    def table(tasks, tokens, mb):
+        return {"1024": {"tasks": tasks, "average": sum(tasks.values()) / len(tasks), "samples": 40,
+                         "kv_tokens_kept": tokens, "kv_bytes_kept": mb * 2**20}}  # fmt: skip
+
+    summary["ruler"] = {
+        "after": table(cells, kept, mib),
+        "before": table(before, 1000.0, 45.0) if before else None,
+    }
+    return summary
+
+
+def test_ruler_tables_rank_runs_by_budget_then_average_against_the_full_cache(tmp_path):
+    from kvexp.report import ruler_tables
+
+    full = {"niah_single_1": 100.0, "niah_multikey_2": 50.0}
+    summaries = _write(
+        tmp_path,
+        [
+            _ruler("snapkv", 0.5, {"niah_single_1": 10.0, "niah_multikey_2": 20.0}, full),
+            _ruler(
+                "tova", 0.25, {"niah_single_1": 90.0, "niah_multikey_2": 0.0}, full, kept=256.0, mib=11.75
+            ),
+            _ruler("tova", 0.5, {"niah_single_1": 95.0, "niah_multikey_2": 30.0}, full),
+        ],
+    )
+    text = ruler_tables(summaries)
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert text.startswith("### RULER, 1024 tokens (smollm2_135m, 40 samples)")
+    assert "s1 = niah_single_1, mk2 = niah_multikey_2" in text and "the full-cache pass of run `0`" in text
+    assert lines[0] == "| method | budget | s1 | mk2 | average | % of full | KV kept | K/V MiB |"
+    # keep 0.5 before 0.25; within a budget the best average first; % of full = average / 75
+    assert lines[1:] == [
+        "| full | all | 100 | 50 | **75.0** | 100% | 1000.0 | 45.0 |",
+        "| tova | keep 0.5 | 95 | 30 | **62.5** | 83% | 512.0 | 23.5 |",
+        "| snapkv | keep 0.5 | 10 | 20 | **15.0** | 20% | 512.0 | 23.5 |",
+        "| tova | keep 0.25 | 90 | 0 | **45.0** | 60% | 256.0 | 11.8 |",
+    ]
+    report = (write_report([tmp_path], with_plots=False) / "report.md").read_text()
+    assert "## RULER" in report and lines[2] in report
+    (tmp_path / "other").mkdir()
+    assert ruler_tables(_write(tmp_path / "other", [_configured("tiny_llama", "h2o", 11.0, 10.0)])) == ""

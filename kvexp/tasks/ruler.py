@@ -617,11 +617,17 @@ def ruler_samples(
 def ruler_table(
     samples: Sequence[GenerationSample], results: Sequence[GenerationResult]
 ) -> dict[str, dict[str, Any]]:
-    """RULER's report, x 100: {length: {"tasks": {task: mean score}, "average": mean over tasks, "samples": n}}."""
+    """RULER's report, x 100: {length: {"tasks": {task: mean score}, "average": mean over tasks, "samples": n,
+    "kv_tokens_kept": the mean over samples of the entries a layer's KV head holds at the end, "kv_bytes_kept": the
+    mean over samples of the K/V bytes held at the end}}."""
     by_length: dict[str, dict[str, list[float]]] = {}
+    kept: dict[str, list[tuple[float, float]]] = {}
     for sample, result in zip(samples, results, strict=True):
-        cell = by_length.setdefault(str(sample.meta["length"]), {})
-        cell.setdefault(sample.meta["task"], []).append(100 * result.scores["score"])
+        length = str(sample.meta["length"])
+        by_length.setdefault(length, {}).setdefault(sample.meta["task"], []).append(
+            100 * result.scores["score"]
+        )
+        kept.setdefault(length, []).append((result.kv["tokens_kept"], result.kv.get("bytes_kept", 0)))
     table = {}
     for length, tasks in by_length.items():
         means = {t: sum(v) / len(v) for t, v in tasks.items()}
@@ -629,6 +635,8 @@ def ruler_table(
             "tasks": means,
             "average": sum(means.values()) / len(means),
             "samples": sum(len(v) for v in tasks.values()),
+            "kv_tokens_kept": sum(t for t, _ in kept[length]) / len(kept[length]),
+            "kv_bytes_kept": sum(b for _, b in kept[length]) / len(kept[length]),
         }
     return table
 
