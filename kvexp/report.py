@@ -161,12 +161,18 @@ def budget_label(summary: dict[str, Any]) -> str:
 
 
 def quality_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
-    """The numeric quality metrics of a metrics dict, nested dicts flattened with dots (rouge.rouge1)."""
+    """The numeric quality metrics of a metrics dict, nested dicts flattened with dots (rouge.rouge1); not counts,
+    nor standard errors."""
     out: dict[str, float] = {}
     for key, value in (metrics or {}).items():
         if isinstance(value, dict):
             out.update({f"{key}.{k}": v for k, v in quality_metrics(value).items()})
-        elif isinstance(value, int | float) and not isinstance(value, bool) and key not in NOT_QUALITY:
+        elif (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and key not in NOT_QUALITY
+            and "_stderr" not in key  # lm-eval's standard errors: how sure a metric is, not a quality
+        ):
             out[key] = float(value)
     return out
 
@@ -234,6 +240,11 @@ def _peak_memory(summary: dict[str, Any]) -> int | None:
     """The run's peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU."""
     memory = summary.get("memory") or {}
     return memory.get("cuda_max_allocated_bytes") or memory.get("peak_rss_bytes")
+
+
+def _fmt_number(value: float | None, spec: str) -> str:
+    """A timing cell: "-" where the run has none (no token decoded: no TPOT; lm-eval scoring only: no TTFT)."""
+    return "-" if value is None else format(value, spec)
 
 
 def _fmt_mb(value: float | None) -> str:
@@ -347,8 +358,10 @@ def tables(summaries: list[dict[str, Any]]) -> str:
             cells = [_fmt_metric(m, values.get(m)) for m in metrics]
             kv_peak = (run.get("memory") or {}).get("kv_bytes_peak") if run else None
             out.append(
-                f"| {name} | {timing['ttft_s']:.4f} | {timing['tpot_ms'] or 0.0:.2f} | "
-                f"{timing['throughput_tok_s']:.2f} | " + " | ".join(cells) + f" | {kept:.0f} | "
+                f"| {name} | {_fmt_number(timing['ttft_s'], '.4f')} | {_fmt_number(timing['tpot_ms'], '.2f')} | "
+                f"{_fmt_number(timing['throughput_tok_s'], '.2f')} | "
+                + " | ".join(cells)
+                + f" | {kept:.0f} | "
                 f"{_fmt_eviction(timing)} | {_fmt_mb(kv_peak)} | {_fmt_mb(_peak_memory(run) if run else None)} |"
             )
         if source and len(table) > 1:

@@ -15,6 +15,7 @@ from kvexp.tasks.lm_eval_harness import (
     CompressedLM,
     check_lm_eval_dataset,
     evaluate_lm_eval,
+    summary_aggregate,
     task_metrics,
 )
 from tests.conftest import ROOT, load
@@ -245,6 +246,12 @@ def test_lm_eval_run_on_the_local_tasks_offline_limit_2():
     assert "kvexp_recall_gen/exact_match,strip" in metrics
     assert metrics["requests"] == len(rows) == 2 * 4 + 2  # four choices per document, one generation each
     assert metrics["cache_runs"] == 4  # the four choices of a document share one compressed context
+    assert metrics["samples"] == 4  # two documents of each task
+    contexts = {r["cache_run"]: r["context_tokens"] for r in rows}  # a shared context runs once
+    assert metrics["tokens"] == sum(contexts.values()) + sum(r["continuation_tokens"] for r in rows)
+    timing = summary_aggregate(metrics)["timing"]
+    assert timing["throughput_tok_s"] == pytest.approx(metrics["tokens"] / metrics["total_s"])
+    assert "kv_tokens_full" not in summary_aggregate(metrics)["metrics"]  # a cost, not a quality
     assert metrics["kv_tokens_kept"] == 32 and metrics["compression_ratio"] > 0.9
 
     docs = [json.loads(line) for line in (LOCAL_TASKS_DIR / "kv_recall.jsonl").read_text().splitlines()]

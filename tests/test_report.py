@@ -690,3 +690,18 @@ def test_ruler_tables_rank_runs_by_budget_then_average_against_the_full_cache(tm
     assert "## RULER" in report and lines[2] in report
     (tmp_path / "other").mkdir()
     assert ruler_tables(_write(tmp_path / "other", [_configured("tiny_llama", "h2o", 11.0, 10.0)])) == ""
+
+
+def test_a_run_without_decoding_prints_no_timing_it_lacks_and_no_stderr_column(tmp_path):
+    """lm-eval scoring only: no TTFT or TPOT ("-", never 0.00); its standard errors are not quality columns."""
+    summary = _summary("snapkv", 0.0, 0.0, 100)
+    summary["dataset"] = "lm_eval"
+    summary["metrics_before"] = {"t/acc": 0.5, "t/acc_stderr": 0.1, "samples": 4}
+    summary["metrics_after"] = {"t/acc": 0.25, "t/acc_stderr": 0.1, "samples": 4}
+    for timing in (summary["timing"], summary["timing_full"]):
+        timing.update(ttft_s=None, tpot_ms=None)
+    text = tables(_write(tmp_path, [summary]))
+    assert "### lm_eval, budget 256 (m, 4 samples)" in text and "stderr" not in text
+    assert "| full (baseline) | - | - | 50.00 | 50.00% | 1999 |" in text
+    assert "| snapkv | - | - | 100.00 | 25.00% | 100 |" in text
+    assert "| snapkv | +100.0% | - | -50.0% |" in text

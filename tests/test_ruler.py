@@ -321,7 +321,9 @@ def test_ruler_runs_through_the_app_with_rulers_table(tmp_path):
     after = summary["ruler"]["after"]["1024"]  # the cache each sample kept at the end, as samples.csv has it
     assert after["kv_tokens_kept"] == pytest.approx(sum(float(r["kept_tokens"]) for r in rows) / 6)
     assert after["kv_bytes_kept"] == pytest.approx(sum(float(r["kv_bytes_kept"]) for r in rows) / 6)
-    assert summary["ruler"]["before"]["1024"]["kv_tokens_kept"] > after["kv_tokens_kept"]  # the full cache holds all
+    assert (
+        summary["ruler"]["before"]["1024"]["kv_tokens_kept"] > after["kv_tokens_kept"]
+    )  # the full cache holds all
     assert summary["metrics_after"]["by"]["task"]["fwe"]["ruler_all"]["score"] * 100 == pytest.approx(
         summary["ruler"]["after"]["1024"]["tasks"]["fwe"]
     )

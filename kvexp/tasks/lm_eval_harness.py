@@ -496,9 +496,10 @@ def _metric_name(key: str) -> str:
 
 
 def cost_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Cost over the caches the requests used (a shared multiple-choice context counts once): mean tokens and
-    bytes per cache (seen vs kept), the compression ratio 1 - kept/full over all of them (full: what the model's
-    own cache holds, below seen for sliding-window layers), time."""
+    """Counts and cost over the caches the requests used (a shared multiple-choice context counts once): the
+    documents (`samples`), requests, caches and tokens run (each cache's context once, every continuation); mean
+    tokens and bytes per cache (seen vs kept), the compression ratio 1 - kept/full over all of them (full: what the
+    model's own cache holds, below seen for sliding-window layers), time."""
     runs = list({r["cache_run"]: r for r in records if "cache_run" in r}.values())
     seen = sum(r["kv_tokens_seen"] for r in runs)
     full = sum(r["kv_tokens_full"] for r in runs)
@@ -508,9 +509,13 @@ def cost_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     generated = [r for r in records if r.get("ttft_s") is not None]
     decoded = [r for r in generated if r.get("tpot_ms") is not None]
     n = max(len(runs), 1)
+    # the tokens the model ran: each cache's context once, every request's continuation (scored or generated)
+    tokens = sum(r["context_tokens"] for r in runs) + sum(r.get("continuation_tokens", 0) for r in records)
     return {
+        "samples": len({(r.get("task"), r.get("doc_id")) for r in records}),
         "requests": len(records),
         "cache_runs": len(runs),
+        "tokens": tokens,
         "kv_tokens_seen": seen / n,
         "kv_tokens_full": full / n,
         "kv_tokens_kept": kept / n,
@@ -526,8 +531,8 @@ def cost_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 _COST = (
-    "requests", "cache_runs", "kv_tokens_seen", "kv_tokens_kept", "kv_bytes_full", "kv_bytes_kept", "compression_ratio",
-    "total_s", "compress_s", "compress_share", "ttft_s", "tpot_ms",
+    "requests", "cache_runs", "tokens", "kv_tokens_seen", "kv_tokens_full", "kv_tokens_kept", "kv_bytes_full",
+    "kv_bytes_kept", "compression_ratio", "total_s", "compress_s", "compress_share", "ttft_s", "tpot_ms",
 )  # fmt: skip
 
 
@@ -540,6 +545,7 @@ def summary_aggregate(result: Mapping[str, Any] | None) -> dict[str, Any] | None
         "metrics": {k: v for k, v in result.items() if k not in _COST},
         "kv_cache": {
             "tokens_seen": result.get("kv_tokens_seen"),
+            "tokens_full": result.get("kv_tokens_full"),
             "tokens_kept": result.get("kv_tokens_kept"),
             "compression_ratio": result.get("compression_ratio"),
             "bytes_full": result.get("kv_bytes_full"),
@@ -549,7 +555,7 @@ def summary_aggregate(result: Mapping[str, Any] | None) -> dict[str, Any] | None
         "timing": {
             "ttft_s": result.get("ttft_s"),
             "tpot_ms": result.get("tpot_ms"),
-            "throughput_tok_s": result.get("requests", 0) / total if total else None,
+            "throughput_tok_s": result["tokens"] / total if total else None,  # tokens run per second
             "total_s": total,
             "compress_s": result.get("compress_s"),
             "compress_share": result.get("compress_share"),
