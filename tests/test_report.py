@@ -643,9 +643,9 @@ def test_swept_key_plot_labels_name_only_what_varies_within_a_method():
     ]
 
 
-def _ruler(method, keep, cells, before=None, kept=512.0, mib=23.5):
+def _ruler(method, keep, cells, before=None, kept=512.0, mib=23.5, model="smollm2_135m"):
     """A RULER run's summary (two tasks, 1k): per-task scores x 100 after (and the full cache's before)."""
-    summary = _configured("smollm2_135m", method, 0.0, 0.0)
+    summary = _configured(model, method, 0.0, 0.0)
     summary["dataset"], summary["budget"] = "ruler", {"tokens": None, "keep_ratio": keep}
     summary["config"]["budget"] = summary["budget"]
 
@@ -705,3 +705,27 @@ def test_a_run_without_decoding_prints_no_timing_it_lacks_and_no_stderr_column(t
     assert "| full (baseline) | - | - | 50.00 | 50.00% | 1999 |" in text
     assert "| snapkv | - | - | 100.00 | 25.00% | 100 |" in text
     assert "| snapkv | +100.0% | - | -50.0% |" in text
+
+
+def test_ruler_tables_of_two_models_each_against_its_own_full_cache(tmp_path):
+    """A two-model sweep: one RULER table per model, each share against that model's full cache."""
+    from kvexp.report import ruler_tables
+
+    cells = {"niah_single_1": 50.0, "niah_multikey_2": 10.0}
+    summaries = _write(
+        tmp_path,
+        [
+            _ruler("tova", 0.5, cells, {"niah_single_1": 100.0, "niah_multikey_2": 20.0}, model="tiny_llama"),
+            _ruler("tova", 0.5, cells, {"niah_single_1": 60.0, "niah_multikey_2": 0.0}, model="tiny_qwen2"),
+        ],
+    )
+    llama, qwen = ruler_tables(summaries).split("### RULER, 1024 tokens (tiny_qwen2")
+    assert llama.startswith("### RULER, 1024 tokens (tiny_llama, 40 samples)\n")  # the title names the model
+    assert (
+        "| full | all | 100 | 20 | **60.0** | 100% |" in llama
+        and "| tova | keep 0.5 | 50 | 10 | **30.0** | 50% |" in llama
+    )
+    assert (
+        "| full | all | 60 | 0 | **30.0** | 100% |" in qwen
+        and "| tova | keep 0.5 | 50 | 10 | **30.0** | 100% |" in qwen
+    )
