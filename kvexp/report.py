@@ -604,26 +604,29 @@ def plots(table: list[dict[str, Any]], out_dir: Path) -> list[tuple[Path, str]]:
                 f"{dataset}, budget {budget}: % change of each metric against the full cache, per method; red: "
                 "worse than the full cache, blue: better, whatever the metric's direction.",
             )
-        # Cache efficiency: quality change per fraction of the cache saved.
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+        # Cache efficiency: quality change per fraction of the cache saved (none without a nonzero full-cache value).
+        efficiency = {}
         for m in methods:
             pts = [
                 (r["kv_bytes_kept"] / 2**20, _pct(r.get(f"{main}_after"), _full_value(runs, main)))
                 for r in runs
                 if r["label"] == m and r.get("kv_bytes_kept") and r.get(f"{main}_after") is not None
             ]
-            pts = [(x, y) for x, y in pts if y is not None]
-            if pts:
+            if pts := [(x, y) for x, y in pts if y is not None]:
+                efficiency[m] = pts
+        if efficiency:
+            fig, ax = plt.subplots(figsize=(6, 4.5))
+            for m, pts in efficiency.items():
                 ax.scatter(*zip(*pts, strict=True), label=m, s=18)
-        ax.set_xlabel("KV cache held (MiB)")
-        ax.set_ylabel(f"{main}: % change vs full cache")
-        ax.set_title(f"{dataset}: cache efficiency")
-        ax.legend(fontsize=6, ncol=2)
-        save(
-            fig,
-            f"{dataset}_cache_efficiency",
-            f"{dataset}: % change of {main} against the full cache versus the KV cache each run held (MiB).",
-        )
+            ax.set_xlabel("KV cache held (MiB)")
+            ax.set_ylabel(f"{main}: % change vs full cache")
+            ax.set_title(f"{dataset}: cache efficiency")
+            ax.legend(fontsize=6, ncol=2)
+            save(
+                fig,
+                f"{dataset}_cache_efficiency",
+                f"{dataset}: % change of {main} against the full cache versus the KV cache each run held (MiB).",
+            )
         # Quality vs compression Pareto curves (one line per method over its budgets) and the Pareto front.
         fig, ax = plt.subplots(figsize=(6, 4.5))
         points = []

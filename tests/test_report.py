@@ -729,3 +729,17 @@ def test_ruler_tables_of_two_models_each_against_its_own_full_cache(tmp_path):
         "| full | all | 60 | 0 | **30.0** | 100% |" in qwen
         and "| tova | keep 0.5 | 50 | 10 | **30.0** | 100% |" in qwen
     )
+
+
+def test_no_cache_efficiency_plot_without_a_full_cache_value_to_compare_with(tmp_path):
+    """A full cache scoring 0 leaves no % change to plot: no empty figure under a caption, the other plots stay."""
+    for i, method in enumerate(["h2o", "knorm"]):
+        summary = _summary(method, 0.0, 0.0, 100)
+        summary["dataset"] = "passkey"
+        summary["metrics_before"] = {"accuracy": 0.0, "samples": 3}
+        summary["metrics_after"] = {"accuracy": 0.0, "samples": 3}
+        summary["kv_cache"].update({"compression_ratio": 0.9, "bytes_kept": 1000})
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "summary.json").write_text(json.dumps(summary))
+    made = {path.name for path, _ in plots(rows(collect(tmp_path)), tmp_path / "plots")}
+    assert "passkey_pareto.png" in made and "passkey_cache_efficiency.png" not in made
