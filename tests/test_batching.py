@@ -21,7 +21,7 @@ from tests.test_config import _compose
 from tests.test_engine import SMALL_PARAMS
 
 # At their defaults; d2o with its layer allocation (the test below runs it without).
-UNBATCHED = {"random", "dynamickv", "cam", "kivi", "zack", "think"}
+UNBATCHED = {"dynamickv", "kivi", "zack", "think"}
 UNBATCHED |= {"compression_ratio_decoding"}  # its decoding target follows the longest row's length
 UNBATCHED |= {"kvzip", "finch"}  # each prompt's probes (and KVzip's allocation) are its own
 UNBATCHED |= {"restorekv"}  # KVzip's probes, then its restore pass, per prompt
@@ -32,7 +32,6 @@ BATCHED = sorted(
 PARAMS = {
     **SMALL_PARAMS,
     "kivi": {"group_size": 16, "residual_length": 16},  # the tiny model's head dim is 16
-    "cam": {"sampling": "expected"},
 }
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
 

@@ -21,14 +21,12 @@ from tests.test_config import _compose
 from tests.test_method_state import PARAMS
 
 PROMPT = 30
-# Methods whose draws come from one random stream for the whole batch: a beam's draws depend on the other beams.
-RANDOM_DRAWS = {"random"}
 # Storage methods with an evictor that observes (per-slot state and encodings both follow the rows).
 STORAGE = {name: {"evict": {"name": "h2o"}} for name in ("kivi", "think", "zack")}
 STORAGE["kivi"].update(group_size=4, residual_length=8)  # the tiny model's head dim is 16
-# CaM's bernoulli draws come from one stream too; its expectation form (M = p) is deterministic.
-PARAMS = {**PARAMS, **STORAGE, "cam": {"sampling": "expectation"}}
-NAMES = sorted(n for n, cls in METHODS.items() if (cls.compresses or n in STORAGE) and n not in RANDOM_DRAWS)
+# Random's and CaM's draws are each row's own (`slot_uniforms`): a beam draws what its path draws alone.
+PARAMS = {**PARAMS, **STORAGE}
+NAMES = sorted(n for n, cls in METHODS.items() if cls.compresses or n in STORAGE)
 
 
 def _prompt(model, seed: int, length: int = PROMPT) -> torch.Tensor:

@@ -199,3 +199,30 @@ def test_prefill_decoding_rejects_non_compressing_parts():
         from kvexp.methods import build_method
 
         build_method("prefill_decoding", decoding={"name": "full"})
+
+
+def test_random_keeps_each_position_equally_often_and_redraws_at_every_compression(setup):
+    """Random's draws (`slot_uniforms`): over 300 seeds every position of a 24-token prompt is kept about
+    BUDGET / T of the time, in every layer and KV head; one seed repeats exactly; the next compression (one more
+    token seen) draws anew, so it is not a fixed ranking of the positions."""
+    from kvexp.methods.base import slot_uniforms
+
+    model, ids, _ = setup
+    counts = torch.zeros(len(_kept(model, ids, "random")), 2, T)
+    for seed in range(300):
+        for layer, kept in enumerate(_kept(model, ids, "random", seed=seed)):
+            counts[layer].scatter_add_(-1, kept[0], torch.ones_like(kept[0], dtype=torch.float))
+    expected = 300 * BUDGET / T  # 125 of 300
+    assert counts.sum(-1).eq(300 * BUDGET).all()
+    assert counts.min() > 0.6 * expected and counts.max() < 1.4 * expected  # binomial sd ~8.5
+    assert [k.tolist() for k in _kept(model, ids, "random", seed=7)] == [
+        k.tolist() for k in _kept(model, ids, "random", seed=7)
+    ]
+    cache = make_cache(model, "random", budget=30)  # nothing evicted: the draws of all 24, then of 25
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        first = slot_uniforms(cache.layers[0], 0)
+        model(ids[:, :1], past_key_values=cache)
+        second = slot_uniforms(cache.layers[0], 0)[..., :T]
+    assert float(first.min()) >= 0.0 and float(first.max()) < 1.0 and abs(float(first.mean()) - 0.5) < 0.1
+    assert not torch.equal(first, second) and not torch.equal(first[:, 0], first[:, 1])

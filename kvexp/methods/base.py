@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
@@ -285,13 +285,31 @@ class TrainableMergedBias:
         return delta[layer.layer_idx].to(layer.device)[None, :, None] * merged
 
 
-def seeded_generator(owner: Method, layer: CompressedLayer, seed: int) -> torch.Generator:
-    """The run's random generator for `owner` on the layer's device: one per cache, seeded with `seed` when the cache
-    first draws, shared by its layers (they draw in layer order), so a run repeats exactly whatever ran before."""
-    generators = layer.cache.scratch(owner).setdefault("generators", {})
-    if layer.device not in generators:
-        generators[layer.device] = torch.Generator(device=layer.device).manual_seed(seed)
-    return generators[layer.device]
+_MASK32 = 0xFFFFFFFF
+T = TypeVar("T", int, torch.Tensor)
+
+
+def _mix32(x: T) -> T:
+    """A 32-bit integer hash (Wellons' lowbias32) of a Python int or, elementwise, an int64 tensor holding [0, 2^32)
+    (its products wrap; the mask keeps their low 32 bits, so it is exact on every device)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def slot_uniforms(layer: CompressedLayer, seed: int, stream: int = 0) -> torch.Tensor:
+    """[B, Hkv, L] draws, uniform in [0, 1) with 24 bits, one per slot: a hash of (seed, stream, layer, KV head, the
+    slot's position, the tokens its row has seen). Fresh at every compression (a row has seen more tokens by the
+    next one), the same for a row whatever shares its batch (padding, other rows, beams) and on every device, and
+    seeded, so a run repeats exactly. `stream` separates a method's independent draws."""
+    positions = layer.positions  # [B, Hkv, L]
+    base = _mix32(_mix32((seed ^ _mix32(stream & _MASK32)) & _MASK32) ^ layer.layer_idx)
+    x = _mix32(base ^ torch.arange(positions.shape[1], device=positions.device))[None, :, None]
+    x = _mix32(x ^ (positions & _MASK32))
+    x = _mix32(x ^ (layer.rows_seen() & _MASK32)[:, None, None])
+    return (x >> 8).float() / 2**24
 
 
 def check_window(

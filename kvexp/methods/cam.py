@@ -4,7 +4,7 @@ from typing import Any
 import torch
 
 from kvexp.engine import Selection
-from kvexp.methods.base import register, seeded_generator
+from kvexp.methods.base import register, slot_uniforms
 from kvexp.methods.scoring import GQA_REDUCTIONS, accumulate_attention
 from kvexp.methods.streaming_llm import StreamingLLM
 
@@ -41,13 +41,13 @@ class CaM(StreamingLLM):
     among the step's live tokens; shares landing on tokens evicted in the same step are dropped with them (the
     per-token original would pass them on: no cascade here; kvpress's bulk rule, the next KEPT tokens, would
     pile a whole prompt onto its first kept tokens). `eval.chunk_size=1` is the per-token original.
-    `sampling=bernoulli` draws M from a generator seeded with `seed` (reproducible run to run);
+    `sampling=bernoulli` draws M from `slot_uniforms` seeded with `seed` (reproducible run to run, and a batched
+    row draws what it draws alone);
     `sampling=expectation` uses M = p (deterministic, a different method). Defaults: the streaming code's 4 sinks
     and 16 merge targets (kvpress: 32).
     """
 
     name = "cam"
-    row_budgets = False  # it does not batch (`batches`)
     description = (
         "evicted values merged into the next kept tokens with attention-ratio probability (Zhang et al. 2024)"
     )
@@ -59,10 +59,6 @@ class CaM(StreamingLLM):
     sampling: str = "bernoulli"
     seed: int = 0
     gqa: str = "mean"
-
-    def __post_init__(self) -> None:
-        # Bernoulli draws go per physical slot: a padded row's slots differ from its own run's.
-        self.batches = self.sampling != "bernoulli"
 
     def validate(self, budget: int | None) -> None:
         super().validate(budget)
@@ -93,7 +89,7 @@ class CaM(StreamingLLM):
         mergeable = evicted & (size > 0)
         probability = ratio.masked_fill(~mergeable, 0.0)
         drawn = (
-            torch.bernoulli(probability, generator=seeded_generator(self, layer, self.seed))
+            (slot_uniforms(layer, self.seed) < probability).float()  # M ~ Bernoulli(p), each row's own draws
             if self.sampling == "bernoulli"
             else probability
         )

@@ -34,7 +34,7 @@ class FixSizeL2(Method):
     _random: Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._random = Random(seed=self.seed)  # its seeded per-device generators make `random` repeatable
+        self._random = Random(seed=self.seed)  # its seeded draws make `random` repeatable
 
     def validate(self, budget: int | None) -> None:
         if not 0.0 <= self.recent_ratio <= 1.0:
