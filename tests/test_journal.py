@@ -121,6 +121,10 @@ def test_a_killed_compressed_run_resumes_at_its_last_finished_batch(task, qa_fil
     assert summary["metrics_after"] == reference["metrics_after"]
     assert summary["metrics_before"] == reference["metrics_before"]
     assert _results(out) == _results(tmp_path / "ref")
+    columns = (out / "samples.csv").read_text().partition("\n")[0]
+    assert (
+        columns == (tmp_path / "ref" / "samples.csv").read_text().partition("\n")[0]
+    )  # columns in their order
     # timed in two processes: no time comparison with the full cache, which was timed in the first one
     assert summary["timing_full"]["comparable"] is False and reference["timing_full"]["comparable"] is True
     assert all(summary[k] is None for k in ("time_before", "avg_time_saving_s") if k in summary)

@@ -862,6 +862,8 @@ def test_structural_defaults_are_the_papers_where_kvexp_can_run_them():
         0.05,
     )
     assert build_method("lukv").batches  # as its scorer does: Expected Attention's moments are per row
-    assert build_method("lukv", scorer="random", scorer_params={}).batches  # random's draws are each row's own too
+    assert build_method(
+        "lukv", scorer="random", scorer_params={}
+    ).batches  # random's draws are each row's own too
     assert build_method("simlayerkv").batches and build_method("duo_attention").batches
     assert build_method("lukv").allocates
