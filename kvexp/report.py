@@ -466,7 +466,35 @@ def ruler_tables(summaries: list[dict[str, Any]]) -> str:
                 f"{_fmt_mb(cells.get('kv_bytes_kept'))} |"
             )
         out.append("")
+        out += _ruler_by_budget(table[1:] if base is not None else table, base)
     return "\n".join(out)
+
+
+def _ruler_by_budget(runs: list[tuple[str, str, dict[str, Any]]], base: dict[str, Any] | None) -> list[str]:
+    """The leaderboard's view of a RULER table with several budgets: each method's average per budget (columns as
+    the table orders them), methods by their mean over the budgets they ran, the full cache first."""
+    budgets = list(dict.fromkeys(budget for _, budget, _ in runs))
+    if len(budgets) < 2:
+        return []
+    averages = {(name, budget): cells["average"] for name, budget, cells in runs}
+    names = list(dict.fromkeys(name for name, _, _ in runs))
+    mean = {
+        n: sum(v for (m, _), v in averages.items() if m == n) / sum(m == n for m, _ in averages)
+        for n in names
+    }
+    lines = [
+        "*The average by budget: methods by their mean over the budgets they ran"
+        + (", the full cache's average in every column" if base is not None else "")
+        + ".*\n",
+        "| method | " + " | ".join(budgets) + " |",
+        "|---" * (1 + len(budgets)) + "|",
+    ]
+    if base is not None:
+        lines.append("| full | " + " | ".join(f"{base['average']:.1f}" for _ in budgets) + " |")
+    for name in sorted(names, key=lambda n: (-mean[n], n)):
+        cells = [f"{averages[(name, b)]:.1f}" if (name, b) in averages else "-" for b in budgets]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _ruler_order(row: tuple[str, str, dict[str, Any]]) -> tuple:
