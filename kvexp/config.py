@@ -463,11 +463,14 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(
             f"method={method.name} compresses the context by the question's attention: set eval.protocol=query_aware"
         )
-    if cfg.eval.batch_size > 1 and not method.batches:
+    option = (
+        "dataset.batch_size" if cfg.dataset.task == "lm_eval" else "eval.batch_size"
+    )  # lm-eval's own knob
+    batch = OmegaConf.select(cfg, option, default=1)
+    if batch > 1 and not method.batches:
         raise ValueError(
-            f"eval.batch_size={cfg.eval.batch_size}: method={method.name} cannot answer a batch exactly as it answers "
-            "each sample alone (it couples the rows or draws per physical slot; docs/methods.md says why); set "
-            "eval.batch_size=1"
+            f"{option}={batch}: method={method.name} cannot answer a batch exactly as it answers each sample alone "
+            f"(it couples the rows or draws per physical slot; docs/methods.md says why); set {option}=1"
         )
     _check_model_shape(cfg, method)
 

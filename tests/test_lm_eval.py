@@ -10,6 +10,7 @@ from lm_eval.models.huggingface import HFLM
 from omegaconf import OmegaConf
 
 from kvexp.files import Journal
+from kvexp.methods import build_method
 from kvexp.tasks.lm_eval_harness import (
     LOCAL_TASKS_DIR,
     CompressedLM,
@@ -313,7 +314,7 @@ def test_default_dataset_config_is_valid():
         ({"limit": 0}, "dataset.limit"),
         ({"limit": 1.5}, "dataset.limit"),
         ({"num_fewshot": -1}, "dataset.num_fewshot"),
-        ({"batch_size": 4}, "dataset.batch_size"),
+        ({"batch_size": 0}, "dataset.batch_size"),
         ({"include_path": "/no/such/dir"}, "dataset.include_path"),
     ],
 )
@@ -352,3 +353,63 @@ def test_dataset_lm_eval_runs_through_train_or_eval(tmp_path):
     assert summary["objective"] == summary["metrics_after"]["kvexp_recall/acc"]
     assert summary["kv_cache"]["tokens_kept"] <= 16
     assert (tmp_path / "out" / "samples.csv").read_text().count("\n") >= 2
+
+
+# A batched row's time and bytes held are its shares of the batch's (padding slots are memory too).
+SHARED = ("seconds", "ttft_s", "tpot_ms", "compress_s", "kv_bytes_kept")
+
+
+@pytest.mark.parametrize(
+    ("method", "budget"),
+    [
+        ("full", None),
+        (
+            "streaming_llm",
+            {**BUDGET, "tokens": None, "keep_ratio": 0.25},
+        ),  # a budget per row, rows of any length
+        (build_method("snapkv", window_size=4), {**BUDGET, "tokens": None, "keep_ratio": 0.5}),
+        ("h2o", 24),  # one budget: every row over it
+    ],
+)
+def test_batched_generation_gives_each_request_what_it_gets_alone(method, budget, monkeypatch):
+    """generate_until, three requests at a time: contexts of different lengths (left-padded, so dead slots and
+    per-row positions), stops and lengths; the same texts and cache figures as one at a time, in lm-eval's order."""
+    model, tok = load("tiny_llama")
+    filler = " The corridor lights were replaced on the night shift."
+    asks = [
+        (CONTEXT, {"until": [], "max_gen_toks": 6}),
+        (filler * 3 + CONTEXT, {"until": ["\n"], "max_gen_toks": 4}),
+        (filler + CONTEXT, {"until": ["."], "max_gen_toks": 8}),
+        ("Question: " + filler, {"until": [], "max_gen_toks": 1}),
+        (filler * 2 + CONTEXT, {"until": [], "max_gen_toks": 5}),
+    ]
+    calls = []
+    real = CompressedLM._generate
+
+    def recording(self, asked, runs):
+        calls.append(len(asked))
+        return real(self, asked, runs)
+
+    monkeypatch.setattr(CompressedLM, "_generate", recording)
+    alone = CompressedLM(model, tok, method, budget, progress=False, when="always")
+    want = alone.generate_until(_requests("generate_until", asks), True)
+    together = CompressedLM(model, tok, method, budget, progress=False, when="always", batch_size=3)
+    got = together.generate_until(_requests("generate_until", asks), True)
+    assert got == want and calls[:5] == [1] * 5 and max(calls[5:]) > 1  # some requests did share a batch
+    for a, b in zip(alone.records, together.records, strict=True):
+        assert {k: v for k, v in a.items() if k not in SHARED} == {
+            k: v for k, v in b.items() if k not in SHARED
+        }
+    assert [r["continuation_tokens"] for r in together.records][3] == 1
+
+
+def test_a_method_that_cannot_batch_is_refused_a_batch_size():
+    from kvexp.config import validate
+    from tests.test_config import _compose
+
+    model, tok = load("tiny_llama")
+    with pytest.raises(ValueError, match="method=dynamickv cannot answer a batch"):
+        CompressedLM(model, tok, "dynamickv", 16, batch_size=2)
+    with pytest.raises(ValueError, match=r"dataset.batch_size=2: method=dynamickv cannot answer a batch"):
+        validate(_compose("model=tiny_llama", "dataset=lm_eval", "dataset.batch_size=2", "method=dynamickv"))
+    validate(_compose("model=tiny_llama", "dataset=lm_eval", "dataset.batch_size=2", "method=snapkv"))

@@ -386,7 +386,7 @@ def _synchronize(model) -> None:
         torch.cuda.synchronize()
 
 
-def _left_padded(pieces: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(pieces: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [1, n_i] -> ids [B, max n], left-padded, and the mask [B, max n] of real tokens (long)."""
     width = max(p.shape[1] for p in pieces)
     ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
@@ -398,7 +398,7 @@ def _left_padded(pieces: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
-class _Feed:
+class BatchFeed:
     """The batch's forwards with each row's own positions: token i of row r sits at position seen_r + i whatever
     padding precedes it, so every row is rotated (RoPE) and recorded as when it runs alone; padding is marked in
     the attention mask and becomes dead slots."""
@@ -425,6 +425,13 @@ class _Feed:
                 logits_to_keep=1,
             ).logits
         return logits[:, -1].float()
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows (batch positions, in order) go on: the finished ones leave the batch, their cache rows
+        too, and the others continue as they would alone."""
+        index = torch.tensor(rows)
+        self.cache.reorder_cache(index.to(self.model.device))
+        self.seen, self.mask = self.seen[index], self.mask[index]
 
 
 @torch.no_grad()
@@ -460,7 +467,7 @@ def generate_batch(
         cache = make_cache(model, method, row_budgets=list(row_budgets), **cache_kwargs)
     else:
         cache = make_cache(model, method, budget, **cache_kwargs)
-    feed = _Feed(model, cache, n)
+    feed = BatchFeed(model, cache, n)
     eos = _eos_ids(model, tokenizer)
     generators = [
         torch.Generator(model.device).manual_seed(r.decoding.seed) if r.decoding.do_sample else None
@@ -484,18 +491,18 @@ def generate_batch(
         )
     elif protocol == "query_aware":
         logits = feed(
-            *_left_padded([torch.cat(p, dim=1) for p in zip(contexts, questions, strict=True)], pad),
+            *left_padded([torch.cat(p, dim=1) for p in zip(contexts, questions, strict=True)], pad),
             prefill_chunk_size,
         )
     if protocol == "query_agnostic":
         # An empty context (a prompt that is all question, e.g. a math problem without a chat template on a
         # tokenizer that adds no BOS) has nothing to prefill: the question step is the first forward.
         if any(c.shape[1] for c in contexts) and not probed:
-            logits = feed(*_left_padded(contexts, pad), prefill_chunk_size)
+            logits = feed(*left_padded(contexts, pad), prefill_chunk_size)
         width = max(q.shape[1] for q in questions)
         if width:
             cache.admit(width)
-            logits = feed(*_left_padded(questions, pad))
+            logits = feed(*left_padded(questions, pad))
     token = _pick_rows(logits, rows, generators)
     _synchronize(model)
     ttft = time.perf_counter() - start
@@ -534,10 +541,8 @@ def generate_batch(
             else:
                 going.append(at)
         if len(going) < len(active) and going:
-            # Finished rows leave the batch (their cache rows too): the others go on as they would alone.
-            keep = torch.tensor(going)
-            cache.reorder_cache(keep.to(model.device))
-            feed.seen, feed.mask, token = feed.seen[keep], feed.mask[keep], token[keep.to(token.device)]
+            feed.keep(going)
+            token = token[torch.tensor(going, device=token.device)]
         active = [active[at] for at in going]
         if not active:
             break

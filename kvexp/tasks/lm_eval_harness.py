@@ -28,9 +28,12 @@ the compressed cache of everything before that step plus the step's own tokens.
   left-truncated to `max_length - max_gen_toks` like HFLM). Sampling requests are decoded greedily, with a
   warning.
 
-Batch size 1: one context at a time (its continuations batched together). `CompressedLM.records` keeps one
-record per request (tokens, log-likelihood or generation, the cache's kept tokens and bytes, time), which
-`evaluate_lm_eval` returns as samples.csv rows.
+`batch_size` (`dataset.batch_size`): generate_until requests are answered that many at a time, left-padded into
+one cache among those whose caches take the same shape (generation's `batch_key`), each row with its own positions
+and budget, a row leaving the batch when it stops: every row gets the text and cache it gets alone (tested).
+Log-likelihood and rolling requests run one context at a time (a context's continuations together).
+`CompressedLM.records` keeps one record per request (tokens, log-likelihood or generation, the cache's kept tokens
+and bytes, time), which `evaluate_lm_eval` returns as samples.csv rows.
 
 A killed run resumes: with a `journal`, the requests of each cache (a context's continuations, a document, a
 generation) are recorded as that cache finishes, under the request's place in lm-eval's order (the same in every
@@ -48,6 +51,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -66,7 +70,9 @@ from tqdm.auto import tqdm
 from kvexp.budgets import resolve_budget
 from kvexp.engine import KVCache
 from kvexp.files import Journal
-from kvexp.methods import Method, make_cache
+from kvexp.methods import Method, build_method, make_cache
+from kvexp.tasks.base import share_batch_costs
+from kvexp.tasks.generation import BatchFeed, Prompt, batch_key, left_padded
 from kvexp.tasks.perplexity import score_document
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,8 @@ class CompressedLM(TemplateLM):
     `max_length`: lm-eval's truncation length (default: the model's context length, as HFLM).
     `cache_kwargs` go to make_cache (`slack`, `when`, `positions`, `head_budgets`, method parameters).
     `journal`: each cache's requests are recorded there as it finishes, and read back instead of run when a killed
-    run recorded them (module docstring); `restored` counts the requests read back.
+    run recorded them (module docstring); `restored` counts the requests read back. `batch_size`: generate_until
+    requests per batch (module docstring); a method that cannot batch is refused above 1.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class CompressedLM(TemplateLM):
         max_length: int | None = None,
         progress: bool = True,
         journal: Journal | None = None,
+        batch_size: int = 1,
         **cache_kwargs,
     ):
         super().__init__()
@@ -116,6 +124,13 @@ class CompressedLM(TemplateLM):
         self.records: list[dict[str, Any]] = []
         self.journal = journal
         self._held = journal.entries() if journal is not None else {}
+        self.batch_size = batch_size
+        built = method if isinstance(method, Method) else build_method(method)
+        if batch_size > 1 and not built.batches:
+            raise ValueError(
+                f"method={built.name} cannot answer a batch as it answers each row alone: use batch 1"
+            )
+        self._row_budgets = built.row_budgets  # rows of different budgets may share a batch
         self.restored = 0
         self._warned_sampling = False
 
@@ -276,8 +291,9 @@ class CompressedLM(TemplateLM):
     # -- generation -----------------------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
-        results = []
-        for request in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
+        first = len(self.records)  # the requests' places in lm-eval's order
+        asks = []  # (ids, until, max_gen_toks) per request
+        for request in requests:
             context, gen_kwargs = request.args
             kwargs = normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -292,49 +308,116 @@ class CompressedLM(TemplateLM):
                     f"max_gen_toks={max_gen_toks} leaves no room in max_length={self.max_length}"
                 )
             ids = self.tok_encode(context)[-(self.max_length - max_gen_toks) :] or [self.prefix_token_id]
-            place = len(self.records)
-            generate = functools.partial(self._generate, ids, until, max_gen_toks, place)
-            key = ["generate_until", ids, until, max_gen_toks]
-            (text,), (record,) = self._journaled([place], [key], generate)
-            results.append(text)
-            self.records.append({**_request_fields(request), **record})
-        return results
+            asks.append((ids, until, max_gen_toks))
+        texts: list[str] = [""] * len(requests)
+        records: list[dict[str, Any]] = [{}] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
+        for batch in self._batches([ids for ids, _, _ in asks]):
+            generate = functools.partial(self._generate, [asks[i] for i in batch], [first + i for i in batch])
+            keys = [["generate_until", *asks[i]] for i in batch]
+            done, made = self._journaled([first + i for i in batch], keys, generate)
+            for i, text, record in zip(batch, done, made, strict=True):
+                texts[i], records[i] = text, {**_request_fields(requests[i]), **record}
+            bar.update(len(batch))
+        bar.close()
+        self.records.extend(records)
+        return texts
+
+    def _batches(self, contexts: list[list[int]]) -> list[list[int]]:
+        """Up to `batch_size` requests at a time among those whose caches take the same shape (generation's
+        `batch_key`: the budget, unless the method keeps one per row; the context's length under chunked prefill
+        or slack), in the order of each batch's first request."""
+        groups: dict[tuple, list[int]] = {}
+        for i, ids in enumerate(contexts):
+            prompt = Prompt(torch.tensor([ids[:-1]]), torch.tensor([ids[-1:]]))
+            budget, chunk = self._budget(len(ids)), self.prefill_chunk_size
+            key = batch_key(
+                prompt, budget, "query_agnostic", chunk, row_budgets=self._row_budgets, **self.cache_kwargs
+            )
+            groups.setdefault(key, []).append(i)
+        size = self.batch_size
+        return sorted(idx[j : j + size] for idx in groups.values() for j in range(0, len(idx), size))
 
     @torch.no_grad()
     def _generate(
-        self, context: list[int], until: list[str], max_gen_toks: int, run: int
+        self, asks: list[tuple[list[int], list[str], int]], runs: list[int]
     ) -> tuple[list[str], list[dict[str, Any]]]:
-        """Compress `context[:-1]`, then decode greedily from its last token through the compressed cache: the
-        text and its record."""
+        """Compress each `context[:-1]` (the rows left-padded into one cache, each with its own budget and
+        positions), then decode greedily from each context's last token, a row leaving the batch when it stops
+        (lm-eval's `until`, EOS or `max_gen_toks`): each row's text and record, as it gets them alone (a batch's
+        TTFT and steps are what the row waited; its seconds and the method's time its share)."""
         start = time.perf_counter()
-        cache = self._cache(len(context))
-        self._prefill(cache, context[:-1])
+        n = len(asks)
+        contexts = [ids for ids, _, _ in asks]
+        budgets = [self._budget(len(ids)) for ids in contexts]
+        if n > 1 and any(b != budgets[0] for b in budgets):
+            cache = make_cache(self.model, self.method, row_budgets=budgets, **self.cache_kwargs)
+        else:
+            cache = make_cache(self.model, self.method, budgets[0], **self.cache_kwargs)
+        feed = BatchFeed(self.model, cache, n)
+        prompts = [torch.tensor([ids[:-1]]) for ids in contexts]
+        if any(p.shape[1] for p in prompts):
+            feed(*left_padded(prompts, self.eot_token_id), self.prefill_chunk_size)  # compressed after
         prefill_s = self._since(start)
-        token, generated, steps = context[-1], [], []
-        for _ in range(max_gen_toks):
+        token = torch.tensor([ids[-1] for ids in contexts])
+        generated: list[list[int]] = [[] for _ in range(n)]
+        steps: list[float] = []
+        taken = [0] * n  # the steps each row took (its picks, EOS included)
+        rows: list[SimpleNamespace | None] = [None] * n  # each row's cache figures when it stops
+
+        def stops(i: int, picked: int) -> bool:
+            """Row i picked `picked`: whether its answer ends (the loop of one row alone: EOS is not kept)."""
+            if picked == self.eot_token_id:
+                return True
+            generated[i].append(picked)
+            text = self.tokenizer.decode(generated[i], skip_special_tokens=True)
+            return any(stop and stop in text for stop in asks[i][1]) or len(generated[i]) >= asks[i][2]
+
+        active = [i for i in range(n) if asks[i][2] > 0]  # max_gen_toks=0: an empty answer, no step
+        for i in set(range(n)) - set(active):
+            kv = cache.stats(row=i, seen=int(feed.seen[i])) if n > 1 else cache.stats()
+            rows[i] = SimpleNamespace(kv=kv, kv_peak_bytes=0, wall_s=None)
+        if len(active) < n and active:
+            feed.keep(active)
+            token = token[torch.tensor(active)]
+        while active:
             step_start = time.perf_counter()
-            logits = self.model(torch.tensor([[token]], device=self.device), past_key_values=cache).logits
-            token = int(logits[0, -1].argmax())
+            logits = feed(token[:, None], torch.ones((len(active), 1), dtype=torch.long))
+            token = logits.argmax(-1).cpu()
             steps.append(self._since(step_start))
-            if token == self.eot_token_id:
-                break
-            generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if any(stop and stop in text for stop in until):
-                break
-        text = postprocess_generated_text(
-            self.tokenizer.decode(generated, skip_special_tokens=True), until, None
-        )
-        record = {
-            "request_type": "generate_until",
-            "context_tokens": len(context),
-            "continuation_tokens": len(generated),
-            "generation": text,
-            "ttft_s": prefill_s + steps[0] if steps else None,
-            "tpot_ms": 1000 * sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1 else None,
-            **self._run(cache.stats(), self._since(start), run),
-        }
-        return [text], [record]
+            going = []
+            for at, i in enumerate(active):
+                taken[i] += 1
+                if stops(i, int(token[at])):
+                    kv = cache.stats(row=at, seen=int(feed.seen[at])) if n > 1 else cache.stats()
+                    rows[i] = SimpleNamespace(kv=kv, kv_peak_bytes=0, wall_s=None)
+                else:
+                    going.append(at)
+            if going and len(going) < len(active):
+                feed.keep(going)
+                token = token[torch.tensor(going)]
+            active = [active[at] for at in going]
+        wall = self._since(start)
+        share_batch_costs(rows, cache, 0, wall)
+        texts, records = [], []
+        for i, row in enumerate(rows):
+            text = postprocess_generated_text(
+                self.tokenizer.decode(generated[i], skip_special_tokens=True), asks[i][1], None
+            )
+            own = steps[1 : taken[i]]
+            texts.append(text)
+            records.append(
+                {
+                    "request_type": "generate_until",
+                    "context_tokens": len(contexts[i]),
+                    "continuation_tokens": len(generated[i]),
+                    "generation": text,
+                    "ttft_s": prefill_s + steps[0] if taken[i] else None,
+                    "tpot_ms": 1000 * sum(own) / len(own) if own else None,
+                    **self._run(row.kv, wall if n == 1 else row.wall_s, runs[i]),
+                }
+            )
+        return texts, records
 
     # -- shared -------------------------------------------------------------------------------------------------
     def _journaled(
@@ -444,11 +527,7 @@ def check_lm_eval_dataset(dataset: Mapping):
         )
     _check_int("num_fewshot", dataset.get("num_fewshot"), 0)
     _check_int("bootstrap_iters", dataset.get("bootstrap_iters", 0), 0, nullable=False)
-    if dataset.get("batch_size", 1) != 1:
-        raise ValueError(
-            f"dataset.batch_size={dataset.get('batch_size')!r}: kvexp's lm-eval model runs one context at a "
-            "time (its continuations together); use 1"
-        )
+    _check_int("batch_size", dataset.get("batch_size", 1), 1, nullable=False)
     include = dataset.get("include_path")
     include = [] if include is None else [include] if isinstance(include, str) else list(include)
     for path in include:
@@ -612,6 +691,7 @@ def evaluate_lm_eval(
         prefill_chunk_size=prefill_chunk_size,
         progress=progress,
         journal=journal,
+        batch_size=dataset_cfg.get("batch_size", 1),
         **engine,
     )
     results = simple_evaluate(
