@@ -56,7 +56,7 @@ TASKS = {
     "lm_eval": (
         ("dataset=lm_eval", "dataset.tasks=[kvexp_recall,kvexp_recall_gen]", "dataset.limit=2",
          "dataset.bootstrap_iters=0"),
-        (CompressedLM, ("_score_continuations", "_generate"), lambda args: args[0].method),
+        (CompressedLM, ("_score_contexts", "_generate"), lambda args: args[0].method),
     ),
 }  # fmt: skip
 

@@ -359,29 +359,26 @@ def test_dataset_lm_eval_runs_through_train_or_eval(tmp_path):
 SHARED = ("seconds", "ttft_s", "tpot_ms", "compress_s", "kv_bytes_kept")
 
 
-@pytest.mark.parametrize(
-    ("method", "budget"),
-    [
-        ("full", None),
-        (
-            "streaming_llm",
-            {**BUDGET, "tokens": None, "keep_ratio": 0.25},
-        ),  # a budget per row, rows of any length
-        (build_method("snapkv", window_size=4), {**BUDGET, "tokens": None, "keep_ratio": 0.5}),
-        ("h2o", 24),  # one budget: every row over it
-    ],
-)
+BATCHED = [
+    ("full", None),
+    ("streaming_llm", {**BUDGET, "tokens": None, "keep_ratio": 0.25}),  # a budget per row, rows of any length
+    (build_method("snapkv", window_size=4), {**BUDGET, "tokens": None, "keep_ratio": 0.5}),
+    ("h2o", 24),  # one budget: every row over it
+]
+FILLER = " The corridor lights were replaced on the night shift."
+
+
+@pytest.mark.parametrize(("method", "budget"), BATCHED)
 def test_batched_generation_gives_each_request_what_it_gets_alone(method, budget, monkeypatch):
     """generate_until, three requests at a time: contexts of different lengths (left-padded, so dead slots and
     per-row positions), stops and lengths; the same texts and cache figures as one at a time, in lm-eval's order."""
     model, tok = load("tiny_llama")
-    filler = " The corridor lights were replaced on the night shift."
     asks = [
         (CONTEXT, {"until": [], "max_gen_toks": 6}),
-        (filler * 3 + CONTEXT, {"until": ["\n"], "max_gen_toks": 4}),
-        (filler + CONTEXT, {"until": ["."], "max_gen_toks": 8}),
-        ("Question: " + filler, {"until": [], "max_gen_toks": 1}),
-        (filler * 2 + CONTEXT, {"until": [], "max_gen_toks": 5}),
+        (FILLER * 3 + CONTEXT, {"until": ["\n"], "max_gen_toks": 4}),
+        (FILLER + CONTEXT, {"until": ["."], "max_gen_toks": 8}),
+        ("Question: " + FILLER, {"until": [], "max_gen_toks": 1}),
+        (FILLER * 2 + CONTEXT, {"until": [], "max_gen_toks": 5}),
     ]
     calls = []
     real = CompressedLM._generate
@@ -413,3 +410,27 @@ def test_a_method_that_cannot_batch_is_refused_a_batch_size():
     with pytest.raises(ValueError, match=r"dataset.batch_size=2: method=dynamickv cannot answer a batch"):
         validate(_compose("model=tiny_llama", "dataset=lm_eval", "dataset.batch_size=2", "method=dynamickv"))
     validate(_compose("model=tiny_llama", "dataset=lm_eval", "dataset.batch_size=2", "method=snapkv"))
+
+
+@pytest.mark.parametrize(("method", "budget"), BATCHED)
+def test_batched_loglikelihoods_score_each_context_as_alone(method, budget):
+    """Log-likelihood contexts three at a time, of different lengths and with 1-4 choices each (a row per choice,
+    a copy of its context's compressed row): the same scores (to float rounding), greedy flags and cache figures
+    as one context at a time."""
+    model, tok = load("tiny_llama")
+    args = [
+        (CONTEXT, " 4821"), (CONTEXT, " 7305"), (CONTEXT, " 48"),  # three choices of one context
+        (FILLER * 3 + CONTEXT, " 7305"), (FILLER * 3 + CONTEXT, " red locker"),
+        ("Question: " + FILLER, " yes"),
+        (FILLER + CONTEXT, " 4821"), (FILLER + CONTEXT, " 1"), (FILLER + CONTEXT, " 7305"), (FILLER + CONTEXT, " 9"),
+    ]  # fmt: skip
+    alone = CompressedLM(model, tok, method, budget, progress=False, when="always")
+    want = alone.loglikelihood(_requests("loglikelihood", args), disable_tqdm=True)
+    together = CompressedLM(model, tok, method, budget, progress=False, when="always", batch_size=3)
+    got = together.loglikelihood(_requests("loglikelihood", args), disable_tqdm=True)
+    for (g, g_greedy), (w, w_greedy) in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-4) and g_greedy == w_greedy
+    assert len({r["cache_run"] for r in together.records}) == 4  # a cache per context, whatever the batch
+    for a, b in zip(alone.records, together.records, strict=True):
+        same = (*SHARED, "loglikelihood")
+        assert {k: v for k, v in a.items() if k not in same} == {k: v for k, v in b.items() if k not in same}

@@ -408,8 +408,11 @@ class BatchFeed:
         self.seen = torch.zeros(rows, dtype=torch.long)  # real tokens each row has fed
         self.mask = torch.zeros((rows, 0), dtype=torch.long)  # every forward so far (padding 0)
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        """Feed `ids` [B, n] (real where `mask`), in chunks if asked; the last position's logits [B, V] fp32."""
+    def __call__(
+        self, ids: torch.Tensor, mask: torch.Tensor, chunk_size: int | None = None, every: bool = False
+    ) -> torch.Tensor:
+        """Feed `ids` [B, n] (real where `mask`), in chunks if asked; the last position's logits [B, V] fp32
+        (`every`: every position's of the last chunk, [B, chunk, V])."""
         step = chunk_size or ids.shape[1]
         for begin in range(0, ids.shape[1], step):
             piece, real = ids[:, begin : begin + step], mask[:, begin : begin + step]
@@ -422,13 +425,13 @@ class BatchFeed:
                 attention_mask=self.mask.to(device),
                 position_ids=positions.to(device),
                 past_key_values=self.cache,
-                logits_to_keep=1,
+                logits_to_keep=0 if every else 1,
             ).logits
-        return logits[:, -1].float()
+        return logits.float() if every else logits[:, -1].float()
 
     def keep(self, rows: list[int]) -> None:
-        """Only these rows (batch positions, in order) go on: the finished ones leave the batch, their cache rows
-        too, and the others continue as they would alone."""
+        """Only these rows (batch positions, in order; one may repeat) go on: the finished ones leave the batch,
+        their cache rows too, and the others continue as they would alone."""
         index = torch.tensor(rows)
         self.cache.reorder_cache(index.to(self.model.device))
         self.seen, self.mask = self.seen[index], self.mask[index]

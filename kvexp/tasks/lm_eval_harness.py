@@ -28,10 +28,11 @@ the compressed cache of everything before that step plus the step's own tokens.
   left-truncated to `max_length - max_gen_toks` like HFLM). Sampling requests are decoded greedily, with a
   warning.
 
-`batch_size` (`dataset.batch_size`): generate_until requests are answered that many at a time, left-padded into
-one cache among those whose caches take the same shape (generation's `batch_key`), each row with its own positions
-and budget, a row leaving the batch when it stops: every row gets the text and cache it gets alone (tested).
-Log-likelihood and rolling requests run one context at a time (a context's continuations together).
+`batch_size` (`dataset.batch_size`): generate_until requests, and log-likelihood contexts, go that many at a time,
+left-padded into one cache among those whose caches take the same shape (generation's `batch_key`), each row with
+its own positions and budget: a generating row leaves the batch when it stops, a context's row is copied once per
+continuation for the scoring step. Every request gets the text, scores (to float rounding) and cache it gets
+alone (tested). Rolling documents stream one at a time.
 `CompressedLM.records` keeps one record per request (tokens, log-likelihood or generation, the cache's kept tokens
 and bytes, time), which `evaluate_lm_eval` returns as samples.csv rows.
 
@@ -91,8 +92,8 @@ class CompressedLM(TemplateLM):
     `max_length`: lm-eval's truncation length (default: the model's context length, as HFLM).
     `cache_kwargs` go to make_cache (`slack`, `when`, `positions`, `head_budgets`, method parameters).
     `journal`: each cache's requests are recorded there as it finishes, and read back instead of run when a killed
-    run recorded them (module docstring); `restored` counts the requests read back. `batch_size`: generate_until
-    requests per batch (module docstring); a method that cannot batch is refused above 1.
+    run recorded them (module docstring); `restored` counts the requests read back. `batch_size`: generations or
+    log-likelihood contexts per batch (module docstring); a method that cannot batch is refused above 1.
     """
 
     def __init__(
@@ -186,18 +187,26 @@ class CompressedLM(TemplateLM):
         for i, (context, _) in enumerate(fitted):
             by_context.setdefault(tuple(context), []).append(i)
         first = len(self.records)  # the requests' places in lm-eval's order
+        contexts = list(by_context)
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         records: list[dict[str, Any]] = [{}] * len(requests)
-        for context, members in tqdm(
-            by_context.items(), desc="loglikelihood (contexts)", disable=disable_tqdm or not self.progress
-        ):
-            continuations = [fitted[i][1] for i in members]
-            places = [first + i for i in members]
-            score = functools.partial(self._score_continuations, list(context), continuations, places[0])
-            keys = [["loglikelihood", list(context), c] for c in continuations]
-            scores, scored = self._journaled(places, keys, score)
-            for i, (logprob, greedy), record in zip(members, scores, scored, strict=True):
+        bar = tqdm(
+            total=len(contexts), desc="loglikelihood (contexts)", disable=disable_tqdm or not self.progress
+        )
+        for batch in self._batches([list(c) for c in contexts]):
+            members = [by_context[contexts[b]] for b in batch]
+            order = [i for group in members for i in group]  # the batch's requests, context by context
+            continuations = [[fitted[i][1] for i in group] for group in members]
+            runs = [first + group[0] for group in members]
+            score = functools.partial(
+                self._score_contexts, [list(contexts[b]) for b in batch], continuations, runs
+            )
+            keys = [["loglikelihood", list(fitted[i][0]), fitted[i][1]] for i in order]
+            scores, scored = self._journaled([first + i for i in order], keys, score)
+            for i, (logprob, greedy), record in zip(order, scores, scored, strict=True):
                 results[i], records[i] = (logprob, greedy), record
+            bar.update(len(batch))
+        bar.close()
         self.records.extend(records)
         return results
 
@@ -211,38 +220,45 @@ class CompressedLM(TemplateLM):
         return whole[: len(whole) - len(continuation)], continuation
 
     @torch.no_grad()
-    def _score_continuations(
-        self, context: list[int], continuations: list[list[int]], run: int
+    def _score_contexts(
+        self, contexts: list[list[int]], continuations: list[list[list[int]]], runs: list[int]
     ) -> tuple[list[list], list[dict[str, Any]]]:
-        """Compress `context[:-1]` once, then score every continuation in one batched step (module docstring):
-        `[log-likelihood, is_greedy]` and a record per continuation."""
+        """Compress each `context[:-1]` once (the contexts left-padded into one cache, each with its own budget and
+        positions), then score every continuation of every context in one step, each a row after its context's
+        (module docstring): `[log-likelihood, is_greedy]` and a record per continuation, context by context."""
         start = time.perf_counter()
-        cache = self._cache(len(context))
-        self._prefill(cache, context[:-1])
-        kv = cache.stats()  # the compressed context the continuations are scored against
-        width = max(len(c) for c in continuations)
+        cache, feed = self._batch_cache(contexts)
+        # each context's compressed cache, its share of the method's time: what the continuations are scored against
+        kvs = self._row_costs(cache, feed)
+        owner = [r for r, group in enumerate(continuations) for _ in group]
+        flat = [c for group in continuations for c in group]
+        feed.keep(owner)  # a row per continuation, a copy of its context's
+        width = max(len(c) for c in flat)
         # Right padding sits after each row's real tokens, so causal attention keeps it out of their logits.
-        rows = [[context[-1], *c[:-1]] + [self.eot_token_id] * (width - len(c)) for c in continuations]
-        cache.batch_repeat_interleave(len(continuations))
-        logits = self.model(torch.tensor(rows, device=self.device), past_key_values=cache).logits
-        logprobs = F.log_softmax(logits.float(), dim=-1)  # [n, width, V]
+        rows = [
+            [contexts[r][-1], *c[:-1]] + [self.eot_token_id] * (width - len(c))
+            for r, c in zip(owner, flat, strict=True)
+        ]
+        ids = torch.tensor(rows)
+        logprobs = F.log_softmax(feed(ids, torch.ones_like(ids), every=True), dim=-1)  # [rows, width, V]
         scores = []
-        for row, continuation in zip(logprobs, continuations, strict=True):
-            target = torch.tensor(continuation, device=self.device)
+        for row, continuation in zip(logprobs, flat, strict=True):
+            target = torch.tensor(continuation, device=row.device)
             scored = row[: len(continuation)]
             logprob = scored.gather(-1, target[:, None]).sum()
             scores.append([float(logprob), bool((scored.argmax(-1) == target).all())])
-        cost = self._run(kv, self._since(start), run)
+        wall = self._since(start)
+        costs = [self._run(kv, wall / len(contexts), run) for kv, run in zip(kvs, runs, strict=True)]
         records = [
             {
                 "request_type": "loglikelihood",
-                "context_tokens": len(context),
+                "context_tokens": len(contexts[r]),
                 "continuation_tokens": len(continuation),
                 "loglikelihood": logprob,
                 "is_greedy": greedy,
-                **cost,
+                **costs[r],
             }
-            for continuation, (logprob, greedy) in zip(continuations, scores, strict=True)
+            for r, continuation, (logprob, greedy) in zip(owner, flat, scores, strict=True)
         ]
         return scores, records
 
@@ -349,15 +365,7 @@ class CompressedLM(TemplateLM):
         start = time.perf_counter()
         n = len(asks)
         contexts = [ids for ids, _, _ in asks]
-        budgets = [self._budget(len(ids)) for ids in contexts]
-        if n > 1 and any(b != budgets[0] for b in budgets):
-            cache = make_cache(self.model, self.method, row_budgets=budgets, **self.cache_kwargs)
-        else:
-            cache = make_cache(self.model, self.method, budgets[0], **self.cache_kwargs)
-        feed = BatchFeed(self.model, cache, n)
-        prompts = [torch.tensor([ids[:-1]]) for ids in contexts]
-        if any(p.shape[1] for p in prompts):
-            feed(*left_padded(prompts, self.eot_token_id), self.prefill_chunk_size)  # compressed after
+        cache, feed = self._batch_cache(contexts)
         prefill_s = self._since(start)
         token = torch.tensor([ids[-1] for ids in contexts])
         generated: list[list[int]] = [[] for _ in range(n)]
@@ -376,7 +384,7 @@ class CompressedLM(TemplateLM):
         active = [i for i in range(n) if asks[i][2] > 0]  # max_gen_toks=0: an empty answer, no step
         for i in set(range(n)) - set(active):
             kv = cache.stats(row=i, seen=int(feed.seen[i])) if n > 1 else cache.stats()
-            rows[i] = SimpleNamespace(kv=kv, kv_peak_bytes=0, wall_s=None)
+            rows[i] = SimpleNamespace(kv=kv)
         if len(active) < n and active:
             feed.keep(active)
             token = token[torch.tensor(active)]
@@ -390,7 +398,7 @@ class CompressedLM(TemplateLM):
                 taken[i] += 1
                 if stops(i, int(token[at])):
                     kv = cache.stats(row=at, seen=int(feed.seen[at])) if n > 1 else cache.stats()
-                    rows[i] = SimpleNamespace(kv=kv, kv_peak_bytes=0, wall_s=None)
+                    rows[i] = SimpleNamespace(kv=kv)
                 else:
                     going.append(at)
             if going and len(going) < len(active):
@@ -445,18 +453,30 @@ class CompressedLM(TemplateLM):
             return resolve_budget(self.budget_config, tokens, self.model.config.num_hidden_layers)
         return self.budget_config
 
-    def _cache(self, context_tokens: int) -> KVCache:
-        return make_cache(self.model, self.method, self._budget(context_tokens), **self.cache_kwargs)
+    def _batch_cache(self, contexts: list[list[int]]) -> tuple[KVCache, BatchFeed]:
+        """One cache for the contexts' rows (each its own budget when they differ) with each `context[:-1]` fed
+        through it, left-padded, `prefill_chunk_size` tokens per step (None: one), compression after each step."""
+        budgets = [self._budget(len(c)) for c in contexts]
+        if len(contexts) > 1 and any(b != budgets[0] for b in budgets):
+            cache = make_cache(self.model, self.method, row_budgets=budgets, **self.cache_kwargs)
+        else:
+            cache = make_cache(self.model, self.method, budgets[0], **self.cache_kwargs)
+        feed = BatchFeed(self.model, cache, len(contexts))
+        prompts = [torch.tensor([c[:-1]]) for c in contexts]
+        if any(p.shape[1] for p in prompts):
+            feed(*left_padded(prompts, self.eot_token_id), self.prefill_chunk_size)
+        return cache, feed
 
-    def _prefill(self, cache: KVCache, ids: list[int]) -> None:
-        """Feed `ids` through `cache`, `prefill_chunk_size` tokens per step (None: one); compression follows each."""
-        if not ids:
-            return
-        inputs = torch.tensor([ids], device=self.device)
-        step = self.prefill_chunk_size or len(ids)
-        for start in range(0, len(ids), step):
-            # Only the cache matters here: skip the [T, vocab] logits of a long prompt.
-            self.model(inputs[:, start : start + step], past_key_values=cache, logits_to_keep=1)
+    def _row_costs(self, cache: KVCache, feed: BatchFeed) -> list[dict[str, Any]]:
+        """Each row's cache figures now: its own entries, with its share of the method's time the rows spent
+        together (`share_batch_costs`)."""
+        n = len(feed.seen)
+        rows = [
+            SimpleNamespace(kv=cache.stats(row=r, seen=int(feed.seen[r])) if n > 1 else cache.stats())
+            for r in range(n)
+        ]
+        share_batch_costs(rows, cache, 0, 0.0)
+        return [row.kv for row in rows]
 
     def _since(self, start: float) -> float:
         if self.device.type == "cuda":
