@@ -470,7 +470,7 @@ def validate(cfg: DictConfig) -> None:
     if batch > 1 and not method.batches:
         raise ValueError(
             f"{option}={batch}: method={method.name} cannot answer a batch exactly as it answers each sample alone "
-            f"(it couples the rows or draws per physical slot; docs/methods.md says why); set {option}=1"
+            f"(it couples the rows or counts tokens by slot; docs/methods.md says why); set {option}=1"
         )
     _check_model_shape(cfg, method)
 

@@ -109,8 +109,8 @@ class Method:
     allocates: ClassVar[bool] = False  # True: `allocate` runs after every observed step (cross-layer budgets)
     row_scratch: ClassVar[tuple[str, ...]] = ()  # layer scratch tensors [B, ...] that follow beam reorders
     # True: each row of a left-padded batch keeps what it keeps alone (its scores read only its own row, by
-    # position, not by physical slot). False: the method couples the rows (one allocation for the batch) or
-    # draws per physical slot; `eval.batch_size` > 1 is refused for it.
+    # position, not by physical slot). False: the method couples the rows (one allocation for the batch) or counts
+    # tokens by slot index (a storage's windows); `eval.batch_size` > 1 is refused for it.
     batches: ClassVar[bool] = True
     # True: the method reads the budget only through the number of entries each head keeps (`target_size`'s default,
     # `keep_counts()`, `head_counts`' target) or per row (`layer.row_targets`): the rows of one batch may keep
@@ -299,13 +299,13 @@ def _mix32(x: T) -> T:
     return x ^ (x >> 16)
 
 
-def slot_uniforms(layer: CompressedLayer, seed: int, stream: int = 0) -> torch.Tensor:
-    """[B, Hkv, L] draws, uniform in [0, 1) with 24 bits, one per slot: a hash of (seed, stream, layer, KV head, the
-    slot's position, the tokens its row has seen). Fresh at every compression (a row has seen more tokens by the
-    next one), the same for a row whatever shares its batch (padding, other rows, beams) and on every device, and
-    seeded, so a run repeats exactly. `stream` separates a method's independent draws."""
+def slot_uniforms(layer: CompressedLayer, seed: int) -> torch.Tensor:
+    """[B, Hkv, L] draws, uniform in [0, 1) with 24 bits, one per slot: a hash of (seed, layer, KV head, the slot's
+    position, the tokens its row has seen). Fresh at every compression (a row has seen more tokens by the next
+    one), the same for a row whatever shares its batch (padding, other rows, beams) and on every device, and
+    seeded, so a run repeats exactly."""
     positions = layer.positions  # [B, Hkv, L]
-    base = _mix32(_mix32((seed ^ _mix32(stream & _MASK32)) & _MASK32) ^ layer.layer_idx)
+    base = _mix32(_mix32(seed & _MASK32) ^ layer.layer_idx)
     x = _mix32(base ^ torch.arange(positions.shape[1], device=positions.device))[None, :, None]
     x = _mix32(x ^ (positions & _MASK32))
     x = _mix32(x ^ (layer.rows_seen() & _MASK32)[:, None, None])
