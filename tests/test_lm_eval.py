@@ -434,3 +434,36 @@ def test_batched_loglikelihoods_score_each_context_as_alone(method, budget):
     for a, b in zip(alone.records, together.records, strict=True):
         same = (*SHARED, "loglikelihood")
         assert {k: v for k, v in a.items() if k not in same} == {k: v for k, v in b.items() if k not in same}
+
+
+@pytest.mark.parametrize(("method", "budget"), BATCHED)
+def test_batched_rolling_documents_score_each_document_as_alone(method, budget, monkeypatch):
+    """Rolling documents three at a time, of different lengths (a row leaves when its document ends, each row its
+    own budget): the same log-likelihoods (to float rounding), greedy flags and cache figures as one at a time, in
+    lm-eval's order."""
+    import kvexp.tasks.lm_eval_harness as harness
+
+    model, tok = load("tiny_llama")
+    texts = [FILLER * 2, FILLER * 5 + CONTEXT, FILLER * 4, CONTEXT, FILLER * 2 + CONTEXT, FILLER * 3]
+    sizes = []
+    real = harness.score_batch
+
+    def recording(model, documents, *args, **kwargs):
+        sizes.append(len(documents))
+        return real(model, documents, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "score_batch", recording)
+    alone = CompressedLM(model, tok, method, budget, progress=False, chunk_size=3, when="always")
+    want = alone.loglikelihood_rolling(_requests("loglikelihood_rolling", [(t,) for t in texts]), True)
+    together = CompressedLM(
+        model, tok, method, budget, progress=False, chunk_size=3, when="always", batch_size=3
+    )
+    got = together.loglikelihood_rolling(_requests("loglikelihood_rolling", [(t,) for t in texts]), True)
+    assert sizes[:5] == [1] * 5 and max(sizes[5:]) > 1  # some documents did share a batch
+    assert got == pytest.approx(want, abs=1e-4)
+    assert [r["doc_id"] for r in together.records] == list(range(len(texts)))
+    for a, b in zip(alone.records, together.records, strict=True):
+        same = (*SHARED, "loglikelihood")
+        assert {k: v for k, v in a.items() if k not in same} == {k: v for k, v in b.items() if k not in same}
+    if budget is not None:  # the budget bounds the long documents' caches
+        assert together.records[1]["kv_tokens_kept"] < together.records[1]["kv_tokens_seen"]

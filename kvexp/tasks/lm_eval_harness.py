@@ -19,7 +19,7 @@ the compressed cache of everything before that step plus the step's own tokens.
   the uncompressed context. All continuations of one context share one compressed prefill (the cache is
   repeated over the batch), so every choice of a question is scored against the same compressed context.
   `is_greedy` is lm-eval's: every continuation token is the argmax.
-* `loglikelihood_rolling(text)`: streaming perplexity (`score_document`) of `[prefix] + tokens`, every token
+* `loglikelihood_rolling(text)`: streaming perplexity (`score_documents`) of `[prefix] + tokens`, every token
   scored, `chunk_size` tokens per step (default 1, exact). One stream per document, not lm-eval's
   `max_length` windows: the cache, not a window, bounds the context (same numbers for documents that fit).
 * `generate_until(context, gen_kwargs)`: `context[:-1]` is prefilled and compressed, then greedy decoding
@@ -31,8 +31,9 @@ the compressed cache of everything before that step plus the step's own tokens.
 `batch_size` (`dataset.batch_size`): generate_until requests, and log-likelihood contexts, go that many at a time,
 left-padded into one cache among those whose caches take the same shape (generation's `batch_key`), each row with
 its own positions and budget: a generating row leaves the batch when it stops, a context's row is copied once per
-continuation for the scoring step. Every request gets the text, scores (to float rounding) and cache it gets
-alone (tested). Rolling documents stream one at a time.
+continuation for the scoring step; rolling documents stream together from position 0 (perplexity's
+`score_batch`: a budget per row or documents of one budget), a row leaving when its document ends. Every request
+gets the text, scores (to float rounding) and cache it gets alone (tested).
 `CompressedLM.records` keeps one record per request (tokens, log-likelihood or generation, the cache's kept tokens
 and bytes, time), which `evaluate_lm_eval` returns as samples.csv rows.
 
@@ -74,7 +75,7 @@ from kvexp.files import Journal
 from kvexp.methods import Method, build_method, make_cache
 from kvexp.tasks.base import share_batch_costs
 from kvexp.tasks.generation import BatchFeed, Prompt, batch_key, left_padded
-from kvexp.tasks.perplexity import score_document
+from kvexp.tasks.perplexity import budget_batches, score_batch
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +264,9 @@ class CompressedLM(TemplateLM):
         return scores, records
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        results = []
-        for request in tqdm(
-            requests, desc="loglikelihood_rolling", disable=disable_tqdm or not self.progress
-        ):
+        first = len(self.records)  # the requests' places in lm-eval's order
+        docs = []
+        for request in requests:
             (text,) = request.args
             ids = [self.prefix_token_id, *self.tok_encode(text)]
             if len(ids) > self.max_length:
@@ -275,34 +275,61 @@ class CompressedLM(TemplateLM):
                     len(ids),
                     self.max_length,
                 )
-            record = {**_request_fields(request), "request_type": "loglikelihood_rolling"}
-            if len(ids) < 2:  # nothing to predict: lm-eval's empty sum
-                results.append(0.0)
-                self.records.append({**record, "continuation_tokens": 0, "loglikelihood": 0.0})
-                continue
-            place = len(self.records)
+            docs.append(ids)
+        results = [0.0] * len(requests)  # a document of one token predicts nothing: lm-eval's empty sum
+        records = [
+            {
+                **_request_fields(r),
+                "request_type": "loglikelihood_rolling",
+                "continuation_tokens": 0,
+                "loglikelihood": 0.0,
+            }
+            for r in requests
+        ]
+        scored = [i for i, ids in enumerate(docs) if len(ids) >= 2]
+        budgets = [self._budget(len(docs[i])) for i in scored]
+        per_row = self._row_budgets and not self.cache_kwargs.get("slack")
+        bar = tqdm(total=len(scored), desc="loglikelihood_rolling", disable=disable_tqdm or not self.progress)
+        for batch in budget_batches(budgets, self.batch_size, per_row):
+            batch = [scored[b] for b in batch]
+            names = [f"{requests[i].task_name}/{requests[i].doc_id}" for i in batch]
             score = functools.partial(
-                self._score_rolling, ids, f"{request.task_name}/{request.doc_id}", place
+                self._score_rolling, [docs[i] for i in batch], names, [first + i for i in batch]
             )
-            (logprob,), (scored,) = self._journaled([place], [["loglikelihood_rolling", ids]], score)
-            results.append(logprob)
-            self.records.append({**record, **scored})
+            keys = [["loglikelihood_rolling", docs[i]] for i in batch]
+            done, made = self._journaled([first + i for i in batch], keys, score)
+            for i, logprob, record in zip(batch, done, made, strict=True):
+                results[i] = logprob
+                records[i].update(record)
+            bar.update(len(batch))
+        bar.close()
+        self.records.extend(records)
         return results
 
-    def _score_rolling(self, ids: list[int], name: str, run: int) -> tuple[list[float], list[dict[str, Any]]]:
-        """Stream one document through the cache: its log-likelihood and record."""
-        doc = score_document(
-            self.model, torch.tensor([ids]), self.method, self._budget(len(ids)), self.chunk_size, name,
+    def _score_rolling(
+        self, docs: list[list[int]], names: list[str], runs: list[int]
+    ) -> tuple[list[float], list[dict[str, Any]]]:
+        """Stream documents through one cache, each a row from position 0 with its own budget (`score_batch`): their
+        log-likelihoods and records (a row's seconds and method time its share of the batch's)."""
+        scored = score_batch(
+            self.model,
+            [(name, torch.tensor([ids])) for name, ids in zip(names, docs, strict=True)],
+            self.method,
+            [self._budget(len(ids)) for ids in docs],
+            self.chunk_size,
             **self.cache_kwargs,
-        )  # fmt: skip
-        record = {
-            "context_tokens": 1,
-            "continuation_tokens": doc.tokens,
-            "loglikelihood": -doc.nll,
-            "is_greedy": doc.correct == doc.tokens,
-            **self._run(doc.kv, doc.first_step_s + sum(doc.step_s), run),
-        }
-        return [-doc.nll], [record]
+        )
+        records = [
+            {
+                "context_tokens": 1,
+                "continuation_tokens": doc.tokens,
+                "loglikelihood": -doc.nll,
+                "is_greedy": doc.correct == doc.tokens,
+                **self._run(doc.kv, doc.cost_s, run),
+            }
+            for doc, run in zip(scored, runs, strict=True)
+        ]
+        return [-doc.nll for doc in scored], records
 
     # -- generation -----------------------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:

@@ -157,6 +157,37 @@ def score_documents(
     return results
 
 
+def budget_batches(budgets: list[int | list[int] | None], batch_size: int, per_row: bool) -> list[list[int]]:
+    """The documents' indices, up to `batch_size` at a time among documents of the same budget (a batch's rows share
+    the layer budgets) or, with `per_row` (a method that keeps a budget per row, without slack), among all token
+    budgets; in the order of each batch's first document."""
+    groups: dict[tuple, list[int]] = {}
+    for i, budget in enumerate(budgets):
+        if per_row and isinstance(budget, int):
+            key: tuple = ("a budget per row",)
+        else:
+            key = tuple(budget) if isinstance(budget, list) else (budget,)
+        groups.setdefault(key, []).append(i)
+    return sorted(idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size))
+
+
+def score_batch(
+    model,
+    documents: list[tuple[str, torch.Tensor]],
+    method: str | Method,
+    budgets: list[int | list[int] | None],
+    chunk_size: int,
+    progress: bool = False,
+    **cache_kwargs,
+) -> list[DocumentResult]:
+    """`score_documents` for one of `budget_batches`' batches, each document with its own budget (`budgets`: one per
+    document, shared unless the method keeps a budget per row)."""
+    return score_documents(
+        model, documents, method, budgets[0], chunk_size, progress,
+        row_budgets=budgets if any(b != budgets[0] for b in budgets) else None, **cache_kwargs,
+    )  # fmt: skip
+
+
 def score_in_batches(
     model,
     documents: list[tuple[str, torch.Tensor]],
@@ -168,31 +199,22 @@ def score_in_batches(
     journal: Journal | None = None,
     **cache_kwargs,
 ) -> list[DocumentResult]:
-    """Every document with the budget `budget_for(its tokens)`, up to `batch_size` at once among documents of the
-    same budget (a batch's rows share the layer budgets) or, for a method that keeps a budget per row
-    (`Method.row_budgets`, without slack), among all; results in document order; `on_batch(results so far)`
-    after each batch. `journal`: each batch's results are recorded as they finish, and a killed run's recorded
-    batches are read back instead of scored again."""
+    """Every document with the budget `budget_for(its tokens)`, in `budget_batches`; results in document order;
+    `on_batch(results so far)` after each batch. `journal`: each batch's results are recorded as they finish, and a
+    killed run's recorded batches are read back instead of scored again."""
     built = method_and_options(method, dict(cache_kwargs))  # by name: its parameters are among cache_kwargs
-    per_row = built.row_budgets and not cache_kwargs.get("slack")
     budgets = [budget_for(ids.shape[1]) for _, ids in documents]
-    groups: dict[tuple, list[int]] = {}
-    for i, budget in enumerate(budgets):
-        if per_row and isinstance(budget, int):
-            key: tuple = ("a budget per row",)
-        else:
-            key = tuple(budget) if isinstance(budget, list) else (budget,)
-        groups.setdefault(key, []).append(i)
-    batches = sorted(
-        idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)
-    )
+    batches = budget_batches(budgets, batch_size, built.row_budgets and not cache_kwargs.get("slack"))
 
     def score(batch: list[int]) -> list[DocumentResult]:
-        own = [budgets[i] for i in batch]
-        return score_documents(
-            model, [documents[i] for i in batch], method, own[0], chunk_size, len(batch) == 1,
-            row_budgets=own if any(b != own[0] for b in own) else None, **cache_kwargs,
-        )  # fmt: skip
+        return score_batch(
+            model,
+            [documents[i] for i in batch],
+            method,
+            [budgets[i] for i in batch],
+            chunk_size,
+            **cache_kwargs,
+        )
 
     def progress(done: list[int], results: list[DocumentResult | None]) -> None:
         if on_batch is not None:
