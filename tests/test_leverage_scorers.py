@@ -191,6 +191,31 @@ def test_non_causal_attention_is_the_chunked_bidirectional_column_sum(chunk):
         assert torch.allclose(method.score(layer), _nca_reference(model, q, k, 8), atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [3, 8, 256])
+def test_chunk_sums_in_query_blocks_see_only_their_chunks_columns(block):
+    """Queries in blocks of 3 or 8 (each block's logits over the columns of its chunks only) or in one block, over
+    slots held out of position order: the reference column sums, slot for slot."""
+    from types import SimpleNamespace
+
+    from kvexp.methods.non_causal_attention import chunk_attention_sums
+
+    model, _ = load("tiny_llama")
+    method = build_method("non_causal_attention", chunk_length=8, value_norm=False, kernel_size=1)
+    cache, proj = _run(model, method, _ids(30))
+    layer, (q, k, _) = cache.layers[0], proj[0]
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(1)).to(layer.positions.device)
+    shuffled = SimpleNamespace(  # the same slots, stored in a shuffled order
+        positions=layer.positions[..., order],
+        attention_logits=lambda queries, scaling, slots: layer.attention_logits(queries, scaling)[..., order][
+            ..., slots
+        ],
+    )
+    queries = _rotate(model, q)
+    positions = torch.arange(30, device=queries.device)[None]
+    sums = chunk_attention_sums(shuffled, queries, positions, 8, block=block)
+    assert torch.allclose(sums, _nca_reference(model, q, k, 8)[..., order], atol=1e-5)
+
+
 def test_non_causal_attention_weights_by_value_norms_and_pools_neighbours():
     model, _ = load("tiny_llama")
     method = build_method("non_causal_attention", chunk_length=8)  # value_norm, kernel 3 (kvpress)

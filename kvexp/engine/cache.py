@@ -503,18 +503,21 @@ class CompressedLayer(DynamicLayer):
                 self._views[key] = view
         return view
 
-    def attention_logits(self, queries: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Logits [B, Hkv, G, r, n] (fp32) of queries [B, H, r, D] over the layer's slots, the slots' bias added
-        (-inf dead, ln n merged); no causal mask. Query head h = g_kv * G + j (transformers' repeat_kv layout)."""
+    def attention_logits(
+        self, queries: torch.Tensor, scaling: float, slots: slice = slice(None)
+    ) -> torch.Tensor:
+        """Logits [B, Hkv, G, r, n] (fp32) of queries [B, H, r, D] over the layer's slots (`slots`: a range of them),
+        the slots' bias added (-inf dead, ln n merged); no causal mask. Query head h = g_kv * G + j (transformers'
+        repeat_kv layout)."""
         batch, heads, rows, dim = queries.shape
         groups = heads // self.kv_heads
         grouped = queries.float().reshape(batch * self.kv_heads, groups * rows, dim)  # rows j*r + i
-        keys = self.keys.float().flatten(0, 1)  # [B*Hkv, n, D]
+        keys = self.keys[:, :, slots].float().flatten(0, 1)  # [B*Hkv, n, D]
         logits = (
             torch.bmm(grouped, keys.transpose(1, 2)).view(batch, self.kv_heads, groups, rows, -1) * scaling
         )
         if self.has_bias:
-            logits = logits + self.bias[:, :, None, None, :]
+            logits = logits + self.bias[:, :, None, None, slots]
         return logits
 
     def shares_attention_row(self, token_mask: torch.Tensor | None) -> bool:

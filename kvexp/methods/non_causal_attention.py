@@ -23,17 +23,25 @@ def chunk_attention_sums(
     Non-causal: a query at position p attends to every live slot whose position lies in p's chunk
     [c * chunk, (c + 1) * chunk), c = p // chunk, before or after p; logits unscaled (q . k, the reference
     implementations' scale 1), softmax in fp32 over those slots (dead slots excluded by their -inf bias)."""
-    slot_chunk = torch.where(layer.positions >= 0, layer.positions // chunk, -2)[:, :, None, None, :]
-    total = None
+    slot_chunk = torch.where(layer.positions >= 0, layer.positions // chunk, -2)  # [B, Hkv, L]
+    batch, kv_heads, length = slot_chunk.shape
+    total = torch.zeros(batch, kv_heads, queries.shape[1] // kv_heads, length, device=queries.device)
     for first in range(0, queries.shape[2], block):
         rows = positions[:, first : first + block]
-        query_chunk = torch.where(rows >= 0, rows // chunk, -1)[
-            :, None, None, :, None
-        ]  # -1 meets no slot (-2)
-        logits = layer.attention_logits(queries[:, :, first : first + block], 1.0)  # [B, Hkv, G, r, L]
-        probs = torch.softmax(logits.masked_fill(slot_chunk != query_chunk, float("-inf")), dim=-1)
-        part = probs.nan_to_num(0.0).sum(dim=3)  # a query that sees nothing adds 0
-        total = part if total is None else total + part
+        query_chunk = torch.where(rows >= 0, rows // chunk, -1)  # -1 meets no slot (-2)
+        real = query_chunk[query_chunk >= 0]
+        if real.numel() == 0:
+            continue
+        # Only the slots of these queries' chunks can get attention: the logits need the columns from the first to
+        # the last of them, not all L (a one-step prefill's slots are in position order: about a chunk's width).
+        seen = ((slot_chunk >= real.min()) & (slot_chunk <= real.max())).any(dim=1).any(dim=0).nonzero()
+        if seen.numel() == 0:
+            continue
+        cols = slice(int(seen[0]), int(seen[-1]) + 1)
+        logits = layer.attention_logits(queries[:, :, first : first + block], 1.0, cols)  # [B, Hkv, G, r, n]
+        unseen = slot_chunk[:, :, None, None, cols] != query_chunk[:, None, None, :, None]
+        probs = torch.softmax(logits.masked_fill(unseen, float("-inf")), dim=-1)
+        total[..., cols] += probs.nan_to_num(0.0).sum(dim=3)  # a query that sees nothing adds 0
     return total.mean(dim=2)
 
 
