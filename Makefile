@@ -33,7 +33,7 @@ test-data: setup  ## only the tests that need the local evaluation data (KVEXP_D
 	$(PY) -m pytest -q -m data
 	$(PY) -m pytest -q tests/test_readme.py  # the README's and docs' commands, the data-dependent ones included
 
-bench: setup  ## decode speed, ops per step, compression overhead, memory and batched generation on the embedded model
+bench: setup  ## decode speed, ops per step, compression overhead, memory, batched generation and lm-eval on the embedded model
 	$(PY) -m kvexp.bench
 
 bench-gpu: setup  ## the GPU suite: decode and prefill at Llama-3.1-8B / Qwen3-8B shapes (random weights, CUDA)

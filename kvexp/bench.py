@@ -28,9 +28,14 @@ Cases (issue 8), on the embedded model unless `--model` says otherwise:
       forward, through the plain model (stock SDPA attention, DynamicCache) and kvexp's full cache, the same padding
       mask and positions; seconds, best of `--p7-repeats` interleaved rounds, and the ratio to plain (target <= 1.10:
       the engine's masks and buffers cost a batched prefill little).
+  P8  batched lm-eval: kvexp's local lm-eval tasks (`--p8-tasks`, `--p8-limit` documents each: multiple-choice
+      contexts and greedy generations) through `--p8-methods` at keep 0.5, one request at a time and `--p8-batch` at a
+      time (`dataset.batch_size`); tokens run per second (the whole lm-eval call, its own overhead included), their
+      ratio, and whether every request's result (log-likelihood to 1e-4, greedy flag, generation) and every task
+      metric equal the one-at-a-time ones (all must).
 Writes `<out>/bench.json` and `<out>/bench.md` and prints the table with each target met or missed by how much.
 
-    python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 8192] [--budget 512] [--cases P1,...,P7]
+    python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 8192] [--budget 512] [--cases P1,...,P8]
     python -m kvexp.bench --suite gpu [...]   # the GPU suite at real model shapes (kvexp.bench_gpu)
 """
 
@@ -58,13 +63,14 @@ from kvexp.methods import build_method, make_cache
 from kvexp.models import load_model_by_name, peak_memory
 from kvexp.tasks.data import load_documents
 from kvexp.tasks.generation import batch_key, run_generation
+from kvexp.tasks.lm_eval_harness import evaluate_lm_eval
 from kvexp.tasks.perplexity import score_document
 from kvexp.tracking import atomic_write_json
 
 P1_METHODS = ("streaming_llm", "knorm", "snapkv", "h2o", "tova")
 PREFILL_SCORERS = ("knorm", "snapkv", "pyramidkv", "expected_attention")
 PER_STEP_METHODS = ("streaming_llm", "knorm", "h2o", "tova")
-CASES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7")
+CASES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
 TARGETS = {"P1": 1.10, "P2_prefill": 0.03, "P2_decode": 0.05, "P3": 1.2, "P4": 1.15, "P5": 0.90, "P7": 1.10}
 
 
@@ -382,6 +388,53 @@ def p7_padded_prefill(model, ids: torch.Tensor, args) -> dict[str, dict[str, flo
     }
 
 
+def p8_lm_eval(model, tokenizer, args) -> dict[str, dict[str, Any]]:
+    """Tokens/s of lm-eval's requests answered one at a time vs `--p8-batch` at a time (rounds interleaved, the best
+    of `--p8-repeats` kept), and whether every batched request's result and every task metric is the one-at-a-time
+    one."""
+    budget = {"tokens": None, "keep_ratio": 0.5, "per_layer": None, "per_head": None, "allocation": "uniform"}
+    out = {}
+    for method in args.p8_methods:
+        seconds: dict[int, list[float]] = {1: [], args.p8_batch: []}
+        runs: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        for _ in range(args.p8_repeats):
+            for size in seconds:
+                dataset = {
+                    "tasks": args.p8_tasks,
+                    "limit": args.p8_limit,
+                    "batch_size": size,
+                    "bootstrap_iters": 0,
+                }
+                start = time.perf_counter()
+                runs[size] = evaluate_lm_eval(
+                    dataset, model, tokenizer, method, budget, {}, 0, progress=False
+                )
+                seconds[size].append(time.perf_counter() - start)
+        (one, one_rows), (batched, batched_rows) = runs[1], runs[args.p8_batch]
+        quality = [k for k in one if "/" in k]  # lm-eval's task metrics (`task/metric`), not the cost fields
+        tokens = one["tokens"]
+        out[method] = {
+            "requests": one["requests"],
+            "tokens": tokens,
+            "tokens_per_s_one": tokens / min(seconds[1]),
+            "tokens_per_s_batched": tokens / min(seconds[args.p8_batch]),
+            "ratio": min(seconds[1]) / min(seconds[args.p8_batch]),
+            "same_results": sum(_same_request(a, b) for a, b in zip(one_rows, batched_rows, strict=True)),
+            "same_metrics": all(one[k] == batched[k] for k in quality) and batched["tokens"] == tokens,
+        }
+    return out
+
+
+def _same_request(one: dict[str, Any], batched: dict[str, Any]) -> bool:
+    """A request's result batched is its result alone: the same generation and greedy flag, the log-likelihood to
+    float rounding (the rows of a batch sum in another order)."""
+    same = one.get("generation") == batched.get("generation") and one.get("is_greedy") == batched.get(
+        "is_greedy"
+    )
+    ll = one.get("loglikelihood"), batched.get("loglikelihood")
+    return same and (ll[0] is None) == (ll[1] is None) and (ll[0] is None or abs(ll[0] - ll[1]) <= 1e-4)
+
+
 def _tokens(tokenizer, count: int) -> torch.Tensor:
     docs = load_documents(
         {"name": "pg19", "path": None, "local_file": "pg19/test_books.jsonl", "hub_id": "emozilla/pg19-test",
@@ -504,6 +557,21 @@ def markdown(results: dict[str, Any]) -> str:
                 else f"<= {TARGETS['P7']:.2f}: {target_verdict(r['ratio_to_plain'], TARGETS['P7'])}"
             )
             lines.append(f"| {name} | {r['seconds']:.2f} | {r['ratio_to_plain']:.2f} | {verdict} |")
+    if results.get("P8"):
+        args = results["args"]
+        lines += _table(
+            f"\n**P8 batched lm-eval** ({', '.join(args['p8_tasks'])}, {args['p8_limit']} documents each, keep 0.5, "
+            f"batch 1 vs {args['p8_batch']})\n",
+            "method | requests | tokens | tokens/s, one at a time | tokens/s, batched | ratio | same results | same metrics",
+        )
+        for name, r in results["P8"].items():
+            same = (
+                "all" if r["same_results"] == r["requests"] else f"**{r['same_results']} of {r['requests']}**"
+            )
+            lines.append(
+                f"| {name} | {r['requests']} | {r['tokens']} | {r['tokens_per_s_one']:.1f} | "
+                f"{r['tokens_per_s_batched']:.1f} | {r['ratio']:.2f}x | {same} | {'yes' if r['same_metrics'] else '**no**'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -545,6 +613,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--p7-length", type=int, default=2048, help="P7: the longest padded prompt")
     parser.add_argument("--p7-batch", type=int, default=4, help="P7: prompts in the padded batch")
     parser.add_argument("--p7-repeats", type=int, default=2, help="P7: interleaved rounds (the best kept)")
+    parser.add_argument(
+        "--p8-methods", default="streaming_llm,snapkv", help="P8: batched lm-eval at keep 0.5 ('': skip P8)"
+    )
+    parser.add_argument("--p8-tasks", default="kvexp_recall,kvexp_recall_gen", help="P8: lm-eval tasks")
+    parser.add_argument("--p8-limit", type=int, default=8, help="P8: documents per task")
+    parser.add_argument("--p8-batch", type=int, default=8)
+    parser.add_argument("--p8-repeats", type=int, default=1, help="P8: interleaved rounds (the best kept)")
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--p3-case", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -587,6 +662,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_methods",
         "p5_methods",
         "p6_methods",
+        "p8_methods",
+        "p8_tasks",
         "cases",
     ):
         setattr(args, name, [m for m in getattr(args, name).split(",") if m])
@@ -619,6 +696,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     results["P6"] = p6_batched(model, tokenizer, args) if "P6" in run and args.p6_methods else {}
     results["P7"] = p7_padded_prefill(model, ids, args) if "P7" in run else {}
+    results["P8"] = p8_lm_eval(model, tokenizer, args) if "P8" in run and args.p8_methods else {}
     out = Path(args.out)
     atomic_write_json(out / "bench.json", results)
     text = markdown(results)

@@ -27,7 +27,8 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
             "--op-steps", "6", "--skip-p3", "--methods", "streaming_llm,h2o", "--compiled-methods", "h2o",
             "--prefill-methods", "snapkv", "--step-methods", "h2o", "--p5-methods", "h2o", "--out", str(tmp_path),
             "--p6-methods", "h2o,pyramidinfer", "--p6-length", "2048", "--p6-samples", "1", "--p6-batch", "4",
-            "--p6-budget", "64", "--p7-length", "96", "--p7-batch", "3", "--p7-repeats", "1"]  # fmt: skip
+            "--p6-budget", "64", "--p7-length", "96", "--p7-batch", "3", "--p7-repeats", "1",
+            "--p8-methods", "streaming_llm", "--p8-limit", "3", "--p8-batch", "2"]  # fmt: skip
     results = bench.main(args)
     written = json.loads((tmp_path / "bench.json").read_text())
     assert set(written["P1"]) == {
@@ -67,6 +68,12 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     assert p7["full cache"]["tokens"] == 96 + 72 + 48 and p7["full cache"]["rows"] == 3  # 96 down to half
     assert p7["full cache"]["ratio_to_plain"] == p7["full cache"]["seconds"] / p7["plain"]["seconds"]
     assert "**P7 padded prefill** (3 prompts of 96 down to 48 tokens" in text and "| full cache |" in text
+    p8 = written["P8"]["streaming_llm"]
+    # 3 documents x (4 choices + 1 generation): every request answered batched as alone, the same task metrics
+    assert p8["requests"] == p8["same_results"] == 15 and p8["same_metrics"]
+    assert p8["ratio"] == pytest.approx(p8["tokens_per_s_batched"] / p8["tokens_per_s_one"])
+    assert "**P8 batched lm-eval** (kvexp_recall, kvexp_recall_gen, 3 documents each" in text
+    assert "| streaming_llm | 15 |" in text
 
 
 def test_gpu_suite_smoke_run_on_the_cpu(tmp_path):
@@ -99,5 +106,5 @@ def test_gpu_suite_smoke_run_on_the_cpu(tmp_path):
 def test_bench_cases_are_checked_before_the_model_loads():
     with pytest.raises(SystemExit, match="P5 compares with P1's plain decode"):
         bench.main(["--cases", "P5", "--model", "no_such_model"])
-    with pytest.raises(SystemExit, match="--cases must name some of P1, P2, P3, P4, P5, P6, P7"):
-        bench.main(["--cases", "P8", "--model", "no_such_model"])
+    with pytest.raises(SystemExit, match="--cases must name some of P1, P2, P3, P4, P5, P6, P7, P8"):
+        bench.main(["--cases", "P9", "--model", "no_such_model"])
