@@ -29,10 +29,10 @@ Cases (issue 8), on the embedded model unless `--model` says otherwise:
       mask and positions; seconds, best of `--p7-repeats` interleaved rounds, and the ratio to plain (target <= 1.10:
       the engine's masks and buffers cost a batched prefill little).
   P8  batched lm-eval: kvexp's local lm-eval tasks (`--p8-tasks`, `--p8-limit` documents each: multiple-choice
-      contexts and greedy generations) through `--p8-methods` at keep 0.5, one request at a time and `--p8-batch` at a
+      contexts, greedy generations and rolling documents) through `--p8-methods` at keep 0.5, one request at a time and `--p8-batch` at a
       time (`dataset.batch_size`); tokens run per second (the whole lm-eval call, its own overhead included), their
       ratio, and whether every request's result (log-likelihood to 1e-4, greedy flag, generation) and every task
-      metric equal the one-at-a-time ones (all must).
+      metric (to 1e-6 relative) equal the one-at-a-time ones (all must).
 Writes `<out>/bench.json` and `<out>/bench.md` and prints the table with each target met or missed by how much.
 
     python -m kvexp.bench [--model smollm2_135m] [--hardware cpu] [--context 8192] [--budget 512] [--cases P1,...,P8]
@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -420,9 +421,18 @@ def p8_lm_eval(model, tokenizer, args) -> dict[str, dict[str, Any]]:
             "tokens_per_s_batched": tokens / min(seconds[args.p8_batch]),
             "ratio": min(seconds[1]) / min(seconds[args.p8_batch]),
             "same_results": sum(_same_request(a, b) for a, b in zip(one_rows, batched_rows, strict=True)),
-            "same_metrics": all(one[k] == batched[k] for k in quality) and batched["tokens"] == tokens,
+            "same_metrics": all(_same_metric(one[k], batched[k]) for k in quality)
+            and batched["tokens"] == tokens,
         }
     return out
+
+
+def _same_metric(one: Any, batched: Any) -> bool:
+    """A task metric batched is the one-at-a-time one: equal, or to float rounding (1e-6 relative: perplexities
+    exponentiate log-likelihoods that differ by rounding)."""
+    if isinstance(one, float) and isinstance(batched, float):
+        return math.isclose(one, batched, rel_tol=1e-6)
+    return one == batched
 
 
 def _same_request(one: dict[str, Any], batched: dict[str, Any]) -> bool:
@@ -616,7 +626,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--p8-methods", default="streaming_llm,snapkv", help="P8: batched lm-eval at keep 0.5 ('': skip P8)"
     )
-    parser.add_argument("--p8-tasks", default="kvexp_recall,kvexp_recall_gen", help="P8: lm-eval tasks")
+    parser.add_argument(
+        "--p8-tasks", default="kvexp_recall,kvexp_recall_gen,kvexp_recall_ppl", help="P8: lm-eval tasks"
+    )
     parser.add_argument("--p8-limit", type=int, default=8, help="P8: documents per task")
     parser.add_argument("--p8-batch", type=int, default=8)
     parser.add_argument("--p8-repeats", type=int, default=1, help="P8: interleaved rounds (the best kept)")

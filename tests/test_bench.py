@@ -69,11 +69,11 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     assert p7["full cache"]["ratio_to_plain"] == p7["full cache"]["seconds"] / p7["plain"]["seconds"]
     assert "**P7 padded prefill** (3 prompts of 96 down to 48 tokens" in text and "| full cache |" in text
     p8 = written["P8"]["streaming_llm"]
-    # 3 documents x (4 choices + 1 generation): every request answered batched as alone, the same task metrics
-    assert p8["requests"] == p8["same_results"] == 15 and p8["same_metrics"]
+    # 3 documents x (4 choices + 1 generation + 1 rolling log): every request batched as alone, the same task metrics
+    assert p8["requests"] == p8["same_results"] == 18 and p8["same_metrics"]
     assert p8["ratio"] == pytest.approx(p8["tokens_per_s_batched"] / p8["tokens_per_s_one"])
-    assert "**P8 batched lm-eval** (kvexp_recall, kvexp_recall_gen, 3 documents each" in text
-    assert "| streaming_llm | 15 |" in text
+    assert "**P8 batched lm-eval** (kvexp_recall, kvexp_recall_gen, kvexp_recall_ppl, 3 documents each" in text
+    assert "| streaming_llm | 18 |" in text
 
 
 def test_gpu_suite_smoke_run_on_the_cpu(tmp_path):

@@ -2,6 +2,7 @@
 budgets, generation, and offline lm-eval runs on kvexp's local tasks."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -265,6 +266,28 @@ def test_lm_eval_run_on_the_local_tasks_offline_limit_2():
         assert choices[0]["acc"] == float(best == docs[doc_id]["answer"])
     generated = [r for r in rows if r["task"] == "kvexp_recall_gen"]
     assert all(isinstance(r["generation"], str) and "exact_match,strip" in r for r in generated)
+
+
+def test_the_local_rolling_task_streams_each_log_through_the_budget():
+    """kvexp_recall_ppl, two logs three at a time: each log streamed once through a 32-entry cache, and lm-eval's
+    perplexities recomputed from the requests' log-likelihoods (its weighted aggregates: words and UTF-8 bytes)."""
+    model, tok = load("tiny_llama")
+    dataset = _dataset(tasks=["kvexp_recall_ppl"], limit=2, bootstrap_iters=0, batch_size=3)
+    metrics, rows = evaluate_lm_eval(
+        dataset, model, tok, "streaming_llm", OmegaConf.create(BUDGET), ENGINE, seed=0, progress=False
+    )
+    docs = [json.loads(line) for line in (LOCAL_TASKS_DIR / "kv_recall.jsonl").read_text().splitlines()][:2]
+    assert [r["doc_id"] for r in rows] == [0, 1] and metrics["cache_runs"] == 2
+    for row, doc in zip(rows, docs, strict=True):
+        assert row["request_type"] == "loglikelihood_rolling"
+        assert row["continuation_tokens"] == len(tok.encode(doc["context"]))  # every token after the prefix
+        assert row["kv_tokens_kept"] == 32 < row["kv_tokens_seen"]
+    total = sum(r["loglikelihood"] for r in rows)
+    words = sum(len(doc["context"].split()) for doc in docs)
+    utf8 = sum(len(doc["context"].encode()) for doc in docs)
+    assert metrics["kvexp_recall_ppl/word_perplexity"] == pytest.approx(math.exp(-total / words), rel=1e-6)
+    assert metrics["kvexp_recall_ppl/byte_perplexity"] == pytest.approx(math.exp(-total / utf8), rel=1e-6)
+    assert metrics["kvexp_recall_ppl/bits_per_byte"] == pytest.approx(-total / utf8 / math.log(2), rel=1e-6)
 
 
 def test_own_task_yaml_through_include_path(tmp_path):
