@@ -72,7 +72,9 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     # 3 documents x (4 choices + 1 generation + 1 rolling log): every request batched as alone, the same task metrics
     assert p8["requests"] == p8["same_results"] == 18 and p8["same_metrics"]
     assert p8["ratio"] == pytest.approx(p8["tokens_per_s_batched"] / p8["tokens_per_s_one"])
-    assert "**P8 batched lm-eval** (kvexp_recall, kvexp_recall_gen, kvexp_recall_ppl, 3 documents each" in text
+    assert (
+        "**P8 batched lm-eval** (kvexp_recall, kvexp_recall_gen, kvexp_recall_ppl, 3 documents each" in text
+    )
     assert "| streaming_llm | 18 |" in text
 
 
