@@ -469,6 +469,11 @@ def _table(title: str, columns: str) -> list[str]:
     return [title, f"| {columns} |", "|" + "---|" * (columns.count("|") + 1)]
 
 
+def _all_or_count(same: int, total: int) -> str:
+    """How many batched results equal the one-at-a-time ones: "all", or the count in bold."""
+    return "all" if same == total else f"**{same} of {total}**"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The benchmark's tables with each target's verdict."""
     lines = [f"`{results['machine']}`\n"]
@@ -546,9 +551,7 @@ def markdown(results: dict[str, Any]) -> str:
             "case | samples | budgets | batches | samples/s, one at a time | samples/s, batched | ratio | same answers",
         )
         for name, r in results["P6"].items():
-            same = (
-                "all" if r["same_answers"] == r["samples"] else f"**{r['same_answers']} of {r['samples']}**"
-            )
+            same = _all_or_count(r["same_answers"], r["samples"])
             lines.append(
                 f"| {name} | {r['samples']} | {r['budgets']} | {r['batches']} | {r['samples_per_s_one']:.3f} | "
                 f"{r['samples_per_s_batched']:.3f} | {r['ratio']:.2f}x | {same} |"
@@ -575,9 +578,7 @@ def markdown(results: dict[str, Any]) -> str:
             "method | requests | tokens | tokens/s, one at a time | tokens/s, batched | ratio | same results | same metrics",
         )
         for name, r in results["P8"].items():
-            same = (
-                "all" if r["same_results"] == r["requests"] else f"**{r['same_results']} of {r['requests']}**"
-            )
+            same = _all_or_count(r["same_results"], r["requests"])
             lines.append(
                 f"| {name} | {r['requests']} | {r['tokens']} | {r['tokens_per_s_one']:.1f} | "
                 f"{r['tokens_per_s_batched']:.1f} | {r['ratio']:.2f}x | {same} | {'yes' if r['same_metrics'] else '**no**'} |"
