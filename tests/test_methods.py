@@ -226,3 +226,42 @@ def test_random_keeps_each_position_equally_often_and_redraws_at_every_compressi
         second = slot_uniforms(cache.layers[0], 0)[..., :T]
     assert float(first.min()) >= 0.0 and float(first.max()) < 1.0 and abs(float(first.mean()) - 0.5) < 0.1
     assert not torch.equal(first, second) and not torch.equal(first[:, 0], first[:, 1])
+
+
+@torch.no_grad()
+def test_a_steps_attention_blocks_skip_only_slots_no_query_of_theirs_sees():
+    """Left-padded prompts of different lengths, 2 at a time, prefilled in chunks of 8 with compression to 12
+    between them (old slots held out of position order): each block of 3 queries' attention over the first `end`
+    slots equals the attention over every slot there and is all of it (0 past `end`), so the column sums (H2O,
+    ObservedAttention, D2O) and LRU's times are those of the whole matrix."""
+    from kvexp.methods.observed_attention import ObservedAttention
+    from kvexp.methods.scoring import attention_probs, column_sums, step_attention_blocks, step_queries
+    from kvexp.tasks.generation import PromptEncoder, run_generation
+    from tests.test_batching import _samples
+
+    class CheckedBlocks(ObservedAttention):
+        def observe(self, layer, query):
+            if query.shape[2] > 1:
+                queries, positions = step_queries(layer, query)
+                every = attention_probs(layer, queries, positions, layer.scaling)  # [B, Hkv, G, q, n]
+                ends = []
+                for rows, probs in step_attention_blocks(layer, query, block=3):
+                    end = probs.shape[-1]
+                    assert torch.allclose(probs, every[:, :, :, rows, :end], atol=1e-6)
+                    assert not every[:, :, :, rows, end:].any()
+                    ends.append(end)
+                assert ends[-1] == layer.length and ends == sorted(ends)
+                assert torch.allclose(column_sums(layer, query, block=3), every.sum(dim=3), atol=1e-5)
+                seen.append((layer.length - query.shape[2], len(ends)))
+            super().observe(layer, query)
+
+    seen = []
+    model, tok = load("tiny_llama")
+    samples = _samples(4)
+    prompts = [PromptEncoder(tok).encode(s) for s in samples]
+    run_generation(
+        model, tok, samples, prompts, CheckedBlocks(), lambda n: 12, prefill_chunk_size=8, batch_size=2
+    )
+    assert any(
+        before >= 12 and blocks >= 3 for before, blocks in seen
+    )  # old slots and several blocks were checked

@@ -3,9 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from kvexp.methods.base import Method, register
-from kvexp.methods.scoring import GQA_REDUCTIONS, attention_probs, reduce_group, step_queries
-
-BLOCK = 256  # query rows per attention block
+from kvexp.methods.scoring import GQA_REDUCTIONS, reduce_group, step_attention_blocks, step_queries
 
 
 @register
@@ -39,18 +37,16 @@ class LRU(Method):
             raise ValueError(f"method.gqa must be one of {GQA_REDUCTIONS}, got {self.gqa!r}")
 
     def observe(self, layer, query: torch.Tensor) -> None:
-        query, positions = step_queries(layer, query)
+        _, positions = step_queries(layer, query)
         last = layer.state("last_attended")
         new = slice(layer.length - query.shape[2], layer.length)
         last[:, :, new] = layer.positions[:, :, new].float()  # arrival: attended by its own query
-        # Query rows in blocks, so a long prefill never holds the L x L attention.
-        for first in range(0, query.shape[2], BLOCK):
-            rows = slice(first, first + BLOCK)
-            probs = attention_probs(layer, query[:, :, rows], positions[:, rows], layer.scaling)
-            attended = reduce_group(probs, self.gqa) >= self.threshold  # [B, Hkv, r, n]
+        for rows, probs in step_attention_blocks(layer, query):
+            attended = reduce_group(probs, self.gqa) >= self.threshold  # [B, Hkv, r, end]
             when = positions[:, None, rows, None].float().expand_as(attended)
             latest = when.masked_fill(~attended, float("-inf")).amax(dim=2)
-            last.copy_(torch.maximum(last, latest))
+            seen = last[..., : latest.shape[-1]]
+            seen.copy_(torch.maximum(seen, latest))
 
     def score(self, layer) -> torch.Tensor:
         # Lexicographic (time last attended, position) in int64 (exact), returned as ranks (exact in fp32).

@@ -11,6 +11,7 @@ G = H / Hkv (query head h = g_kv * G + r, transformers' repeat_kv layout).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 GQA_REDUCTIONS = ("mean", "max", "sum")
 POOLINGS = ("avgpool", "maxpool")
+BLOCK = 256  # query rows per block of a multi-token step's attention
 
 
 def step_queries(layer: CompressedLayer, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,21 +39,21 @@ def attention_probs(
     query_positions: torch.Tensor | None,
     scaling: float,
     newest: bool = False,
+    slots: slice = slice(None),
 ) -> torch.Tensor:
     """Softmax attention [B, Hkv, G, r, n] of queries [B, H, r, D] over the layer's slots (fp32).
 
     A query at position p sees a slot iff the slot is live and holds a position <= p: the engine's mask
     (bias, causality inside a chunk, padding) for this step's queries, and the right causal view for queries
     remembered from earlier steps. `newest`: the queries are the layer's newest token (a decode step), which sees
-    every slot, so the causal comparison is skipped (`query_positions` may be None).
+    every slot, so the causal comparison is skipped (`query_positions` may be None). `slots`: a range of the slots
+    (n its length) that holds every slot the queries see; the softmax is over it alone.
     """
-    logits = layer.attention_logits(queries, scaling)  # [B, Hkv, G, r, n], the bias added
+    logits = layer.attention_logits(queries, scaling, slots)  # [B, Hkv, G, r, n], the bias added
     if not newest:
-        # [B, Hkv, 1, r, n]: slot position after the query's (views insert the unit dims in one op each)
+        # [B, Hkv, 1, r, n]: slot position after the query's (indexing inserts the unit dims)
         batch, rows = queries.shape[0], queries.shape[2]
-        future = layer.positions.view(batch, layer.kv_heads, 1, 1, -1) > query_positions.view(
-            batch, 1, 1, rows, 1
-        )
+        future = layer.positions[:, :, None, None, slots] > query_positions.view(batch, 1, 1, rows, 1)
         logits = logits.masked_fill(future, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if newest and not layer.has_bias:
@@ -59,19 +61,30 @@ def attention_probs(
     return probs.nan_to_num(0.0)  # a query that sees nothing contributes 0
 
 
-def column_sums(layer: CompressedLayer, query: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """Attention each slot received from this step's queries, summed over them: [B, Hkv, G, n].
+def step_attention_blocks(
+    layer: CompressedLayer, query: torch.Tensor, block: int = BLOCK
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """This step's attention in blocks of `block` query rows, so a long prefill never holds the L x L matrix:
+    yields (rows, probs [B, Hkv, G, r, end]) over the first `end` slots. The step's tokens fill the layer's last q
+    slots in step order and a row's positions grow along it, so no query of the block sees a slot after its own
+    last token's: the slots past `end` (probability 0) are not computed, about half of a prefill's logits."""
+    query, positions = step_queries(layer, query)
+    steps = query.shape[2]
+    before = layer.length - steps  # slots held before this step
+    for first in range(0, steps, block):
+        rows = slice(first, min(first + block, steps))
+        seen = slice(0, before + rows.stop)
+        yield rows, attention_probs(layer, query[:, :, rows], positions[:, rows], layer.scaling, slots=seen)
 
-    Accumulated over blocks of `block` query rows, so a long prefill never holds the L x L matrix.
-    """
+
+def column_sums(layer: CompressedLayer, query: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Attention each slot received from this step's queries, summed over them: [B, Hkv, G, n]."""
     if query.shape[2] == 1:  # a decode step: the newest token's row
         return newest_attention(layer, query).sum(dim=3)
-    query, positions = step_queries(layer, query)
-    total = None
-    for first in range(0, query.shape[2], block):
-        rows = slice(first, first + block)
-        part = attention_probs(layer, query[:, :, rows], positions[:, rows], layer.scaling).sum(dim=3)
-        total = part if total is None else total + part
+    groups = query.shape[1] // layer.kv_heads
+    total = query.new_zeros(query.shape[0], layer.kv_heads, groups, layer.length, dtype=torch.float32)
+    for _, probs in step_attention_blocks(layer, query, block):
+        total[..., : probs.shape[-1]] += probs.sum(dim=3)
     return total
 
 
