@@ -2,6 +2,7 @@
 budgets, generation, and offline lm-eval runs on kvexp's local tasks."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -268,9 +269,11 @@ def test_lm_eval_run_on_the_local_tasks_offline_limit_2():
     assert all(isinstance(r["generation"], str) and "exact_match,strip" in r for r in generated)
 
 
-def test_the_local_rolling_task_streams_each_log_through_the_budget():
+def test_the_local_rolling_task_streams_each_log_through_the_budget(caplog):
     """kvexp_recall_ppl, two logs three at a time: each log streamed once through a 32-entry cache, and lm-eval's
-    perplexities recomputed from the requests' log-likelihoods (its weighted aggregates: words and UTF-8 bytes)."""
+    perplexities recomputed from the requests' log-likelihoods (its weighted aggregates: words and UTF-8 bytes); the
+    task names each metric's aggregation and direction, so lm-eval warns of no default it had to pick."""
+    caplog.set_level(logging.WARNING)
     model, tok = load("tiny_llama")
     dataset = _dataset(tasks=["kvexp_recall_ppl"], limit=2, bootstrap_iters=0, batch_size=3)
     metrics, rows = evaluate_lm_eval(
@@ -288,6 +291,7 @@ def test_the_local_rolling_task_streams_each_log_through_the_budget():
     assert metrics["kvexp_recall_ppl/word_perplexity"] == pytest.approx(math.exp(-total / words), rel=1e-6)
     assert metrics["kvexp_recall_ppl/byte_perplexity"] == pytest.approx(math.exp(-total / utf8), rel=1e-6)
     assert metrics["kvexp_recall_ppl/bits_per_byte"] == pytest.approx(-total / utf8 / math.log(2), rel=1e-6)
+    assert not [r.message for r in caplog.records if "is defined, but" in r.message]
 
 
 def test_own_task_yaml_through_include_path(tmp_path):
