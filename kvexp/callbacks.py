@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,9 +34,50 @@ def exit_on_user_error(err: BaseException, verbose: bool) -> NoReturn:
     raise SystemExit(1) from None
 
 
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def sweep_jobs(config: DictConfig) -> Iterator[tuple[int, list[str], DictConfig]]:
+    """The jobs Hydra's basic sweeper launches for a multirun's `config`, in its order: (job number, the job's
+    overrides, its config less the hydra node); none for another sweeper (Optuna's draws its jobs as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+        return
+    loader = GlobalHydra.instance().config_loader()
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
+    number = 0
+    for batch in BasicSweeper.split_arguments(parsed, None):
+        for overrides in batch:
+            job = loader.load_sweep_config(master_config=config, sweep_overrides=list(overrides))
+            yield number, list(overrides), OmegaConf.masked_copy(job, [k for k in job if k != "hydra"])
+            number += 1
+
+
 class RunDirCallback(Callback):
     """A single run's checks before Hydra creates its dir (kvexp.run_dir.prepare_run_dir): a bad value or a dir
-    holding another config's results fails with one line and leaves nothing behind."""
+    holding another config's results fails with one line and leaves nothing behind. A sweep's jobs are validated
+    (kvexp.config.validate) before the first of them runs: a bad value in any job fails the sweep with one line
+    naming the job, before a model loads or an hour of other jobs runs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from kvexp.config import validate  # torch loads here, not for --help
+
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # each job logs its own notes (a fallback, a default) when it runs
+        try:
+            for number, overrides, task in sweep_jobs(config):
+                try:
+                    validate(task)
+                except ValueError as err:
+                    err = ValueError(f"job #{number} ({' '.join(overrides)}): {err}")
+                    exit_on_user_error(err, bool(config.hydra.verbose))
+        finally:
+            logging.disable(previous)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from kvexp.app import NonFiniteMetricError  # torch loads here, not for --help

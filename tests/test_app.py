@@ -105,6 +105,25 @@ def test_bad_option_fails_before_the_model_loads(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+def test_a_sweep_validates_every_job_before_the_first_runs(tmp_path):
+    """A bad value in a sweep's second job, from the command line or with a preset's own axes (the command line's
+    axis replacing the preset's): the sweep fails with one line naming the job, before any job runs or a model
+    loads; no sweep dir is made."""
+    sweep = tmp_path / "sweep"
+    axes = _cli("-m", "model=tiny_llama", "method=knorm", "budget.tokens=32,0", f"hydra.sweep.dir={sweep}")
+    preset = _cli(
+        "experiment=budget_sweep", "model=tiny_llama", "budget.tokens=64,0", f"hydra.sweep.dir={sweep}"
+    )
+    error = "budget.tokens must be a positive number of tokens, got 0"
+    assert axes.returncode == 1 and axes.stderr.strip().splitlines() == [
+        f"kvexp: job #1 (model=tiny_llama method=knorm budget.tokens=0): {error}"
+    ]
+    assert preset.returncode == 1 and preset.stderr.strip().splitlines() == [
+        f"kvexp: job #1 (method=streaming_llm budget.tokens=0 experiment=budget_sweep model=tiny_llama): {error}"
+    ]
+    assert "Launching" not in axes.stdout + preset.stdout and not sweep.exists()
+
+
 def test_two_job_multirun_shares_the_full_cache_run(tmp_path, text_file):
     sweep = tmp_path / "sweep"
     proc = _cli(
