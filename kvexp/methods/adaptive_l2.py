@@ -31,6 +31,7 @@ class AdaptiveL2(Method):
     """
 
     name = "adaptive_l2"
+    row_budgets = True  # each row plans from its own budget and tokens seen
     description = (
         "kept size shrinks progressively with sequence length, lowest key norms kept (the kvcompress study)"
     )
@@ -69,9 +70,12 @@ class AdaptiveL2(Method):
         return keep, 0, int(keep * PROGRESSIVE_RECENT)
 
     def row_plans(self, layer) -> torch.Tensor:
-        """[B, 3] long: each row's plan from its own tokens seen (a left-padded row's padding not counted)."""
+        """[B, 3] long: each row's plan from its own tokens seen (a left-padded row's padding not counted) and its
+        own budget (per-row budgets: a `keep_ratio` of prompts of different lengths)."""
+        seen = layer.rows_seen().tolist()
+        budgets = [layer.budget] * len(seen) if layer.row_budgets is None else layer.row_budgets.tolist()
         return torch.tensor(
-            [self.plan(layer.budget, n) for n in layer.rows_seen().tolist()], device=layer.device
+            [self.plan(b, n) for b, n in zip(budgets, seen, strict=True)], device=layer.device
         )
 
     def target_size(self, layer) -> int:
