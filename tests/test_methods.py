@@ -231,9 +231,9 @@ def test_random_keeps_each_position_equally_often_and_redraws_at_every_compressi
 @torch.no_grad()
 def test_a_steps_attention_blocks_skip_only_slots_no_query_of_theirs_sees():
     """Left-padded prompts of different lengths, 2 at a time, prefilled in chunks of 8 with compression to 12
-    between them (old slots held out of position order): each block of 3 queries' attention over the first `end`
-    slots equals the attention over every slot there and is all of it (0 past `end`), so the column sums (H2O,
-    ObservedAttention, D2O) and LRU's times are those of the whole matrix."""
+    between them (a step's first slots hold what earlier compressions kept): each block of 3 queries' attention over
+    the first `end` slots equals the attention over every slot there and is all of it (0 past `end`), so the column
+    sums (H2O, ObservedAttention, D2O) and LRU's times are those of the whole matrix."""
     from kvexp.methods.observed_attention import ObservedAttention
     from kvexp.methods.scoring import attention_probs, column_sums, step_attention_blocks, step_queries
     from kvexp.tasks.generation import PromptEncoder, run_generation
