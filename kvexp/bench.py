@@ -9,7 +9,10 @@ Cases (issue 8), on the embedded model unless `--model` says otherwise:
       falls in the dropped warmup steps).
   P2  compression overhead: share of a one-shot `--p2-context` prefill spent inside the method (scoring,
       selection, compaction) for the prefill scorers (target <= 3 %), and share of a decode step spent
-      inside the method (observe + compress) for the per-step methods (target <= 5 %).
+      inside the method (observe + compress) for the per-step methods (target <= 5 %). The attention-sum scorers
+      (`--attention-methods`: H2O, ObservedAttention) get the same one-shot prefill with no target: they sum
+      every query's attention weights, which the fused attention does not return, so their method time is a
+      second attention pass over the prompt, O(n^2) in its length.
   P3  peak memory of a chunked prefill of `--context` tokens with `--budget` / `--chunk` vs the full cache:
       peak KV bytes (target <= 1.2 x (budget + chunk) tokens' worth) and the process's peak RSS, each case in
       its own process (peak RSS is process-wide and never goes down).
@@ -70,6 +73,7 @@ from kvexp.tracking import atomic_write_json
 
 P1_METHODS = ("streaming_llm", "knorm", "snapkv", "h2o", "tova")
 PREFILL_SCORERS = ("knorm", "snapkv", "pyramidkv", "expected_attention")
+ATTENTION_SUM_SCORERS = ("h2o", "observed_attention")
 PER_STEP_METHODS = ("streaming_llm", "knorm", "h2o", "tova")
 CASES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
 TARGETS = {"P1": 1.10, "P2_prefill": 0.03, "P2_decode": 0.05, "P3": 1.2, "P4": 1.15, "P5": 0.90, "P7": 1.10}
@@ -162,13 +166,15 @@ def p1_decode(model, ids, args) -> dict[str, dict[str, Any]]:
 def p2_overhead(model, ids, args) -> dict[str, dict[str, float]]:
     """Method share of a one-shot prefill (prefill scorers) and of decode steps (per-step methods)."""
     out: dict[str, dict[str, float]] = {}
-    for method in args.prefill_methods:
+    scorers = [(m, False) for m in args.prefill_methods] + [(m, True) for m in args.attention_methods]
+    for method, attention_sums in scorers:
         budget = max(args.budget, args.p2_context // 8)
         cache = make_cache(model, method, budget=budget)
         seconds = prefill(model, ids[:, : args.p2_context], cache, None)
         out[f"{method} prefill@{args.p2_context}"] = {
             "share": _method_seconds(cache) / seconds,
             "seconds": seconds,
+            "attention_sums": attention_sums,
         }
     for method in args.step_methods:
         cache = make_cache(model, method, budget=args.budget)
@@ -498,9 +504,12 @@ def markdown(results: dict[str, Any]) -> str:
         )
     for name, r in results.get("P2", {}).items():
         target = TARGETS["P2_prefill"] if "prefill@" in name else TARGETS["P2_decode"]
-        lines.append(
-            f"| {name} | {100 * r['share']:.1f}% | <= {100 * target:.0f}%: {target_verdict(r['share'], target)} |"
+        verdict = (
+            "none: a second attention pass (its weights' column sums)"
+            if r.get("attention_sums")
+            else f"<= {100 * target:.0f}%: {target_verdict(r['share'], target)}"
         )
+        lines.append(f"| {name} | {100 * r['share']:.1f}% | {verdict} |")
     if results.get("P3"):
         lines += _table(
             "\n**P3 peak memory** (chunked prefill)\n",
@@ -609,6 +618,11 @@ def _parser() -> argparse.ArgumentParser:
         "--compiled-methods", default=",".join(P1_METHODS), help="P1 again with engine.compile"
     )
     parser.add_argument("--prefill-methods", default=",".join(PREFILL_SCORERS))
+    parser.add_argument(
+        "--attention-methods",
+        default=",".join(ATTENTION_SUM_SCORERS),
+        help="P2: prefill scorers that sum attention weights (no target)",
+    )
     parser.add_argument("--step-methods", default=",".join(PER_STEP_METHODS))
     parser.add_argument("--p5-methods", default="streaming_llm,h2o")
     parser.add_argument(
@@ -672,6 +686,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "methods",
         "compiled_methods",
         "prefill_methods",
+        "attention_methods",
         "step_methods",
         "p5_methods",
         "p6_methods",

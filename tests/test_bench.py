@@ -25,7 +25,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     args = ["--model", "tiny_llama", "--context", "192", "--short-context", "64", "--p2-context", "128",
             "--p5-tokens", "48", "--budget", "48", "--chunk", "16", "--steps", "4", "--warmup", "1", "--repeats", "1",
             "--op-steps", "6", "--skip-p3", "--methods", "streaming_llm,h2o", "--compiled-methods", "h2o",
-            "--prefill-methods", "snapkv", "--step-methods", "h2o", "--p5-methods", "h2o", "--out", str(tmp_path),
+            "--prefill-methods", "snapkv", "--attention-methods", "observed_attention", "--step-methods", "h2o", "--p5-methods", "h2o", "--out", str(tmp_path),
             "--p6-methods", "h2o,pyramidinfer", "--p6-length", "2048", "--p6-samples", "1", "--p6-batch", "4",
             "--p6-budget", "64", "--p7-length", "96", "--p7-batch", "3", "--p7-repeats", "1",
             "--p8-methods", "streaming_llm", "--p8-limit", "3", "--p8-batch", "2"]  # fmt: skip
@@ -50,6 +50,19 @@ def test_bench_smoke_run_writes_every_section(tmp_path):
     text = (tmp_path / "bench.md").read_text()
     assert "**P4 aten ops per decode step**" in text and "| h2o |" in text and "<= 1.15:" in text
     assert set(results) >= {"P1", "P2", "P4", "P5", "P6"}
+    p2 = written["P2"]
+    assert p2.keys() == {"snapkv prefill@128", "observed_attention prefill@128", "h2o decode@64/48"}
+    assert [
+        p2[name]["attention_sums"] for name in ("snapkv prefill@128", "observed_attention prefill@128")
+    ] == [
+        False,
+        True,
+    ]
+    assert all(0 < r["share"] < 1 for r in p2.values())  # the method's seconds are part of the step's
+    assert "| snapkv prefill@128 |" in text and "| <= 3%: " in text
+    assert (
+        "none: a second attention pass" in text.split("| observed_attention prefill@128 |")[1].split("\n")[0]
+    )
     p6 = written["P6"]
     assert p6.keys() == {"h2o budget=64", "h2o keep_0.5", "pyramidinfer budget=64", "pyramidinfer keep_0.5"}
     for r in p6.values():
