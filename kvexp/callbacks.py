@@ -67,8 +67,9 @@ class RunDirCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from kvexp.config import validate  # torch loads here, not for --help
 
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # each job logs its own notes (a fallback, a default) when it runs
+        notes = logging.getLogger("kvexp")  # each job logs its own notes (a fallback, a default) when it runs
+        previous = notes.level
+        notes.setLevel(logging.ERROR)  # kvexp's loggers only: a user's and the libraries' stay as they are
         try:
             for number, overrides, task in sweep_jobs(config):
                 try:
@@ -77,7 +78,7 @@ class RunDirCallback(Callback):
                     err = ValueError(f"job #{number} ({' '.join(overrides)}): {err}")
                     exit_on_user_error(err, bool(config.hydra.verbose))
         finally:
-            logging.disable(previous)
+            notes.setLevel(previous)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from kvexp.app import NonFiniteMetricError  # torch loads here, not for --help

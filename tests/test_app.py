@@ -124,6 +124,20 @@ def test_a_sweep_validates_every_job_before_the_first_runs(tmp_path):
     assert "Launching" not in axes.stdout + preset.stdout and not sweep.exists()
 
 
+def test_a_sweep_job_logs_the_notes_its_up_front_validation_kept_quiet(tmp_path, text_file):
+    """LagKV says once per setting that a small budget cannot score while decoding; the sweep's validation of every
+    job before the first runs keeps kvexp's notes quiet, and the job itself still says it, in its log."""
+    sweep = tmp_path / "sweep"
+    proc = _cli(
+        "-m", "model=tiny_llama", "method=lagkv", "budget.tokens=64", "dataset=text_file", f"dataset.path={text_file}",
+        "eval.max_tokens=80", "eval.chunk_size=8", f"hydra.sweep.dir={sweep}", "cache_dir=null",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    note = "lagkv: budget 64 < n_sink + 2 x lag_size - 1 = 271"
+    assert (sweep / "0" / "kvexp.log").read_text().count(note) == 1
+    assert (proc.stdout + proc.stderr).count(note) == 1  # the job's, not the validation's
+
+
 def test_two_job_multirun_shares_the_full_cache_run(tmp_path, text_file):
     sweep = tmp_path / "sweep"
     proc = _cli(

@@ -432,6 +432,22 @@ def test_lagkv_says_when_the_budget_cannot_score_while_decoding(caplog):
     assert "lagkv: budget 18 < n_sink + 2 x lag_size - 1 = 19" in caplog.text
 
 
+def test_lagkv_says_it_once_per_setting_and_not_while_silenced(caplog):
+    """A validation while kvexp's notes are silenced (a sweep checking its jobs up front) does not use up the note:
+    the job's own validation still says it, once however often it validates."""
+    method = build_method("lagkv", n_sink=4, lag_size=8)
+    notes = logging.getLogger("kvexp")
+    notes.setLevel(logging.ERROR)
+    try:
+        method.validate(17)
+    finally:
+        notes.setLevel(logging.NOTSET)
+    with caplog.at_level(logging.WARNING, logger="kvexp.methods.lagkv"):
+        method.validate(17)
+        method.validate(17)
+    assert caplog.text.count("lagkv: budget 17 <") == 1
+
+
 def test_qfilter_refuses_a_text_shorter_than_its_calibration(tmp_path):
     model, _ = load("tiny_llama")
     short = tmp_path / "short.txt"

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,9 +18,15 @@ log = logging.getLogger(__name__)
 WINDOW = torch.finfo(torch.float32).max
 
 
-@functools.cache
+_WARNED: set[tuple[int, int, int]] = set()
+
+
 def _warn_small_budget(budget: int, n_sink: int, lag_size: int) -> None:
-    """Say once per setting that a budget below n_sink + 2 lag_size - 1 leaves decoding steps without two chunks."""
+    """Say once per setting that a budget below n_sink + 2 lag_size - 1 leaves decoding steps without two chunks;
+    not while kvexp's notes are silenced (a sweep validating its jobs up front), so that the job itself says it."""
+    if (budget, n_sink, lag_size) in _WARNED or not log.isEnabledFor(logging.WARNING):
+        return
+    _WARNED.add((budget, n_sink, lag_size))
     log.warning(
         "lagkv: budget %d < n_sink + 2 x lag_size - 1 = %d: a step that adds one token then holds fewer than two "
         "chunks and keeps the sinks and the newest entries (kvpress's fallback); only long steps (a prefill) score "
