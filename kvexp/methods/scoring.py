@@ -108,11 +108,12 @@ def remember_queries(layer: CompressedLayer, query: torch.Tensor, window: int) -
     if layer.query_window is not None:
         query = torch.cat([layer.query_window[0], query], dim=2)
         positions = torch.cat([layer.query_window[1], positions], dim=1)
-    if several:
-        order = positions.argsort(dim=-1, stable=True)  # [B, w + q]
-        positions = positions.gather(1, order)
-        query = query.gather(2, order[:, None, :, None].expand_as(query))
-    layer.query_window = (query[:, :, -window:], positions[:, -window:])
+    if several:  # the newest `window` by position, in order: only those are gathered, not the whole prompt
+        order = positions.argsort(dim=-1, stable=True)[:, -window:]  # [B, w']
+        index = order[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3])
+        layer.query_window = (query.gather(2, index), positions.gather(1, order))
+    else:
+        layer.query_window = (query[:, :, -window:], positions[:, -window:])
 
 
 def window_attention(layer: CompressedLayer) -> torch.Tensor:
